@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_dsv",
+    version="0.1.0",
+    description="DSV dynamic sparse attention for video DiT training, as a Megatron-Core plugin",
+    packages=find_packages(include=["megatron_dsv", "megatron_dsv.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "megatron-core>=0.16.1",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "plot": ["matplotlib"],
+    },
+)
