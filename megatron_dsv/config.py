@@ -1,0 +1,184 @@
+"""DSVConfig: every knob of DSV sparse attention, validated on construction.
+
+The same fields are exposed as ``--dsv-*`` command line flags by
+:func:`add_dsv_args` (usable as a Megatron ``extra_args_provider``) and read back
+by :meth:`DSVConfig.from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ESTIMATORS = ("lowrank", "pooled")
+BACKENDS = ("auto", "triton", "reference")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass
+class DSVConfig:
+    """Configuration of DSV dynamic sparse attention.
+
+    Budgets and sparsities are fractions of KV blocks. Step counts are counted in
+    training steps of the layer (one forward+backward of a micro-batch).
+    """
+
+    # Predictor and selection.
+    rank: int = 16
+    """Rank r of the per-head low-rank predictor (q_lr = q @ Wq[h], k_lr = k @ Wk[h])."""
+    block_q: int = 64
+    """Query block size in tokens: one 3D cube, one selection."""
+    block_kv: int = 64
+    """KV block size in tokens: the unit of selection."""
+    cube: Tuple[int, int, int] = (4, 4, 4)
+    """Cube shape (t, h, w) in latent tokens; t*h*w must equal block_q."""
+    estimator: str = "lowrank"
+    """'lowrank': DSV's learned predictor; 'pooled': mean-pooled q and k per block (baseline)."""
+
+    # Profiler.
+    theta: float = 0.9
+    """Attention mass a head's critical set must hold (sparsity = share of blocks outside it)."""
+    ema_alpha: float = 0.9
+    """EMA weight of the old value when smoothing profiled sparsity."""
+    sample_stride: int = 64
+    """Every sample_stride-th query row is sampled for the predictor loss and the profiler."""
+
+    # Two-stage schedule.
+    loss_threshold: float = 0.01
+    """Stage 1 ends when the predictor loss falls below this ..."""
+    stage1_min_steps: int = 50
+    """... but not before this many steps ..."""
+    stage1_max_steps: int = 1000
+    """... and at the latest after this many steps."""
+    layer_sparsity_threshold: float = 0.5
+    """A layer goes sparse in stage 2 only if its mean profiled sparsity is at least this."""
+    budget_floor: float = 0.05
+    """Smallest per-head budget (fraction of KV blocks; at least one block)."""
+    budget_ceiling: float = 1.0
+    """Largest per-head budget (fraction of KV blocks)."""
+    dense_fallback_density: float = 0.7
+    """A sparse layer whose mean budget is denser than this computes dense attention instead."""
+    profile_interval_stage1: int = 5
+    """Profile sparsity every this many steps in stage 1 (the predictor trains every step)."""
+    profile_interval_stage2: int = 50
+    """Profile and fine-tune the predictor every this many steps in stage 2."""
+    predictor_lr: float = 1e-3
+    """Adam learning rate of the predictor in stage 1."""
+    stage2_lr_factor: float = 0.1
+    """Stage 2 multiplies the predictor learning rate by this."""
+    loss_cos_weight: float = 0.95
+    """Predictor loss = w * cosine distance + (1 - w) * MSE of L2-normalised logit rows."""
+
+    # Execution.
+    backend: str = "auto"
+    """Kernel backend: 'auto' (Triton on GPU, reference elsewhere), 'triton' or 'reference'."""
+    cp_head_parallel_size: Optional[int] = None
+    """Context parallel: U ranks for head all-to-all (None: chosen by the planner)."""
+    cp_replan_interval: int = 100
+    """Context parallel: re-plan heads and (U, R) every this many steps."""
+
+    def __post_init__(self):
+        self.cube = tuple(int(c) for c in self.cube)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        _int_in("rank", self.rank, 1, 256)
+        _choice("block_q", self.block_q, BLOCK_SIZES)
+        _choice("block_kv", self.block_kv, BLOCK_SIZES)
+        if len(self.cube) != 3 or any(c < 1 for c in self.cube):
+            raise ValueError(f"DSVConfig.cube must be three positive ints (t, h, w), got {self.cube}")
+        if math.prod(self.cube) != self.block_q:
+            raise ValueError(
+                f"DSVConfig.cube {self.cube} holds {math.prod(self.cube)} tokens but block_q is "
+                f"{self.block_q}: a query block is one cube, so t*h*w must equal block_q"
+            )
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _open_unit("theta", self.theta)
+        _float_in("ema_alpha", self.ema_alpha, 0.0, 1.0, hi_open=True)
+        _int_in("sample_stride", self.sample_stride, 1, 1 << 20)
+        _float_in("loss_threshold", self.loss_threshold, 0.0, 2.0)
+        _int_in("stage1_min_steps", self.stage1_min_steps, 0, 1 << 40)
+        _int_in("stage1_max_steps", self.stage1_max_steps, self.stage1_min_steps, 1 << 40,
+                lo_name="stage1_min_steps")
+        _float_in("layer_sparsity_threshold", self.layer_sparsity_threshold, 0.0, 1.0)
+        _float_in("budget_floor", self.budget_floor, 0.0, 1.0)
+        _float_in("budget_ceiling", self.budget_ceiling, self.budget_floor, 1.0, lo_name="budget_floor")
+        if self.budget_ceiling <= 0:
+            raise ValueError("DSVConfig.budget_ceiling must be > 0")
+        _float_in("dense_fallback_density", self.dense_fallback_density, 0.0, 1.0)
+        _int_in("profile_interval_stage1", self.profile_interval_stage1, 1, 1 << 30)
+        _int_in("profile_interval_stage2", self.profile_interval_stage2, 1, 1 << 30)
+        _float_in("predictor_lr", self.predictor_lr, 0.0, 10.0, lo_open=True)
+        _float_in("stage2_lr_factor", self.stage2_lr_factor, 0.0, 1.0)
+        _float_in("loss_cos_weight", self.loss_cos_weight, 0.0, 1.0)
+        _choice("backend", self.backend, BACKENDS)
+        if self.cp_head_parallel_size is not None:
+            _int_in("cp_head_parallel_size", self.cp_head_parallel_size, 1, 1 << 20)
+        _int_in("cp_replan_interval", self.cp_replan_interval, 1, 1 << 30)
+
+    def replace(self, **changes) -> "DSVConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- arguments
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DSVConfig":
+        """Build from a namespace filled by :func:`add_dsv_args` (Megatron's ``get_args()``)."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            dest = "dsv_" + f.name
+            if hasattr(args, dest):
+                kwargs[f.name] = getattr(args, dest)
+        return cls(**kwargs)
+
+
+def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--dsv`` and ``--dsv-<field>`` flags; usable as Megatron's ``extra_args_provider``."""
+    group = parser.add_argument_group(title="DSV sparse attention")
+    group.add_argument("--dsv", action="store_true", help="Use DSV sparse self-attention.")
+    for f in dataclasses.fields(DSVConfig):
+        flag = "--dsv-" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "cube":
+            group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"))
+        elif f.name in ("estimator", "backend"):
+            group.add_argument(flag, type=str, default=default,
+                               choices=ESTIMATORS if f.name == "estimator" else BACKENDS)
+        elif f.name == "cp_head_parallel_size":
+            group.add_argument(flag, type=int, default=default)
+        else:
+            group.add_argument(flag, type=type(default), default=default)
+    return parser
+
+
+# -------------------------------------------------------------------- helpers
+def _int_in(name, value, lo, hi, lo_name=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"DSVConfig.{name} must be an int, got {value!r}")
+    if not lo <= value <= hi:
+        lo_s = f"{lo_name}={lo}" if lo_name else str(lo)
+        raise ValueError(f"DSVConfig.{name}={value} is out of range [{lo_s}, {hi}]")
+
+
+def _float_in(name, value, lo, hi, lo_open=False, hi_open=False, lo_name=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"DSVConfig.{name} must be a number, got {value!r}")
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        lo_s = f"{lo_name}={lo}" if lo_name else str(lo)
+        rng = ("(" if lo_open else "[") + f"{lo_s}, {hi}" + (")" if hi_open else "]")
+        raise ValueError(f"DSVConfig.{name}={value} is out of range {rng}")
+
+
+def _open_unit(name, value):
+    _float_in(name, value, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"DSVConfig.{name}={value!r} is not one of {list(choices)}")

@@ -1,0 +1,105 @@
+"""block_sparse_attention: the public entry point, input checks and backend dispatch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .layout import LAYOUTS, split_dims
+from .reference import block_sparse_attention_reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}"
+        )
+    return backend
+
+
+def check_block_mask(kv_idx, kv_cnt, b, h, n_q, name_prefix=""):
+    """Shape/dtype checks of the (kv_idx, kv_cnt) pair; no device sync."""
+    if kv_idx.dtype not in (torch.int32, torch.int64) or kv_cnt.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kv_idx and kv_cnt must be int32 or int64, got {kv_idx.dtype} and {kv_cnt.dtype}")
+    if kv_idx.dim() != 4 or tuple(kv_idx.shape[:3]) != (b, h, n_q):
+        raise ValueError(
+            f"kv_idx must be [batch={b}, heads={h}, n_qblocks={n_q}, k_max], got {tuple(kv_idx.shape)}"
+        )
+    if tuple(kv_cnt.shape) != (b, h, n_q):
+        raise ValueError(f"kv_cnt must be [batch={b}, heads={h}, n_qblocks={n_q}], got {tuple(kv_cnt.shape)}")
+
+
+def check_block_mask_values(kv_idx, kv_cnt, n_kv):
+    """Value checks (ids in range, no duplicates within the count); syncs with the device."""
+    k_max = kv_idx.shape[-1]
+    if bool(((kv_cnt < 0) | (kv_cnt > min(k_max, n_kv))).any()):
+        raise ValueError(f"kv_cnt values must lie in [0, min(k_max={k_max}, n_kv_blocks={n_kv})]")
+    valid = torch.arange(k_max, device=kv_idx.device) < kv_cnt.unsqueeze(-1)
+    ids = kv_idx.long()
+    if bool((valid & ((ids < 0) | (ids >= n_kv))).any()):
+        raise ValueError(f"kv_idx holds a block id outside [0, {n_kv}) within kv_cnt")
+    marked = torch.where(valid, ids, -1 - torch.arange(k_max, device=ids.device)).sort(-1).values
+    if bool((marked[..., 1:] == marked[..., :-1]).any()):
+        raise ValueError("kv_idx lists a KV block twice for one query block")
+
+
+def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
+                           backend="auto", return_lse=False):
+    """Exact softmax attention of each query block over its selected KV blocks.
+
+    Args:
+        q: [b, Sq, h, d] ("bshd") or [Sq, b, h, d] ("sbhd"); read through strides.
+        k, v: same layout; may hold a different number of tokens Skv than q.
+        kv_idx: [b, h, ceil(Sq/block_q), k_max] int32/int64: KV block ids (of k/v) of each query
+            block; entries past the count are ignored.
+        kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
+        scale: softmax scale (default 1/sqrt(d)).
+        backend: "triton", "reference" or "auto" (Triton on CUDA tensors, else reference).
+        return_lse: also return the log-sum-exp [b, h, Sq] float32 (-inf for rows with no keys).
+
+    Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == kv_idx.device == kv_cnt.device):
+        raise ValueError("q, k, v, kv_idx and kv_cnt must be on one device")
+    b, s_q, h, d = split_dims(q, layout)
+    bk, s_kv, hk, dk = split_dims(k, layout)
+    bv, s_v, hv, _ = split_dims(v, layout)
+    if (bk, hk, dk) != (b, h, d) or (bv, s_v, hv) != (b, s_kv, h):
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree ({layout}): k and v need "
+            "q's batch and heads (grouped-query attention is not supported), k needs q's head dim, "
+            "v needs k's length"
+        )
+    if block_q not in (16, 32, 64, 128) or block_kv not in (16, 32, 64, 128):
+        raise ValueError(f"block_q and block_kv must be in (16, 32, 64, 128), got {block_q}, {block_kv}")
+    n_q = -(-s_q // block_q)
+    check_block_mask(kv_idx, kv_cnt, b, h, n_q)
+    scale = d ** -0.5 if scale is None else float(scale)
+
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv))
+        fn = block_sparse_attention_reference
+    else:
+        from .triton_attention import triton_block_sparse_attention as fn
+    return fn(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=scale, layout=layout,
+              return_lse=return_lse)

@@ -1,0 +1,131 @@
+"""Pure-torch references of the DSV ops: correct on any device, differentiable by autograd.
+
+They are the CPU path and the oracle the Triton kernels are tested against. Work is
+proportional to the selected blocks (KV blocks are gathered per query block), so the
+reference is also a usable sparse path on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import to_bhsd, from_bhsd
+
+
+def _pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad dim 2 of a [b, h, s, d] tensor to a multiple of `multiple`."""
+    pad = (-x.shape[2]) % multiple
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
+                                     return_lse):
+    """Exact softmax attention of each query block over its selected KV blocks.
+
+    Inputs are already validated by :func:`megatron_dsv.ops.block_sparse_attention`.
+    Computes in float32 (float64 for float64 inputs); returns out in q's dtype and
+    lse [b, h, Sq] float32/float64 (-inf for rows with no keys).
+    """
+    qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
+    b, h, s_q, d = qh.shape
+    s_kv = kh.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_q = kv_idx.shape[2]
+    k_max = kv_idx.shape[3]
+
+    qb = _pad_seq(qh, block_q).to(acc).view(b, h, n_q, block_q, d)
+    kb = _pad_seq(kh, block_kv).to(acc)
+    vb = _pad_seq(vh, block_kv).to(acc)
+    n_kv = kb.shape[2] // block_kv
+    kb = kb.view(b, h, n_kv, block_kv, d)
+    vb = vb.view(b, h, n_kv, block_kv, vb.shape[-1])
+
+    # Gather each query block's KV blocks: [b, h, n_q, k_max * block_kv, d].
+    slot_valid = torch.arange(k_max, device=q.device) < kv_cnt.unsqueeze(-1).long()
+    idx = torch.where(slot_valid, kv_idx.long(), 0)
+    flat = idx.reshape(b, h, n_q * k_max, 1, 1)
+    k_sel = kb.gather(2, flat.expand(-1, -1, -1, block_kv, d)).view(b, h, n_q, k_max * block_kv, d)
+    v_sel = vb.gather(2, flat.expand(-1, -1, -1, block_kv, vb.shape[-1]))
+    v_sel = v_sel.view(b, h, n_q, k_max * block_kv, vb.shape[-1])
+
+    # A key is valid if its slot is within the count and its token exists (last block may be partial).
+    tok = idx.unsqueeze(-1) * block_kv + torch.arange(block_kv, device=q.device)
+    key_valid = (slot_valid.unsqueeze(-1) & (tok < s_kv)).view(b, h, n_q, 1, k_max * block_kv)
+
+    scores = torch.einsum("bhiqd,bhikd->bhiqk", qb, k_sel) * scale
+    scores = scores.masked_fill(~key_valid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, h, n_q, block_q]; -inf where no key is valid
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, 0.0).unsqueeze(-1))
+    probs = probs.masked_fill(~key_valid, 0.0)
+    out = torch.einsum("bhiqk,bhikd->bhiqd", probs, v_sel)
+
+    out = out.reshape(b, h, n_q * block_q, -1)[:, :, :s_q]
+    out = from_bhsd(out.to(q.dtype), layout)
+    if not return_lse:
+        return out
+    return out, lse.reshape(b, h, n_q * block_q)[:, :, :s_q]
+
+
+def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):
+    """Score of every (query block, KV block) pair: [b, h, n_q, n_kv] float32.
+
+    The proxy of a query block is the mean of its tokens' q_lr. A KV block's score is
+    the max (kv_reduce="max") over its tokens of proxy . k_lr, or proxy . mean(k_lr)
+    (kv_reduce="mean"). Memory is O(n_q x S_kv), never O(S^2).
+    """
+    qh = to_bhsd(q_lr, "bshd").float()
+    kh = to_bhsd(k_lr, "bshd").float()
+    b, h, s_q, r = qh.shape
+    s_kv = kh.shape[2]
+    n_q = -(-s_q // block_q)
+    n_kv = -(-s_kv // block_kv)
+
+    q_count = torch.clamp(s_q - torch.arange(n_q, device=qh.device) * block_q, max=block_q)
+    proxy = _pad_seq(qh, block_q).view(b, h, n_q, block_q, r).sum(3) / q_count.view(1, 1, n_q, 1)
+
+    if kv_reduce == "mean":
+        kv_count = torch.clamp(s_kv - torch.arange(n_kv, device=kh.device) * block_kv, max=block_kv)
+        k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / kv_count.view(1, 1, n_kv, 1)
+        return torch.einsum("bhir,bhjr->bhij", proxy, k_mean)
+
+    # One head at a time keeps the [n_q, S_kv] token-score buffer small.
+    scores = torch.empty(b, h, n_q, n_kv, device=qh.device, dtype=torch.float32)
+    pad = n_kv * block_kv - s_kv
+    for head in range(h):
+        tok = torch.einsum("bir,bjr->bij", proxy[:, head], kh[:, head])
+        tok = F.pad(tok, (0, pad), value=float("-inf"))
+        scores[:, head] = tok.view(b, n_q, n_kv, block_kv).amax(-1)
+    return scores
+
+
+def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
+    """Top-`budgets[h]` KV blocks per (batch, head, query block), ids sorted ascending.
+
+    Ties go to the lower block id (stable sort), so selection is deterministic.
+    Returns kv_idx [b, h, n_q, k_max] int32 (-1 past the count) and kv_cnt [b, h, n_q] int32.
+    """
+    b, h, n_q, n_kv = scores.shape
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
+    keep = torch.arange(k_max, device=scores.device).view(1, 1, 1, k_max) < budgets.view(1, h, 1, 1)
+    ids = torch.where(keep, order, n_kv).sort(dim=-1).values
+    kv_idx = torch.where(ids < n_kv, ids, -1).to(torch.int32)
+    kv_cnt = budgets.view(1, h, 1).expand(b, h, n_q).to(torch.int32).contiguous()
+    return kv_idx, kv_cnt
+
+
+def select_blocks_reference(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce="max"):
+    scores = block_scores_reference(q_lr, k_lr, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
+    return topk_blocks(scores, budgets.to(scores.device), k_max)
+
+
+def dense_attention_reference(q, k, v, *, scale, layout, return_lse=False):
+    """Plain softmax attention in float32/float64 through explicit matrices (test oracle)."""
+    qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhqd,bhkd->bhqk", qh.to(acc), kh.to(acc)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, dim=-1), vh.to(acc))
+    out = from_bhsd(out.to(q.dtype), layout)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,65 @@
+"""select_blocks: the public block-selection entry point and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from .block_sparse import resolve_backend
+from .reference import select_blocks_reference
+
+KV_REDUCES = ("max", "mean")
+
+
+def normalize_budgets(topk, heads: int, n_kv: int) -> torch.Tensor:
+    """Per-head budgets as an int64 CPU tensor [heads], clipped to [0, n_kv]."""
+    if isinstance(topk, bool):
+        raise ValueError(f"topk must be an int or an int tensor [heads], got {topk!r}")
+    if isinstance(topk, int):
+        budgets = torch.full((heads,), topk, dtype=torch.int64)
+    elif isinstance(topk, torch.Tensor) and not topk.is_floating_point() and topk.dtype != torch.bool:
+        if tuple(topk.shape) != (heads,):
+            raise ValueError(f"topk tensor must have shape [heads={heads}], got {tuple(topk.shape)}")
+        budgets = topk.detach().to("cpu", torch.int64)
+    else:
+        raise ValueError(f"topk must be an int or an int tensor [heads], got {type(topk).__name__}")
+    if bool((budgets < 0).any()):
+        raise ValueError(f"topk must be >= 0, got {budgets.tolist()}")
+    return budgets.clamp(max=n_kv)
+
+
+def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max"):
+    """Pick the top-k KV blocks of every query block from low-rank projections.
+
+    Args:
+        q_lr: [b, Sq, h, r] per-token low-rank queries (bshd).
+        k_lr: [b, Skv, h, r] per-token low-rank keys.
+        topk: int, or int tensor [h] of per-head budgets; clipped to the number of KV blocks.
+        kv_reduce: "max" (default; a KV block scores the max over its tokens of proxy . k_lr)
+            or "mean" (proxy . mean of the block's k_lr, the pooled baseline).
+
+    The proxy of a query block is the mean of its tokens' q_lr. Ties go to the lower block id.
+
+    Returns (kv_idx [b, h, n_q, k_max] int32, ids ascending, -1 past the count;
+    kv_cnt [b, h, n_q] int32), with k_max = max budget.
+    """
+    if q_lr.dim() != 4 or k_lr.dim() != 4:
+        raise ValueError(f"q_lr and k_lr must be [b, S, heads, r], got {tuple(q_lr.shape)}, {tuple(k_lr.shape)}")
+    b, s_q, h, r = q_lr.shape
+    if k_lr.shape[0] != b or k_lr.shape[2] != h or k_lr.shape[3] != r:
+        raise ValueError(f"k_lr {tuple(k_lr.shape)} must match q_lr {tuple(q_lr.shape)} in batch, heads, rank")
+    if q_lr.device != k_lr.device:
+        raise ValueError("q_lr and k_lr must be on one device")
+    if block_q not in (16, 32, 64, 128) or block_kv not in (16, 32, 64, 128):
+        raise ValueError(f"block_q and block_kv must be in (16, 32, 64, 128), got {block_q}, {block_kv}")
+    if kv_reduce not in KV_REDUCES:
+        raise ValueError(f"kv_reduce={kv_reduce!r} is not one of {list(KV_REDUCES)}")
+    n_kv = -(-k_lr.shape[1] // block_kv)
+    budgets = normalize_budgets(topk, h, n_kv)
+    k_max = max(int(budgets.max()), 1)
+
+    backend = resolve_backend(backend, q_lr.device)
+    if backend == "reference":
+        fn = select_blocks_reference
+    else:
+        from .triton_selection import triton_select_blocks as fn
+    return fn(q_lr, k_lr, budgets, k_max, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
