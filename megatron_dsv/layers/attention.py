@@ -1,0 +1,311 @@
+"""Core-attention modules with Megatron-Core's constructor and forward signature.
+
+``DSVDotProductAttention`` is the drop-in ``core_attention`` of DSV: dense attention
+while its predictor learns (stage 1), then block-sparse attention over the KV blocks
+the predictor selects for every query cube (stage 2). ``SDPADotProductAttention`` is
+the dense baseline (Transformer Engine or torch SDPA), CPU-capable, used for
+dense layers and as the reference in tests.
+
+Both take query/key/value [s, b, heads, d] (tokens in cube order for DSV) and return
+[s, b, heads * d], like Megatron's DotProductAttention / TEDotProductAttention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from ..config import DSVConfig
+from ..ops import block_sparse_attention, dense_attention, select_blocks
+from .controller import PER_HEAD_BUFFERS, StageController
+from .predictor import LowRankPredictor
+from .profiler import profile_logits, selection_recall
+from .timing import ForwardTimer
+
+# Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
+LOGIT_CHUNK_BYTES = 256 << 20
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+class _CoreAttention(MegatronModule):
+    """Constructor checks and head bookkeeping shared by the dense and DSV core attentions."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        name = type(self).__name__
+        if attn_mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
+            raise NotImplementedError(
+                f"{name} computes full (bidirectional) attention; attn_mask_type={attn_mask_type.name} "
+                "is not supported (video DiT self-attention needs no mask)"
+            )
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise NotImplementedError(f"{name} has no attention dropout; set attention_dropout=0 (got {dropout})")
+        if config.num_query_groups not in (None, config.num_attention_heads):
+            raise NotImplementedError(
+                f"{name} needs as many KV heads as query heads (no grouped-query attention); got "
+                f"num_query_groups={config.num_query_groups}, num_attention_heads={config.num_attention_heads}"
+            )
+        head_dim = config.kv_channels
+        if (k_channels or head_dim) != head_dim or (v_channels or head_dim) != head_dim:
+            raise NotImplementedError(f"{name} needs k_channels == v_channels == kv_channels")
+
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.head_dim = head_dim
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        self.tp_group = pg_collection.tp if pg_collection is not None else (
+            parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized()
+            else None)
+        tp_size = _group_size(self.tp_group)
+        if config.num_attention_heads % tp_size:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by TP size {tp_size}")
+        self.heads = config.num_attention_heads // tp_size
+        self.head_offset = (dist.get_rank(self.tp_group) if tp_size > 1 else 0) * self.heads
+
+    def _check_inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias,
+                      packed_seq_params):
+        name = type(self).__name__
+        if packed_seq_params is not None:
+            raise NotImplementedError(f"{name} does not support packed sequences (packed_seq_params) yet")
+        if attention_bias is not None:
+            raise NotImplementedError(f"{name} does not support attention_bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
+            raise NotImplementedError(f"{name} does not support attn_mask_type={mask_type.name}")
+        if attention_mask is not None and not bool(torch.is_tensor(attention_mask) and
+                                                   not attention_mask.any()):
+            # Megatron's convention: True = masked out. An all-False mask masks nothing.
+            raise NotImplementedError(f"{name} computes full attention; a non-empty attention_mask is not supported")
+        for t_name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 4 or t.shape[2] != self.heads or t.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"{name}: {t_name} must be [s, b, heads={self.heads}, d={self.head_dim}], got {tuple(t.shape)}"
+                )
+        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+            raise ValueError(f"{name}: self-attention needs query, key, value of one [s, b]; got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+
+
+class SDPADotProductAttention(_CoreAttention):
+    """Dense core_attention through the best dense kernel (TE if importable, else torch SDPA)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        s, b = query.shape[:2]
+        out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd")
+        return out.reshape(s, b, -1)
+
+
+class _LearnInBackward(torch.autograd.Function):
+    """Identity on the attention output whose backward runs the layer's DSV bookkeeping.
+
+    Running it in backward makes it happen exactly once per training step per layer, also
+    under activation recomputation (the first, no-grad pass builds no graph; the recomputed
+    pass is the one whose backward runs), and never in evaluation.
+    """
+
+    @staticmethod
+    def forward(ctx, out, learn):
+        ctx.learn = learn
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            ctx.learn()
+        ctx.learn = None
+        return grad, None
+
+
+class DSVDotProductAttention(_CoreAttention):
+    """DSV dynamic sparse self-attention as a Megatron-Core ``core_attention``.
+
+    Extra constructor argument: ``dsv_config`` (a :class:`DSVConfig`; ``apply_dsv`` sets it
+    through the spec's params). Tokens must arrive in cube order (``megatron_dsv.video``).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None, dsv_config: Optional[DSVConfig] = None):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
+                         softmax_scale, k_channels, v_channels, cp_comm_type, pg_collection)
+        if attention_type != "self":
+            raise ValueError(f"DSVDotProductAttention is for self-attention, got attention_type={attention_type!r}")
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("DSVDotProductAttention does not support context_parallel_size > 1 yet")
+        self.cfg = dsv_config if dsv_config is not None else DSVConfig()
+        if not isinstance(self.cfg, DSVConfig):
+            raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.predictor = LowRankPredictor(self.heads, self.head_dim, self.cfg.rank, seed=self.layer_number,
+                                          head_offset=self.head_offset, device=device)
+        self.controller = StageController(self.cfg, self.heads, device=device)
+        self.timer = ForwardTimer()
+        self.dp_group = (pg_collection.dp_cp if pg_collection is not None and hasattr(pg_collection, "dp_cp")
+                         else parallel_state.get_data_parallel_group(with_context_parallel=True)
+                         if parallel_state.model_parallel_is_initialized() else None)
+        self.last_used_sparse = False
+        self.last_n_kv = None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        s, b = query.shape[:2]
+        n_kv = self.last_n_kv = math.ceil(s / self.cfg.block_kv)
+        selection = None
+        self.last_used_sparse = self.controller.sparse_now(n_kv)
+        if self.last_used_sparse:
+            with self.timer("selection", query.device):
+                selection = self._select(query.detach(), key.detach(), self.controller.budgets(n_kv))
+            with self.timer("attention", query.device):
+                out = block_sparse_attention(query, key, value, *selection, block_q=self.cfg.block_q,
+                                             block_kv=self.cfg.block_kv, scale=self.softmax_scale,
+                                             layout="sbhd", backend=self.cfg.backend)
+        else:
+            with self.timer("attention", query.device):
+                out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd")
+        if self.training and torch.is_grad_enabled() and out.requires_grad:
+            q, k = query.detach(), key.detach()
+            out = _LearnInBackward.apply(out, lambda: self._learn(q, k, selection))
+        return out.reshape(s, b, -1)
+
+    def _select(self, q, k, budgets):
+        """Block selection for [s, b, h, d] q, k (detached) with per-head budgets (list of ints)."""
+        if self.cfg.estimator == "lowrank":
+            q_lr, k_lr, reduce = self.predictor.project(q, "q"), self.predictor.project(k, "k"), "max"
+        else:
+            q_lr, k_lr, reduce = q, k, "mean"
+        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.tensor(budgets),
+                             block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
+                             backend=self.cfg.backend, kv_reduce=reduce)
+
+    # ------------------------------------------------------ DSV bookkeeping
+    @torch.no_grad()
+    def _learn(self, q, k, selection):
+        """One step of predictor training and profiling on sampled rows (runs in backward)."""
+        ctl, cfg = self.controller, self.cfg
+        train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
+        profile = ctl.profile_now()
+        if train or profile:
+            if profile and selection is None:  # what the predictor would pick now (recall in stage 1)
+                selection = self._select(q, k, ctl.budgets(math.ceil(q.shape[0] / cfg.block_kv)))
+            stats = self._sampled_rows_step(q, k, selection if profile else None, train)
+            self._reduce_replicas(stats)
+            if train:
+                ctl.record_loss(float(stats["loss"]))
+                self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
+            if profile:
+                ctl.record_profile(stats["token_sparsity"], stats["block_sparsity"], stats["recall"])
+        ctl.end_step()
+
+    def _sampled_rows_step(self, q, k, selection, train):
+        """True logits of every sample_stride-th query row, a few heads at a time (bounded memory).
+
+        Returns the predictor loss and its gradients (if train) and the per-head profile (if
+        selection is given); the logits are freed before returning.
+        """
+        cfg, h = self.cfg, self.heads
+        s, b = q.shape[:2]
+        offset = self.controller.host()["step"] % min(cfg.sample_stride, s)  # rotate sampled rows
+        rows = torch.arange(offset, s, cfg.sample_stride, device=q.device)
+        q_rows = q[rows].transpose(0, 1).float()  # [b, n, h, d]
+        k_all = k.transpose(0, 1).float()          # [b, S, h, d]
+        per_head = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * s))
+        wq = self.predictor.wq.detach().float().requires_grad_(train)
+        wk = self.predictor.wk.detach().float().requires_grad_(train)
+        stats = {"loss": torch.zeros((), device=q.device)}
+        prof = {name: torch.empty(h, device=q.device) for name in PER_HEAD_BUFFERS}
+        for h0 in range(0, h, per_head):
+            hs = slice(h0, min(h, h0 + per_head))
+            target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
+            if train:
+                with torch.enable_grad():
+                    pred = torch.einsum("bnhr,bshr->bhns",
+                                        torch.einsum("bnhd,hdr->bnhr", q_rows[:, :, hs], wq[hs]),
+                                        torch.einsum("bshd,hdr->bshr", k_all[:, :, hs], wk[hs]))
+                    loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight) * ((hs.stop - h0) / h)
+                    loss.backward()
+                stats["loss"] += loss.detach()
+            if selection is not None:
+                tok, blk, mass = profile_logits(target, theta=cfg.theta, block_kv=cfg.block_kv)
+                qblk = rows // cfg.block_q
+                kv_idx, kv_cnt = (t[:, hs].index_select(2, qblk) for t in selection)
+                prof["token_sparsity"][hs], prof["block_sparsity"][hs] = tok, blk
+                prof["recall"][hs] = selection_recall(mass, kv_idx, kv_cnt)
+            del target
+        if train:
+            stats["grad_q"], stats["grad_k"] = wq.grad, wk.grad
+        if selection is not None:
+            stats.update(prof)
+        return stats
+
+    def _reduce_replicas(self, stats: dict) -> None:
+        """Average gradients and statistics over data-parallel replicas (one all-reduce), so every
+        replica's predictor and schedule stay identical; the loss is also averaged over TP ranks
+        so all ranks of a layer switch stage together."""
+        if not dist.is_initialized():
+            return
+        keys = [key for key in ("grad_q", "grad_k", "token_sparsity", "block_sparsity", "recall", "loss")
+                if key in stats]
+        if _group_size(self.dp_group) > 1:
+            flat = torch.cat([stats[key].float().reshape(-1) for key in keys])
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= _group_size(self.dp_group)
+            for key, part in zip(keys, flat.split([stats[key].numel() for key in keys])):
+                stats[key] = part.view_as(stats[key])
+        if _group_size(self.tp_group) > 1:
+            dist.all_reduce(stats["loss"], group=self.tp_group)
+            stats["loss"] /= _group_size(self.tp_group)
+
+    # ----------------------------------------------------------- checkpoints
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Per-head tensors (predictor weights, Adam moments, profiled EMAs) are sharded over TP
+        along the head axis; scalars (stage, step, loss EMA) are replicated."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        per_head = [key for key, t in state.items() if t.dim() >= 1 and t.shape[0] == self.heads]
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {key: 0 for key in per_head}, sharded_offsets,
+            tp_group=self.tp_group if self.tp_group is not None else None,
+            dp_cp_group=(metadata or {}).get("dp_cp_group", self.dp_group),
+        )
+
+    # ---------------------------------------------------------- observability
+    def metrics(self) -> dict:
+        """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""
+        ctl = self.controller
+        host = ctl.host()
+        n_kv = self.last_n_kv
+        return {
+            "layer": self.layer_number,
+            "stage": host["stage"],
+            "step": host["step"],
+            "sparse": self.last_used_sparse,
+            "predictor_loss": host["loss_ema"],
+            "token_sparsity": ctl.token_sparsity.tolist(),
+            "block_sparsity": host["block_sparsity"],
+            "recall": ctl.recall.tolist(),
+            # Share of KV blocks each head attends to in stage 2 (after floor and ceiling).
+            "budget": [k / n_kv for k in ctl.budgets(n_kv)] if n_kv else [],
+            **{f"{name}_ms": ms for name, ms in self.timer.read().items()},
+        }

@@ -1,0 +1,62 @@
+"""What DSV reports: per-layer stage, sparsity, budgets, predictor loss, recall and timings.
+
+``dsv_metrics(model)`` returns a dict; ``log_dsv_metrics`` writes its scalars to a
+TensorBoard ``SummaryWriter`` or a W&B run (Megatron's ``get_tensorboard_writer()`` /
+``get_wandb_writer()``); ``append_jsonl`` keeps the full per-head record for
+``python -m megatron_dsv.plot``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .attention import DSVDotProductAttention
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def dsv_metrics(model) -> dict:
+    """{"layers": [per-layer dict, ...], "summary": {...}} over every DSV layer of `model`
+    (a module or a list of model chunks). Reading it resolves pending CUDA timing events."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    layers = [m.metrics() for chunk in chunks for m in chunk.modules() if isinstance(m, DSVDotProductAttention)]
+    summary = {
+        "stage": min((l["stage"] for l in layers), default=0),
+        "sparse_layers": sum(l["sparse"] for l in layers),
+        "layers": len(layers),
+        "token_sparsity": _mean(_mean(l["token_sparsity"]) for l in layers),
+        "block_sparsity": _mean(_mean(l["block_sparsity"]) for l in layers),
+        "recall": _mean(_mean(l["recall"]) for l in layers),
+        "predictor_loss": _mean(l["predictor_loss"] for l in layers),
+        "selection_ms": sum(l.get("selection_ms", 0.0) for l in layers),
+        "attention_ms": sum(l.get("attention_ms", 0.0) for l in layers),
+    }
+    return {"layers": layers, "summary": summary}
+
+
+def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
+    """Write summary and per-layer scalars (mean over heads) to a TensorBoard writer or W&B run."""
+    scalars = {f"dsv/{k}": v for k, v in metrics["summary"].items()}
+    for layer in metrics["layers"]:
+        tag = f"dsv/layer{layer['layer']:02d}"
+        scalars[f"{tag}/stage"] = layer["stage"]
+        scalars[f"{tag}/predictor_loss"] = layer["predictor_loss"]
+        for key in ("token_sparsity", "block_sparsity", "recall", "budget"):
+            scalars[f"{tag}/{key}"] = _mean(layer[key])
+    if hasattr(writer, "add_scalar"):
+        for key, val in scalars.items():
+            writer.add_scalar(key, val, step)
+    elif hasattr(writer, "log"):
+        writer.log(scalars, step=step)
+    else:
+        raise ValueError(f"writer must be a TensorBoard SummaryWriter or a W&B run, got {type(writer).__name__}")
+
+
+def append_jsonl(path: str, metrics: dict, step: int) -> None:
+    """Append one {"step": ..., **metrics} record (per-head lists included) to a JSON-lines log."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")

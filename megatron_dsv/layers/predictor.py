@@ -1,0 +1,90 @@
+"""The per-layer low-rank predictor of DSV and its training on sampled query rows.
+
+q_lr = q @ Wq[h] and k_lr = k @ Wk[h] (rank r per head) approximate the pre-softmax
+logits q . k^T by q_lr . k_lr^T at a fraction of the cost; selection ranks KV blocks
+with them. The predictor trains on its own: the target is the true logits of a few
+sampled query rows, inputs are detached, and a small Adam (kept in buffers so it is
+checkpointed and sharded with the model) updates it. Its weights are buffers-like
+parameters with requires_grad=False, so the model's optimizer and DDP never touch them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.adam import adam as functional_adam
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class LowRankPredictor(nn.Module):
+    """Per-head projections of q and k to rank r, with their own Adam state.
+
+    Args:
+        heads: heads held by this rank (after tensor-parallel split).
+        head_dim: d.
+        rank: r.
+        seed: initial weights are drawn from a generator seeded with (seed, global head id), so
+            every data-parallel replica starts identical and a TP split equals the unsplit model.
+        head_offset: global id of this rank's first head.
+    """
+
+    def __init__(self, heads: int, head_dim: int, rank: int, *, seed: int, head_offset: int = 0,
+                 device=None):
+        super().__init__()
+        w = torch.empty(heads, head_dim, rank)
+        for h in range(heads):
+            gen = torch.Generator().manual_seed(seed * 100_003 + head_offset + h)
+            # A shared random projection for q and k: q P P^T k is an unbiased (JL) estimate of
+            # q . k, a sensible start for the logits the predictor learns to match.
+            w[h] = torch.randn(head_dim, rank, generator=gen) / rank ** 0.5
+        self.wq = nn.Parameter(w.clone().to(device), requires_grad=False)
+        self.wk = nn.Parameter(w.to(device), requires_grad=False)
+        for name in ("wq", "wk"):
+            self.register_buffer(f"{name}_exp_avg", torch.zeros_like(getattr(self, name)))
+            self.register_buffer(f"{name}_exp_avg_sq", torch.zeros_like(getattr(self, name)))
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.float32, device=device))
+
+    # ------------------------------------------------------------- projection
+    def project(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """[..., heads, d] -> [..., heads, r] with Wq ("q") or Wk ("k")."""
+        w = self.wq if which == "q" else self.wk
+        return torch.einsum("...hd,hdr->...hr", x.to(w.dtype), w)
+
+    # --------------------------------------------------------------- training
+    @staticmethod
+    def loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float) -> torch.Tensor:
+        """cos_weight * cosine distance + (1 - cos_weight) * MSE of L2-normalised rows.
+
+        pred, target: [..., rows, S] logits; rows are independent. The MSE term is the squared
+        distance of unit rows averaged over rows (the paper's 0.95 / 0.05 mix by default).
+        """
+        cos = F.cosine_similarity(pred, target, dim=-1)
+        mse = (F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)).pow(2).sum(-1)
+        return (cos_weight * (1.0 - cos) + (1.0 - cos_weight) * mse).mean()
+
+    def sampled_loss(self, q_rows: torch.Tensor, k: torch.Tensor, target: torch.Tensor,
+                     cos_weight: float) -> torch.Tensor:
+        """Loss of predicted vs true logits on sampled rows.
+
+        q_rows: [b, n, h, d], k: [b, S, h, d] (detached), target: [b, h, n, S] true logits.
+        """
+        q_lr = self.project(q_rows, "q")
+        k_lr = self.project(k, "k")
+        pred = torch.einsum("bnhr,bshr->bhns", q_lr, k_lr)
+        return self.loss(pred, target, cos_weight)
+
+    @torch.no_grad()
+    def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:
+        """One Adam step on (wq, wk) with the given gradients."""
+        steps = [self.adam_step.clone(), self.adam_step.clone()]  # adam() increments these
+        functional_adam(
+            [self.wq, self.wk], [grad_q, grad_k],
+            [self.wq_exp_avg, self.wk_exp_avg], [self.wq_exp_avg_sq, self.wk_exp_avg_sq], [],
+            steps,
+            amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0,
+            eps=ADAM_EPS, maximize=False, foreach=False,
+        )
+        self.adam_step += 1

@@ -1,0 +1,50 @@
+"""Forward-time accounting (selection vs attention) without synchronising the device.
+
+On CUDA, regions are bracketed by events that are only read when the totals are asked
+for; on CPU a wall clock is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+MAX_PENDING = 256  # resolve old CUDA events past this many, so the list stays bounded
+
+
+class ForwardTimer:
+    def __init__(self):
+        self._pending = []  # (name, start event, end event)
+        self._total_ms = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+            if len(self._pending) > MAX_PENDING:
+                self._resolve(self._pending[: MAX_PENDING // 2])
+                del self._pending[: MAX_PENDING // 2]
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._total_ms[name] += (time.perf_counter() - t0) * 1e3
+
+    def _resolve(self, events):
+        for name, start, end in events:
+            end.synchronize()
+            self._total_ms[name] += start.elapsed_time(end)
+
+    def read(self) -> dict:
+        """Milliseconds per region since the last read (syncs on pending CUDA events)."""
+        self._resolve(self._pending)
+        self._pending.clear()
+        totals = dict(self._total_ms)
+        self._total_ms.clear()
+        return totals
