@@ -1,0 +1,355 @@
+"""Block-sparse flash attention in Triton: forward with online softmax, deterministic backward.
+
+Layout of the work (one program = one tile of output, no atomics anywhere):
+  forward  grid (n_qblocks, b*h): one query block against the KV blocks of its list; several
+           small KV blocks (block_kv < BLOCK_N) are gathered into one BLOCK_N-row tile.
+  dq       grid (n_qblocks, b*h): the same walk as the forward, also writes delta = rowsum(dO*O).
+  dk/dv    grid (n_kvblocks, b*h): one KV block against the query blocks that selected it, read
+           from the transposed (KV block -> query blocks) list that `transpose_block_lists` builds
+           on the GPU with a sort (no host sync).
+Tensors are read through their strides: bshd and sbhd views need no copies. Softmax runs in
+base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one returned is natural.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import split_dims
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations. Chosen per (block_q, block_kv, head_dim) from measurements on H100
+# (bench/kernels.py, notes in bench/NOTES_kernels.md); `CONFIG_OVERRIDE` lets the benchmark try
+# variants without editing the code.
+# --------------------------------------------------------------------------------------------
+CONFIG_OVERRIDE: dict = {}
+
+
+def _fwd_config(block_q, block_kv, d):
+    block_n = max(block_kv, 64 if d <= 128 else 32)
+    cfg = dict(BLOCK_N=block_n, num_warps=8 if block_q >= 128 else 4, num_stages=3 if d <= 128 else 2)
+    cfg.update(CONFIG_OVERRIDE.get("fwd", {}))
+    return cfg
+
+
+def _dq_config(block_q, block_kv, d):
+    block_n = max(block_kv, 64 if d <= 128 else 32)
+    cfg = dict(BLOCK_N=block_n, num_warps=8 if block_q >= 128 else 4, num_stages=3 if d <= 128 else 2)
+    cfg.update(CONFIG_OVERRIDE.get("dq", {}))
+    return cfg
+
+
+def _dkdv_config(block_q, block_kv, d):
+    cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=3 if d <= 128 else 2)
+    cfg.update(CONFIG_OVERRIDE.get("dkdv", {}))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gather_kv_rows(idx_ptr, stride_slot, start, cnt, S_KV,
+                    BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """Token ids and validity of the BLOCK_N rows made of list slots start .. start+BLOCK_N/BLOCK_KV."""
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = start + offs_n // BLOCK_KV
+    slot_ok = slot < cnt
+    blk = tl.load(idx_ptr + slot * stride_slot, mask=slot_ok, other=0)
+    tok = blk * BLOCK_KV + offs_n % BLOCK_KV
+    return tok, slot_ok & (tok < S_KV)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt,
+                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
+                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
+                H, S_Q, S_KV, qk_scale2,
+                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    PACK: tl.constexpr = BLOCK_N // BLOCK_KV
+
+    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < S_Q
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
+    cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start in range(0, cnt, PACK):
+        tok, ok = _gather_kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV)
+        tok = tok.to(tl.int64)
+        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # count 0: no keys at all
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(Out + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(Lse2 + bh.to(tl.int64) * S_Q + offs_m, lse2, mask=m_ok)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt,
+               sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
+               sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
+               si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
+               H, S_Q, S_KV, qk_scale2, scale,
+               BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    PACK: tl.constexpr = BLOCK_N // BLOCK_KV
+
+    offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < S_Q
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * sq_b + h * sq_h + rows * sq_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows * sdo_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    o = tl.load(O + b * so_b + h * so_h + rows * so_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * S_Q + offs_m, delta, mask=m_ok)
+    lse2 = tl.load(Lse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
+
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
+    cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+    dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start in range(0, cnt, PACK):
+        tok, ok = _gather_kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV)
+        tok = tok.to(tl.int64)
+        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows * sdq_s + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff,
+                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
+                 sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
+                 H, N_KV, S_Q, S_KV, qk_scale2, scale,
+                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_n = kb * BLOCK_KV + tl.arange(0, BLOCK_KV)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < S_KV
+    cols = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * sk_b + h * sk_h + cols * sk_s + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + cols * sv_s + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    q_base = Q + b * sq_b + h * sq_h
+    do_base = DO + b * sdo_b + h * sdo_h
+    row_base = bh.to(tl.int64) * S_Q
+
+    seg = bh.to(tl.int64) * N_KV + kb
+    first = tl.load(QOff + seg)
+    last = tl.load(QOff + seg + 1)
+    dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    SUB: tl.constexpr = BLOCK_Q // BLOCK_M
+    for j in range(first * SUB, last * SUB):
+        qi = tl.load(QIdx + j // SUB)
+        offs_m = qi * BLOCK_Q + (j % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < S_Q
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows * sq_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows * sdo_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        # Rows past S_Q get lse +inf, so their probabilities are 0.
+        lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
+        pt = tl.exp2(st - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    tl.store(DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of every kernel output; tests replace it to poison outputs with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 inputs get exact float32 products (Triton's default for them is tf32)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _bsh_strides(x: torch.Tensor, layout: str):
+    """(batch, seq, head) strides of a bshd/sbhd tensor; the head dim must be unit-stride."""
+    if layout == "bshd":
+        return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride(1), x.stride(0), x.stride(2)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """Kernels vectorise along the head dim; a view with a strided head dim is copied once."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int):
+    """KV block -> query blocks lists in CSR form, built on the device with no host sync.
+
+    Returns (q_idx int32 [b*h*n_q*k_max]: query block ids grouped by (b, h, kv block), ascending
+    within a group; q_off int64 [b*h*n_kv + 1]: group g is q_idx[q_off[g]:q_off[g+1]]).
+    Entries past each count sort to the end behind a sentinel key and are never referenced.
+    """
+    b, h, n_q, k_max = kv_idx.shape
+    dev = kv_idx.device
+    slot_ok = torch.arange(k_max, device=dev) < kv_cnt.unsqueeze(-1)
+    bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
+    qi = torch.arange(n_q, device=dev).view(1, 1, n_q, 1)
+    group = bh * n_kv + kv_idx.long()
+    sentinel = b * h * n_kv
+    group = torch.where(slot_ok, group, sentinel)
+    keys = (group * n_q + qi).reshape(-1)
+    keys = torch.sort(keys).values
+    q_idx = (keys % n_q).to(torch.int32)
+    counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, group.reshape(-1), torch.ones_like(keys))
+    q_off = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(counts[:sentinel], 0, out=q_off[1:])
+    return q_idx, q_off
+
+
+def _check_supported(q, d):
+    if d not in HEAD_DIMS:
+        raise NotImplementedError(f"triton block-sparse attention supports head dims {HEAD_DIMS}, got {d}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise NotImplementedError(f"triton block-sparse attention supports fp16/bf16/fp32, got {q.dtype}")
+
+
+def _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    b, s_q, h, d = split_dims(q, layout)
+    s_kv = split_dims(k, layout)[1]
+    n_q = kv_idx.shape[2]
+    out = _empty(q.shape, q.dtype, q.device)  # contiguous in q's layout
+    lse2 = _empty((b, h, s_q), torch.float32, q.device)
+    cfg = _fwd_config(block_q, block_kv, d)
+    _fwd_kernel[(n_q, b * h)](
+        q, k, v, out, lse2, kv_idx, kv_cnt,
+        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+        *_bsh_strides(out, layout),
+        *kv_idx.stride(), *kv_cnt.stride(),
+        h, s_q, s_kv, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+    return out, lse2
+
+
+def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    b, s_q, h, d = split_dims(q, layout)
+    s_kv = split_dims(k, layout)[1]
+    n_q = kv_idx.shape[2]
+    n_kv = -(-s_kv // block_kv)
+    do = _unit_last(do)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    delta = _empty((b, h, s_q), torch.float32, q.device)
+
+    cfg = _dq_config(block_q, block_kv, d)
+    _dq_kernel[(n_q, b * h)](
+        q, k, v, out, do, dq, lse2, delta, kv_idx, kv_cnt,
+        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+        *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
+        *kv_idx.stride(), *kv_cnt.stride(),
+        h, s_q, s_kv, scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+
+    q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
+    cfg = _dkdv_config(block_q, block_kv, d)
+    _dkdv_kernel[(n_kv, b * h)](
+        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off,
+        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+        *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout),
+        h, n_kv, s_q, s_kv, scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+        out, lse2 = _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+        ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt)
+        ctx.args = (block_q, block_kv, scale, layout)
+        ctx.mark_non_differentiable(lse2)
+        return out, lse2
+
+    @staticmethod
+    def backward(ctx, dout, _dlse2):
+        q, k, v, out, lse2, kv_idx, kv_cnt = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
+                                  return_lse):
+    """Triton backend of :func:`megatron_dsv.ops.block_sparse_attention` (inputs already validated).
+
+    kv_idx entries must be valid block ids within each count (not re-checked here: that would
+    need a host sync); entries past the count are never read.
+    """
+    d = q.shape[-1]
+    _check_supported(q, d)
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    kv_idx = kv_idx.to(torch.int32)
+    kv_cnt = kv_cnt.to(torch.int32)
+    out, lse2 = _BlockSparseAttention.apply(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+    if not return_lse:
+        return out
+    return out, lse2 * math.log(2.0)

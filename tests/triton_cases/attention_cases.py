@@ -1,0 +1,155 @@
+"""Triton block-sparse attention against the float64 reference: forward, lse, dq, dk, dv.
+
+Run by tests/test_triton_attention.py in a child process with TRITON_INTERPRET=1 (CPU), or
+directly with pytest on a CUDA machine (then bfloat16 is covered too).
+"""
+
+import pytest
+import torch
+
+from common import DEVICE, poison, random_block_mask, rel_err  # noqa: F401  (poison is a fixture)
+from megatron_dsv.ops import block_sparse_attention
+from megatron_dsv.ops.reference import block_sparse_attention_reference, dense_attention_reference
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def make_qkv(b, s_q, s_kv, h, d, dtype, layout, gen, packed):
+    """q, k, v in `layout`; packed=True returns non-contiguous views sliced out of one qkv buffer."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype).to(DEVICE)
+
+    def shaped(s):
+        return (b, s, h, d) if layout == "bshd" else (s, b, h, d)
+
+    if packed:
+        assert s_q == s_kv
+        qkv = rnd(*shaped(s_q)[:3], 3 * d)
+        return [qkv[..., i * d:(i + 1) * d] for i in range(3)]
+    return rnd(*shaped(s_q)), rnd(*shaped(s_kv)), rnd(*shaped(s_kv))
+
+
+def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
+             packed=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_q, n_kv = -(-s_q // block_q), -(-s_kv // block_kv)
+    if counts == "random":  # per (batch, head, query block); includes 0 and n_kv
+        cnt = torch.randint(0, n_kv + 1, (b, h, n_q), generator=gen)
+        cnt.view(-1)[0] = 0
+        cnt.view(-1)[-1] = n_kv
+    elif counts == "all":
+        cnt = torch.full((b, h, n_q), n_kv)
+    elif counts == "zero":
+        cnt = torch.zeros(b, h, n_q, dtype=torch.int64)
+    else:  # per-head budgets, as select_blocks returns them: k_max = largest budget
+        cnt = torch.tensor(counts).view(1, h, 1).expand(b, h, n_q).contiguous()
+    kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
+    kv_idx, kv_cnt = kv_idx.to(DEVICE), kv_cnt.to(DEVICE)
+
+    q, k, v = make_qkv(b, s_q, s_kv, h, d, dtype, layout, gen, packed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kw = dict(block_q=block_q, block_kv=block_kv, layout=layout)
+    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True, **kw)
+    dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    # float64 oracle, and the reference's own error at the test dtype (inputs rounded the same way).
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = d ** -0.5
+    out64, lse64 = block_sparse_attention_reference(q64, k64, v64, kv_idx, kv_cnt, scale=scale,
+                                                    return_lse=True, **kw)
+    g64 = torch.autograd.grad(out64, (q64, k64, v64), dout.double())
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_l = block_sparse_attention_reference(ql, kl, vl, kv_idx, kv_cnt, scale=scale, return_lse=False, **kw)
+    g_l = torch.autograd.grad(out_l, (ql, kl, vl), dout)
+
+    def check(name, x, ref, ref_lowp):
+        err = rel_err(x, ref)
+        if dtype == torch.float32:
+            tol = 2e-5
+        else:  # judged against the reference's own error at this dtype, with room for P rounding
+            tol = 3 * rel_err(ref_lowp, ref) + (2e-4 if dtype == torch.float16 else 2e-3)
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:.3g}"
+        return err
+
+    assert out.shape == q.shape and out.dtype == dtype and dq.shape == q.shape and dk.shape == k.shape
+    errs = {"out": check("out", out, out64, out_l)}
+    empty = torch.isinf(lse64)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), empty), "lse must be -inf exactly on rows with no keys"
+    if (~empty).any():
+        lse_err = float((lse[~empty].double() - lse64[~empty]).abs().max().detach())
+        assert lse_err < (1e-4 if dtype == torch.float32 else 2e-2), f"lse abs err {lse_err:.3g}"
+    if empty.all():  # count 0 everywhere: exact zeros
+        assert not out.any() and not dq.any() and not dk.any() and not dv.any()
+        return errs
+    for name, x, ref, lowp in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, g_l):
+        errs[name] = check(name, x, ref, lowp)
+    return errs
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_counts_partial_tiles(dtype):
+    # Sq, Skv not multiples of the blocks, Skv != Sq, counts 0..all per (b, h, query block).
+    run_case(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, dtype=dtype)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_kv_blocks_packed_sbhd_views(dtype):
+    # block_kv 16 packs several KV blocks per tile; q, k, v are strided slices of one sbhd buffer.
+    run_case(b=1, h=2, s_q=200, s_kv=200, d=64, block_q=64, block_kv=16, dtype=dtype, layout="sbhd",
+             packed=True, seed=1)
+
+
+@pytest.mark.usefixtures("poison")
+def test_mixed_head_budgets_block_q128():
+    run_case(b=1, h=3, s_q=256, s_kv=320, d=32, block_q=128, block_kv=64, dtype=torch.float16,
+             counts=[1, 5, 3], seed=2)
+
+
+@pytest.mark.usefixtures("poison")
+def test_all_blocks_equals_dense():
+    gen = torch.Generator().manual_seed(3)
+    b, h, s, d = 1, 2, 96, 32
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to(DEVICE) for _ in range(3))
+    n = -(-s // 32)
+    kv_idx = torch.arange(n, dtype=torch.int32).expand(b, h, n, n).contiguous().to(DEVICE)
+    kv_cnt = torch.full((b, h, n), n, dtype=torch.int32).to(DEVICE)
+    out = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton")
+    ref = dense_attention_reference(q.double(), k.double(), v.double(), scale=d ** -0.5, layout="bshd")
+    assert rel_err(out, ref) < 2e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_count_all_and_zero():
+    run_case(b=1, h=2, s_q=100, s_kv=100, d=32, block_q=64, block_kv=32, dtype=torch.float32, counts="all",
+             seed=4)
+    run_case(b=1, h=2, s_q=100, s_kv=100, d=32, block_q=64, block_kv=32, dtype=torch.float16, counts="zero",
+             seed=5)
+
+
+def test_transposed_lists_match_kv_lists():
+    from megatron_dsv.ops.triton_attention import transpose_block_lists
+
+    gen = torch.Generator().manual_seed(6)
+    b, h, n_q, n_kv = 2, 3, 7, 5
+    cnt = torch.randint(0, n_kv + 1, (b, h, n_q), generator=gen)
+    kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
+    q_idx, q_off = transpose_block_lists(kv_idx.to(DEVICE), kv_cnt.to(DEVICE), n_kv)
+    q_idx, q_off = q_idx.cpu(), q_off.cpu()
+    for bi in range(b):
+        for hi in range(h):
+            for j in range(n_kv):
+                g = (bi * h + hi) * n_kv + j
+                got = q_idx[q_off[g]:q_off[g + 1]].tolist()
+                want = [i for i in range(n_q) if j in kv_idx[bi, hi, i, :kv_cnt[bi, hi, i]].tolist()]
+                assert got == want
+
+
+def test_unsupported_head_dim_raises():
+    q = torch.randn(1, 32, 1, 48, device=DEVICE)
+    kv_idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=DEVICE)
+    kv_cnt = torch.ones(1, 1, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        block_sparse_attention(q, q, q, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton")
