@@ -118,8 +118,9 @@ class _LearnInBackward(torch.autograd.Function):
     """Identity on the attention output whose backward runs the layer's DSV bookkeeping.
 
     Running it in backward makes it happen exactly once per training step per layer, also
-    under activation recomputation (the first, no-grad pass builds no graph; the recomputed
-    pass is the one whose backward runs), and never in evaluation.
+    under activation recomputation (reentrant: the first, no-grad pass builds no graph and
+    only the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
+    differentiated), and never in evaluation.
     """
 
     @staticmethod
@@ -166,6 +167,7 @@ class DSVDotProductAttention(_CoreAttention):
                          if parallel_state.model_parallel_is_initialized() else None)
         self.last_used_sparse = False
         self.last_n_kv = None
+        self._pending = None  # update staged in backward, committed when the backward pass ends
 
     # ---------------------------------------------------------------- forward
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -203,21 +205,43 @@ class DSVDotProductAttention(_CoreAttention):
     # ------------------------------------------------------ DSV bookkeeping
     @torch.no_grad()
     def _learn(self, q, k, selection):
-        """One step of predictor training and profiling on sampled rows (runs in backward)."""
+        """Predictor loss/gradients and profile on sampled rows (runs in backward).
+
+        The update is only staged here and committed when the backward pass ends: within one
+        training step the predictor, budgets and stage stay fixed, so a forward recomputed later
+        in the same backward (non-reentrant checkpointing) selects exactly the blocks the first
+        one did.
+        """
         ctl, cfg = self.controller, self.cfg
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
+        stats = {}
         if train or profile:
             if profile and selection is None:  # what the predictor would pick now (recall in stage 1)
                 selection = self._select(q, k, ctl.budgets(math.ceil(q.shape[0] / cfg.block_kv)))
             stats = self._sampled_rows_step(q, k, selection if profile else None, train)
             self._reduce_replicas(stats)
-            if train:
-                ctl.record_loss(float(stats["loss"]))
-                self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
-            if profile:
-                ctl.record_profile(stats["token_sparsity"], stats["block_sparsity"], stats["recall"])
+        self._pending = stats
+        torch.autograd.Variable._execution_engine.queue_callback(self.commit)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the update staged by the last backward: predictor step, profile, step count.
+        Runs at the end of the backward pass; also before a state_dict is taken or metrics read."""
+        stats, self._pending = self._pending, None
+        if stats is None:
+            return
+        ctl = self.controller
+        if "grad_q" in stats:
+            ctl.record_loss(float(stats["loss"]))
+            self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
+        if "recall" in stats:
+            ctl.record_profile(stats["token_sparsity"], stats["block_sparsity"], stats["recall"])
         ctl.end_step()
+
+    def _save_to_state_dict(self, *args, **kwargs):
+        self.commit()
+        super()._save_to_state_dict(*args, **kwargs)
 
     def _sampled_rows_step(self, q, k, selection, train):
         """True logits of every sample_stride-th query row, a few heads at a time (bounded memory).
@@ -293,6 +317,7 @@ class DSVDotProductAttention(_CoreAttention):
     # ---------------------------------------------------------- observability
     def metrics(self) -> dict:
         """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""
+        self.commit()
         ctl = self.controller
         host = ctl.host()
         n_kv = self.last_n_kv
