@@ -99,6 +99,7 @@ class StageController(nn.Module):
         a = self.cfg.ema_alpha
         old = self.host()["loss_ema"]
         new = loss if math.isnan(old) else a * old + (1 - a) * loss
+        new = float(torch.tensor(new, dtype=self.loss_ema.dtype))  # the mirror holds what the buffer holds
         self.loss_ema.fill_(new)
         self._host["loss_ema"] = new
 
@@ -106,11 +107,10 @@ class StageController(nn.Module):
     def record_profile(self, token_sparsity: torch.Tensor, block_sparsity: torch.Tensor,
                        recall: torch.Tensor) -> None:
         a = self.cfg.ema_alpha
-        for name, new in (("token_sparsity", token_sparsity), ("block_sparsity", block_sparsity)):
+        for name, new in zip(PER_HEAD_BUFFERS, (token_sparsity, block_sparsity, recall)):
             buf = getattr(self, name)
             new = new.to(buf)
             buf.copy_(torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new))
-        self.recall.copy_(recall.to(self.recall))
         self.profiles += 1
         self._host["profiles"] += 1
         self._host["block_sparsity"] = self.block_sparsity.tolist()

@@ -1,0 +1,276 @@
+"""DSVDotProductAttention inside real megatron-core modules, on CPU with gloo."""
+
+import copy
+import math
+
+import pytest
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
+
+from megatron_dsv import DSVConfig
+from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
+                                 get_dsv_layer_spec)
+from megatron_dsv.ops import block_sparse_attention
+
+SMALL = dict(rank=8, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
+
+
+def tconfig(**kw):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=2, use_cpu_initialization=True,
+                attention_dropout=0.0, hidden_dropout=0.0)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def dense_spec():
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
+
+
+def core(dsv=None, heads=2, d=32, **kw):
+    cfg = tconfig(hidden_size=heads * d, num_attention_heads=heads, **kw)
+    return DSVDotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.no_mask,
+                                  attention_type="self", dsv_config=dsv or DSVConfig(**SMALL))
+
+
+def train_steps(layer, batches):
+    for q, k, v in batches:
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        layer(q, k, v, None).square().mean().backward()
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def test_apply_dsv_replaces_only_self_attention(megatron_parallel):
+    cross = ModuleSpec(module=CrossAttention, params={"attn_mask_type": AttnMaskType.no_mask},
+                       submodules=CrossAttentionSubmodules(linear_q=None, linear_kv=None,
+                                                           core_attention=SDPADotProductAttention))
+    spec = dense_spec()
+    spec.submodules.cross_attention = cross
+    before = copy.deepcopy(spec)
+    cfg = DSVConfig(**SMALL)
+    out = apply_dsv(spec, cfg)
+    core_spec = out.submodules.self_attention.submodules.core_attention
+    assert core_spec.module is DSVDotProductAttention and core_spec.params["dsv_config"] is cfg
+    assert out.submodules.cross_attention.submodules.core_attention is SDPADotProductAttention
+    assert spec.submodules.self_attention.submodules.core_attention is SDPADotProductAttention  # not mutated
+    assert repr(spec) == repr(before)
+
+
+def test_apply_dsv_custom_slot_and_block_lists(megatron_parallel):
+    """A WAN-style custom self-attention slot, inside a list of layer specs, is found."""
+    layer = dense_spec()
+    custom = ModuleSpec(module=("some.recipe.module", "WanAttention"), submodules=layer.submodules.self_attention.submodules)
+    wan_like = {"full_self_attention": custom, "cross_attention": copy.deepcopy(custom)}
+    out = apply_dsv([wan_like, layer], DSVConfig(**SMALL))
+    assert out[0]["full_self_attention"].submodules.core_attention.module is DSVDotProductAttention
+    assert out[0]["cross_attention"].submodules.core_attention is SDPADotProductAttention
+    assert out[1].submodules.self_attention.submodules.core_attention.module is DSVDotProductAttention
+
+
+def test_apply_dsv_without_self_attention_fails_loudly():
+    with pytest.raises(ValueError, match="found no self-attention"):
+        apply_dsv(ModuleSpec(module=torch.nn.Linear), DSVConfig())
+    with pytest.raises(ValueError, match="dsv_config must be a DSVConfig"):
+        apply_dsv(dense_spec(), {"rank": 4})
+
+
+# ------------------------------------------------------------------ stage 1 = dense
+
+
+def test_stage1_matches_dense_block_and_gradients(megatron_parallel):
+    """In stage 1 the DSV block computes exactly the dense block's outputs and DiT gradients."""
+    torch.manual_seed(0)
+    dense = TransformerBlock(tconfig(), dense_spec())
+    dsv = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL)))
+    missing, unexpected = dsv.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(".predictor." in k or ".controller." in k for k in missing)
+
+    for step in range(3):
+        x = torch.randn(128, 2, 64)
+        outs, grads = [], []
+        for block in (dense, dsv):
+            block.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = block(xi, attention_mask=None)
+            y.square().mean().backward()
+            outs.append(y)
+            grads.append([xi.grad] + [p.grad for p in block.parameters() if p.requires_grad])
+        assert torch.equal(outs[0], outs[1])
+        assert len(grads[0]) == len(grads[1])
+        for g0, g1 in zip(*grads):
+            assert torch.equal(g0, g1)
+    # The predictor trained (its weights moved) without touching the block's parameters' grads.
+    layer = dsv.layers[0].self_attention.core_attention
+    assert layer.controller.host()["step"] == 3
+    assert not layer.predictor.wq.requires_grad and layer.predictor.adam_step.item() == 3
+
+
+# ----------------------------------------------------------- learning a planted pattern
+
+
+BASIS = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(99)))[0][:, :4]
+
+
+def planted_batch(gen, s=256, b=1, heads=2, d=32, r=4, block_q=32, block_kv=32, picks=2, strength=4.0,
+                  basis=BASIS):
+    """Keys cluster around one centroid per KV block; each query block attends to `picks` KV blocks.
+    Centroids live in a fixed rank-r subspace (as if q and k came from fixed projections) and vary
+    per batch; the noise spans all d dims. A rank-r predictor can learn the subspace."""
+    n_q, n_kv = s // block_q, s // block_kv
+    cent = torch.randn(heads, n_kv, r, generator=gen) @ basis.T * strength / math.sqrt(r) * 2
+    k = cent.repeat_interleave(block_kv, 1).permute(1, 0, 2) + 0.3 * torch.randn(s, heads, d, generator=gen)
+    targets = torch.stack([torch.randperm(n_kv, generator=gen)[:picks] for _ in range(heads * n_q)]).view(heads, n_q, picks)
+    q_cent = torch.stack([cent[h, targets[h]].sum(1) for h in range(heads)])  # [h, n_q, d]
+    q = q_cent.repeat_interleave(block_q, 1).permute(1, 0, 2) + 0.3 * torch.randn(s, heads, d, generator=gen)
+    v = torch.randn(s, heads, d, generator=gen)
+    return tuple(t.unsqueeze(1).expand(s, b, heads, d).contiguous() for t in (q, k, v))
+
+
+def test_predictor_learns_planted_pattern(megatron_parallel):
+    gen = torch.Generator().manual_seed(0)
+    cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
+                    stage1_min_steps=60, stage1_max_steps=60, profile_interval_stage1=5,
+                    profile_interval_stage2=5, layer_sparsity_threshold=0.3, budget_floor=0.0)
+    layer = core(cfg)
+    first_loss = None
+    for step in range(70):
+        train_steps(layer, [planted_batch(gen)])
+        m = layer.metrics()
+        first_loss = first_loss if first_loss is not None else m["predictor_loss"]
+    assert m["stage"] == 2 and m["sparse"], m
+    assert m["predictor_loss"] < 0.5 * first_loss, (first_loss, m["predictor_loss"])
+    assert min(m["recall"]) > 0.9, m["recall"]
+    assert max(m["budget"]) <= 0.5, m["budget"]  # it really is sparse: at most half the blocks
+    assert min(m["block_sparsity"]) > 0.5
+
+
+# ------------------------------------------------------------------- checkpointing
+
+
+def test_checkpoint_round_trip_resumes_stage_and_selection(megatron_parallel):
+    gen = torch.Generator().manual_seed(1)
+    cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
+                    stage1_min_steps=8, stage1_max_steps=8, profile_interval_stage2=3,
+                    layer_sparsity_threshold=0.3, budget_floor=0.0)
+    layer = core(cfg)
+    train_steps(layer, [planted_batch(gen) for _ in range(10)])
+    state = layer.state_dict()
+    fresh = core(cfg)
+    fresh.load_state_dict(state)
+    assert fresh.controller.host() == layer.controller.host() and fresh.controller.in_stage2
+
+    q, k, v = planted_batch(gen)
+    n_kv = 256 // 32
+    assert fresh.controller.budgets(n_kv) == layer.controller.budgets(n_kv)
+    sel_a, sel_b = layer._select(q, k, layer.controller.budgets(n_kv)), fresh._select(q, k, fresh.controller.budgets(n_kv))
+    assert all(torch.equal(a, b) for a, b in zip(sel_a, sel_b))
+    assert torch.equal(layer(q, k, v, None), fresh(q, k, v, None))
+    # Both continue identically, Adam moments included.
+    batches = [planted_batch(gen) for _ in range(4)]
+    train_steps(layer, batches)
+    train_steps(fresh, batches)
+    for (name, a), b in zip(layer.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    sharded = layer.sharded_state_dict(prefix="attn.")
+    assert "attn.predictor.wq" in sharded and "attn.controller.stage" in sharded
+
+
+# -------------------------------------------------------------- stage-2 computation
+
+
+def test_stage2_output_is_block_sparse_attention_of_the_selection(megatron_parallel):
+    gen = torch.Generator().manual_seed(2)
+    cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2,
+                    stage1_min_steps=2, stage1_max_steps=2, layer_sparsity_threshold=0.3, budget_floor=0.0)
+    layer = core(cfg)
+    train_steps(layer, [planted_batch(gen) for _ in range(3)])
+    q, k, v = planted_batch(gen)
+    out = layer(q, k, v, None)
+    assert layer.last_used_sparse
+    budgets = layer.controller.budgets(8)
+    assert max(budgets) < 8
+    kv_idx, kv_cnt = layer._select(q, k, budgets)
+    ref = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=32, block_kv=32, layout="sbhd",
+                                 backend="reference")
+    assert torch.equal(out, ref.reshape(out.shape))
+
+
+# ----------------------------------------------------------- activation recompute
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recompute_trains_once_and_selects_consistently(megatron_parallel, reentrant):
+    gen = torch.Generator().manual_seed(3)
+    cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
+                    stage1_min_steps=3, stage1_max_steps=3, profile_interval_stage2=1,
+                    layer_sparsity_threshold=0.3, budget_floor=0.0)
+    plain, recomputed = core(cfg), core(cfg)
+    batches = [planted_batch(gen) for _ in range(6)]
+    for q, k, v in batches:
+        grads = []
+        for layer in (plain, recomputed):
+            qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
+            if layer is plain:
+                y = layer(qi, ki, vi, None)
+            else:
+                y = checkpoint(lambda a, b_, c: layer(a, b_, c, None), qi, ki, vi, use_reentrant=reentrant)
+            y.square().mean().backward()
+            grads.append((qi.grad, ki.grad, vi.grad))
+        for g0, g1 in zip(*grads):
+            torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+    assert recomputed.controller.host()["step"] == 6 and recomputed.controller.in_stage2
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_unsupported_configurations_raise(megatron_parallel):
+    with pytest.raises(NotImplementedError, match="causal"):
+        DSVDotProductAttention(tconfig(), 1, AttnMaskType.causal, "self", dsv_config=DSVConfig(**SMALL))
+    with pytest.raises(NotImplementedError, match="grouped-query"):
+        core(num_query_groups=1)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        DSVDotProductAttention(tconfig(attention_dropout=0.1), 1, AttnMaskType.no_mask, "self")
+    with pytest.raises(ValueError, match="self-attention"):
+        DSVDotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "cross")
+    with pytest.raises(ValueError, match="dsv_config must be a DSVConfig"):
+        DSVDotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "self", dsv_config={"rank": 4})
+
+
+def test_unsupported_inputs_raise(megatron_parallel):
+    layer = core()
+    q = torch.randn(64, 1, 2, 32)
+    with pytest.raises(NotImplementedError, match="packed"):
+        layer(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(NotImplementedError, match="attention_bias"):
+        layer(q, q, q, None, attention_bias=torch.zeros(1))
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        layer(q, q, q, torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="causal"):
+        layer(q, q, q, None, attn_mask_type=AttnMaskType.causal)
+    with pytest.raises(ValueError, match=r"query must be \[s, b, heads=2, d=32\]"):
+        layer(torch.randn(64, 1, 4, 16), q, q, None)
+    layer(q, q, q, torch.zeros(1, 1, 64, 64, dtype=torch.bool))  # an all-False mask masks nothing
+
+
+def test_metrics_summary(megatron_parallel):
+    block = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL)))
+    x = torch.randn(64, 1, 64, requires_grad=True)
+    block(x, attention_mask=None).sum().backward()
+    m = dsv_metrics(block)
+    assert m["summary"]["layers"] == 2 and m["summary"]["stage"] == 1
+    assert len(m["layers"][0]["recall"]) == 2 and 0.0 <= m["summary"]["token_sparsity"] <= 1.0
+    assert m["layers"][0]["attention_ms"] > 0
