@@ -290,17 +290,13 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
     return out, lse2
 
 
-def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+def _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    """dq over each query block's KV list; also returns delta = rowsum(dO * O) for dk/dv."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_q = kv_idx.shape[2]
-    n_kv = -(-s_kv // block_kv)
-    do = _unit_last(do)
     dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
     delta = _empty((b, h, s_q), torch.float32, q.device)
-
     cfg = _dq_config(block_q, block_kv, d)
     _dq_kernel[(n_q, b * h)](
         q, k, v, out, do, dq, lse2, delta, kv_idx, kv_cnt,
@@ -309,8 +305,16 @@ def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, 
         *kv_idx.stride(), *kv_cnt.stride(),
         h, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+    return dq, delta
 
-    q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
+
+def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layout):
+    """dk, dv over each KV block's transposed list (query blocks that selected it)."""
+    b, s_q, h, d = split_dims(q, layout)
+    s_kv = split_dims(k, layout)[1]
+    n_kv = -(-s_kv // block_kv)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
     cfg = _dkdv_config(block_q, block_kv, d)
     _dkdv_kernel[(n_kv, b * h)](
         q, k, v, do, dk, dv, lse2, delta, q_idx, q_off,
@@ -318,6 +322,15 @@ def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, 
         *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout),
         h, n_kv, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+    return dk, dv
+
+
+def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    do = _unit_last(do)
+    dq, delta = _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+    n_kv = -(-split_dims(k, layout)[1] // block_kv)
+    q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
+    dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layout)
     return dq, dk, dv
 
 

@@ -1,0 +1,320 @@
+"""Kernel benchmark: Triton block-sparse attention + selection against dense and FlexAttention.
+
+For each sequence length S, block size and density it times, in one process on one GPU:
+  selection (select_blocks, backend triton), sparse forward, sparse forward+backward,
+  SDPA cuDNN and SDPA flash dense forward / forward+backward,
+  FlexAttention on the identical block mask (BlockMask.from_kv_blocks, mask build timed apart).
+Effective TFLOP/s count only computed blocks: 4*b*h*S^2*d*density forward, x2.5 for backward.
+Also checks the sparse output against Flex (same mask) and, at density 1, against cuDNN.
+
+    python bench/kernels.py --seqs 16384 65536 131072 --json bench/results/kernels_h100.json
+    python bench/kernels.py --tune   # launch-config variants at the target point
+
+Writes JSON (device name included) and prints a table last. Does not import megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_dsv.ops import triton_attention as ta  # noqa: E402
+from megatron_dsv.ops.block_sparse import block_sparse_attention  # noqa: E402
+from megatron_dsv.ops.selection import select_blocks  # noqa: E402
+
+H, D, RANK = 16, 128, 16
+DTYPE = torch.bfloat16
+
+
+def ms(fn, rep=300):
+    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def fwd_flops(s_q, s_kv, density, b=1):
+    return 4.0 * b * H * s_q * s_kv * D * density
+
+
+def tflops(flops, t_ms):
+    return flops / (t_ms * 1e-3) / 1e12 if t_ms else None
+
+
+def rel_err(x, ref):
+    x, ref = x.float(), ref.float()
+    return float((x - ref).norm() / ref.norm())
+
+
+def inputs(s, gen_seed=0):
+    g = torch.Generator(device="cuda").manual_seed(gen_seed)
+    q, k, v, do = (torch.randn(1, s, H, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(4))
+    q_lr, k_lr = (torch.randn(1, s, H, RANK, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
+    return q, k, v, do, q_lr, k_lr
+
+
+def time_fwd_bwd(fwd, q, k, v, do):
+    """(forward ms, forward+backward ms, peak bytes of forward+backward above the inputs)."""
+    t_f = ms(lambda: fwd(q, k, v))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def step():
+        out = fwd(qg, kg, vg)
+        torch.autograd.grad(out, (qg, kg, vg), do)
+
+    t_fb = ms(step)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return t_f, t_fb, torch.cuda.max_memory_allocated() - base
+
+
+def sdpa(backend):
+    def fwd(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return fwd
+
+
+_FLEX = None
+
+
+def flex_fn():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        torch._dynamo.config.cache_size_limit = 64  # one graph per (S, block size, kernel options)
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def flex_block_mask(kv_idx, kv_cnt, s, block_q, block_kv):
+    """The same block mask as a Flex BlockMask: every selected block is a full block.
+
+    The mask_mod (reading the dense block map) is what eager Flex evaluates; the compiled kernel
+    skips it on full blocks, so it costs nothing there.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    b, h, n_q, k_max = kv_idx.shape
+    n_kv = -(-s // block_kv)
+    valid = torch.arange(k_max, device=kv_idx.device) < kv_cnt.unsqueeze(-1)
+    full_idx = torch.zeros(b, h, n_q, n_kv, dtype=torch.int32, device=kv_idx.device)
+    full_idx[..., :k_max] = torch.where(valid, kv_idx, 0)
+    dense = torch.zeros(b, h, n_q, n_kv + 1, dtype=torch.bool, device=kv_idx.device)
+    dense.scatter_(-1, torch.where(valid, kv_idx, n_kv).long(), True)
+    dense = dense[..., :n_kv]
+
+    def mask_mod(b_, h_, q_i, kv_i):
+        return dense[b_, h_, q_i // block_q, kv_i // block_kv]
+
+    none = torch.zeros_like(kv_cnt)
+    return BlockMask.from_kv_blocks(none, torch.zeros_like(full_idx), kv_cnt, full_idx,
+                                    BLOCK_SIZE=(block_q, block_kv), mask_mod=mask_mod, seq_lengths=(s, s))
+
+
+def run_flex(q, k, v, do, kv_idx, kv_cnt, s, block_q, block_kv, ref_out):
+    rec = {}
+    t0 = time.perf_counter()
+    mask = flex_block_mask(kv_idx, kv_cnt, s, block_q, block_kv)
+    torch.cuda.synchronize()
+    rec["flex_mask_build_ms_first"] = (time.perf_counter() - t0) * 1e3
+    rec["flex_mask_build_ms"] = ms(lambda: flex_block_mask(kv_idx, kv_cnt, s, block_q, block_kv), rep=100)
+    flex = flex_fn()
+    errors = []
+    for opts in (None, {"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": block_q, "BLOCK_N": min(block_kv, 64)}):
+        def fwd(q_, k_, v_, opts=opts):
+            out = flex(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), block_mask=mask,
+                       kernel_options=opts)
+            return out.transpose(1, 2)
+        try:
+            out = fwd(q, k, v)
+            rec["flex_err_vs_sparse"] = rel_err(out, ref_out)
+            rec["flex_fwd_ms"], rec["flex_fwdbwd_ms"], rec["flex_peak_bytes"] = time_fwd_bwd(fwd, q, k, v, do)
+            rec["flex_kernel_options"] = opts
+            return rec
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON, next option tried
+            errors.append(f"{opts}: {type(e).__name__}: {str(e)[:300]}")
+    rec["flex_error"] = errors
+    return rec
+
+
+def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_flex, dense_out=None):
+    n_kv = -(-s // block_kv)
+    topk = max(1, round(density * n_kv))
+    sel = lambda: select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")  # noqa: E731
+    kv_idx, kv_cnt = sel()
+    rec = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv, topk=topk)
+    rec["select_ms"] = ms(sel)
+
+    def fwd(q_, k_, v_):
+        return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
+                                      backend="triton")
+    out = fwd(q, k, v)
+    if dense_out is not None and topk == n_kv:
+        rec["err_vs_cudnn"] = rel_err(out, dense_out)
+    rec["fwd_ms"], rec["fwdbwd_ms"], rec["peak_bytes"] = time_fwd_bwd(fwd, q, k, v, do)
+    rec["bwd_ms"] = rec["fwdbwd_ms"] - rec["fwd_ms"]
+    rec["total_ms"] = rec["fwdbwd_ms"] + rec["select_ms"]
+    f = fwd_flops(s, s, rec["density"])
+    rec["fwd_tflops"] = tflops(f, rec["fwd_ms"])
+    rec["bwd_tflops"] = tflops(2.5 * f, rec["bwd_ms"])
+    rec["fwdbwd_tflops"] = tflops(3.5 * f, rec["fwdbwd_ms"])
+    rec["index_bytes"] = kv_idx.numel() * 4 + kv_cnt.numel() * 4
+    if with_flex:
+        rec.update(run_flex(q, k, v, do, kv_idx, kv_cnt, s, block_q, block_kv, out))
+        if "flex_fwdbwd_ms" in rec:
+            rec["flex_fwdbwd_tflops"] = tflops(3.5 * f, rec["flex_fwdbwd_ms"])
+    return rec
+
+
+def dense_point(q, k, v, do, s):
+    rec = dict(S=s)
+    outs = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            fn = sdpa(backend)
+            outs[name] = fn(q, k, v).transpose(1, 2)
+            rec[f"{name}_fwd_ms"], rec[f"{name}_fwdbwd_ms"], rec[f"{name}_peak_bytes"] = time_fwd_bwd(fn, q, k, v, do)
+            rec[f"{name}_fwdbwd_tflops"] = tflops(3.5 * fwd_flops(s, s, 1.0), rec[f"{name}_fwdbwd_ms"])
+            rec[f"{name}_fwd_tflops"] = tflops(fwd_flops(s, s, 1.0), rec[f"{name}_fwd_ms"])
+        except Exception as e:  # noqa: BLE001
+            rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return rec, outs.get("cudnn")
+
+
+def tune(args, results):
+    """Launch-config variants of each kernel at the target point, timed kernel by kernel."""
+    s = args.tune_seq
+    q, k, v, do, q_lr, k_lr = inputs(s)
+    for block_q, block_kv in args.tune_blocks:
+        n_kv = -(-s // block_kv)
+        topk = max(1, round(args.tune_density * n_kv))
+        kv_idx, kv_cnt = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")
+        f = fwd_flops(s, s, topk / n_kv)
+        scale = D ** -0.5
+        out, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd")
+        dq, delta = ta._dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd")
+        q_idx, q_off = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
+        base = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv)
+        t = ms(lambda: ta.transpose_block_lists(kv_idx, kv_cnt, n_kv))
+        results.append(dict(base, kernel="transpose_lists", ms=t))
+        variants = {
+            "fwd": [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) if bn >= block_kv
+                    for w in (4, 8) for st in (2, 3, 4)],
+            "dq": [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) if bn >= block_kv
+                   for w in (4, 8) for st in (2, 3)],
+            "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st) for bm in (32, 64, 128) if bm <= block_q
+                     for w in (4, 8) for st in (2, 3)],
+        }
+        calls = {
+            "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.0),
+            "dq": (lambda: ta._dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.5),
+            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, "bshd"),
+                     2.0),
+        }
+        for kernel, cfgs in variants.items():
+            fn, flop_mult = calls[kernel]
+            for cfg in cfgs:
+                ta.CONFIG_OVERRIDE.clear()
+                ta.CONFIG_OVERRIDE[kernel] = cfg
+                rec = dict(base, kernel=kernel, cfg=cfg)
+                try:
+                    rec["ms"] = ms(fn, rep=200)
+                    rec["tflops"] = tflops(flop_mult * f, rec["ms"])
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results.append(rec)
+                print(json.dumps(rec), flush=True)
+        ta.CONFIG_OVERRIDE.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[16384, 65536, 131072])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    ap.add_argument("--block-kvs", type=int, nargs="+", default=[64, 16])
+    ap.add_argument("--block-q", type=int, default=128)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-seq", type=int, default=65536)
+    ap.add_argument("--tune-density", type=float, default=0.1)
+    ap.add_argument("--tune-blocks", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="+",
+                    default=[(128, 64), (64, 64), (128, 16)])
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+
+    dev = torch.cuda.get_device_name()
+    meta = dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__,
+                heads=H, head_dim=D, rank=RANK, dtype=str(DTYPE), argv=sys.argv[1:])
+    dense, sparse, tuned = [], [], []
+    if args.tune:
+        tune(args, tuned)
+    else:
+        for s in args.seqs:
+            q, k, v, do, q_lr, k_lr = inputs(s)
+            rec, dense_out = dense_point(q, k, v, do, s)
+            dense.append(rec)
+            print(json.dumps(rec), flush=True)
+            for block_kv in args.block_kvs:
+                for density in args.densities:
+                    try:
+                        r = sparse_point(q, k, v, do, q_lr, k_lr, s, args.block_q, block_kv, density,
+                                         with_flex=not args.no_flex, dense_out=dense_out)
+                    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                        r = dict(S=s, block_kv=block_kv, density=density, error=traceback.format_exc()[-800:])
+                        print(r["error"], file=sys.stderr)
+                    cud = rec.get("cudnn_fwdbwd_ms")
+                    if cud and "total_ms" in r:
+                        r["speedup_total_vs_cudnn"] = cud / r["total_ms"]
+                        r["speedup_fwdbwd_vs_cudnn"] = cud / r["fwdbwd_ms"]
+                    if "flex_fwdbwd_ms" in r and "fwdbwd_ms" in r:
+                        r["speedup_fwdbwd_vs_flex"] = r["flex_fwdbwd_ms"] / r["fwdbwd_ms"]
+                    sparse.append(r)
+                    print(json.dumps(r), flush=True)
+            del q, k, v, do, q_lr, k_lr, dense_out
+            torch.cuda.empty_cache()
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(meta=meta, dense=dense, sparse=sparse, tune=tuned), indent=1))
+
+    print(f"\ndevice: {dev}  (bf16, 16 heads, d 128, block_q {args.block_q})")
+    if tuned:
+        best = {}
+        for r in tuned:
+            key = (r["block_q"], r["block_kv"], r["kernel"])
+            if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
+                best[key] = r
+        print(f"{'bq':>4} {'bkv':>4} {'kernel':>16} {'ms':>8} {'TF/s':>6}  cfg")
+        for (bq, bkv, kern), r in sorted(best.items()):
+            print(f"{bq:>4} {bkv:>4} {kern:>16} {r['ms']:8.3f} {r.get('tflops') or 0:6.0f}  {r.get('cfg', '')}")
+        return
+    for rec in dense:
+        print(f"S={rec['S']}: cuDNN fwd {rec.get('cudnn_fwd_ms', float('nan')):.2f} ms, fwd+bwd "
+              f"{rec.get('cudnn_fwdbwd_ms', float('nan')):.2f} ms ({rec.get('cudnn_fwdbwd_tflops') or 0:.0f} TF/s); "
+              f"flash fwd+bwd {rec.get('flash_fwdbwd_ms', float('nan')):.2f} ms")
+    hdr = (f"{'S':>7} {'bkv':>4} {'dens':>5} {'sel':>6} {'fwd':>7} {'bwd':>7} {'total':>7} {'fbTF':>5} "
+           f"{'xcuDNN':>6} {'flexfb':>7} {'xflex':>5}")
+    print(hdr)
+    for r in sparse:
+        if "total_ms" not in r:
+            print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.2f}  ERROR")
+            continue
+        print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.3f} {r['select_ms']:6.2f} {r['fwd_ms']:7.2f} "
+              f"{r['bwd_ms']:7.2f} {r['total_ms']:7.2f} {r['fwdbwd_tflops']:5.0f} "
+              f"{r.get('speedup_total_vs_cudnn', 0):6.2f} {r.get('flex_fwdbwd_ms', float('nan')):7.2f} "
+              f"{r.get('speedup_fwdbwd_vs_flex', float('nan')):5.2f}")
+
+
+if __name__ == "__main__":
+    main()
