@@ -13,7 +13,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "matplotlib"],
         "plot": ["matplotlib"],
     },
 )

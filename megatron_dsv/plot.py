@@ -1,0 +1,79 @@
+"""Draw per-layer x per-head heatmaps of DSV's profile from a metrics log.
+
+    python -m megatron_dsv.plot runs/dsv_metrics.jsonl [--out dsv.png] [--step N]
+
+The log is the JSON-lines file written by ``megatron_dsv.layers.append_jsonl`` (the
+example pretraining script writes one). Panels: token sparsity (the paper's measure),
+block sparsity (what drives each head's budget), the budget actually used, and recall
+(share of the true attention mass inside the selected blocks, on sampled rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+PANELS = ("token_sparsity", "block_sparsity", "budget", "recall")
+
+
+def load_record(path: str, step=None) -> dict:
+    """The record of `step`, or the last one in the log."""
+    record = None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if step is None or rec["step"] == step:
+                    record = rec
+    if record is None:
+        raise ValueError(f"{path}: no record" + (f" for step {step}" if step is not None else ""))
+    return record
+
+
+def heatmap_rows(record: dict, key: str):
+    """[layers][heads] values (NaN where not profiled yet) and layer labels."""
+    layers = record["layers"]
+    heads = max((len(l[key]) for l in layers), default=0)
+    rows = [[(v if v is not None else math.nan) for v in l[key]] + [math.nan] * (heads - len(l[key]))
+            for l in layers]
+    return rows, [f"L{l['layer']} s{l['stage']}{'*' if l['sparse'] else ''}" for l in layers]
+
+
+def plot(record: dict, out: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("megatron_dsv.plot needs matplotlib: pip install matplotlib") from e
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 1 + 0.35 * len(record["layers"])),
+                             squeeze=False)
+    for ax, key in zip(axes[0], PANELS):
+        rows, labels = heatmap_rows(record, key)
+        im = ax.imshow(rows, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("head")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels if ax is axes[0][0] else [])
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    s = record["summary"]
+    fig.suptitle(f"DSV step {record['step']}: stage {s['stage']}, {s['sparse_layers']}/{s['layers']} layers sparse "
+                 f"(* = sparse now), recall {s['recall']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("log", help="JSON-lines metrics log (megatron_dsv.layers.append_jsonl)")
+    parser.add_argument("--out", default="dsv_profile.png")
+    parser.add_argument("--step", type=int, default=None, help="record of this step (default: last)")
+    args = parser.parse_args(argv)
+    plot(load_record(args.log, args.step), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Metrics dict, TensorBoard/W&B logging and the heatmap plot."""
+
+import pytest
+import torch
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_dsv import DSVConfig
+from megatron_dsv.layers import append_jsonl, dsv_metrics, get_dsv_layer_spec, log_dsv_metrics
+from megatron_dsv.plot import load_record, main as plot_main
+from test_layer import SMALL, tconfig
+
+
+class ScalarWriter:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (value, step)
+
+
+class RunLogger:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step):
+        self.logged.append((data, step))
+
+
+@pytest.fixture
+def trained_metrics(megatron_parallel, tmp_path):
+    block = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL)))
+    log = tmp_path / "dsv.jsonl"
+    for step in range(2):
+        x = torch.randn(64, 1, 64, requires_grad=True)
+        block(x, attention_mask=None).sum().backward()
+        append_jsonl(str(log), dsv_metrics(block), step)
+    return log
+
+
+def test_writers_get_per_layer_scalars(trained_metrics):
+    metrics = load_record(str(trained_metrics))
+    tb, wandb = ScalarWriter(), RunLogger()
+    log_dsv_metrics(metrics, tb, step=7)
+    log_dsv_metrics(metrics, wandb, step=7)
+    assert tb.scalars["dsv/stage"] == (1, 7)
+    assert 0.0 <= tb.scalars["dsv/layer01/token_sparsity"][0] <= 1.0
+    assert "dsv/layer02/recall" in tb.scalars and "dsv/layer02/budget" in tb.scalars
+    assert wandb.logged[0][1] == 7 and set(wandb.logged[0][0]) == set(tb.scalars)
+    with pytest.raises(ValueError, match="writer must be"):
+        log_dsv_metrics(metrics, object(), step=0)
+
+
+def test_plot_writes_png(trained_metrics, tmp_path):
+    out = tmp_path / "p.png"
+    plot_main([str(trained_metrics), "--out", str(out), "--step", "1"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    with pytest.raises(ValueError, match="no record for step 9"):
+        load_record(str(trained_metrics), 9)
