@@ -1,0 +1,25 @@
+"""The README tells the truth about DSVConfig and the two commands."""
+
+import dataclasses
+import pathlib
+import re
+
+from megatron_dsv import DSVConfig
+
+README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+CI = (pathlib.Path(__file__).parents[1] / ".ci" / "run").read_text()
+
+
+def test_every_knob_documented_with_its_default():
+    rows = dict(re.findall(r"^\| `(\w+)` \| `--dsv-[\w-]+` \| `([^`]*)` \|", README, flags=re.M))
+    fields = {f.name: f.default for f in dataclasses.fields(DSVConfig)}
+    assert set(rows) == set(fields)
+    for name, default in fields.items():
+        assert rows[name] == repr(default), name
+
+
+def test_ci_runs_the_readme_commands():
+    install = re.search(r"```bash\n(pip install [^\n&]+) &&", README).group(1)
+    test = re.search(r"## Run the tests\n\n```bash\n([^\n]+)\n```", README).group(1)
+    assert install.replace("pip install", "pip install -q") in CI
+    assert test in CI
