@@ -274,3 +274,15 @@ def test_metrics_summary(megatron_parallel):
     assert m["summary"]["layers"] == 2 and m["summary"]["stage"] == 1
     assert len(m["layers"][0]["recall"]) == 2 and 0.0 <= m["summary"]["token_sparsity"] <= 1.0
     assert m["layers"][0]["attention_ms"] > 0
+
+
+def test_dense_core_serves_cross_attention_and_dsv_rejects_it(megatron_parallel):
+    cfg = tconfig()
+    dense = SDPADotProductAttention(cfg, 1, AttnMaskType.no_mask, "cross")
+    q, kv = torch.randn(64, 2, 2, 32), torch.randn(10, 2, 2, 32)
+    out = dense(q, kv, kv, None)
+    ref = torch.softmax(torch.einsum("sbhd,tbhd->bhst", q, kv) / 32 ** 0.5, -1)
+    ref = torch.einsum("bhst,tbhd->sbhd", ref, kv).reshape(64, 2, 64)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="key has 10 tokens, query 64"):
+        core()(q, kv, kv, None)

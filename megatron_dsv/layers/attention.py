@@ -98,13 +98,15 @@ class _CoreAttention(MegatronModule):
                 raise ValueError(
                     f"{name}: {t_name} must be [s, b, heads={self.heads}, d={self.head_dim}], got {tuple(t.shape)}"
                 )
-        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
-            raise ValueError(f"{name}: self-attention needs query, key, value of one [s, b]; got "
+        if key.shape[1] != query.shape[1] or value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"{name}: query, key, value must share the batch and key/value the length; got "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
 
 
 class SDPADotProductAttention(_CoreAttention):
-    """Dense core_attention through the best dense kernel (TE if importable, else torch SDPA)."""
+    """Dense core_attention through the best dense kernel (TE if importable, else torch SDPA).
+
+    Serves self- and cross-attention (key/value may be longer or shorter than the query)."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -173,6 +175,9 @@ class DSVDotProductAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
+                             f"query {query.shape[0]}")
         s, b = query.shape[:2]
         n_kv = self.last_n_kv = math.ceil(s / self.cfg.block_kv)
         selection = None
