@@ -1,0 +1,257 @@
+"""Pretrain the example video DiT with DSV sparse self-attention (or dense with --dense).
+
+    python examples/pretrain_video_dit.py                 # tiny model, CPU: ~2 min, stage 1 -> stage 2
+    python examples/pretrain_video_dit.py --dense         # the dense baseline, same seed and data
+    python examples/pretrain_video_dit.py --model small --train-iters 2000   # GPU, bf16
+
+One progress line per step: loss, DSV stage, layers running sparse, mean profiled
+block sparsity, predictor recall (share of true attention mass the selected blocks
+hold, on sampled rows), predictor loss, tokens/s and ETA. Every --dsv-* flag of
+megatron_dsv.config.add_dsv_args is accepted; DSVConfig.from_args builds the config.
+For the tiny preset the script sets shorter stage-1 defaults than DSVConfig's (see
+TINY_DSV_DEFAULTS) so the demo reaches stage 2 within two minutes; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+
+from megatron_dsv import DSVConfig  # noqa: E402
+from megatron_dsv.config import add_dsv_args  # noqa: E402
+from megatron_dsv.layers import dsv_metrics, log_dsv_metrics  # noqa: E402
+
+# The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
+# 32-token KV blocks (64 of each), a short stage 1.
+TINY_DSV_DEFAULTS = dict(
+    dsv_block_q=32, dsv_block_kv=32, dsv_cube=[2, 4, 4], dsv_sample_stride=16,
+    dsv_stage1_min_steps=40, dsv_stage1_max_steps=60, dsv_loss_threshold=0.05,
+    dsv_profile_interval_stage1=4, dsv_profile_interval_stage2=10, dsv_layer_sparsity_threshold=0.3,
+    dsv_predictor_lr=1e-2,
+)
+TINY_DEFAULTS = dict(train_iters=150, lr=1e-3, micro_batch_size=2, eval_interval=50)
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--latent-shape", type=int, nargs=3, metavar=("T", "H", "W"))
+    g.add_argument("--latent-channels", type=int)
+    g.add_argument("--patch-size", type=int, nargs=3, metavar=("PT", "PH", "PW"))
+    g.add_argument("--text-len", type=int, help="caption tokens for cross-attention (0: none)")
+    g.add_argument("--dense", action="store_true", help="dense SDPA self-attention baseline (no DSV)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=1000)
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=10)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="full activation recomputation of every layer (GPU only)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=200)
+    g.add_argument("--eval-iters", type=int, default=2, help="held-out batches per validation")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--dsv-log", default=None, help="JSON-lines file of per-layer, per-head DSV metrics")
+    g.add_argument("--log-json", default=None, help="JSON-lines file of the progress records")
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None, help="directory to resume from (latest checkpoint)")
+    add_dsv_args(parser)
+
+    pre, _ = parser.parse_known_args(argv)
+    if pre.model == "tiny":
+        parser.set_defaults(**TINY_DSV_DEFAULTS, **TINY_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def dit_config(args):
+    dit = PRESETS[args.model]
+    overrides = {
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_heads": args.num_attention_heads,
+        "latent_shape": tuple(args.latent_shape) if args.latent_shape else None,
+        "latent_channels": args.latent_channels, "text_len": args.text_len,
+        "patch": tuple(args.patch_size) if args.patch_size else None,
+    }
+    return dit.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def lr_at(args, step):
+    warm = min(1.0, (step + 1) / max(1, args.lr_warmup_iters))
+    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, args.train_iters))))
+    return args.lr * warm * (0.1 + 0.9 * decay)
+
+
+def _fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@torch.no_grad()
+def validate(model, val_data, args, device, autocast):
+    """Mean flow-matching loss on a fixed held-out set with fixed times and noise."""
+    model.eval()
+    g = torch.Generator().manual_seed(args.seed + 7)
+    total = 0.0
+    for i in range(args.eval_iters):
+        x, cap = val_data.batch(i * args.micro_batch_size, args.micro_batch_size)
+        t = torch.linspace(0.1, 0.9, x.shape[0])
+        noise = torch.randn(x.shape, generator=g)
+        with autocast():
+            total += float(flow_matching_loss(model, x.to(device), cap.to(device), t=t.to(device),
+                                              noise=noise.to(device)))
+    model.train()
+    return total / args.eval_iters
+
+
+def save_checkpoint(path, model, opt, step, args):
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f"iter_{step:07d}.pt.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "args": vars(args), "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, tmp[:-4])
+    with open(os.path.join(path, "latest"), "w") as f:
+        f.write(str(step))
+
+
+def load_checkpoint(path, model, opt):
+    with open(os.path.join(path, "latest")) as f:
+        step = int(f.read())
+    state = torch.load(os.path.join(path, f"iter_{step:07d}.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return step
+
+
+def progress_line(step, args, loss, summary, tok_s, step_s, eta, val=None):
+    parts = [f"step {step:5d}/{args.train_iters}", f"loss {loss:.4f}"]
+    if summary is not None:
+        parts += [f"stage {summary['stage']}", f"sparse layers {summary['sparse_layers']}/{summary['layers']}",
+                  f"sparsity {summary['block_sparsity']:.3f}", f"recall {summary['recall']:.3f}",
+                  f"pred-loss {summary['predictor_loss']:.3f}"]
+    else:
+        parts.append("dense")
+    parts += [f"{tok_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"ETA {_fmt_time(eta)}"]
+    if val is not None:
+        parts.append(f"val {val:.4f}")
+    return " | ".join(parts)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    if args.recompute_activations and device.type != "cuda":
+        raise ValueError("--recompute-activations needs a GPU (Megatron's checkpointing uses the CUDA RNG tracker)")
+    bf16 = device.type == "cuda" and not args.fp32
+    init_single_process(device, args.seed)
+
+    dit = dit_config(args)
+    dsv_cfg = None if args.dense else DSVConfig.from_args(args)
+    torch.manual_seed(args.seed)
+    model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,
+                            cube=None if dsv_cfg else tuple(args.dsv_cube)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    start = load_checkpoint(args.load, model, opt) if args.load else 0
+    train_data = MovingShapes(dit.latent_channels, dit.latent_shape, seed=args.seed)
+    val_data = MovingShapes(dit.latent_channels, dit.latent_shape, seed=args.seed + 1_000_000)
+    gen = torch.Generator().manual_seed(args.seed + start)
+    writer = None
+    if args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        writer = SummaryWriter(args.tensorboard_dir)
+
+    n_params = sum(p.numel() for p in params)
+    print(f"model {args.model}: {dit.num_layers} layers, hidden {dit.hidden_size}, {dit.num_heads} heads x "
+          f"{dit.head_dim}, {n_params / 1e6:.1f}M params, latent {dit.latent_channels}x{dit.latent_shape}, "
+          f"{dit.num_tokens} tokens/clip (grid {dit.grid}), batch {args.micro_batch_size}, device {device}"
+          f"{' bf16' if bf16 else ''}, attention {'dense SDPA' if args.dense else 'DSV'}", flush=True)
+    if dsv_cfg:
+        print(f"DSV: cube {dsv_cfg.cube}, block_q {dsv_cfg.block_q}, block_kv {dsv_cfg.block_kv}, rank "
+              f"{dsv_cfg.rank}, stage 1 {dsv_cfg.stage1_min_steps}-{dsv_cfg.stage1_max_steps} steps, layer "
+              f"sparsity threshold {dsv_cfg.layer_sparsity_threshold}", flush=True)
+
+    model.train()
+    t_start = time.time()
+    step_times = []
+    for step in range(start, args.train_iters):
+        t0 = time.time()
+        x, cap = train_data.batch(step * args.micro_batch_size, args.micro_batch_size)
+        x, cap = x.to(device), cap.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step)
+        with autocast():
+            loss = flow_matching_loss(model, x, cap, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        opt.step()
+        loss_value = float(loss)  # syncs the device
+        step_s = time.time() - t0
+        step_times.append(step_s)
+        done = step + 1
+        metrics = dsv_metrics(model) if dsv_cfg else None
+        val = validate(model, val_data, args, device, autocast) if (
+            done % args.eval_interval == 0 or done == args.train_iters) else None
+        if done % args.log_interval == 0 or val is not None:
+            recent = step_times[-10:]
+            mean_s = sum(recent) / len(recent)
+            tok_s = args.micro_batch_size * dit.num_tokens / mean_s
+            summary = metrics["summary"] if metrics else None
+            print(progress_line(done, args, loss_value, summary, tok_s, step_s,
+                                mean_s * (args.train_iters - done), val), flush=True)
+            if args.log_json:
+                with open(args.log_json, "a") as f:
+                    f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "step_s": step_s,
+                                        "tokens_per_s": tok_s, "dsv": summary}) + "\n")
+        if writer is not None:
+            writer.add_scalar("train/loss", loss_value, done)
+            writer.add_scalar("train/step_time_s", step_s, done)
+            if val is not None:
+                writer.add_scalar("val/loss", val, done)
+            if metrics:
+                log_dsv_metrics(metrics, writer, done)
+        if metrics and args.dsv_log:
+            from megatron_dsv.layers import append_jsonl
+
+            append_jsonl(args.dsv_log, metrics, done)
+        if args.save and args.save_interval and done % args.save_interval == 0:
+            save_checkpoint(args.save, model, opt, done, args)
+    if args.save and start < args.train_iters:
+        save_checkpoint(args.save, model, opt, args.train_iters, args)
+    if writer is not None:
+        writer.close()
+    print(f"done: {args.train_iters - start} steps in {_fmt_time(time.time() - t_start)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""A small video Diffusion Transformer built from Megatron-Core layers.
+
+    latent [b, C, T, H, W]
+      -> patchify (pt, ph, pw) -> tokens [b, S, C*pt*ph*pw] in raster order
+      -> linear patch embedding -> [S, b, hidden] -> cube-major order (CubeLayout)
+      -> TransformerBlock of DiTLayers (adaLN-modulated self-attention with 3D RoPE,
+         optional text cross-attention, MLP), built from a ModuleSpec
+      -> final adaLN + linear -> raster order -> unpatchify -> velocity [b, C, T, H, W]
+
+Self-attention is Megatron's SelfAttention whose ``core_attention`` slot comes from the
+spec, so ``megatron_dsv.layers.apply_dsv(spec, cfg)`` turns DSV on by replacing it;
+tokens are already in cube order and the 3D RoPE angles are permuted with them.
+
+Conditioning: Megatron's TransformerBlock hands each layer a fixed set of keyword
+arguments. Like NeMo's DiT, the layer reads the adaLN conditioning vector [b, hidden]
+from the ``attention_mask`` slot (self-attention here is unmasked, so the slot is free).
+Captions: no text encoder ships with this example; each caption id owns a fixed random
+embedding sequence [text_len, text_dim] drawn from a seeded generator (a stand-in for a
+frozen text encoder's output), projected to hidden by a trained MLP and attended to by
+CrossAttention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+
+from megatron_dsv.layers import SDPADotProductAttention
+from megatron_dsv.video import CubeLayout
+
+from .configs import DiTConfig
+from .cross_attention import TextCrossCoreAttention
+from .rope import rope_3d
+
+CAPTION_SEED = 1234
+
+
+# ---------------------------------------------------------------------- layer spec
+@dataclass
+class DiTLayerSubmodules:
+    self_attention: Union[ModuleSpec, type]
+    mlp: Union[ModuleSpec, type]
+    cross_attention: Optional[Union[ModuleSpec, type]] = None
+
+
+def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
+                   core_attention=SDPADotProductAttention) -> ModuleSpec:
+    """The DiT layer spec (dense). Pass it through ``apply_dsv`` for DSV self-attention."""
+    qk = WrappedTorchNorm if qk_norm else None  # config.normalization picks RMSNorm
+    self_attn = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=core_attention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk,
+            k_layernorm=qk,
+        ),
+    )
+    cross_attn = None
+    if cross_attention:
+        cross_attn = ModuleSpec(
+            module=CrossAttention,
+            params={"attn_mask_type": AttnMaskType.no_mask},
+            submodules=CrossAttentionSubmodules(
+                linear_q=ColumnParallelLinear,
+                linear_kv=ColumnParallelLinear,
+                core_attention=TextCrossCoreAttention,
+                linear_proj=RowParallelLinear,
+            ),
+        )
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                          linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=DiTLayer, submodules=DiTLayerSubmodules(
+        self_attention=self_attn, mlp=mlp, cross_attention=cross_attn))
+
+
+def _modulate(x, shift, scale):
+    # x [s, b, h]; shift/scale [b, h]
+    return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+
+
+def _add_bias(out_and_bias):
+    out, bias = out_and_bias
+    return out if bias is None else out + bias
+
+
+class DiTLayer(MegatronModule, BaseTransformerLayer):
+    """Pre-norm transformer layer with adaLN-Zero modulation (DiT, Peebles & Xie 2023).
+
+    x += gate_a * SelfAttn(modulate(LN(x)));  x += CrossAttn(LN(x), text);
+    x += gate_m * MLP(modulate(LN(x))). The modulation comes from the conditioning vector
+    through a zero-initialised linear, so every layer starts as the identity.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
+                 hidden_dropout: Optional[float] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=config)
+        if config.hidden_dropout or (hidden_dropout or 0.0):
+            raise NotImplementedError("DiTLayer does not implement hidden dropout; set hidden_dropout=0")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.layer_number = layer_number
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.norm_attn = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
+                                           pg_collection=pg_collection)
+        self.cross_attention = None
+        if submodules.cross_attention is not None:
+            self.norm_cross = nn.LayerNorm(h, eps=eps)
+            self.cross_attention = build_module(submodules.cross_attention, config=config,
+                                                layer_number=layer_number, pg_collection=pg_collection)
+        self.norm_mlp = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+        self.adaln = nn.Linear(h, 6 * h)
+        nn.init.zeros_(self.adaln.weight)
+        nn.init.zeros_(self.adaln.bias)
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
+                inference_context=None, packed_seq_params=None, attention_bias=None, **unused):
+        for name, value in (("inference_context", inference_context), ("packed_seq_params", packed_seq_params),
+                            ("attention_bias", attention_bias), ("context_mask", context_mask),
+                            *unused.items()):
+            if value is not None:
+                raise NotImplementedError(f"DiTLayer does not support {name}")
+        cond = attention_mask  # adaLN conditioning [b, h], see the module docstring
+        if cond is None or cond.dim() != 2:
+            raise ValueError("DiTLayer needs the conditioning vector [b, hidden] in the attention_mask slot")
+        mods = self.adaln(F.silu(cond)).chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        x = hidden_states
+        attn = _add_bias(self.self_attention(_modulate(self.norm_attn(x), shift_a, scale_a), attention_mask=None,
+                                             rotary_pos_emb=rotary_pos_emb))
+        x = x + gate_a.unsqueeze(0) * attn
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError("this DiT has cross-attention layers: pass caption ids")
+            x = x + _add_bias(self.cross_attention(self.norm_cross(x), attention_mask=None,
+                                                   key_value_states=context))
+        x = x + gate_m.unsqueeze(0) * _add_bias(self.mlp(_modulate(self.norm_mlp(x), shift_m, scale_m)))
+        return x, context
+
+
+# ---------------------------------------------------------------------- model
+def patchify(x: torch.Tensor, patch) -> torch.Tensor:
+    """[b, C, T, H, W] -> [b, S, C*pt*ph*pw] tokens in raster (t, h, w) order."""
+    b, c, t, h, w = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid, patch, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = tokens.shape[0]
+    (gt, gh, gw), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, gt, gh, gw, channels, pt, ph, pw)
+    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, channels, gt * pt, gh * ph, gw * pw)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] (scaled by 1000) -> MLP -> [b, hidden]."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bool = False) -> TransformerConfig:
+    """Megatron TransformerConfig for the DiT trunk (CPU-initialised, so identical on any device)."""
+    kwargs = {}
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=dit.num_layers,
+        hidden_size=dit.hidden_size,
+        num_attention_heads=dit.num_heads,
+        ffn_hidden_size=dit.ffn_mult * dit.hidden_size,
+        kv_channels=dit.head_dim,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+        activation_func=lambda x: F.gelu(x, approximate="tanh"),
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        normalization="RMSNorm",  # used by the q/k norms only; the adaLN norms are built here
+        use_cpu_initialization=True,
+        bf16=bf16,
+        params_dtype=torch.float32,
+        **kwargs,
+    )
+
+
+class VideoDiT(MegatronModule):
+    """Video DiT predicting the flow-matching velocity of a latent video.
+
+    Args:
+        config: Megatron TransformerConfig of the trunk (see :func:`make_transformer_config`).
+        dit: model shape and latent geometry.
+        layer_spec: ModuleSpec of one layer (:func:`dit_layer_spec`, optionally via apply_dsv).
+        cube: token cube (t, h, w) for the cube-major layout (DSVConfig.cube).
+    """
+
+    def __init__(self, config: TransformerConfig, dit: DiTConfig, layer_spec: ModuleSpec, cube=(4, 4, 4)):
+        super().__init__(config=config)
+        self.dit = dit
+        h = dit.hidden_size
+        self.layout = CubeLayout(dit.grid, cube)
+        self.patch_embed = nn.Linear(dit.patch_dim, h)
+        self.t_embedder = TimestepEmbedder(h)
+        self.use_text = dit.text_len > 0
+        if self.use_text:
+            g = torch.Generator().manual_seed(CAPTION_SEED)
+            captions = torch.randn(dit.num_captions, dit.text_len, dit.text_dim, generator=g)
+            self.register_buffer("caption_table", captions, persistent=False)
+            self.text_proj = nn.Sequential(nn.Linear(dit.text_dim, h), nn.GELU(approximate="tanh"), nn.Linear(h, h))
+        self.decoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False)
+        if dit.qk_norm:
+            with torch.no_grad():
+                for layer in self.decoder.layers:
+                    for norm in (layer.self_attention.q_layernorm, layer.self_attention.k_layernorm):
+                        norm.weight.fill_(dit.qk_norm_init)
+        self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, elementwise_affine=False)
+        self.final_adaln = nn.Linear(h, 2 * h)
+        self.final_linear = nn.Linear(h, dit.patch_dim)
+        for lin in (self.final_adaln, self.final_linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        # 3D RoPE angles of the tokens in cube order: they move with the tokens.
+        self.register_buffer("rope", rope_3d(self.layout.positions(), dit.head_dim, dit.rope_theta),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, caption: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [b, C, T, H, W] noisy latent, t [b] in [0, 1], caption [b] int64 ids -> velocity like x."""
+        dit = self.dit
+        expect = (dit.latent_channels, *dit.latent_shape)
+        if tuple(x.shape[1:]) != expect:
+            raise ValueError(f"expected latent [b, {', '.join(map(str, expect))}], got {tuple(x.shape)}")
+        tokens = self.patch_embed(patchify(x, dit.patch))  # [b, S, h] raster
+        hidden = self.layout.to_cube_bsh(tokens).transpose(0, 1).contiguous()  # [S, b, h] cube order
+        cond = self.t_embedder(t)
+        context = None
+        if self.use_text:
+            if caption is None:
+                raise ValueError("this model has text cross-attention: pass caption ids")
+            context = self.text_proj(self.caption_table[caption]).transpose(0, 1).contiguous()  # [L, b, h]
+        # Under autocast the trunk runs in bf16: keep the conditioning in the compute dtype.
+        hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=context, rotary_pos_emb=self.rope)
+        shift, scale = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
+        out = self.final_linear(_modulate(self.final_norm(hidden), shift, scale))  # [S, b, patch_dim]
+        out = self.layout.from_cube_sbh(out).transpose(0, 1)  # [b, S, patch_dim] raster
+        return unpatchify(out, dit.grid, dit.patch, dit.latent_channels)
+
+
+def build_video_dit(dit: DiTConfig, *, dsv_config=None, bf16: bool = False, recompute: bool = False,
+                    cube=None) -> VideoDiT:
+    """The DiT with dense SDPA self-attention, or DSV self-attention when ``dsv_config`` is given."""
+    spec = dit_layer_spec(cross_attention=dit.text_len > 0, qk_norm=dit.qk_norm)
+    if dsv_config is not None:
+        from megatron_dsv.layers import apply_dsv
+
+        spec = apply_dsv(spec, dsv_config)
+        cube = dsv_config.cube
+    config = make_transformer_config(dit, bf16=bf16, recompute=recompute)
+    return VideoDiT(config, dit, spec, cube=cube or (4, 4, 4))
