@@ -1,0 +1,187 @@
+"""Collectives of the hybrid scheme and the uneven head all-to-all (with autograd).
+
+Every collective here runs over the whole CP group (see groups.py): a rank only has
+non-zero splits towards the peers it really exchanges with, so the all-to-alls of all
+U groups (or all R groups) happen in one call. Callers must call these on every CP rank
+in the same order; a call whose volume is zero on every rank may be skipped, but only
+by a decision that every rank takes from the same data.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .groups import Grid, HybridCPGroup
+
+
+def block_all_to_all(group: HybridCPGroup, sends: Dict[int, torch.Tensor], recv_numel: Dict[int, int], *,
+                     dtype: torch.dtype, device: torch.device, name: str) -> Dict[int, torch.Tensor]:
+    """Send ``sends[c]`` (any shape, flattened) to CP index c; receive ``recv_numel[c]`` elements from c.
+
+    Returns {c: 1-D tensor} for every c in recv_numel. Peers missing from a dict exchange nothing.
+    """
+    P = group.size
+    send_splits = [0] * P
+    parts = []
+    for c in range(P):
+        t = sends.get(c)
+        if t is not None and t.numel():
+            if t.dtype != dtype:
+                raise ValueError(f"{name}: sending {t.dtype} in a {dtype} all-to-all")
+            parts.append(t.reshape(-1))
+            send_splits[c] = t.numel()
+    recv_splits = [int(recv_numel.get(c, 0)) for c in range(P)]
+    send_buf = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    recv_buf = torch.empty(sum(recv_splits), dtype=dtype, device=device)
+    dist.all_to_all_single(recv_buf, send_buf, recv_splits, send_splits, group=group.group)
+    me = group.index
+    elem = torch.empty((), dtype=dtype).element_size()
+    group.note(name, elem * (sum(send_splits) - send_splits[me]), elem * (sum(recv_splits) - recv_splits[me]))
+    out, offset = {}, 0
+    for c in range(P):
+        if c in recv_numel:
+            out[c] = recv_buf[offset:offset + recv_splits[c]]
+        offset += recv_splits[c]
+    return out
+
+
+def all_gather_ints(group: HybridCPGroup, values: torch.Tensor) -> torch.Tensor:
+    """All-gather an int64 CPU vector of equal length from every CP rank -> [P, n] (small metadata)."""
+    values = values.to(torch.int64).contiguous()
+    out = [torch.empty_like(values) for _ in range(group.size)]
+    dist.all_gather(out, values, group=group.group)
+    group.note("meta", values.numel() * 8 * (group.size - 1), values.numel() * 8 * (group.size - 1))
+    return torch.stack(out)
+
+
+def head_perm(heads_of: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated head order of the plan and its inverse permutation."""
+    perm = torch.tensor([h for hs in heads_of for h in hs], dtype=torch.long)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return perm, inv
+
+
+def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
+    """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads)."""
+    s, b, _, D = x.shape
+    perm, _ = head_perm(heads_of)
+    xp = x.index_select(2, perm.to(x.device))
+    sends, recv, off = {}, {}, 0
+    for u2, c in enumerate(grid.u_peers):
+        n = len(heads_of[u2])
+        sends[c] = xp[:, :, off:off + n].contiguous()
+        recv[c] = s * b * len(heads_of[grid.u]) * D
+        off += n
+    got = block_all_to_all(group, sends, recv, dtype=x.dtype, device=x.device, name="head_a2a")
+    n_me = len(heads_of[grid.u])
+    return torch.cat([got[c].view(s, b, n_me, D) for c in grid.u_peers], dim=0)
+
+
+def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of):
+    """[U * s_local, b, |heads_of[u]|, D] -> [s_local, b, H, D] (inverse of _seq_to_head)."""
+    seg, b, n_me, D = y.shape
+    s = seg // grid.U
+    sends, recv = {}, {}
+    for u2, c in enumerate(grid.u_peers):
+        sends[c] = y[u2 * s:(u2 + 1) * s]
+        recv[c] = s * b * len(heads_of[u2]) * D
+    got = block_all_to_all(group, sends, recv, dtype=y.dtype, device=y.device, name="head_a2a")
+    _, inv = head_perm(heads_of)
+    parts = [got[c].view(s, b, len(heads_of[u2]), D) for u2, c in enumerate(grid.u_peers)]
+    return torch.cat(parts, dim=2).index_select(2, inv.to(y.device))
+
+
+class _HeadAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grid, heads_of, to_heads):
+        ctx.args = (group, grid, heads_of, to_heads)
+        return (_seq_to_head if to_heads else _head_to_seq)(x, group, grid, heads_of)
+
+    @staticmethod
+    def backward(ctx, g):
+        group, grid, heads_of, to_heads = ctx.args
+        back = _head_to_seq if to_heads else _seq_to_head
+        return back(g.contiguous(), group, grid, heads_of), None, None, None, None
+
+
+def check_heads_of(heads_of, U: int, H: int) -> None:
+    if len(heads_of) != U:
+        raise ValueError(f"heads_of has {len(heads_of)} entries but U={U}")
+    flat = sorted(h for hs in heads_of for h in hs)
+    if flat != list(range(H)):
+        raise ValueError(f"heads_of must list each of the {H} heads exactly once, got {heads_of}")
+
+
+def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torch.Tensor:
+    """Head all-to-all within the U group, differentiable.
+
+    x: this rank's sequence shard [s_local, b, H, D] (sbhd). heads_of[u]: the global head ids
+    that U-rank u computes (uneven counts allowed; every head exactly once).
+    Returns [U * s_local, b, len(heads_of[u]), D]: the contiguous segment of the U group
+    (tokens of U-ranks 0..U-1 in order) for this rank's heads, in heads_of[u] order.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"seq_to_head expects [s_local, b, heads, d], got {tuple(x.shape)}")
+    check_heads_of(heads_of, U, x.shape[2])
+    return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), True)
+
+
+def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torch.Tensor:
+    """Inverse of :func:`seq_to_head`: [U * s_local, b, n_u, D] -> [s_local, b, H, D], differentiable."""
+    if y.dim() != 4 or y.shape[0] % U:
+        raise ValueError(f"head_to_seq expects [U * s_local, b, heads_u, d] with U={U}, got {tuple(y.shape)}")
+    grid = group.grid(U)
+    H = sum(len(hs) for hs in heads_of)
+    check_heads_of(heads_of, U, H)
+    if y.shape[2] != len(heads_of[grid.u]):
+        raise ValueError(f"rank holds {y.shape[2]} heads but the plan gives it {len(heads_of[grid.u])}")
+    return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), False)
+
+
+def _gather_segments(x, group: HybridCPGroup, grid: Grid):
+    """[seg, ...] on every rank of my R group -> [R * seg, ...] (segments in j order)."""
+    sends = {c: x for c in grid.r_peers if c != grid.index}
+    recv = {c: x.numel() for c in grid.r_peers if c != grid.index}
+    got = block_all_to_all(group, sends, recv, dtype=x.dtype, device=x.device, name="seq_gather")
+    return torch.cat([x if c == grid.index else got[c].view_as(x) for c in grid.r_peers], dim=0)
+
+
+def _scatter_sum_segments(g, group: HybridCPGroup, grid: Grid):
+    """Backward of _gather_segments: each segment's gradient goes to its owner, which sums them."""
+    seg = g.shape[0] // grid.R
+    sends = {c: g[j * seg:(j + 1) * seg] for j, c in enumerate(grid.r_peers) if c != grid.index}
+    recv = {c: g[:seg].numel() for c in grid.r_peers if c != grid.index}
+    got = block_all_to_all(group, sends, recv, dtype=g.dtype, device=g.device, name="seq_gather")
+    out = g[grid.j * seg:(grid.j + 1) * seg].clone()
+    for c in grid.r_peers:   # fixed order: deterministic sum
+        if c != grid.index:
+            out += got[c].view_as(out)
+    return out
+
+
+class _GatherSegments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grid):
+        ctx.args = (group, grid)
+        return _gather_segments(x.contiguous(), group, grid)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _scatter_sum_segments(g.contiguous(), *ctx.args), None, None
+
+
+def gather_segments(x: torch.Tensor, group: HybridCPGroup, U: int) -> torch.Tensor:
+    """All-gather along dim 0 within the R group, differentiable: [seg, ...] -> [R * seg, ...].
+
+    After :func:`seq_to_head` the R ranks sharing this rank's heads hold the R segments of the
+    sequence; this returns the whole sequence for those heads (a dense exchange: used by the
+    stage-1 dense path and for the small low-rank keys of the selection).
+    """
+    grid = group.grid(U)
+    if grid.R == 1:
+        return x
+    return _GatherSegments.apply(x, group, grid)

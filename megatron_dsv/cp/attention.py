@@ -1,0 +1,140 @@
+"""Distributed attention entry points of the hybrid CP scheme (what DSVDotProductAttention calls).
+
+Stage 2 (sparse):  dsv_cp_attention  = head all-to-all -> selection on the full sequence of the
+                   local heads -> sparse KV exchange + block-sparse attention -> reverse all-to-all.
+Stage 1 (dense):   dense_cp_attention = head all-to-all -> all-gather K, V over the R group ->
+                   dense attention -> reverse all-to-all; hands back the local heads' q, k so the
+                   predictor and profiler see whole sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..ops import dense_attention, select_blocks
+from .all_to_all import gather_segments, head_to_seq, seq_to_head
+from .groups import HybridCPGroup
+from .kv_exchange import sparse_kv_attention
+from .planner import CPPlan, budget_blocks
+
+
+def _check_shard(q, k, v, group, U, block_q=None, block_kv=None):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [s_local, b, heads, d], got {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if group.size % U:
+        raise ValueError(f"plan has U={U} but the CP group has {group.size} ranks")
+    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
+        if blk is not None and q.shape[0] % blk:
+            raise ValueError(f"s_local={q.shape[0]} must be a multiple of {name}={blk}: ranks hold whole cubes")
+
+
+def _to_heads(q, k, v, group, U, heads_of):
+    """One fused all-to-all for q, k, v: [s_local, b, H, d] x 3 -> [seg, b, n, d] x 3."""
+    d = q.shape[-1]
+    qkv = seq_to_head(torch.cat([q, k, v], dim=-1), group, U, heads_of)
+    return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+
+
+def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, plan: CPPlan, block_q: int,
+                     block_kv: int, scale: Optional[float] = None, backend: str = "auto",
+                     return_selection: bool = False):
+    """Stage-2 sparse attention of this rank's sequence shard under hybrid context parallelism.
+
+    Args:
+        q, k, v: [s_local, b, H, d] (sbhd): this CP rank's shard, tokens [c * s_local, (c+1) * s_local)
+            of the cube-ordered sequence (c = position in ``group.ranks``); s_local a multiple of
+            block_q and block_kv.
+        wq_lr, wk_lr: [H, d, r] predictor weights (replicated); selection runs without gradient.
+        budgets: [H] per-head budgets over the whole sequence: int block counts or float fractions.
+        group, plan: the CP group and this layer's plan (``plan.P == group.size``).
+    Returns out [s_local, b, H, d], differentiable in q, k, v; with return_selection also
+    (kv_idx, kv_cnt) of this rank's heads ``plan.heads_of[u]`` and segment (global KV block ids).
+    """
+    _check_shard(q, k, v, group, plan.U, block_q, block_kv)
+    if plan.P != group.size:
+        raise ValueError(f"plan is for P={plan.P} ranks but the CP group has {group.size}")
+    H, d = q.shape[2], q.shape[3]
+    if tuple(wq_lr.shape[:2]) != (H, d) or wk_lr.shape != wq_lr.shape:
+        raise ValueError(f"wq_lr and wk_lr must be [heads={H}, d={d}, r], got {tuple(wq_lr.shape)}, "
+                         f"{tuple(wk_lr.shape)}")
+    grid = group.grid(plan.U)
+    n_kv = q.shape[0] * group.size // block_kv
+    blocks = budget_blocks(budgets, n_kv)
+    if blocks.numel() != H:
+        raise ValueError(f"{blocks.numel()} budgets for {H} heads")
+    qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of)
+    mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
+    with torch.no_grad():
+        q_lr = torch.einsum("sbhd,hdr->bshr", qh, wq_lr.index_select(0, mine).to(qh.dtype))
+        k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
+        k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
+        kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
+                                       backend=backend)
+    out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
+                                scale=scale, schedule=plan.schedule, backend=backend)
+    out = head_to_seq(out_h, group, plan.U, plan.heads_of)
+    return (out, (kv_idx, kv_cnt)) if return_selection else out
+
+
+def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, scale: Optional[float] = None,
+                       return_heads: bool = False):
+    """Stage-1 dense attention under hybrid context parallelism.
+
+    Args:
+        q, k, v: [s_local, b, H, d] (sbhd) shard of this CP rank (as for dsv_cp_attention).
+        U: head-parallel size (U = P gives whole sequences per head: pure Ulysses).
+        heads_of: head assignment (default: contiguous chunks, uneven when U does not divide H).
+    Returns out [s_local, b, H, d], differentiable in q, k, v; with return_heads also
+    (heads, q_seg, k_full): this rank's global head ids, its segment's queries [seg, b, n, d]
+    and the whole sequence's keys [S, b, n, d] of those heads (detached), for the predictor and profiler.
+    """
+    _check_shard(q, k, v, group, U)
+    H = q.shape[2]
+    if heads_of is None:
+        heads_of = tuple(tuple(h for h in range(H) if h * U // H == u) for u in range(U))
+    qh, kh, vh = _to_heads(q, k, v, group, U, heads_of)
+    kv = gather_segments(torch.cat([kh, vh], dim=-1), group, U)     # [S, b, n, 2d]
+    d = q.shape[-1]
+    k_full, v_full = kv[..., :d], kv[..., d:]
+    out = head_to_seq(dense_attention(qh, k_full, v_full, scale=scale, layout="sbhd"), group, U, heads_of)
+    if not return_heads:
+        return out
+    mine = tuple(heads_of[group.grid(U).u])
+    return out, (mine, qh.detach(), k_full.detach())
+
+
+def allreduce_head_stats(stats: torch.Tensor, group: HybridCPGroup, heads: Optional[torch.Tensor] = None,
+                         op: str = "mean") -> torch.Tensor:
+    """Make per-head statistics (e.g. profiled sparsity [H]) identical on every CP rank.
+
+    stats: [H] float; a rank contributes only the heads it measured (``heads``; default all). Returns,
+    per head, the mean over the ranks that measured it (or their sum with op="sum").
+    """
+    if op not in ("mean", "sum"):
+        raise ValueError(f"op={op!r} is not 'mean' or 'sum'")
+    H = stats.shape[0]
+    mask = torch.zeros(H, dtype=torch.float64, device=stats.device)
+    mask[slice(None) if heads is None else heads] = 1.0
+    buf = torch.stack([stats.double() * mask, mask])
+    dist.all_reduce(buf, group=group.group)
+    if op == "sum":
+        return buf[0].to(stats.dtype)
+    if bool((buf[1] == 0).any()):
+        raise ValueError("some head was measured by no rank")
+    return (buf[0] / buf[1]).to(stats.dtype)
+
+
+def check_plan_identical(plan: CPPlan, group: HybridCPGroup) -> None:
+    """Debug check: every CP rank holds the same plan (compares digests); raises RuntimeError if not."""
+    mine = torch.tensor([int(plan.digest(), 16) & ((1 << 62) - 1)], dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(group.size)]
+    dist.all_gather(out, mine, group=group.group)
+    values = [int(t) for t in out]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"CP ranks disagree on the plan (digests {values}); budgets differ across ranks?")

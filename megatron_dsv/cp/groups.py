@@ -1,0 +1,116 @@
+"""The hybrid context-parallel group: P ranks seen as a U x R grid.
+
+A :class:`HybridCPGroup` wraps Megatron-Core's context-parallel process group and its
+global ranks. It creates no communicators: every collective of the hybrid scheme is an
+``all_to_all_single`` over the whole CP group whose split matrix is block-diagonal
+(non-zero only between members of one U group, or of one R group), or a point-to-point
+send/recv addressed by global rank. So any (U, R) factorisation of P can be used per
+layer, chosen by the planner, at no setup cost; NCCL and gloo skip zero-sized peers.
+
+Grid (CP index c = position of the rank in ``ranks``):
+    u = c % U   (position in the head-parallel group: U consecutive ranks, inside a node)
+    j = c // U  (position in the sequence-parallel group: ranks u, u+U, u+2U, ...)
+Rank c holds tokens [c * s_local, (c + 1) * s_local) of the sequence, so a U group holds
+the contiguous segment j of length U * s_local.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The U x R grid seen from one rank (all indices are CP indices, not global ranks)."""
+
+    P: int
+    U: int
+    index: int
+
+    def __post_init__(self):
+        if self.U < 1 or self.P % self.U:
+            raise ValueError(f"head-parallel size U={self.U} must divide the context-parallel size P={self.P}")
+        if not 0 <= self.index < self.P:
+            raise ValueError(f"CP index {self.index} is outside [0, {self.P})")
+
+    @property
+    def R(self) -> int:
+        return self.P // self.U
+
+    @property
+    def u(self) -> int:
+        return self.index % self.U
+
+    @property
+    def j(self) -> int:
+        return self.index // self.U
+
+    def at(self, u: int, j: int) -> int:
+        """CP index of grid position (u, j)."""
+        return j * self.U + u
+
+    @property
+    def u_peers(self) -> List[int]:
+        """CP indices of this rank's head-parallel group, in u order (includes itself)."""
+        return [self.at(u, self.j) for u in range(self.U)]
+
+    @property
+    def r_peers(self) -> List[int]:
+        """CP indices of this rank's sequence-parallel group, in j order (includes itself)."""
+        return [self.at(self.u, j) for j in range(self.R)]
+
+
+@dataclass
+class CommRecord:
+    """Bytes one rank sent and received in one collective (for tests and accounting)."""
+
+    name: str
+    sent: int
+    received: int
+
+
+class HybridCPGroup:
+    """Megatron-Core's context-parallel ranks, used as a U x R grid.
+
+    Args:
+        process_group: the CP process group (``parallel_state.get_context_parallel_group()``);
+            None means the default (world) group.
+        ranks: its global ranks in CP order (``parallel_state.get_context_parallel_global_ranks()``);
+            None means ``range(world_size)`` (only valid with the default group).
+        record: keep a :class:`CommRecord` per collective in ``self.log`` (tests, benchmarks).
+    """
+
+    def __init__(self, process_group=None, ranks: Optional[Sequence[int]] = None, *, record: bool = False):
+        if not dist.is_initialized():
+            raise ValueError("HybridCPGroup needs torch.distributed to be initialised")
+        if ranks is None:
+            if process_group is not None and process_group != dist.group.WORLD:
+                raise ValueError("pass the global ranks of a non-default CP process group")
+            ranks = list(range(dist.get_world_size()))
+        self.group = process_group
+        self.ranks = [int(r) for r in ranks]
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"CP ranks must be distinct, got {self.ranks}")
+        if dist.get_world_size(process_group) != len(self.ranks):
+            raise ValueError(f"{len(self.ranks)} CP ranks given but the process group has "
+                             f"{dist.get_world_size(process_group)} members")
+        me = dist.get_rank()
+        if me not in self.ranks:
+            raise ValueError(f"global rank {me} is not among the CP ranks {self.ranks}")
+        self.index = self.ranks.index(me)
+        self.record = record
+        self.log: List[CommRecord] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def grid(self, U: int) -> Grid:
+        return Grid(self.size, U, self.index)
+
+    def note(self, name: str, sent: int, received: int) -> None:
+        if self.record:
+            self.log.append(CommRecord(name, int(sent), int(received)))

@@ -1,0 +1,324 @@
+"""Planner of the hybrid CP scheme: head -> U-rank assignment, (U, R) and KV schedule from a cost model.
+
+Every rank calls :func:`plan` with the same inputs and gets the same plan: the planner is
+plain Python arithmetic on floats with deterministic tie-breaking (no randomness, no
+dict-order or device dependence). Budgets must therefore be identical on every rank
+(profiled sparsities averaged over the CP group, see :func:`~megatron_dsv.cp.allreduce_head_stats`);
+``check_plan_identical`` compares plan digests across ranks in debug mode.
+
+Cost model (per layer, forward + backward, of the slowest rank):
+  compute   sum over its heads of min(sparse, dense) kernel time: 4 b S^2 d (1 + bwd) / R FLOPs
+            times the head's density at the sparse rate, or all of it at the dense rate
+            (the dispatch never runs sparse when dense is faster);
+  a2a       q, k, v, out forward and their gradients backward, over NVLink when U fits in a node;
+  klr       the all-gather of the low-rank keys for the selection (forward only);
+  exchange  the KV blocks a rank's query blocks select from other segments, forward, and their
+            gradients backward; unique blocks per head = min(1, kv_union * density) of the
+            blocks (an assumption: neighbouring cubes share most of their critical keys);
+            "gather" adds exchange to compute, "ring" overlaps round t+1's transfer with round
+            t's forward attention (backward gradients are returned after the backward compute).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+ASSIGNMENTS = ("lpt", "capped", "naive")
+SCHEDULES = ("gather", "ring")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Machine parameters of the cost model; every field is an assumption to be calibrated."""
+
+    sparse_tflops: float = 400.0
+    """Effective fwd+bwd TFLOP/s of the block-sparse kernel on computed blocks."""
+    dense_tflops: float = 580.0
+    """Fwd+bwd TFLOP/s of the dense kernel (H100 cuDNN, measured: 575-585)."""
+    bwd_factor: float = 2.5
+    """Backward FLOPs / forward FLOPs."""
+    intra_node_gbps: float = 300.0
+    """Per-GPU all-to-all bandwidth inside a node, GB/s (H100 NVLink: 450 GB/s per direction, ~2/3 achieved)."""
+    inter_node_gbps: float = 45.0
+    """Per-GPU bandwidth across nodes, GB/s (one 400 Gb/s InfiniBand NIC per GPU, ~90% achieved)."""
+    gpus_per_node: int = 8
+    latency_s: float = 15e-6
+    """Per message (per peer of a collective, per ring round)."""
+    bytes_per_elem: int = 2
+    """bf16 activations."""
+    kv_union: float = 3.0
+    """Unique KV blocks selected by a whole segment, as a multiple of one query block's budget."""
+    memory_limit_gib: float = math.inf
+    """Per-GPU limit for one layer's attention tensors (q, k, v, out, received blocks, transient buffers)."""
+
+    def __post_init__(self):
+        for name in ("sparse_tflops", "dense_tflops", "intra_node_gbps", "inter_node_gbps", "kv_union",
+                     "memory_limit_gib"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CostModel.{name} must be > 0, got {getattr(self, name)}")
+        if self.gpus_per_node < 1 or self.bytes_per_elem < 1 or self.latency_s < 0 or self.bwd_factor < 0:
+            raise ValueError("CostModel: gpus_per_node and bytes_per_elem must be >= 1, latency_s and "
+                             "bwd_factor >= 0")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The attention problem of one layer (whole sequence, all heads)."""
+
+    seq_len: int
+    heads: int
+    head_dim: int
+    batch: int = 1
+    block_q: int = 64
+    block_kv: int = 64
+    lr_rank: int = 16
+
+    @property
+    def n_kv(self) -> int:
+        return -(-self.seq_len // self.block_kv)
+
+
+@dataclass(frozen=True)
+class CPPlan:
+    """One layer's plan. ``heads_of[u]``: ascending global head ids computed by U-rank u."""
+
+    P: int
+    U: int
+    heads_of: Tuple[Tuple[int, ...], ...]
+    assignment: str
+    schedule: str
+    predicted_s: float
+    parts_s: Tuple[Tuple[str, float], ...] = field(default=(), compare=False)
+    imbalance: float = 1.0
+
+    @property
+    def R(self) -> int:
+        return self.P // self.U
+
+    def owner_of(self, head: int) -> int:
+        for u, hs in enumerate(self.heads_of):
+            if head in hs:
+                return u
+        raise ValueError(f"head {head} is not in the plan")
+
+    def digest(self) -> str:
+        """Hash of everything that changes what the ranks do (not of the predicted times)."""
+        text = repr((self.P, self.U, self.heads_of, self.assignment, self.schedule))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- budgets
+def densities(budgets, shape: Shape) -> Tuple[float, ...]:
+    """Per-head budgets as fractions of the KV blocks.
+
+    Integer tensors/lists are block counts (clipped to [0, n_kv]); floating ones are fractions in [0, 1].
+    """
+    if isinstance(budgets, torch.Tensor):
+        is_int = not budgets.is_floating_point()
+        values = budgets.detach().cpu().tolist()
+    else:
+        values = list(budgets)
+        is_int = all(isinstance(x, int) and not isinstance(x, bool) for x in values)
+    if len(values) != shape.heads:
+        raise ValueError(f"{len(values)} budgets given for {shape.heads} heads")
+    if is_int:
+        if any(x < 0 for x in values):
+            raise ValueError(f"block-count budgets must be >= 0, got {values}")
+        return tuple(min(x, shape.n_kv) / shape.n_kv for x in values)
+    if any(not (0.0 <= float(x) <= 1.0) for x in values):
+        raise ValueError(f"fraction budgets must lie in [0, 1], got {values}")
+    return tuple(float(x) for x in values)
+
+
+def budget_blocks(budgets, n_kv: int) -> torch.Tensor:
+    """Per-head budgets as int64 block counts [H]: fractions -> ceil(f * n_kv); counts clipped to n_kv."""
+    t = torch.as_tensor(budgets)
+    if t.dim() != 1:
+        raise ValueError(f"budgets must be 1-D [heads], got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"fraction budgets must lie in [0, 1], got {t.tolist()}")
+        return torch.ceil(t.double() * n_kv - 1e-9).clamp(0, n_kv).to(torch.int64)
+    if bool((t < 0).any()):
+        raise ValueError(f"block-count budgets must be >= 0, got {t.tolist()}")
+    return t.to(torch.int64).clamp(max=n_kv)
+
+
+# ---------------------------------------------------------------------- assignment
+def assign_heads(costs: Sequence[float], U: int, method: str = "lpt") -> Tuple[Tuple[int, ...], ...]:
+    """Heads -> U ranks. Returns heads_of (ascending ids per rank); every head exactly once.
+
+    lpt:    longest processing time first: heads by cost descending (ties: lower id), each to the
+            rank with the least load (ties: fewer heads, then lower rank); uneven counts allowed.
+    capped: the same with at most ceil(H / U) heads per rank (equal counts when U divides H).
+    naive:  Ulysses order: contiguous equal chunks of heads in natural order.
+    """
+    H = len(costs)
+    if method not in ASSIGNMENTS:
+        raise ValueError(f"method={method!r} is not one of {list(ASSIGNMENTS)}")
+    if not 1 <= U <= H:
+        raise ValueError(f"U={U} must lie in [1, heads={H}] (every head-parallel rank needs a head)")
+    if method == "naive":
+        return tuple(tuple(h for h in range(H) if h * U // H == u) for u in range(U))
+    cap = -(-H // U) if method == "capped" else H
+    load = [0.0] * U
+    owned = [[] for _ in range(U)]
+    for h in sorted(range(H), key=lambda h: (-costs[h], h)):
+        u = min((u for u in range(U) if len(owned[u]) < cap), key=lambda u: (load[u], len(owned[u]), u))
+        owned[u].append(h)
+        load[u] += costs[h]
+    return tuple(tuple(sorted(hs)) for hs in owned)
+
+
+# ---------------------------------------------------------------------- cost model
+def head_compute_s(density: float, shape: Shape, R: int, cost: CostModel) -> float:
+    """Forward+backward attention time of one head on one rank (S / R queries over S keys)."""
+    flops = 4.0 * shape.batch * shape.seq_len * shape.seq_len * shape.head_dim * (1 + cost.bwd_factor) / R
+    return min(density * flops / (cost.sparse_tflops * 1e12), flops / (cost.dense_tflops * 1e12))
+
+
+def _link_s(nbytes: float, remote_fraction: float, peers: int, cost: CostModel) -> float:
+    """Time of a transfer whose bytes go partly to other nodes (separate links, in parallel)."""
+    if nbytes <= 0:
+        return 0.0
+    intra = nbytes * (1 - remote_fraction) / (cost.intra_node_gbps * 1e9)
+    inter = nbytes * remote_fraction / (cost.inter_node_gbps * 1e9)
+    return max(intra, inter) + peers * cost.latency_s
+
+
+def _remote_fraction(P: int, U: int, group: str, cost: CostModel) -> float:
+    """Share of a U-group (or R-group) peer's traffic that leaves the node (rank c lives on node c // gpn)."""
+    gpn = cost.gpus_per_node
+    if P <= gpn:
+        return 0.0
+    if group == "U":
+        return 0.0 if U <= gpn and gpn % U == 0 else 1.0 - 1.0 / max(1, math.ceil(U / gpn))
+    R = P // U
+    same_node = max(1, gpn // U) if U <= gpn else 1
+    return (R - min(R, same_node)) / max(1, R - 1)
+
+
+def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, schedule: str,
+             cost: CostModel) -> Dict[str, float]:
+    """Modelled fwd+bwd time of the slowest rank and its parts (seconds), plus memory (GiB)."""
+    R = P // U
+    S, b, d, e = shape.seq_len, shape.batch, shape.head_dim, cost.bytes_per_elem
+    s_local, seg = S / P, S / R
+    H = shape.heads
+    worst = None
+    for u, hs in enumerate(heads_of):
+        n = len(hs)
+        compute = sum(head_compute_s(dens[h], shape, R, cost) for h in hs)
+        # Head all-to-all: 4 tensors forward (q, k, v, out) and 4 backward.
+        a2a_bytes = 8 * s_local * b * d * e * max(H - n, (U - 1) * n)
+        a2a = _link_s(a2a_bytes, _remote_fraction(P, U, "U", cost), 8 * (U - 1), cost) if U > 1 else 0.0
+        rf = _remote_fraction(P, U, "R", cost)
+        klr = _link_s((R - 1) * seg * b * n * shape.lr_rank * e, rf, R - 1, cost) if R > 1 else 0.0
+        # Unique remote KV blocks, forward (K|V) and backward (their gradients).
+        blocks = sum(min(1.0, cost.kv_union * dens[h]) for h in hs) * shape.n_kv * b * (R - 1) / R
+        x_bytes = blocks * shape.block_kv * 2 * d * e
+        id_bytes = blocks * 8
+        if R == 1:
+            exchange_fwd = exchange_bwd = 0.0
+        else:
+            exchange_fwd = _link_s(x_bytes + id_bytes, rf, 2 * (R - 1), cost)
+            exchange_bwd = _link_s(x_bytes, rf, R - 1, cost)
+        fwd = compute / (1 + cost.bwd_factor)
+        bwd = compute - fwd
+        if schedule == "gather" or R == 1:
+            attn = compute + exchange_fwd + exchange_bwd
+        else:  # ring: R rounds, round t+1 in flight during round t's forward
+            per_round_c, per_round_x = fwd / R, exchange_fwd / (R - 1)
+            attn = per_round_c + (R - 1) * max(per_round_c, per_round_x) + bwd + exchange_bwd
+        total = attn + a2a + klr
+        # q, k, v, out of my heads + received blocks (kept for backward) + transient send/recv buffers.
+        transient = x_bytes if schedule == "gather" or R == 1 else 2 * x_bytes / (R - 1)
+        mem_bytes = 4 * seg * b * n * d * e + x_bytes + transient
+        row = dict(total=total, compute=compute, a2a=a2a, klr=klr, exchange=exchange_fwd + exchange_bwd,
+                   memory_gib=mem_bytes / 2 ** 30, exchange_bytes=x_bytes, a2a_bytes=a2a_bytes)
+        if worst is None or total > worst["total"]:
+            worst = row
+    return worst
+
+
+def _divisors(P: int):
+    return [U for U in range(1, P + 1) if P % U == 0]
+
+
+def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_candidates: Optional[Sequence[int]] = None,
+         schedules: Sequence[str] = SCHEDULES, assignments: Sequence[str] = ("lpt", "capped"),
+         max_U: Optional[int] = None) -> CPPlan:
+    """The fastest modelled plan for one layer.
+
+    Args:
+        budgets: per-head budgets [heads]: fractions of the KV blocks (floats) or block counts (ints).
+        shape: the layer's attention shape (whole sequence). P: the context-parallel size.
+        U_candidates: head-parallel sizes to try (default: divisors of P up to min(heads, max_U));
+            max_U defaults to gpus_per_node (the head all-to-all stays inside a node).
+        schedules, assignments: variants to try.
+    Ties go to the earlier candidate (smaller U, then the order of assignments and schedules), so the
+    result is a pure function of the inputs.
+    """
+    dens = densities(budgets, shape)
+    max_U = cost.gpus_per_node if max_U is None else max_U
+    cands = U_candidates if U_candidates is not None else [U for U in _divisors(P) if U <= min(shape.heads, max_U)]
+    cands = [U for U in cands if P % U == 0 and 1 <= U <= shape.heads]
+    if not cands:
+        raise ValueError(f"no head-parallel size U fits P={P}, heads={shape.heads} (U must divide P, U <= heads)")
+    for s in schedules:
+        if s not in SCHEDULES:
+            raise ValueError(f"schedule {s!r} is not one of {list(SCHEDULES)}")
+    best = None
+    for U in cands:
+        R = P // U
+        costs = [head_compute_s(x, shape, R, cost) for x in dens]
+        for method in assignments:
+            heads_of = assign_heads(costs, U, method)
+            loads = [sum(costs[h] for h in hs) for hs in heads_of]
+            mean = sum(loads) / U
+            imbalance = max(loads) / mean if mean > 0 else 1.0
+            for schedule in schedules:
+                est = estimate(shape, dens, P, U, heads_of, schedule, cost)
+                if est["memory_gib"] > cost.memory_limit_gib:
+                    continue
+                if best is None or est["total"] < best.predicted_s:
+                    parts = tuple((k, float(v)) for k, v in est.items() if k != "total")
+                    best = CPPlan(P, U, heads_of, method, schedule, float(est["total"]), parts, float(imbalance))
+    if best is None:
+        raise ValueError(f"no plan fits the memory limit of {cost.memory_limit_gib} GiB")
+    return best
+
+
+def fixed_plan(P: int, U: int, heads: int, *, schedule: str = "gather", assignment: str = "naive",
+               costs: Optional[Sequence[float]] = None) -> CPPlan:
+    """A plan with a given (U, schedule) and head assignment (naive order by default), no cost model."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    if P % U:
+        raise ValueError(f"U={U} must divide P={P}")
+    costs = [1.0] * heads if costs is None else list(costs)
+    return CPPlan(P, U, assign_heads(costs, U, assignment), assignment, schedule, float("nan"))
+
+
+class Replanner:
+    """Keeps one layer's plan and recomputes it every ``interval`` steps from the current budgets."""
+
+    def __init__(self, interval: int, **plan_kwargs):
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.interval = interval
+        self.plan_kwargs = plan_kwargs
+        self.current: Optional[CPPlan] = None
+        self.step = 0
+
+    def __call__(self, budgets) -> CPPlan:
+        """Plan for this step; call once per training step with identical budgets on every rank."""
+        if self.current is None or self.step % self.interval == 0:
+            self.current = plan(budgets, **self.plan_kwargs)
+        self.step += 1
+        return self.current
