@@ -53,7 +53,7 @@ def train_steps(layer, batches):
 
 def test_apply_dsv_replaces_only_self_attention(megatron_parallel):
     cross = ModuleSpec(module=CrossAttention, params={"attn_mask_type": AttnMaskType.no_mask},
-                       submodules=CrossAttentionSubmodules(linear_q=None, linear_kv=None,
+                       submodules=CrossAttentionSubmodules(linear_q=None, linear_kv=None, linear_proj=None,
                                                            core_attention=SDPADotProductAttention))
     spec = dense_spec()
     spec.submodules.cross_attention = cross
