@@ -135,7 +135,8 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             self.cross_attention = build_module(submodules.cross_attention, config=config,
                                                 layer_number=layer_number, pg_collection=pg_collection)
         self.norm_mlp = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
-        self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
+                                tp_group=pg_collection.tp)
         self.adaln = nn.Linear(h, 6 * h)
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)

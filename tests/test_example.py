@@ -1,0 +1,165 @@
+"""The example video DiT (examples/video_dit) and the main job (examples/pretrain_video_dit.py)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, patchify, unpatchify  # noqa: E402
+from video_dit.cross_attention import TextCrossCoreAttention  # noqa: E402
+
+from megatron_dsv import DSVConfig  # noqa: E402
+from megatron_dsv.layers import DSVDotProductAttention, SDPADotProductAttention  # noqa: E402
+
+# 256 tokens (grid 4x8x8), cubes 2x4x4 = 32-token blocks: fast on CPU.
+SMALL = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
+DSV = DSVConfig(block_q=32, block_kv=32, cube=(2, 4, 4), sample_stride=8, stage1_min_steps=100,
+                stage1_max_steps=200)
+
+
+def _batch(dit, n=2, seed=0):
+    x, cap = MovingShapes(dit.latent_channels, dit.latent_shape, seed=seed).batch(0, n)
+    g = torch.Generator().manual_seed(seed)
+    return x, cap, torch.rand(n, generator=g), torch.randn(x.shape, generator=g)
+
+
+def _perturb(model, seed=0):
+    """Give the zero-initialised adaLN/output layers weights, so every path affects the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("adaln" in name or "final_linear" in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def test_patchify_round_trip():
+    x = torch.randn(2, 3, 4, 6, 8)
+    tok = patchify(x, (2, 2, 4))
+    assert tok.shape == (2, 2 * 3 * 2, 3 * 2 * 2 * 4)
+    assert torch.equal(unpatchify(tok, (2, 3, 2), (2, 2, 4), 3), x)
+    # Token 1 (raster t=0, h=0, w=1) holds the patch starting at column 4.
+    assert torch.equal(tok[0, 1].view(3, 2, 2, 4), x[0, :, 0:2, 0:2, 4:8])
+
+
+def test_data_deterministic_per_seed():
+    a, ca = MovingShapes(4, (4, 16, 16), seed=3).batch(5, 2)
+    b, cb = MovingShapes(4, (4, 16, 16), seed=3).batch(5, 2)
+    c, _ = MovingShapes(4, (4, 16, 16), seed=4).batch(5, 2)
+    assert torch.equal(a, b) and torch.equal(ca, cb) and not torch.equal(a, c)
+    assert a[:, :, 0].ne(a[:, :, -1]).any()  # the shapes move
+
+
+def test_tiny_forward_backward(megatron_parallel):
+    torch.manual_seed(0)
+    model = build_video_dit(SMALL)
+    _perturb(model)
+    x, cap, t, noise = _batch(SMALL)
+    out = model(x, t, cap)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    loss = flow_matching_loss(model, x, cap, t=t, noise=noise)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    attn = model.decoder.layers[0]
+    assert isinstance(attn.self_attention.core_attention, SDPADotProductAttention)
+    assert isinstance(attn.cross_attention.core_attention, TextCrossCoreAttention)
+
+
+def test_output_independent_of_cube_layout(megatron_parallel):
+    """Tokens and RoPE positions move together, and the output returns to raster order:
+    the same weights give the same video whatever the cube shape (up to summation order)."""
+    torch.manual_seed(0)
+    a = build_video_dit(SMALL, cube=(1, 1, 1))  # raster order
+    b = build_video_dit(SMALL, cube=(2, 4, 4))
+    c = build_video_dit(SMALL.replace(latent_shape=(4, 14, 10)), cube=(2, 4, 4))  # partial cubes
+    b.load_state_dict(a.state_dict())
+    _perturb(a)
+    _perturb(b)
+    x, cap, t, _ = _batch(SMALL)
+    with torch.no_grad():
+        ref, out = a(x, t, cap), b(x, t, cap)
+    assert not torch.equal(a.layout.perm, b.layout.perm)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (ref - x).abs().max() > 0  # the comparison is not trivially between zeros
+    d = build_video_dit(SMALL.replace(latent_shape=(4, 14, 10)), cube=(1, 1, 1))
+    d.load_state_dict(c.state_dict())
+    _perturb(c)
+    _perturb(d)
+    xs = x[:, :, :, :14, :10]
+    with torch.no_grad():
+        torch.testing.assert_close(c(xs, t, cap), d(xs, t, cap), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_and_dsv_stage1_identical(megatron_parallel):
+    torch.manual_seed(0)
+    dense = build_video_dit(SMALL, cube=DSV.cube)
+    dsv = build_video_dit(SMALL, dsv_config=DSV)
+    missing, unexpected = dsv.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and missing and all(".core_attention." in k for k in missing)
+    assert sum(isinstance(m, DSVDotProductAttention) for m in dsv.modules()) == SMALL.num_layers
+    assert isinstance(dsv.decoder.layers[0].cross_attention.core_attention, TextCrossCoreAttention)
+    _perturb(dense)
+    _perturb(dsv)
+    x, cap, t, noise = _batch(SMALL)
+    for step in range(2):
+        losses = []
+        for model in (dense, dsv):
+            model.zero_grad()
+            loss = flow_matching_loss(model, x, cap, t=t, noise=noise)
+            loss.backward()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1])
+        for (name, p), q in zip(dense.named_parameters(), [p for p in dsv.parameters() if p.requires_grad]):
+            assert torch.equal(p.grad, q.grad), name
+    from megatron_dsv.layers import dsv_metrics
+
+    summary = dsv_metrics(dsv)["summary"]
+    assert summary["stage"] == 1 and summary["sparse_layers"] == 0
+
+
+def _run_job(*extra, timeout=120):
+    cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"),
+           "--latent-shape", "4", "16", "16", "--eval-iters", "1", "--eval-interval", "6",
+           "--dsv-stage1-min-steps", "3", "--dsv-stage1-max-steps", "5", "--dsv-profile-interval-stage1", "1",
+           "--dsv-profile-interval-stage2", "2", "--dsv-layer-sparsity-threshold", "0.2", *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _steps(out):
+    return {int(m.group(1)): line for line in out.splitlines() if (m := re.match(r"step\s+(\d+)/", line))}
+
+
+def test_main_job_reaches_stage2_and_resumes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = _run_job("--train-iters", "8", "--save", str(ckpt))
+    steps = _steps(out)
+    assert sorted(steps) == list(range(1, 9))
+    assert "stage 1" in steps[1] and "stage 2" in steps[8]
+    assert re.search(r"sparse layers 2/2", steps[8]), steps[8]
+    assert "val " in steps[6] and "val " in steps[8]
+    for line in steps.values():
+        loss = float(re.search(r"loss ([\d.]+)", line).group(1))
+        assert 0 < loss < 10
+        assert re.search(r"sparsity 0\.\d+ \| recall [01]\.\d+", line), line
+    # Resume: continues at step 9 in stage 2 with the saved schedule.
+    out2 = _run_job("--train-iters", "10", "--load", str(ckpt))
+    steps2 = _steps(out2)
+    assert sorted(steps2) == [9, 10]
+    assert "stage 2" in steps2[9] and "sparse layers 2/2" in steps2[9]
+
+
+def test_main_job_dense_baseline():
+    out = _run_job("--train-iters", "3", "--dense")
+    steps = _steps(out)
+    assert sorted(steps) == [1, 2, 3] and all("| dense |" in line for line in steps.values())
