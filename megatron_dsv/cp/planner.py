@@ -37,7 +37,10 @@ class CostModel:
     """Machine parameters of the cost model; every field is an assumption to be calibrated."""
 
     sparse_tflops: float = 400.0
-    """Effective fwd+bwd TFLOP/s of the block-sparse kernel on computed blocks."""
+    """Effective fwd+bwd TFLOP/s of the block-sparse kernel on computed blocks (selection included)."""
+    sparse_curve: Tuple[Tuple[float, float], ...] = ()
+    """Measured (density, effective fwd+bwd TFLOP/s) points; when given, the rate at a density is
+    interpolated linearly between them (clamped at the ends) instead of sparse_tflops."""
     dense_tflops: float = 580.0
     """Fwd+bwd TFLOP/s of the dense kernel (H100 cuDNN, measured: 575-585)."""
     bwd_factor: float = 2.5
@@ -61,6 +64,8 @@ class CostModel:
                      "memory_limit_gib"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CostModel.{name} must be > 0, got {getattr(self, name)}")
+        if any(not (0 < x <= 1 and r > 0) for x, r in self.sparse_curve):
+            raise ValueError(f"CostModel.sparse_curve needs (density in (0, 1], rate > 0) points, got {self.sparse_curve}")
         if self.gpus_per_node < 1 or self.bytes_per_elem < 1 or self.latency_s < 0 or self.bwd_factor < 0:
             raise ValueError("CostModel: gpus_per_node and bytes_per_elem must be >= 1, latency_s and "
                              "bwd_factor >= 0")
@@ -154,7 +159,9 @@ def assign_heads(costs: Sequence[float], U: int, method: str = "lpt") -> Tuple[T
     """Heads -> U ranks. Returns heads_of (ascending ids per rank); every head exactly once.
 
     lpt:    longest processing time first: heads by cost descending (ties: lower id), each to the
-            rank with the least load (ties: fewer heads, then lower rank); uneven counts allowed.
+            rank with the least load (ties: fewer heads, then lower rank); uneven counts allowed;
+            then a local search moves or swaps single heads off the most loaded rank while that
+            lowers it (LPT alone leaves up to one small head of excess on a rank).
     capped: the same with at most ceil(H / U) heads per rank (equal counts when U divides H).
     naive:  Ulysses order: contiguous equal chunks of heads in natural order.
     """
@@ -172,17 +179,71 @@ def assign_heads(costs: Sequence[float], U: int, method: str = "lpt") -> Tuple[T
         u = min((u for u in range(U) if len(owned[u]) < cap), key=lambda u: (load[u], len(owned[u]), u))
         owned[u].append(h)
         load[u] += costs[h]
+    _refine(costs, owned, load, cap)
     return tuple(tuple(sorted(hs)) for hs in owned)
 
 
+def _refine(costs, owned, load, cap, max_steps: int = 10000):
+    """Move or swap one head between the most loaded rank and another while that lowers the pair's
+    maximum below the current maximum; deterministic (fixed scan order, strict improvement)."""
+    U = len(owned)
+    for _ in range(max_steps):
+        hi = max(range(U), key=lambda u: (load[u], -u))
+        top = load[hi]
+        best = None   # (new pair max, a, v, b or None)
+        for a in sorted(owned[hi]):
+            for v in range(U):
+                if v == hi:
+                    continue
+                if len(owned[v]) < cap and len(owned[hi]) > 1:   # move a (keeps a head on every rank)
+                    m = max(top - costs[a], load[v] + costs[a])
+                    if best is None or m < best[0]:
+                        best = (m, a, v, None)
+                for b in sorted(owned[v]):
+                    if costs[b] < costs[a]:
+                        m = max(top - costs[a] + costs[b], load[v] + costs[a] - costs[b])
+                        if best is None or m < best[0]:
+                            best = (m, a, v, b)
+        if best is None or best[0] >= top * (1 - 1e-12):
+            return
+        _, a, v, b = best
+        owned[hi].remove(a)
+        owned[v].append(a)
+        load[hi] -= costs[a]
+        load[v] += costs[a]
+        if b is not None:
+            owned[v].remove(b)
+            owned[hi].append(b)
+            load[v] -= costs[b]
+            load[hi] += costs[b]
+
+
 # ---------------------------------------------------------------------- cost model
+def sparse_rate(density: float, cost: CostModel) -> float:
+    """Effective fwd+bwd TFLOP/s of the sparse kernel at a density."""
+    pts = sorted(cost.sparse_curve)
+    if not pts:
+        return cost.sparse_tflops
+    if density <= pts[0][0]:
+        return pts[0][1]
+    for (x0, r0), (x1, r1) in zip(pts, pts[1:]):
+        if density <= x1:
+            return r0 + (r1 - r0) * (density - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
 def head_compute_s(density: float, shape: Shape, R: int, cost: CostModel) -> float:
-    """Forward+backward attention time of one head on one rank (S / R queries over S keys)."""
+    """Forward+backward attention time of one head on one rank (S / R queries over S keys).
+
+    The layer runs the dense kernel when it is faster than the sparse one at this density.
+    """
     flops = 4.0 * shape.batch * shape.seq_len * shape.seq_len * shape.head_dim * (1 + cost.bwd_factor) / R
-    return min(density * flops / (cost.sparse_tflops * 1e12), flops / (cost.dense_tflops * 1e12))
+    if density <= 0:
+        return 0.0
+    return min(density * flops / (sparse_rate(density, cost) * 1e12), flops / (cost.dense_tflops * 1e12))
 
 
-def _link_s(nbytes: float, remote_fraction: float, peers: int, cost: CostModel) -> float:
+def link_s(nbytes: float, remote_fraction: float, peers: int, cost: CostModel) -> float:
     """Time of a transfer whose bytes go partly to other nodes (separate links, in parallel)."""
     if nbytes <= 0:
         return 0.0
@@ -191,7 +252,7 @@ def _link_s(nbytes: float, remote_fraction: float, peers: int, cost: CostModel) 
     return max(intra, inter) + peers * cost.latency_s
 
 
-def _remote_fraction(P: int, U: int, group: str, cost: CostModel) -> float:
+def remote_fraction(P: int, U: int, group: str, cost: CostModel) -> float:
     """Share of a U-group (or R-group) peer's traffic that leaves the node (rank c lives on node c // gpn)."""
     gpn = cost.gpus_per_node
     if P <= gpn:
@@ -216,9 +277,9 @@ def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, sche
         compute = sum(head_compute_s(dens[h], shape, R, cost) for h in hs)
         # Head all-to-all: 4 tensors forward (q, k, v, out) and 4 backward.
         a2a_bytes = 8 * s_local * b * d * e * max(H - n, (U - 1) * n)
-        a2a = _link_s(a2a_bytes, _remote_fraction(P, U, "U", cost), 8 * (U - 1), cost) if U > 1 else 0.0
-        rf = _remote_fraction(P, U, "R", cost)
-        klr = _link_s((R - 1) * seg * b * n * shape.lr_rank * e, rf, R - 1, cost) if R > 1 else 0.0
+        a2a = link_s(a2a_bytes, remote_fraction(P, U, "U", cost), 8 * (U - 1), cost) if U > 1 else 0.0
+        rf = remote_fraction(P, U, "R", cost)
+        klr = link_s((R - 1) * seg * b * n * shape.lr_rank * e, rf, R - 1, cost) if R > 1 else 0.0
         # Unique remote KV blocks, forward (K|V) and backward (their gradients).
         blocks = sum(min(1.0, cost.kv_union * dens[h]) for h in hs) * shape.n_kv * b * (R - 1) / R
         x_bytes = blocks * shape.block_kv * 2 * d * e
@@ -226,8 +287,8 @@ def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, sche
         if R == 1:
             exchange_fwd = exchange_bwd = 0.0
         else:
-            exchange_fwd = _link_s(x_bytes + id_bytes, rf, 2 * (R - 1), cost)
-            exchange_bwd = _link_s(x_bytes, rf, R - 1, cost)
+            exchange_fwd = link_s(x_bytes + id_bytes, rf, 2 * (R - 1), cost)
+            exchange_bwd = link_s(x_bytes, rf, R - 1, cost)
         fwd = compute / (1 + cost.bwd_factor)
         bwd = compute - fwd
         if schedule == "gather" or R == 1:
@@ -244,6 +305,27 @@ def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, sche
         if worst is None or total > worst["total"]:
             worst = row
     return worst
+
+
+def paper_like_densities(layers: int, heads: int, *, seed: int = 0, floor: float = 0.05,
+                         p_dense_head: float = 0.1):
+    """Per-layer, per-head budgets (fractions) shaped like DSV's profiles, for simulations and tests.
+
+    First and last layers dense (1.0); in the others most heads are 90-98% sparse and a head is
+    78-84% sparse with probability p_dense_head; budgets = max(floor, 1 - sparsity)
+    (floor = DSVConfig.budget_floor). Deterministic in seed (torch.Generator, CPU).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in range(layers):
+        if layer in (0, layers - 1):
+            out.append(tuple([1.0] * heads))
+            continue
+        u = torch.rand(heads, generator=gen, dtype=torch.float64)
+        pick = torch.rand(heads, generator=gen, dtype=torch.float64) < p_dense_head
+        sparsity = torch.where(pick, 0.78 + 0.06 * u, 0.90 + 0.08 * u)
+        out.append(tuple(max(floor, 1.0 - float(x)) for x in sparsity))
+    return out
 
 
 def _divisors(P: int):
