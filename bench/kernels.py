@@ -82,7 +82,8 @@ def time_fwd_bwd(fwd, q, k, v, do):
 def sdpa(backend):
     def fwd(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
     return fwd
 
 
@@ -131,7 +132,17 @@ def run_flex(q, k, v, do, kv_idx, kv_cnt, s, block_q, block_kv, ref_out):
     rec["flex_mask_build_ms"] = ms(lambda: flex_block_mask(kv_idx, kv_cnt, s, block_q, block_kv), rep=100)
     flex = flex_fn()
     errors = []
-    for opts in (None, {"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": block_q, "BLOCK_N": min(block_kv, 64)}):
+    # Flex needs its kernel tiles to divide the sparse block: forward BLOCK_M/N, backward
+    # BLOCK_M1/N1 (dk/dv) and BLOCK_M2/N2 (dq).
+    bn = min(block_kv, 64)
+    tile_options = (
+        None,
+        {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_M1": 64, "BLOCK_N1": bn, "BLOCK_M2": 64, "BLOCK_N2": bn},
+        {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_M1": 32, "BLOCK_N1": bn, "BLOCK_M2": 64, "BLOCK_N2": bn},
+        {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_M1": 16, "BLOCK_N1": bn, "BLOCK_M2": 16, "BLOCK_N2": bn,
+         "num_stages": 1},
+    )
+    for opts in tile_options:
         def fwd(q_, k_, v_, opts=opts):
             out = flex(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), block_mask=mask,
                        kernel_options=opts)
@@ -183,13 +194,38 @@ def dense_point(q, k, v, do, s):
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         try:
             fn = sdpa(backend)
-            outs[name] = fn(q, k, v).transpose(1, 2)
+            outs[name] = fn(q, k, v)
             rec[f"{name}_fwd_ms"], rec[f"{name}_fwdbwd_ms"], rec[f"{name}_peak_bytes"] = time_fwd_bwd(fn, q, k, v, do)
             rec[f"{name}_fwdbwd_tflops"] = tflops(3.5 * fwd_flops(s, s, 1.0), rec[f"{name}_fwdbwd_ms"])
             rec[f"{name}_fwd_tflops"] = tflops(fwd_flops(s, s, 1.0), rec[f"{name}_fwd_ms"])
         except Exception as e:  # noqa: BLE001
             rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return rec, outs.get("cudnn")
+
+
+def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
+    """Time the parts of select_blocks and compare the score precisions."""
+    from megatron_dsv.ops import triton_selection as tsel
+    recs = []
+    proxy = tsel._proxies(q_lr, block_q)
+    recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._proxies(q_lr, block_q))))
+    picks = {}
+    for prec in ("ieee", "tf32x3", "tf32"):
+        tsel.SCORE_PRECISION = prec
+        try:
+            keys = tsel._score_keys_max(proxy, k_lr, block_kv)
+            recs.append(dict(base, kernel=f"sel_scores_{prec}", ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv))))
+            picks[prec] = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")[0]
+        except Exception as e:  # noqa: BLE001
+            recs.append(dict(base, kernel=f"sel_scores_{prec}", error=f"{type(e).__name__}: {str(e)[:200]}"))
+    tsel.SCORE_PRECISION = "ieee"
+    recs.append(dict(base, kernel="sel_topk", ms=ms(lambda: torch.topk(keys, topk, dim=-1))))
+    for prec, idx in picks.items():
+        same = (idx == picks["ieee"]).all(-1).float().mean().item()
+        recs.append(dict(base, kernel=f"sel_rows_equal_ieee_{prec}", ms=0.0, value=same))
+    for r in recs:
+        print(json.dumps(r), flush=True)
+    return recs
 
 
 def tune(args, results):
@@ -208,13 +244,14 @@ def tune(args, results):
         base = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv)
         t = ms(lambda: ta.transpose_block_lists(kv_idx, kv_cnt, n_kv))
         results.append(dict(base, kernel="transpose_lists", ms=t))
+        bn = max(block_kv, 64)
         variants = {
-            "fwd": [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) if bn >= block_kv
-                    for w in (4, 8) for st in (2, 3, 4)],
-            "dq": [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) if bn >= block_kv
-                   for w in (4, 8) for st in (2, 3)],
-            "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st) for bm in (32, 64, 128) if bm <= block_q
-                     for w in (4, 8) for st in (2, 3)],
+            "fwd": [dict(BLOCK_N=bn, num_warps=w, num_stages=st, tma=t) for w in (4, 8) for st in (2, 3)
+                    for t in (False, True) if not (t and bn != block_kv)],
+            "dq": [dict(BLOCK_N=n, num_warps=w, num_stages=2, tma=t) for n in sorted({bn, 128}) for w in (4, 8)
+                   for t in (False, True) if not (t and n != block_kv)],
+            "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st, tma=t) for bm in (64, 128) if bm <= block_q
+                     for w in (4, 8) for st in (2, 3) for t in (False, True) if not (bm == 128 and w == 4)],
         }
         calls = {
             "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.0),
@@ -222,6 +259,7 @@ def tune(args, results):
             "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, "bshd"),
                      2.0),
         }
+        results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base))
         for kernel, cfgs in variants.items():
             fn, flop_mult = calls[kernel]
             for cfg in cfgs:
@@ -295,9 +333,10 @@ def main():
             key = (r["block_q"], r["block_kv"], r["kernel"])
             if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
                 best[key] = r
-        print(f"{'bq':>4} {'bkv':>4} {'kernel':>16} {'ms':>8} {'TF/s':>6}  cfg")
+        print(f"{'bq':>4} {'bkv':>4} {'kernel':>26} {'ms':>8} {'TF/s':>6}  cfg")
         for (bq, bkv, kern), r in sorted(best.items()):
-            print(f"{bq:>4} {bkv:>4} {kern:>16} {r['ms']:8.3f} {r.get('tflops') or 0:6.0f}  {r.get('cfg', '')}")
+            print(f"{bq:>4} {bkv:>4} {kern:>26} {r['ms']:8.3f} {r.get('tflops') or 0:6.0f}  {r.get('cfg', '')}"
+                  f"{r.get('value', '')}")
         return
     for rec in dense:
         print(f"S={rec['S']}: cuDNN fwd {rec.get('cudnn_fwd_ms', float('nan')):.2f} ms, fwd+bwd "

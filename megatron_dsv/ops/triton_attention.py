@@ -39,51 +39,102 @@ CONFIG_OVERRIDE: dict = {}
 
 
 def _fwd_config(block_q, block_kv, d):
-    block_n = max(block_kv, 64 if d <= 128 else 32)
-    cfg = dict(BLOCK_N=block_n, num_warps=8 if block_q >= 128 else 4, num_stages=3 if d <= 128 else 2)
+    # H100, 64k tokens, d 128, density 0.1: 4 warps and 2 stages beat 8 warps / 3 stages by 20%;
+    # a 128-row tile of two 64-row blocks was slower than one block per step.
+    cfg = dict(BLOCK_N=max(block_kv, 64 if d <= 128 else 32), num_warps=4, num_stages=2, tma=False)
     cfg.update(CONFIG_OVERRIDE.get("fwd", {}))
     return cfg
 
 
 def _dq_config(block_q, block_kv, d):
-    block_n = max(block_kv, 64 if d <= 128 else 32)
-    cfg = dict(BLOCK_N=block_n, num_warps=8 if block_q >= 128 else 4, num_stages=3 if d <= 128 else 2)
+    block_n = 128 if block_kv >= 64 and d <= 128 else max(block_kv, 64 if d <= 128 else 32)
+    cfg = dict(BLOCK_N=block_n, num_warps=8 if block_q >= 128 else 4, num_stages=2, tma=False)
     cfg.update(CONFIG_OVERRIDE.get("dq", {}))
     return cfg
 
 
 def _dkdv_config(block_q, block_kv, d):
-    cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=3 if d <= 128 else 2)
+    cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2, tma=False)
     cfg.update(CONFIG_OVERRIDE.get("dkdv", {}))
     return cfg
+
+
+def _tma_descriptor(x: torch.Tensor, layout: str, rows: int):
+    """A TMA descriptor over x seen as [b, s, h, d] that loads [1, rows, 1, d] tiles, or None where
+    TMA cannot be used (interpreter, CPU, strides or base not 16-byte aligned)."""
+    if _interpreting() or not x.is_cuda:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, s, h, d = split_dims(x, layout)
+    sb, ss, sh = _bsh_strides(x, layout)
+    esz = x.element_size()
+    if x.data_ptr() % 16 or any((st * esz) % 16 for st in (sb, ss, sh)):
+        return None
+    return TensorDescriptor(x, shape=[b, s, h, d], strides=[sb, ss, sh, 1], block_shape=[1, rows, 1, d])
+
+
+def _launch_opts(cfg, descs_for):
+    """Split a config into kernel meta-parameters, with the TMA descriptors (or None) it asks for."""
+    cfg = dict(cfg)
+    use_tma = cfg.pop("tma")
+    descs = [_tma_descriptor(*a) for a in descs_for] if use_tma else [None] * len(descs_for)
+    use_tma = use_tma and all(dsc is not None for dsc in descs)
+    return cfg, (descs if use_tma else [None] * len(descs)), use_tma
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_kv_rows(idx_ptr, stride_slot, start, cnt, S_KV,
-                    BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr):
-    """Token ids and validity of the BLOCK_N rows made of list slots start .. start+BLOCK_N/BLOCK_KV."""
+def _kv_rows(idx_ptr, stride_slot, start, cnt, S_KV,
+             BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, USE_TMA: tl.constexpr):
+    """First token, token ids and validity of the BLOCK_N KV rows made of list slots
+    start .. start + BLOCK_N / BLOCK_KV (with TMA, one whole block: BLOCK_N == BLOCK_KV)."""
     offs_n = tl.arange(0, BLOCK_N)
-    slot = start + offs_n // BLOCK_KV
-    slot_ok = slot < cnt
-    blk = tl.load(idx_ptr + slot * stride_slot, mask=slot_ok, other=0)
-    tok = blk * BLOCK_KV + offs_n % BLOCK_KV
-    return tok, slot_ok & (tok < S_KV)
+    if USE_TMA:
+        row0 = tl.load(idx_ptr + start * stride_slot) * BLOCK_KV
+        tok = row0 + offs_n
+        ok = tok < S_KV
+    else:
+        slot = start + offs_n // BLOCK_KV
+        slot_ok = slot < cnt
+        blk = tl.load(idx_ptr + slot * stride_slot, mask=slot_ok, other=0)
+        tok = blk * BLOCK_KV + offs_n % BLOCK_KV
+        ok = slot_ok & (tok < S_KV)
+        row0 = 0
+    return row0, tok, ok
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt,
+def _load_rows(base, desc, stride_s, b, h, row0, tok, ok,
+               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, MASK: tl.constexpr):
+    """A [ROWS, HEAD_DIM] tile of one head: rows row0.. through a TMA descriptor (rows past the
+    end read as 0), or gathered rows `tok` through pointers (masked rows read as 0)."""
+    if USE_TMA:
+        x = desc.load([b, row0, h, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        ptrs = base + tok.to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+        if MASK:
+            x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KDesc, VDesc,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                 si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
                 H, S_Q, S_KV, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b32 = bh // H
+    h32 = bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     PACK: tl.constexpr = BLOCK_N // BLOCK_KV
 
     offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -100,16 +151,16 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt,
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, cnt, PACK):
-        tok, ok = _gather_kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV)
-        tok = tok.to(tl.int64)
-        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV, USE_TMA)
+        k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
-        s = tl.where(ok[None, :], s, float("-inf"))
+        if MASK_KV:
+            s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -122,17 +173,19 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt,
+def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt, KDesc, VDesc,
                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
                H, S_Q, S_KV, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b32 = bh // H
+    h32 = bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     PACK: tl.constexpr = BLOCK_N // BLOCK_KV
 
     offs_m = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -152,13 +205,13 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt,
     cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
     dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, cnt, PACK):
-        tok, ok = _gather_kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV)
-        tok = tok.to(tl.int64)
-        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, S_KV, BLOCK_N, BLOCK_KV, USE_TMA)
+        k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
+        v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(ok[None, :], p, 0.0)
+        if MASK_KV:
+            p = tl.where(ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -167,16 +220,18 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, QDesc, DODesc,
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
                  sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b32 = bh // H
+    h32 = bh % H
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
 
     offs_n = kb * BLOCK_KV + tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -194,22 +249,24 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff,
     dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
-    for j in range(first * SUB, last * SUB):
-        qi = tl.load(QIdx + j // SUB)
-        offs_m = qi * BLOCK_Q + (j % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < S_Q
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows * sq_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows * sdo_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        # Rows past S_Q get lse +inf, so their probabilities are 0.
-        lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
-        pt = tl.exp2(st - lse2[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    for e in range(first, last):
+        qi = tl.load(QIdx + e)
+        for sub in tl.static_range(SUB):
+            row0 = qi * BLOCK_Q + sub * BLOCK_M
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < S_Q
+            q = _load_rows(q_base, QDesc, sq_s, b32, h32, row0, offs_m, m_ok, BLOCK_M, HEAD_DIM, USE_TMA, MASK_Q)
+            do = _load_rows(do_base, DODesc, sdo_s, b32, h32, row0, offs_m, m_ok, BLOCK_M, HEAD_DIM, USE_TMA,
+                            MASK_Q)
+            # Rows past S_Q get lse +inf, so their probabilities are 0.
+            lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
+            pt = tl.exp2(st - lse2[None, :])
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     tl.store(DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :],
@@ -280,13 +337,18 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
     out = _empty(q.shape, q.dtype, q.device)  # contiguous in q's layout
     lse2 = _empty((b, h, s_q), torch.float32, q.device)
     cfg = _fwd_config(block_q, block_kv, d)
+    whole = cfg["BLOCK_N"] == block_kv  # TMA loads whole KV blocks only
+    cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
+                                       [(k, layout, block_kv), (v, layout, block_kv)])
+    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0  # packed tiles or a partial block
     _fwd_kernel[(n_q, b * h)](
-        q, k, v, out, lse2, kv_idx, kv_cnt,
+        q, k, v, out, lse2, kv_idx, kv_cnt, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout),
         *kv_idx.stride(), *kv_cnt.stride(),
         h, s_q, s_kv, scale * LOG2E,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+        MASK_KV=mask_kv, **cfg)
     return out, lse2
 
 
@@ -298,13 +360,18 @@ def _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout
     dq = _empty(q.shape, q.dtype, q.device)
     delta = _empty((b, h, s_q), torch.float32, q.device)
     cfg = _dq_config(block_q, block_kv, d)
+    whole = cfg["BLOCK_N"] == block_kv
+    cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
+                                       [(k, layout, block_kv), (v, layout, block_kv)])
+    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0  # packed tiles or a partial block
     _dq_kernel[(n_q, b * h)](
-        q, k, v, out, do, dq, lse2, delta, kv_idx, kv_cnt,
+        q, k, v, out, do, dq, lse2, delta, kv_idx, kv_cnt, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
         *kv_idx.stride(), *kv_cnt.stride(),
         h, s_q, s_kv, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+        MASK_KV=mask_kv, **cfg)
     return dq, delta
 
 
@@ -316,12 +383,14 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layo
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     cfg = _dkdv_config(block_q, block_kv, d)
+    cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     _dkdv_kernel[(n_kv, b * h)](
-        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off,
+        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout),
         h, n_kv, s_q, s_kv, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), **cfg)
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+        MASK_Q=s_q % block_q != 0, **cfg)
     return dk, dv
 
 

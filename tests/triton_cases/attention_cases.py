@@ -153,3 +153,16 @@ def test_unsupported_head_dim_raises():
     kv_cnt = torch.ones(1, 1, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(NotImplementedError, match="head dims"):
         block_sparse_attention(q, q, q, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors exist on the GPU only")
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("layout,packed", [("bshd", False), ("sbhd", True)])
+def test_tma_paths(monkeypatch, layout, packed):
+    from megatron_dsv.ops import triton_attention as ta
+
+    monkeypatch.setattr(ta, "CONFIG_OVERRIDE", {"fwd": {"tma": True, "BLOCK_N": 64}, "dq": {"tma": True, "BLOCK_N": 64},
+                                                "dkdv": {"tma": True}})
+    s = 320 if packed else 300  # 300: a partial last KV block and query block
+    run_case(b=2, h=2, s_q=s, s_kv=s, d=128, block_q=128, block_kv=64, dtype=torch.bfloat16, layout=layout,
+             packed=packed, seed=9)
