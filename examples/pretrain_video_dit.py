@@ -36,11 +36,11 @@ from megatron_dsv.layers import dsv_metrics, log_dsv_metrics  # noqa: E402
 # 32-token KV blocks (64 of each), a short stage 1.
 TINY_DSV_DEFAULTS = dict(
     dsv_block_q=32, dsv_block_kv=32, dsv_cube=[2, 4, 4], dsv_sample_stride=16,
-    dsv_stage1_min_steps=40, dsv_stage1_max_steps=60, dsv_loss_threshold=0.05,
+    dsv_stage1_min_steps=30, dsv_stage1_max_steps=50, dsv_loss_threshold=0.05,
     dsv_profile_interval_stage1=4, dsv_profile_interval_stage2=10, dsv_layer_sparsity_threshold=0.3,
     dsv_predictor_lr=1e-2,
 )
-TINY_DEFAULTS = dict(train_iters=150, lr=1e-3, micro_batch_size=2, eval_interval=50)
+TINY_DEFAULTS = dict(train_iters=120, lr=1e-3, micro_batch_size=2, eval_interval=40)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -250,7 +250,18 @@ def main(argv=None):
         save_checkpoint(args.save, model, opt, args.train_iters, args)
     if writer is not None:
         writer.close()
+    if dsv_cfg:
+        for layer in dsv_metrics(model)["layers"]:
+            print(f"layer {layer['layer']}: stage {layer['stage']}, {'sparse' if layer['sparse'] else 'dense'}, "
+                  f"block sparsity {_fmt_list(layer['block_sparsity'])}, budget {_fmt_list(layer['budget'])}, "
+                  f"recall {_fmt_list(layer['recall'])}, predictor loss {layer['predictor_loss']:.3f}, "
+                  f"forward ms: selection {layer.get('selection_ms', 0.0):.1f}, "
+                  f"attention {layer.get('attention_ms', 0.0):.1f}", flush=True)
     print(f"done: {args.train_iters - start} steps in {_fmt_time(time.time() - t_start)}", flush=True)
+
+
+def _fmt_list(values):
+    return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
 
 
 if __name__ == "__main__":
