@@ -176,6 +176,10 @@ def _merge(outs, lses):
     """Exact softmax merge of partial results; rows with no keys anywhere give zeros, gradients stay finite."""
     if len(outs) == 1:
         return outs[0]
+    if any(o.requires_grad and not l.requires_grad for o, l in zip(outs, lses)):
+        # Merged gradients need d(lse): without it the result would be silently wrong.
+        raise NotImplementedError("the 'ring' schedule needs a block_sparse_attention backend that propagates "
+                                  "gradients through lse; use schedule='gather' with this backend")
     lse = torch.stack(lses)                                   # [t, b, n, s]
     m = lse.amax(0).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -266,7 +266,7 @@ def remote_fraction(P: int, U: int, group: str, cost: CostModel) -> float:
 
 def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, schedule: str,
              cost: CostModel) -> Dict[str, float]:
-    """Modelled fwd+bwd time of the slowest rank and its parts (seconds), plus memory (GiB)."""
+    """Modelled fwd+bwd time of the slowest rank and its parts (seconds), and the largest memory of any rank (GiB)."""
     R = P // U
     S, b, d, e = shape.seq_len, shape.batch, shape.head_dim, cost.bytes_per_elem
     s_local, seg = S / P, S / R
@@ -303,7 +303,9 @@ def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, sche
         row = dict(total=total, compute=compute, a2a=a2a, klr=klr, exchange=exchange_fwd + exchange_bwd,
                    memory_gib=mem_bytes / 2 ** 30, exchange_bytes=x_bytes, a2a_bytes=a2a_bytes)
         if worst is None or total > worst["total"]:
-            worst = row
+            worst = dict(row, memory_gib=max(row["memory_gib"], worst["memory_gib"]) if worst else row["memory_gib"])
+        else:
+            worst["memory_gib"] = max(worst["memory_gib"], row["memory_gib"])
     return worst
 
 
