@@ -3,6 +3,7 @@
     python examples/pretrain_video_dit.py                 # tiny model, CPU: ~2 min, stage 1 -> stage 2
     python examples/pretrain_video_dit.py --dense         # the dense baseline, same seed and data
     python examples/pretrain_video_dit.py --model small --train-iters 2000   # GPU, bf16
+    python examples/pretrain_video_dit.py --data images   # camera over photos (needs scikit-image)
 
 One progress line per step: loss, DSV stage, layers running sparse, mean profiled
 block sparsity, predictor recall (share of true attention mass the selected blocks
@@ -63,6 +64,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--data", default="shapes", choices=["shapes", "images"],
+                   help="moving shapes, or camera pans/zooms over scikit-image's photos with sprites")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     g.add_argument("--recompute-activations", action="store_true",
@@ -181,8 +184,11 @@ def main(argv=None):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
     start = load_checkpoint(args.load, model, opt) if args.load else 0
-    train_data = MovingShapes(dit.latent_channels, dit.latent_shape, seed=args.seed)
-    val_data = MovingShapes(dit.latent_channels, dit.latent_shape, seed=args.seed + 1_000_000)
+    dataset = MovingShapes
+    if args.data == "images":
+        from video_dit.data_images import CameraOverImages as dataset
+    train_data = dataset(dit.latent_channels, dit.latent_shape, seed=args.seed)
+    val_data = dataset(dit.latent_channels, dit.latent_shape, seed=args.seed + 1_000_000)  # held out
     gen = torch.Generator().manual_seed(args.seed + start)
     writer = None
     if args.tensorboard_dir:

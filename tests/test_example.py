@@ -163,3 +163,26 @@ def test_main_job_dense_baseline():
     out = _run_job("--train-iters", "3", "--dense")
     steps = _steps(out)
     assert sorted(steps) == [1, 2, 3] and all("| dense |" in line for line in steps.values())
+
+
+def test_camera_over_images_data():
+    pytest.importorskip("skimage", reason="scikit-image (optional, for the 'images' dataset) is not installed")
+    from video_dit.data_images import NUM_CAPTIONS, CameraOverImages
+
+    ds = CameraOverImages(4, (6, 24, 32), seed=1)
+    x, cap = ds.batch(0, 8)
+    y, cap2 = CameraOverImages(4, (6, 24, 32), seed=1).batch(0, 8)
+    assert x.shape == (8, 4, 6, 24, 32) and torch.equal(x, y) and torch.equal(cap, cap2)
+    assert not torch.equal(x, CameraOverImages(4, (6, 24, 32), seed=2).batch(0, 8)[0])
+    assert torch.isfinite(x).all() and 0.3 < float(x.std()) < 3
+    assert ((cap >= 0) & (cap < NUM_CAPTIONS)).all()
+    # The camera moves: every clip changes over time, and neighbouring frames are closer than the ends.
+    diff = lambda a, b: (x[:, :, a] - x[:, :, b]).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    assert (diff(0, -1) > 0.01).all()
+    assert (diff(0, 1) < diff(0, -1)).float().mean() >= 0.75
+
+
+def test_main_job_on_images():
+    pytest.importorskip("skimage", reason="scikit-image (optional, for the 'images' dataset) is not installed")
+    steps = _steps(_run_job("--train-iters", "2", "--data", "images", "--eval-interval", "2"))
+    assert sorted(steps) == [1, 2] and "val " in steps[2]
