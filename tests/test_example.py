@@ -130,7 +130,7 @@ def _run_job(*extra, timeout=120):
            "--latent-shape", "4", "16", "16", "--eval-iters", "1", "--eval-interval", "6",
            "--dsv-stage1-min-steps", "3", "--dsv-stage1-max-steps", "5", "--dsv-profile-interval-stage1", "1",
            "--dsv-profile-interval-stage2", "2", "--dsv-layer-sparsity-threshold", "0.2", *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

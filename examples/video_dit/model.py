@@ -217,6 +217,7 @@ def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bo
         activation_func=lambda x: F.gelu(x, approximate="tanh"),
         bias_activation_fusion=False,
         apply_rope_fusion=False,
+        qk_layernorm=dit.qk_norm,  # megatron-core >= 0.19 only builds the spec's q/k norms when this is set
         normalization="RMSNorm",  # used by the q/k norms only; the adaLN norms are built here
         use_cpu_initialization=True,
         bf16=bf16,
