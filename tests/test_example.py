@@ -186,3 +186,21 @@ def test_main_job_on_images():
     pytest.importorskip("skimage", reason="scikit-image (optional, for the 'images' dataset) is not installed")
     steps = _steps(_run_job("--train-iters", "2", "--data", "images", "--eval-interval", "2"))
     assert sorted(steps) == [1, 2] and "val " in steps[2]
+
+
+def test_main_job_tensorboard_and_jsonl_logs(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard (optional, for --tensorboard-dir) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run_job("--train-iters", "3", "--eval-interval", "3", "--tensorboard-dir", str(tmp_path / "tb"),
+             "--dsv-log", str(tmp_path / "dsv.jsonl"), "--log-json", str(tmp_path / "progress.jsonl"))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "dsv/block_sparsity", "dsv/recall", "dsv/layer02/budget"} <= tags
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "dsv.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["layers"]) == 2
+    progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert progress[-1]["val_loss"] > 0 and progress[-1]["dsv"]["stage"] == 1
