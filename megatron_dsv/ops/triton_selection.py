@@ -23,9 +23,10 @@ from .reference import _pad_seq
 # CUDA graph then reads a persistent buffer instead of a host-to-device copy baked into the graph.
 _BUDGET_CACHE: dict = {}
 
-# Precision of the proxy . k_lr products on the GPU: "ieee" (exact float32 FMAs) or "tf32x3"
-# (three tf32 tensor-core products, ~float32 accuracy); the benchmark compares them.
-SCORE_PRECISION = "ieee"
+# Precision of the proxy . k_lr products on the GPU. "tf32x3" (three tf32 tensor-core products,
+# near-float32 accuracy) picked the same blocks as "ieee" float32 FMAs in 99.99-100% of the rows on
+# H100 at 64k tokens and ran 2.4x faster (0.61 vs 1.49 ms); plain "tf32" changed 4-11% of the rows.
+SCORE_PRECISION = "tf32x3"
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
