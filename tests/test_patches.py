@@ -4,8 +4,17 @@ Each diff's header names the release (``# Upstream: pkg==version``) and the patc
 files (``# File: path`` inside the package). The released wheel is downloaded once per
 test session without dependencies (``pip download --no-deps``, a few MB) into a pytest
 tmp dir; the tests skip only when the package registry cannot be reached.
+
+The WAN patch is also run: the released Megatron-Bridge WAN model code, patched, is
+imported in a subprocess (this file is its script, see ``__main__``) with stand-ins only
+for what needs CUDA or is not installed here (Transformer Engine modules -> megatron-core
+local modules and a torch-SDPA core attention; diffusers' timestep embeddings; Bridge's
+provider base classes), and the DSV model (stage 1: dense attention on cube-ordered
+tokens) must reproduce the stock model's output and gradients.
 """
 
+import json
+import os
 import pathlib
 import py_compile
 import re
@@ -112,3 +121,178 @@ def test_patch_applies_to_released_package(diff, released_wheel, tmp_path):
     for f in files:
         py_compile.compile(str(tmp_path / f), doraise=True)
         assert "dsv" in (tmp_path / f).read_text()
+
+
+# --------------------------------------------------------------------------- the patched WAN, run
+WAN_DIFF = pathlib.Path(__file__).parents[1] / "patches" / "megatron-bridge-0.6.2-wan-dsv.diff"
+WAN_PACKAGES = ("megatron/bridge/diffusion/models/common/", "megatron/bridge/diffusion/models/wan/")
+
+
+def test_patched_wan_runs_and_matches_stock_wan(released_wheel, tmp_path):
+    package, version, _, _ = parse(WAN_DIFF)
+    with zipfile.ZipFile(released_wheel(package, version)) as zf:
+        zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith(WAN_PACKAGES) and n.endswith(".py")])
+    proc = subprocess.run(["patch", "-p1", "--fuzz=0", "-i", str(WAN_DIFF)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, __file__, "wan", str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["core"] == ["DSVDotProductAttention", "TEDotProductAttention"]  # self, cross
+    assert result["layout_grid"] == [4, 4, 8]
+    assert result["missing"] and all(".full_self_attention.core_attention." in k for k in result["missing"])
+    assert result["out_rel_err"] < 1e-5, result
+    assert result["grad_rel_err"] < 1e-4, result
+    assert "packed THD" in result["packed_error"]
+
+
+def _wan_worker(root: str):
+    """Build stock and DSV WAN through the patched provider; print one JSON line of results."""
+    import sys
+    import types
+    from typing import Generic, TypeVar
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import attention as mcore_attention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dsv import DSVConfig
+    from megatron_dsv.layers import SDPADotProductAttention
+
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+        return mod
+
+    # Bridge 0.6.2 passes name= to attention and linear classes; megatron-core 0.16 has no such argument.
+    def drop_name(cls):
+        return type(cls.__name__, (cls,), {"__init__": lambda self, *a, name=None, **k: cls.__init__(self, *a, **k)})
+
+    for cls_name in ("SelfAttention", "CrossAttention"):
+        setattr(mcore_attention, cls_name, drop_name(getattr(mcore_attention, cls_name)))
+
+    class TEDotProductAttention(SDPADotProductAttention):
+        """Stand-in for TE attention: dense torch SDPA, also for a one-sequence THD batch."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            assert packed_seq_params.cu_seqlens_q.numel() == 2 and query.dim() == 3
+            out = super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), None)
+            return out.squeeze(1)
+
+    # megatron-core's TE module imports without TE (placeholders); put CPU stand-ins in their place.
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    te_ext.__dict__.update(TEColumnParallelLinear=drop_name(ColumnParallelLinear),
+                           TERowParallelLinear=drop_name(RowParallelLinear), TENorm=WrappedTorchNorm,
+                           TEDotProductAttention=TEDotProductAttention, SplitAlongDim=None)
+
+    class Timesteps(torch.nn.Module):  # diffusers' sinusoidal timestep features, cos first
+        def __init__(self, num_channels, flip_sin_to_cos=True, downscale_freq_shift=0):
+            super().__init__()
+            self.half = num_channels // 2
+
+        def forward(self, t):
+            freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(self.half) / self.half)
+            args = t.float()[:, None] * freqs[None]
+            return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    class TimestepEmbedding(torch.nn.Module):  # diffusers' two-layer timestep MLP
+        def __init__(self, in_channels, time_embed_dim):
+            super().__init__()
+            self.linear_1 = torch.nn.Linear(in_channels, time_embed_dim)
+            self.act = torch.nn.SiLU()
+            self.linear_2 = torch.nn.Linear(time_embed_dim, time_embed_dim)
+
+        def forward(self, x):
+            return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
+
+    module("diffusers")
+    module("diffusers.models")
+    module("diffusers.models.embeddings", Timesteps=Timesteps, TimestepEmbedding=TimestepEmbedding)
+
+    # Bridge's package __init__ files pull in the whole library: load the model files directly.
+    for pkg in ("megatron.bridge", "megatron.bridge.diffusion", "megatron.bridge.diffusion.models",
+                "megatron.bridge.diffusion.models.common", "megatron.bridge.diffusion.models.wan"):
+        module(pkg, __path__=[os.path.join(root, *pkg.split("."))])
+    T = TypeVar("T")
+
+    class ModelProviderMixin(Generic[T]):
+        pass
+
+    module("megatron.bridge.models", __path__=[])
+    module("megatron.bridge.models.model_provider", ModelProviderMixin=ModelProviderMixin)
+    module("megatron.bridge.models.transformer_config", TransformerConfig=TransformerConfig)
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+
+    from megatron.bridge.diffusion.models.wan.wan_provider import WanModelProvider
+
+    shape = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, crossattn_emb_size=64,
+                 text_dim=32, freq_dim=16, in_channels=4, out_channels=4, patch_spatial=1, patch_temporal=1,
+                 use_cpu_initialization=True, apply_rope_fusion=False)
+    dsv_cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
+    torch.manual_seed(0)
+    stock = WanModelProvider(**shape).provide()
+    dsv = WanModelProvider(**shape, dsv=dsv_cfg).provide()
+    missing, unexpected = dsv.load_state_dict(stock.state_dict(), strict=False)
+    assert not unexpected, unexpected
+
+    grid, text_len = (4, 4, 8), 7
+    s = grid[0] * grid[1] * grid[2]
+    x = torch.randn(s, 1, 4)
+    t = torch.tensor([0.3])
+    context = torch.randn(text_len, 1, 32)
+    probe = torch.randn(s, 1, 4)  # a loss that depends on token order
+
+    def packed(lengths):
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+        cu_kv = torch.tensor([0, text_len], dtype=torch.int32)
+        return {"self_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu,
+                                                  cu_seqlens_kv_padded=cu, qkv_format="thd"),
+                "cross_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu_kv,
+                                                   cu_seqlens_kv_padded=cu_kv, qkv_format="thd")}
+
+    outs, grads = [], []
+    for model in (stock, dsv):
+        model.train()
+        out = model(x, grid_sizes=torch.tensor([grid]), t=t, context=context, packed_seq_params=packed([s]))
+        (out * probe).sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                                if n in dict(stock.named_parameters())]))
+    try:
+        dsv(torch.randn(2 * s, 1, 4), grid_sizes=torch.tensor([grid, grid]), t=t, context=context,
+            packed_seq_params=packed([s, s]))
+        packed_error = ""
+    except NotImplementedError as e:
+        packed_error = str(e)
+    layer = dsv.decoder.layers[0]
+    print(json.dumps({
+        "core": [type(layer.full_self_attention.core_attention).__name__,
+                 type(layer.cross_attention.core_attention).__name__],
+        "layout_grid": list(dsv._dsv_layout.grid),
+        "missing": missing,
+        "out_rel_err": float((outs[1] - outs[0]).norm() / outs[0].norm()),
+        "grad_rel_err": float((grads[1] - grads[0]).norm() / grads[0].norm()),
+        "packed_error": packed_error,
+    }))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["wan"]:
+        _wan_worker(sys.argv[2])
