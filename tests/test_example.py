@@ -204,3 +204,17 @@ def test_main_job_tensorboard_and_jsonl_logs(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["layers"]) == 2
     progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["val_loss"] > 0 and progress[-1]["dsv"]["stage"] == 1
+
+
+def test_e2e_bench_smoke(tmp_path):
+    """bench/e2e.py runs end to end (CPU, tiny shapes) and writes its JSON; timings mean nothing here."""
+    import json
+
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "e2e.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in res] == ["dense", "dsv@0.90", "dsv@0.95"]
+    assert all(r["sparse_layers"] == 2 for r in res[1:])
+    assert res[1]["density"] > res[2]["density"] > 0
