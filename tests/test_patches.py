@@ -155,6 +155,7 @@ def test_patched_wan_runs_and_matches_stock_wan(released_wheel, tmp_path):
     assert result["out_rel_err"] < 1e-5, result
     assert result["grad_rel_err"] < 1e-4, result
     assert "packed THD" in result["packed_error"]
+    assert result["core_from_mapping"] == "DSVDotProductAttention"
 
 
 def test_patched_flux_runs_and_matches_stock_flux(released_wheel, tmp_path):
@@ -320,6 +321,9 @@ def _worker_wan(root: str):
     result["core"] = [type(layer.full_self_attention.core_attention).__name__,
                       type(layer.cross_attention.core_attention).__name__]
     result["layout_grid"] = list(dsv._dsv_layout.grid)
+    # A config reloaded from YAML holds the DSV settings as a mapping.
+    as_dict = WanModelProvider(**shape, dsv={"rank": 4, "block_q": 32, "cube": [2, 4, 4], "block_kv": 32}).provide()
+    result["core_from_mapping"] = type(as_dict.decoder.layers[0].full_self_attention.core_attention).__name__
     print(json.dumps(result))
 
 
