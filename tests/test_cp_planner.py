@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from megatron_dsv.cp import (CostModel, Replanner, Shape, assign_heads, budget_blocks, densities, estimate,
+from megatron_dsv.cp import (CostModel, Replanner, Shape, assign_heads, assign_split, budget_blocks, densities, estimate,
                              fixed_plan, paper_like_densities, plan)
 from megatron_dsv.cp.groups import Grid
 from megatron_dsv.cp.planner import head_compute_s, sparse_rate
@@ -47,6 +47,45 @@ def test_lpt_not_worse_than_naive_and_balanced_on_paper_budgets():
     assert worst <= 1.05, f"LPT imbalance {worst:.3f} > 1.05 at 6 or 12 heads per rank"
 
 
+@pytest.mark.parametrize("H,U,n", [(16, 8, 500), (24, 8, 31), (5, 4, 2), (3, 3, 1), (7, 7, 4)])
+def test_split_shares_partition_every_head(H, U, n):
+    for seed in range(3):
+        costs = list(paper_like_densities(3, H, seed=seed)[1])
+        costs[1] = 1.0   # one head far above the mean rank load
+        heads_of, shares = assign_split(costs, U, n)
+        assert assign_split(costs, U, n) == (heads_of, shares), "deterministic"
+        ranges = {}
+        for hs, sh in zip(heads_of, shares):
+            assert len(hs) == len(set(hs)) >= 1 and list(hs) == sorted(hs), "every rank gets a share"
+            for h, (lo, hi, k) in zip(hs, sh):
+                assert k == n and 0 <= lo < hi <= n
+                ranges.setdefault(h, []).append((lo, hi))
+        assert sorted(ranges) == list(range(H)), "every head held somewhere"
+        for h, rs in ranges.items():
+            rs.sort()
+            assert rs[0][0] == 0 and rs[-1][1] == n and all(a[1] == b[0] for a, b in zip(rs, rs[1:])), \
+                f"head {h}: shares {rs} do not tile [0, {n})"
+        loads = [sum(costs[h] * (hi - lo) / k for h, (lo, hi, k) in zip(hs, sh)) for hs, sh in zip(heads_of, shares)]
+        assert sum(loads) == pytest.approx(sum(costs))
+        # Balanced up to one unit of the costliest head.
+        assert max(loads) <= sum(costs) / U + max(costs) / n + 1e-12
+        assert sum(len(hs) for hs in heads_of) - H <= U - 1 + sum(int(c * U / sum(costs)) for c in costs)
+
+
+def test_split_meets_imbalance_target_where_whole_heads_cannot():
+    """Paper-like budgets, 16 heads on U = 8 (2 per rank), 520k tokens and R = 16: ~500 query blocks/segment."""
+    worst_lpt = worst_split = 0.0
+    for seed in range(5):
+        for dens in paper_like_densities(16, 16, seed=seed)[1:-1]:
+            mean = sum(dens) / 8
+            hs, sh = assign_split(dens, 8, 520 * 1024 // 16 // 64)
+            loads = [sum(dens[h] * (hi - lo) / k for h, (lo, hi, k) in zip(a, b)) for a, b in zip(hs, sh)]
+            worst_split = max(worst_split, max(loads) / mean)
+            worst_lpt = max(worst_lpt, max(sum(dens[h] for h in a) for a in assign_heads(dens, 8)) / mean)
+    assert worst_lpt > 1.2, "2 heads per rank: whole heads cannot balance"
+    assert worst_split <= 1.05, f"split imbalance {worst_split:.3f}"
+
+
 def test_lpt_local_search_fixes_lpt_excess():
     # Plain LPT gives {5, 3} vs {4, 3, 3} -> loads 8, 10 ... here the search must reach the optimum 9/9.
     costs = [5.0, 4.0, 3.0, 3.0, 3.0]
@@ -83,11 +122,12 @@ def test_capped_variant_wins_under_a_memory_limit():
     # (q, k, v, out per head) forbids ranks with many heads, so the capped variant must be chosen.
     dens = [1.0] + [0.05] * 15
     shape = Shape(seq_len=256 * 1024, heads=16, head_dim=128)
-    free = plan(dens, shape=shape, P=4, U_candidates=[4], schedules=("gather",))
+    kw = dict(shape=shape, P=4, U_candidates=[4], schedules=("gather",), assignments=("lpt", "capped"))
+    free = plan(dens, **kw)
     assert free.assignment == "lpt" and max(len(h) for h in free.heads_of) > 4
     per_head_gib = 4 * (256 * 1024) * 128 * 2 / 2 ** 30
     tight = CostModel(memory_limit_gib=4.5 * per_head_gib)
-    capped = plan(dens, shape=shape, P=4, U_candidates=[4], schedules=("gather",), cost=tight)
+    capped = plan(dens, cost=tight, **kw)
     assert capped.assignment == "capped" and max(len(h) for h in capped.heads_of) == 4
     with pytest.raises(ValueError, match="memory limit"):
         plan(dens, shape=shape, P=4, U_candidates=[4], cost=CostModel(memory_limit_gib=1e-3))

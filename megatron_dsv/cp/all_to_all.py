@@ -57,32 +57,21 @@ def all_gather_ints(group: HybridCPGroup, values: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def head_perm(heads_of: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated head order of the plan and its inverse permutation."""
-    perm = torch.tensor([h for hs in heads_of for h in hs], dtype=torch.long)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    return perm, inv
-
-
 def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
     """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads)."""
     s, b, _, D = x.shape
-    perm, _ = head_perm(heads_of)
-    xp = x.index_select(2, perm.to(x.device))
-    sends, recv, off = {}, {}, 0
+    sends, recv = {}, {}
     for u2, c in enumerate(grid.u_peers):
-        n = len(heads_of[u2])
-        sends[c] = xp[:, :, off:off + n].contiguous()
+        sends[c] = x.index_select(2, torch.tensor(heads_of[u2], device=x.device))
         recv[c] = s * b * len(heads_of[grid.u]) * D
-        off += n
     got = block_all_to_all(group, sends, recv, dtype=x.dtype, device=x.device, name="head_a2a")
     n_me = len(heads_of[grid.u])
     return torch.cat([got[c].view(s, b, n_me, D) for c in grid.u_peers], dim=0)
 
 
-def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of):
-    """[U * s_local, b, |heads_of[u]|, D] -> [s_local, b, H, D] (inverse of _seq_to_head)."""
+def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
+    """[U * s_local, b, |heads_of[u]|, D] -> [s_local, b, H, D]: the adjoint of _seq_to_head
+    (a head held by several ranks, split along its queries, gets the sum of their parts)."""
     seg, b, n_me, D = y.shape
     s = seg // grid.U
     sends, recv = {}, {}
@@ -90,56 +79,71 @@ def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of):
         sends[c] = y[u2 * s:(u2 + 1) * s]
         recv[c] = s * b * len(heads_of[u2]) * D
     got = block_all_to_all(group, sends, recv, dtype=y.dtype, device=y.device, name="head_a2a")
-    _, inv = head_perm(heads_of)
-    parts = [got[c].view(s, b, len(heads_of[u2]), D) for u2, c in enumerate(grid.u_peers)]
-    return torch.cat(parts, dim=2).index_select(2, inv.to(y.device))
+    out = y.new_zeros(s, b, H, D)
+    for u2, c in enumerate(grid.u_peers):   # fixed order: deterministic sums
+        out.index_add_(2, torch.tensor(heads_of[u2], device=y.device), got[c].view(s, b, len(heads_of[u2]), D))
+    return out
 
 
 class _HeadAllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, grid, heads_of, to_heads):
-        ctx.args = (group, grid, heads_of, to_heads)
-        return (_seq_to_head if to_heads else _head_to_seq)(x, group, grid, heads_of)
+    def forward(ctx, x, group, grid, heads_of, H, to_heads):
+        ctx.args = (group, grid, heads_of, H, to_heads)
+        if to_heads:
+            return _seq_to_head(x, group, grid, heads_of)
+        return _head_to_seq(x, group, grid, heads_of, H)
 
     @staticmethod
     def backward(ctx, g):
-        group, grid, heads_of, to_heads = ctx.args
-        back = _head_to_seq if to_heads else _seq_to_head
-        return back(g.contiguous(), group, grid, heads_of), None, None, None, None
+        group, grid, heads_of, H, to_heads = ctx.args
+        g = g.contiguous()
+        back = _head_to_seq(g, group, grid, heads_of, H) if to_heads else _seq_to_head(g, group, grid, heads_of)
+        return back, None, None, None, None, None
 
 
-def check_heads_of(heads_of, U: int, H: int) -> None:
+def check_heads_of(heads_of, U: int, H: int, *, partition: bool = False) -> None:
+    """Every head held by at least one rank (exactly one if partition), at most once per rank."""
     if len(heads_of) != U:
         raise ValueError(f"heads_of has {len(heads_of)} entries but U={U}")
-    flat = sorted(h for hs in heads_of for h in hs)
-    if flat != list(range(H)):
-        raise ValueError(f"heads_of must list each of the {H} heads exactly once, got {heads_of}")
+    for hs in heads_of:
+        if len(set(hs)) != len(hs) or any(not 0 <= h < H for h in hs):
+            raise ValueError(f"heads_of[u] must list distinct heads in [0, {H}), got {hs}")
+    held = sorted(h for hs in heads_of for h in hs)
+    if sorted(set(held)) != list(range(H)) or (partition and len(held) != H):
+        what = "exactly once" if partition else "at least once"
+        raise ValueError(f"heads_of must list each of the {H} heads {what}, got {heads_of}")
 
 
 def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torch.Tensor:
     """Head all-to-all within the U group, differentiable.
 
-    x: this rank's sequence shard [s_local, b, H, D] (sbhd). heads_of[u]: the global head ids
-    that U-rank u computes (uneven counts allowed; every head exactly once).
+    x: this rank's sequence shard [s_local, b, H, D] (sbhd). heads_of[u]: the global head ids that
+    U-rank u computes (uneven counts allowed; every head at least once: a head given to several
+    ranks is sent to each of them, and :func:`head_to_seq` sums their results).
     Returns [U * s_local, b, len(heads_of[u]), D]: the contiguous segment of the U group
     (tokens of U-ranks 0..U-1 in order) for this rank's heads, in heads_of[u] order.
     """
     if x.dim() != 4:
         raise ValueError(f"seq_to_head expects [s_local, b, heads, d], got {tuple(x.shape)}")
-    check_heads_of(heads_of, U, x.shape[2])
-    return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), True)
+    H = x.shape[2]
+    check_heads_of(heads_of, U, H)
+    return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), H, True)
 
 
-def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torch.Tensor:
-    """Inverse of :func:`seq_to_head`: [U * s_local, b, n_u, D] -> [s_local, b, H, D], differentiable."""
+def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of, heads: int = None) -> torch.Tensor:
+    """Adjoint of :func:`seq_to_head`: [U * s_local, b, n_u, D] -> [s_local, b, H, D], differentiable.
+
+    A head held by several ranks receives the sum of their values (each computes a disjoint share
+    of the head's queries and zeros elsewhere). heads: H (default: the largest head id + 1).
+    """
     if y.dim() != 4 or y.shape[0] % U:
         raise ValueError(f"head_to_seq expects [U * s_local, b, heads_u, d] with U={U}, got {tuple(y.shape)}")
     grid = group.grid(U)
-    H = sum(len(hs) for hs in heads_of)
+    H = heads if heads is not None else 1 + max(h for hs in heads_of for h in hs)
     check_heads_of(heads_of, U, H)
     if y.shape[2] != len(heads_of[grid.u]):
         raise ValueError(f"rank holds {y.shape[2]} heads but the plan gives it {len(heads_of[grid.u])}")
-    return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), False)
+    return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), H, False)
 
 
 def _gather_segments(x, group: HybridCPGroup, grid: Grid):

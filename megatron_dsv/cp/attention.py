@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import dense_attention, select_blocks
-from .all_to_all import gather_segments, head_to_seq, seq_to_head
+from .all_to_all import check_heads_of, gather_segments, head_to_seq, seq_to_head
 from .groups import HybridCPGroup
 from .kv_exchange import sparse_kv_attention
 from .planner import CPPlan, budget_blocks
@@ -52,7 +52,8 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             block_q and block_kv.
         wq_lr, wk_lr: [H, d, r] predictor weights (replicated); selection runs without gradient.
         budgets: [H] per-head budgets over the whole sequence: int block counts or float fractions.
-        group, plan: the CP group and this layer's plan (``plan.P == group.size``).
+        group, plan: the CP group and this layer's plan (``plan.P == group.size``); a head that the
+            plan splits is computed by several ranks, each on its share of the query blocks.
     Returns out [s_local, b, H, d], differentiable in q, k, v; with return_selection also
     (kv_idx, kv_cnt) of this rank's heads ``plan.heads_of[u]`` and segment (global KV block ids).
     """
@@ -76,10 +77,22 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
         k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
         kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
                                        backend=backend)
+        kv_cnt = _keep_share(kv_cnt, plan, grid.u)
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
                                 scale=scale, schedule=plan.schedule, backend=backend)
-    out = head_to_seq(out_h, group, plan.U, plan.heads_of)
+    out = head_to_seq(out_h, group, plan.U, plan.heads_of, H)
     return (out, (kv_idx, kv_cnt)) if return_selection else out
+
+
+def _keep_share(kv_cnt, plan: CPPlan, u: int):
+    """A head split by the plan: this rank keeps only its share of the segment's query blocks
+    (the others get count 0: zero output, no work, nothing requested)."""
+    if not plan.shares or all(k == 1 for lo, hi, k in plan.shares[u]):
+        return kv_cnt
+    n = kv_cnt.shape[2]
+    rows = torch.arange(n, device=kv_cnt.device)
+    keep = torch.stack([(rows >= lo * n // k) & (rows < hi * n // k) for lo, hi, k in plan.shares[u]])
+    return torch.where(keep.unsqueeze(0), kv_cnt, torch.zeros_like(kv_cnt))
 
 
 def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, scale: Optional[float] = None,
@@ -89,7 +102,8 @@ def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, 
     Args:
         q, k, v: [s_local, b, H, d] (sbhd) shard of this CP rank (as for dsv_cp_attention).
         U: head-parallel size (U = P gives whole sequences per head: pure Ulysses).
-        heads_of: head assignment (default: contiguous chunks, uneven when U does not divide H).
+        heads_of: head assignment, each head on exactly one rank (default: contiguous chunks,
+            uneven when U does not divide H).
     Returns out [s_local, b, H, d], differentiable in q, k, v; with return_heads also
     (heads, q_seg, k_full): this rank's global head ids, its segment's queries [seg, b, n, d]
     and the whole sequence's keys [S, b, n, d] of those heads (detached), for the predictor and profiler.
@@ -98,11 +112,12 @@ def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, 
     H = q.shape[2]
     if heads_of is None:
         heads_of = tuple(tuple(h for h in range(H) if h * U // H == u) for u in range(U))
+    check_heads_of(heads_of, U, H, partition=True)
     qh, kh, vh = _to_heads(q, k, v, group, U, heads_of)
     kv = gather_segments(torch.cat([kh, vh], dim=-1), group, U)     # [S, b, n, 2d]
     d = q.shape[-1]
     k_full, v_full = kv[..., :d], kv[..., d:]
-    out = head_to_seq(dense_attention(qh, k_full, v_full, scale=scale, layout="sbhd"), group, U, heads_of)
+    out = head_to_seq(dense_attention(qh, k_full, v_full, scale=scale, layout="sbhd"), group, U, heads_of, H)
     if not return_heads:
         return out
     mine = tuple(heads_of[group.grid(U).u])

@@ -14,7 +14,8 @@ Cost model (per layer, forward + backward, of the slowest rank):
   klr       the all-gather of the low-rank keys for the selection (forward only);
   exchange  the KV blocks a rank's query blocks select from other segments, forward, and their
             gradients backward; unique blocks per head = min(1, kv_union * density) of the
-            blocks (an assumption: neighbouring cubes share most of their critical keys);
+            blocks (an assumption: neighbouring cubes share most of their critical keys), for a
+            share f of a split head's query blocks min(1, density * (1 + (kv_union - 1) * f));
             "gather" adds exchange to compute, "ring" overlaps round t+1's transfer with round
             t's forward attention (backward gradients are returned after the backward compute).
 """
@@ -28,7 +29,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-ASSIGNMENTS = ("lpt", "capped", "naive")
+ASSIGNMENTS = ("lpt", "capped", "split", "naive")
 SCHEDULES = ("gather", "ring")
 
 
@@ -90,7 +91,14 @@ class Shape:
 
 @dataclass(frozen=True)
 class CPPlan:
-    """One layer's plan. ``heads_of[u]``: ascending global head ids computed by U-rank u."""
+    """One layer's plan.
+
+    ``heads_of[u]``: ascending global head ids that U-rank u computes. Every head appears at least
+    once; a head split by the planner appears on several ranks, and ``shares[u][i] = (lo, hi, k)``
+    says that rank u computes pieces [lo, hi) of k of head heads_of[u][i]'s query blocks (query
+    blocks [lo * n // k, hi * n // k) of each segment of n query blocks). Empty ``shares``: no head
+    is split (every share (0, 1, 1)).
+    """
 
     P: int
     U: int
@@ -100,20 +108,22 @@ class CPPlan:
     predicted_s: float
     parts_s: Tuple[Tuple[str, float], ...] = field(default=(), compare=False)
     imbalance: float = 1.0
+    shares: Tuple[Tuple[Tuple[int, int, int], ...], ...] = ()
 
     @property
     def R(self) -> int:
         return self.P // self.U
 
-    def owner_of(self, head: int) -> int:
-        for u, hs in enumerate(self.heads_of):
-            if head in hs:
-                return u
-        raise ValueError(f"head {head} is not in the plan")
+    def share(self, u: int, i: int) -> Tuple[int, int, int]:
+        """(lo, hi, k) of the i-th head of U-rank u."""
+        return self.shares[u][i] if self.shares else (0, 1, 1)
+
+    def holders_of(self, head: int) -> Tuple[int, ...]:
+        return tuple(u for u, hs in enumerate(self.heads_of) if head in hs)
 
     def digest(self) -> str:
         """Hash of everything that changes what the ranks do (not of the predicted times)."""
-        text = repr((self.P, self.U, self.heads_of, self.assignment, self.schedule))
+        text = repr((self.P, self.U, self.heads_of, self.shares, self.assignment, self.schedule))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -164,27 +174,82 @@ def assign_heads(costs: Sequence[float], U: int, method: str = "lpt") -> Tuple[T
             lowers it (LPT alone leaves up to one small head of excess on a rank).
     capped: the same with at most ceil(H / U) heads per rank (equal counts when U divides H).
     naive:  Ulysses order: contiguous equal chunks of heads in natural order.
+    (split: see :func:`assign_split`.)
     """
     H = len(costs)
-    if method not in ASSIGNMENTS:
-        raise ValueError(f"method={method!r} is not one of {list(ASSIGNMENTS)}")
+    if method not in ("lpt", "capped", "naive"):
+        raise ValueError(f"method={method!r} is not one of ['lpt', 'capped', 'naive']")
     if not 1 <= U <= H:
         raise ValueError(f"U={U} must lie in [1, heads={H}] (every head-parallel rank needs a head)")
     if method == "naive":
         return tuple(tuple(h for h in range(H) if h * U // H == u) for u in range(U))
-    cap = -(-H // U) if method == "capped" else H
+    owned = _assign_items(list(costs), list(range(H)), U, cap=-(-H // U) if method == "capped" else H)
+    return tuple(tuple(sorted(items)) for items in owned)
+
+
+def assign_split(costs: Sequence[float], U: int, n_units: int):
+    """Heads split along their query blocks so that every rank gets the same predicted compute.
+
+    McNaughton's wrap-around rule: heads in natural order are laid end to end (head h has n_units
+    units of cost costs[h] / n_units, its query blocks) and cut into U runs of equal cost, at unit
+    boundaries; rank u takes run u. Imbalance is at most one unit of the costliest head; a run
+    boundary splits at most one head, so at most U - 1 heads are split (more only when one head
+    costs more than a rank's share). Returns (heads_of, shares) with shares (lo, hi, n_units).
+    """
+    H = len(costs)
+    if not 1 <= U <= H:
+        raise ValueError(f"U={U} must lie in [1, heads={H}] (every head-parallel rank needs a head)")
+    if n_units < 1:
+        raise ValueError(f"n_units must be >= 1, got {n_units}")
+    total = float(sum(costs))
+    if total <= 0:
+        return assign_heads(costs, U, "lpt"), ()
+    # Units laid end to end: position h * n_units + m. Cut u (u = 1..U-1) at the unit nearest to
+    # cumulative cost u * total / U, kept strictly increasing so that every rank gets a unit.
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    end = H * n_units
+    cuts = [0]
+    for u in range(1, U):
+        target = u * total / U
+        h = next(h for h in range(H) if prefix[h + 1] >= target and costs[h] > 0)
+        unit = min(n_units, max(0, round((target - prefix[h]) / (costs[h] / n_units))))
+        cuts.append(min(max(h * n_units + unit, cuts[-1] + 1), end - (U - u)))
+    cuts.append(end)
+    heads_of, shares = [], []
+    for u in range(U):
+        hs, sh = [], []
+        for h in range(cuts[u] // n_units, H):
+            lo, hi = max(cuts[u] - h * n_units, 0), min(cuts[u + 1] - h * n_units, n_units)
+            if hi <= 0:
+                break
+            if hi > lo:
+                hs.append(h)
+                sh.append((lo, hi, n_units))
+        heads_of.append(tuple(hs))
+        shares.append(tuple(sh))
+    return tuple(heads_of), tuple(shares)
+
+
+def _assign_items(costs, group, U, cap):
+    """LPT of items (ties: lower item id; rank with least load, then fewer items, then lower id), at
+    most `cap` items per rank and never two items of one group on a rank; then a local search."""
     load = [0.0] * U
     owned = [[] for _ in range(U)]
-    for h in sorted(range(H), key=lambda h: (-costs[h], h)):
-        u = min((u for u in range(U) if len(owned[u]) < cap), key=lambda u: (load[u], len(owned[u]), u))
-        owned[u].append(h)
-        load[u] += costs[h]
-    _refine(costs, owned, load, cap)
-    return tuple(tuple(sorted(hs)) for hs in owned)
+    held = [set() for _ in range(U)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        u = min((u for u in range(U) if len(owned[u]) < cap and group[i] not in held[u]),
+                key=lambda u: (load[u], len(owned[u]), u))
+        owned[u].append(i)
+        held[u].add(group[i])
+        load[u] += costs[i]
+    _refine(costs, group, owned, held, load, cap)
+    return owned
 
 
-def _refine(costs, owned, load, cap, max_steps: int = 10000):
-    """Move or swap one head between the most loaded rank and another while that lowers the pair's
+def _refine(costs, group, owned, held, load, cap, max_steps: int = 10000):
+    """Move or swap one item between the most loaded rank and another while that lowers the pair's
     maximum below the current maximum; deterministic (fixed scan order, strict improvement)."""
     U = len(owned)
     for _ in range(max_steps):
@@ -193,29 +258,27 @@ def _refine(costs, owned, load, cap, max_steps: int = 10000):
         best = None   # (new pair max, a, v, b or None)
         for a in sorted(owned[hi]):
             for v in range(U):
-                if v == hi:
+                if v == hi or group[a] in held[v]:
                     continue
-                if len(owned[v]) < cap and len(owned[hi]) > 1:   # move a (keeps a head on every rank)
+                if len(owned[v]) < cap and len(owned[hi]) > 1:   # move a (keeps an item on every rank)
                     m = max(top - costs[a], load[v] + costs[a])
                     if best is None or m < best[0]:
                         best = (m, a, v, None)
                 for b in sorted(owned[v]):
-                    if costs[b] < costs[a]:
+                    if costs[b] < costs[a] and group[b] not in held[hi]:
                         m = max(top - costs[a] + costs[b], load[v] + costs[a] - costs[b])
                         if best is None or m < best[0]:
                             best = (m, a, v, b)
         if best is None or best[0] >= top * (1 - 1e-12):
             return
         _, a, v, b = best
-        owned[hi].remove(a)
-        owned[v].append(a)
-        load[hi] -= costs[a]
-        load[v] += costs[a]
-        if b is not None:
-            owned[v].remove(b)
-            owned[hi].append(b)
-            load[v] -= costs[b]
-            load[hi] += costs[b]
+        for item, src, dst in ((a, hi, v),) + (((b, v, hi),) if b is not None else ()):
+            owned[src].remove(item)
+            held[src].discard(group[item])
+            owned[dst].append(item)
+            held[dst].add(group[item])
+            load[src] -= costs[item]
+            load[dst] += costs[item]
 
 
 # ---------------------------------------------------------------------- cost model
@@ -265,7 +328,7 @@ def remote_fraction(P: int, U: int, group: str, cost: CostModel) -> float:
 
 
 def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, schedule: str,
-             cost: CostModel) -> Dict[str, float]:
+             cost: CostModel, shares=()) -> Dict[str, float]:
     """Modelled fwd+bwd time of the slowest rank and its parts (seconds), and the largest memory of any rank (GiB)."""
     R = P // U
     S, b, d, e = shape.seq_len, shape.batch, shape.head_dim, cost.bytes_per_elem
@@ -274,14 +337,19 @@ def estimate(shape: Shape, dens: Sequence[float], P: int, U: int, heads_of, sche
     worst = None
     for u, hs in enumerate(heads_of):
         n = len(hs)
-        compute = sum(head_compute_s(dens[h], shape, R, cost) for h in hs)
+        frac = [(hi - lo) / k for lo, hi, k in shares[u]] if shares else [1.0] * n
+        compute = sum(f * head_compute_s(dens[h], shape, R, cost) for h, f in zip(hs, frac))
+        # A split head costs each holder whole-head all-to-all and low-rank-key transfers.
         # Head all-to-all: 4 tensors forward (q, k, v, out) and 4 backward.
-        a2a_bytes = 8 * s_local * b * d * e * max(H - n, (U - 1) * n)
+        a2a_bytes = 8 * s_local * b * d * e * max(sum(len(x) for x in heads_of) - n, (U - 1) * n)
         a2a = link_s(a2a_bytes, remote_fraction(P, U, "U", cost), 8 * (U - 1), cost) if U > 1 else 0.0
         rf = remote_fraction(P, U, "R", cost)
         klr = link_s((R - 1) * seg * b * n * shape.lr_rank * e, rf, R - 1, cost) if R > 1 else 0.0
         # Unique remote KV blocks, forward (K|V) and backward (their gradients).
-        blocks = sum(min(1.0, cost.kv_union * dens[h]) for h in hs) * shape.n_kv * b * (R - 1) / R
+        # A share f of a head's query blocks selects between one query block's budget (f -> 0) and the
+        # whole segment's union (f = 1): min(1, density * (1 + (kv_union - 1) * f)).
+        blocks = sum(min(1.0, dens[h] * (1 + (cost.kv_union - 1) * f)) for h, f in zip(hs, frac))
+        blocks *= shape.n_kv * b * (R - 1) / R
         x_bytes = blocks * shape.block_kv * 2 * d * e
         id_bytes = blocks * 8
         if R == 1:
@@ -335,7 +403,7 @@ def _divisors(P: int):
 
 
 def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_candidates: Optional[Sequence[int]] = None,
-         schedules: Sequence[str] = SCHEDULES, assignments: Sequence[str] = ("lpt", "capped"),
+         schedules: Sequence[str] = SCHEDULES, assignments: Sequence[str] = ("lpt", "capped", "split"),
          max_U: Optional[int] = None) -> CPPlan:
     """The fastest modelled plan for one layer.
 
@@ -357,36 +425,61 @@ def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_cand
     for s in schedules:
         if s not in SCHEDULES:
             raise ValueError(f"schedule {s!r} is not one of {list(SCHEDULES)}")
+    for a in assignments:
+        if a not in ASSIGNMENTS:
+            raise ValueError(f"assignment {a!r} is not one of {list(ASSIGNMENTS)}")
     best = None
     for U in cands:
         R = P // U
         costs = [head_compute_s(x, shape, R, cost) for x in dens]
+        n_units = max(1, shape.seq_len // (R * shape.block_q))   # query blocks per segment
         for method in assignments:
-            heads_of = assign_heads(costs, U, method)
-            loads = [sum(costs[h] for h in hs) for hs in heads_of]
-            mean = sum(loads) / U
-            imbalance = max(loads) / mean if mean > 0 else 1.0
+            heads_of, shares = _assign(costs, U, method, n_units)
+            imbalance = _imbalance(costs, heads_of, shares)
             for schedule in schedules:
-                est = estimate(shape, dens, P, U, heads_of, schedule, cost)
+                est = estimate(shape, dens, P, U, heads_of, schedule, cost, shares)
                 if est["memory_gib"] > cost.memory_limit_gib:
                     continue
                 if best is None or est["total"] < best.predicted_s:
                     parts = tuple((k, float(v)) for k, v in est.items() if k != "total")
-                    best = CPPlan(P, U, heads_of, method, schedule, float(est["total"]), parts, float(imbalance))
+                    best = CPPlan(P, U, heads_of, method, schedule, float(est["total"]), parts, float(imbalance),
+                                  shares)
     if best is None:
         raise ValueError(f"no plan fits the memory limit of {cost.memory_limit_gib} GiB")
     return best
 
 
+def _assign(costs, U, method, n_units=1):
+    if method == "split":
+        return assign_split(costs, U, n_units)
+    return assign_heads(costs, U, method), ()
+
+
+def _imbalance(costs, heads_of, shares) -> float:
+    """max / mean of the per-rank predicted compute."""
+    loads = []
+    for u, hs in enumerate(heads_of):
+        frac = [(hi - lo) / k for lo, hi, k in shares[u]] if shares else [1.0] * len(hs)
+        loads.append(sum(costs[h] * f for h, f in zip(hs, frac)))
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
 def fixed_plan(P: int, U: int, heads: int, *, schedule: str = "gather", assignment: str = "naive",
-               costs: Optional[Sequence[float]] = None) -> CPPlan:
-    """A plan with a given (U, schedule) and head assignment (naive order by default), no cost model."""
+               costs: Optional[Sequence[float]] = None, n_units: int = 1) -> CPPlan:
+    """A plan with a given (U, schedule) and assignment method (naive order by default), no cost model.
+
+    n_units: query blocks per segment, the unit of the "split" assignment."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment={assignment!r} is not one of {list(ASSIGNMENTS)}")
     if P % U:
         raise ValueError(f"U={U} must divide P={P}")
     costs = [1.0] * heads if costs is None else list(costs)
-    return CPPlan(P, U, assign_heads(costs, U, assignment), assignment, schedule, float("nan"))
+    heads_of, shares = _assign(costs, U, assignment, n_units)
+    return CPPlan(P, U, heads_of, assignment, schedule, float("nan"), imbalance=_imbalance(costs, heads_of, shares),
+                  shares=shares)
 
 
 class Replanner:

@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_dsv.cp import (HybridCPGroup, dense_cp_attention, dsv_cp_attention, fixed_plan,  # noqa: E402
+from megatron_dsv.cp import (HybridCPGroup, assign_split, dense_cp_attention, dsv_cp_attention, fixed_plan,  # noqa: E402
                              gather_segments, head_to_seq, seq_to_head, sparse_kv_attention, plan, Shape,
                              check_plan_identical, allreduce_head_stats)
 from megatron_dsv.ops import block_sparse_attention, select_blocks  # noqa: E402
@@ -97,6 +97,19 @@ def check_layout(g: HybridCPGroup, H=7, b=2, s=3, D=5):
             yr = y.clone().requires_grad_()
             (head_to_seq(yr, g, U, heads_of) * (x * 2)).sum().backward()
             assert torch.equal(yr.grad, expect * 2), f"head_to_seq backward U={U}"
+            # Split heads (held by several ranks): each holder receives the head; the adjoint sums.
+            costs = [float(h % 3 == 0) * 5 + 1 for h in range(H)]
+            split_of, _ = assign_split(costs, U, 3)
+            mult = torch.zeros(H, dtype=F64)
+            for hs in split_of:
+                mult[list(hs)] += 1
+            ys = seq_to_head(x, g, U, split_of)
+            mine_s = torch.tensor(split_of[grid.u]).view(1, 1, -1, 1)
+            assert torch.equal(ys, code(seg_pos, mine_s, ch, bb).to(F64)), f"seq_to_head split U={U}"
+            assert torch.equal(head_to_seq(ys, g, U, split_of, H), x * mult.view(1, 1, H, 1)), "split adjoint"
+            xr = x.clone().requires_grad_()
+            seq_to_head(xr, g, U, split_of).sum().backward()
+            assert torch.equal(xr.grad, mult.view(1, 1, H, 1).expand_as(x)), "split seq_to_head backward"
             # Gather of the R group: the whole sequence of my heads, in order; backward sums back.
             full = gather_segments(y, g, U)
             allpos = torch.arange(0, P * s).view(-1, 1, 1, 1)
@@ -267,18 +280,27 @@ def check_entry_points(g, configs, *, s_local=32, b=2, H=6, d=8, r=4, bq=16, bkv
     sl = slice(g.index * s_local, (g.index + 1) * s_local)
     for U in configs:
         grid = g.grid(U)
-        for schedule in ("gather", "ring"):
-            pl = fixed_plan(P, U, H, schedule=schedule, assignment="lpt", costs=[float(x) for x in budgets])
+        nq = S // grid.R // bq
+        variants = [("gather", "lpt"), ("ring", "lpt")] + ([("gather", "split"), ("ring", "split")] if U > 1 else [])
+        for schedule, assignment in variants:
+            costs = [float(x) for x in budgets]
+            costs[0] = 3 * sum(costs)   # head 0 far above the mean rank load: "split" must share it
+            pl = fixed_plan(P, U, H, schedule=schedule, assignment=assignment, costs=costs, n_units=nq)
+            if assignment == "split":
+                assert sum(len(h) for h in pl.heads_of) > H, "test needs a split head"
             ql, kl, vl = (t[sl].clone().requires_grad_() for t in (q, k, v))
             out, (my_idx, my_cnt) = dsv_cp_attention(ql, kl, vl, wq, wk, budgets, group=g, plan=pl, block_q=bq,
                                                      block_kv=bkv, backend="reference", return_selection=True)
             hs = torch.tensor(pl.heads_of[grid.u])
-            nq = S // grid.R // bq
-            assert torch.equal(my_cnt, cnt[:, hs, grid.j * nq:(grid.j + 1) * nq]), "selection counts differ"
+            expect_cnt = cnt[:, hs, grid.j * nq:(grid.j + 1) * nq].clone()
+            for i, (lo, hi, parts) in enumerate(pl.shares[grid.u] if pl.shares else []):
+                rows = torch.arange(nq)
+                expect_cnt[:, i, (rows < lo * nq // parts) | (rows >= hi * nq // parts)] = 0
+            assert torch.equal(my_cnt, expect_cnt), "selection counts differ"
             k_max = my_idx.shape[-1]
             assert torch.equal(my_idx, idx[:, hs, grid.j * nq:(grid.j + 1) * nq, :k_max]), "selection differs"
             (out * gout[sl]).sum().backward()
-            what = f"dsv_cp_attention U={U} {schedule} rank {g.index}"
+            what = f"dsv_cp_attention U={U} {schedule} {assignment} rank {g.index}"
             assert_close(out.detach(), ref_out[sl], what + " out")
             assert_close(ql.grad, ref_dq[sl], what + " dq")
             assert_close(kl.grad, ref_dk[sl], what + " dk")
