@@ -19,6 +19,7 @@ import pathlib
 import py_compile
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -75,10 +76,14 @@ def released_wheel(tmp_path_factory):
             wheels = sorted(dest.glob("*.whl")) if dest.exists() else []
             if failed or len(wheels) != 1:
                 unreachable = _registry_unreachable(package)
-                if unreachable:
-                    pytest.skip(f"package registry unreachable ({unreachable}); cannot fetch {package}=={version}")
-                pytest.fail(f"pip download {package}=={version} failed although the registry answers:\n{why}")
-            cache[key] = wheels[0]
+                if not unreachable:
+                    pytest.fail(f"pip download {package}=={version} failed although the registry answers:\n{why}")
+                # Remembered, so the other tests skip at once instead of waiting for pip again.
+                cache[key] = f"package registry unreachable ({unreachable}); cannot fetch {package}=={version}"
+            else:
+                cache[key] = wheels[0]
+        if isinstance(cache[key], str):
+            pytest.skip(cache[key])
         return cache[key]
 
     return get
@@ -140,7 +145,12 @@ def run_patched(kind, released_wheel, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # TORCHDYNAMO_DISABLE: megatron-core's jit_fuser would torch.compile the adaLN helpers (seconds on CPU).
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHDYNAMO_DISABLE="1")
+    # A port of its own: this pytest process may hold a gloo store on the inherited MASTER_PORT.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHDYNAMO_DISABLE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
     proc = subprocess.run([sys.executable, __file__, kind, str(tmp_path)], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -251,8 +261,6 @@ def _install_stand_ins(root: str):
     module("megatron.bridge.models.model_provider", ModelProviderMixin=ModelProviderMixin)
     module("megatron.bridge.models.transformer_config", TransformerConfig=TransformerConfig)
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
 
