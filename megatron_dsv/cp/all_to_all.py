@@ -49,12 +49,12 @@ def block_all_to_all(group: HybridCPGroup, sends: Dict[int, torch.Tensor], recv_
 
 
 def all_gather_ints(group: HybridCPGroup, values: torch.Tensor) -> torch.Tensor:
-    """All-gather an int64 CPU vector of equal length from every CP rank -> [P, n] (small metadata)."""
-    values = values.to(torch.int64).contiguous()
+    """All-gather an int64 vector of equal length from every CP rank -> [P, n] on the CPU (small metadata)."""
+    values = values.to(group.device, torch.int64).contiguous()
     out = [torch.empty_like(values) for _ in range(group.size)]
     dist.all_gather(out, values, group=group.group)
     group.note("meta", values.numel() * 8 * (group.size - 1), values.numel() * 8 * (group.size - 1))
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):

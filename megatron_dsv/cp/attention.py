@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import dense_attention, select_blocks
-from .all_to_all import check_heads_of, gather_segments, head_to_seq, seq_to_head
+from .all_to_all import all_gather_ints, check_heads_of, gather_segments, head_to_seq, seq_to_head
 from .groups import HybridCPGroup
 from .kv_exchange import sparse_kv_attention
 from .planner import CPPlan, budget_blocks
@@ -134,10 +134,11 @@ def allreduce_head_stats(stats: torch.Tensor, group: HybridCPGroup, heads: Optio
     if op not in ("mean", "sum"):
         raise ValueError(f"op={op!r} is not 'mean' or 'sum'")
     H = stats.shape[0]
-    mask = torch.zeros(H, dtype=torch.float64, device=stats.device)
-    mask[slice(None) if heads is None else heads] = 1.0
-    buf = torch.stack([stats.double() * mask, mask])
+    mask = torch.zeros(H, dtype=torch.float64, device=group.device)
+    mask[slice(None) if heads is None else heads.to(group.device)] = 1.0
+    buf = torch.stack([stats.to(group.device, torch.float64) * mask, mask])
     dist.all_reduce(buf, group=group.group)
+    buf = buf.to(stats.device)
     if op == "sum":
         return buf[0].to(stats.dtype)
     if bool((buf[1] == 0).any()):
@@ -148,8 +149,6 @@ def allreduce_head_stats(stats: torch.Tensor, group: HybridCPGroup, heads: Optio
 def check_plan_identical(plan: CPPlan, group: HybridCPGroup) -> None:
     """Debug check: every CP rank holds the same plan (compares digests); raises RuntimeError if not."""
     mine = torch.tensor([int(plan.digest(), 16) & ((1 << 62) - 1)], dtype=torch.int64)
-    out = [torch.empty_like(mine) for _ in range(group.size)]
-    dist.all_gather(out, mine, group=group.group)
-    values = [int(t) for t in out]
+    values = all_gather_ints(group, mine)[:, 0].tolist()
     if len(set(values)) != 1:
         raise RuntimeError(f"CP ranks disagree on the plan (digests {values}); budgets differ across ranks?")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 
@@ -107,6 +108,13 @@ class HybridCPGroup:
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's small metadata tensors live (NCCL needs CUDA tensors, gloo CPU ones)."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def grid(self, U: int) -> Grid:
         return Grid(self.size, U, self.index)

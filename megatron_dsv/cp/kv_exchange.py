@@ -289,15 +289,17 @@ def _post_round_back(ex: _Exchange, g_recv, t, like, d, block_kv):
 
 
 def _p2p(group, send, to_c, n_recv, from_c, like, tag, name):
-    """Non-blocking paired send/recv; an empty side is skipped (both ends know the counts)."""
-    works = []
+    """Paired send/recv, posted together (NCCL needs one group when both go to the same peer);
+    an empty side is skipped (both ends know the counts)."""
+    ops = []
     if send is not None and send.numel():
-        works.append(dist.isend(send, dst=group.ranks[to_c], group=group.group, tag=tag))
+        ops.append(dist.P2POp(dist.isend, send, group.ranks[to_c], group.group, tag))
     recv = None
     if n_recv:
         recv = torch.empty(n_recv, dtype=like.dtype, device=like.device)
-        works.append(dist.irecv(recv, src=group.ranks[from_c], group=group.group, tag=tag))
-    if works:
+        ops.append(dist.P2POp(dist.irecv, recv, group.ranks[from_c], group.group, tag))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if ops:
         elem = like.element_size()
         group.note(name, elem * (send.numel() if send is not None else 0), elem * n_recv)
     return works, recv, send

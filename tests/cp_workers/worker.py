@@ -348,6 +348,41 @@ def check_plan_sync(g):
     assert torch.allclose(got, expect, rtol=0, atol=1e-12), (got, expect)
 
 
+def check_errors(g):
+    """Bad input raises ValueError naming the problem (on every rank, before any collective)."""
+    P = g.size
+    q = torch.zeros(16, 1, 2, 8, dtype=F64)
+    w = torch.zeros(2, 8, 4, dtype=F64)
+    pl = fixed_plan(P, 1, 2)
+    cases = [
+        (lambda: dsv_cp_attention(q[:8], q[:8], q[:8], w, w, [1, 1], group=g, plan=pl, block_q=16, block_kv=16),
+         "multiple of block_q"),
+        (lambda: dsv_cp_attention(q, q, q, w, w, [1, 1], group=g, plan=fixed_plan(P + 1, 1, 2), block_q=16,
+                                  block_kv=16), "P="),
+        (lambda: dsv_cp_attention(q, q, q, w[:1], w[:1], [1, 1], group=g, plan=pl, block_q=16, block_kv=16),
+         "wq_lr"),
+        (lambda: dsv_cp_attention(q, q, q, w, w, [1.5, 0.1], group=g, plan=pl, block_q=16, block_kv=16),
+         r"\[0, 1\]"),
+        (lambda: seq_to_head(q, g, 1, ((0,),)), "each of the 2 heads"),
+        (lambda: seq_to_head(q, g, 1, ((0, 0, 1),)), "distinct"),
+        (lambda: sparse_kv_attention(q, q, q, torch.zeros(1, 2, 1, 1, dtype=torch.int32),
+                                     torch.ones(1, 2, 1, dtype=torch.int32), g, 1, block_q=16, block_kv=16,
+                                     schedule="tree"), "schedule"),
+    ]
+    if P > 1:
+        cases.append((lambda: dense_cp_attention(q, q, q, group=g, U=2 if P % 2 == 0 else P,
+                                                 heads_of=((0, 1), (0,)) + ((1,),) * ((2 if P % 2 == 0 else P) - 2)),
+                      "exactly once"))
+    import re
+    for fn, pattern in cases:
+        try:
+            fn()
+        except ValueError as e:
+            assert re.search(pattern, str(e)), f"error {e!r} does not name {pattern!r}"
+        else:
+            raise AssertionError(f"no ValueError for the {pattern!r} case")
+
+
 # ------------------------------------------------------------------------------------------ suites
 def suite(name, world):
     g = HybridCPGroup(record=True)
@@ -355,6 +390,7 @@ def suite(name, world):
     if name == "layout":
         check_layout(g)
         check_plan_sync(g)
+        check_errors(g)
     elif name == "sparse":
         check_sparse(g, divisors, S=32 * world if world % 3 else 16 * world * 2)
     elif name == "entry":
