@@ -5,12 +5,12 @@ files (``# File: path`` inside the package). The released wheel is downloaded on
 test session without dependencies (``pip download --no-deps``, a few MB) into a pytest
 tmp dir; the tests skip only when the package registry cannot be reached.
 
-The WAN patch is also run: the released Megatron-Bridge WAN model code, patched, is
-imported in a subprocess (this file is its script, see ``__main__``) with stand-ins only
-for what needs CUDA or is not installed here (Transformer Engine modules -> megatron-core
-local modules and a torch-SDPA core attention; diffusers' timestep embeddings; Bridge's
-provider base classes), and the DSV model (stage 1: dense attention on cube-ordered
-tokens) must reproduce the stock model's output and gradients.
+The WAN and Flux patches are also run: the released Megatron-Bridge model code, patched,
+is imported in a subprocess (this file is its script, see ``__main__``) with stand-ins
+only for what needs CUDA or is not installed here (Transformer Engine modules ->
+megatron-core local modules and a torch-SDPA core attention; diffusers' timestep
+embeddings; Bridge's provider base classes), and the DSV model (stage 1: dense attention,
+for WAN on cube-ordered tokens) must reproduce the stock model's output and gradients.
 """
 
 import json
@@ -98,6 +98,13 @@ def extract(wheel: pathlib.Path, files, dest: pathlib.Path):
             zf.extract(f, dest)
 
 
+def apply_patch(diff: pathlib.Path, root: pathlib.Path):
+    cmd = (["patch", "-p1", "--fuzz=0", "-i", str(diff)] if shutil.which("patch")
+           else ["git", "apply", str(diff)])
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_every_patch_names_its_release_and_files():
     assert PATCHES, "patches/ holds no .diff"
     for diff in PATCHES:
@@ -120,9 +127,7 @@ def test_patch_applies_to_released_package(diff, released_wheel, tmp_path):
         proc = subprocess.run(["git", "apply", "--check", str(diff)], cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(["patch", "-p1", "--fuzz=0", "-i", str(diff)] if "patch" in tools
-                          else ["git", "apply", str(diff)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    apply_patch(diff, tmp_path)
     for f in files:
         py_compile.compile(str(tmp_path / f), doraise=True)
         assert "dsv" in (tmp_path / f).read_text()
@@ -141,9 +146,7 @@ def run_patched(kind, released_wheel, tmp_path):
     package, version, _, _ = parse(diff)
     with zipfile.ZipFile(released_wheel(package, version)) as zf:
         zf.extractall(tmp_path, [n for n in zf.namelist() if n.startswith(MB_SOURCES) and n.endswith(".py")])
-    proc = subprocess.run(["patch", "-p1", "--fuzz=0", "-i", str(diff)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    apply_patch(diff, tmp_path)
     # TORCHDYNAMO_DISABLE: megatron-core's jit_fuser would torch.compile the adaLN helpers (seconds on CPU).
     # A port of its own: this pytest process may hold a gloo store on the inherited MASTER_PORT.
     with socket.socket() as sock:
