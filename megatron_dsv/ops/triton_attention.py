@@ -404,20 +404,53 @@ def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, 
     return dq, dk, dv
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
-        out, lse2 = _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
-        ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt)
-        ctx.args = (block_q, block_kv, scale, layout)
-        ctx.mark_non_differentiable(lse2)
-        return out, lse2
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.library): opaque to torch.compile, with fake implementations giving output
+# shapes, so a compiled or CUDA-graph-captured step calls the kernels as they are.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("megatron_dsv::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
+                          kv_cnt: torch.Tensor, block_q: int, block_kv: int, scale: float,
+                          layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32)."""
+    return _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
 
-    @staticmethod
-    def backward(ctx, dout, _dlse2):
-        q, k, v, out, lse2, kv_idx, kv_cnt = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    b, s_q, h, _ = split_dims(q, layout)
+    return q.new_empty(q.shape), q.new_empty((b, h, s_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("megatron_dsv::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse2: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+                          block_q: int, block_kv: int, scale: float,
+                          layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each contiguous in its input's layout."""
+    return _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+
+
+@block_sparse_attn_bwd.register_fake
+def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt)
+    ctx.args = (block_q, block_kv, scale, layout)
+    ctx.mark_non_differentiable(lse2)
+
+
+def _backward_rule(ctx, dout, _dlse2):
+    q, k, v, out, lse2, kv_idx, kv_cnt = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+block_sparse_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
@@ -432,7 +465,7 @@ def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv,
     q, k, v = (_unit_last(t) for t in (q, k, v))
     kv_idx = kv_idx.to(torch.int32)
     kv_cnt = kv_cnt.to(torch.int32)
-    out, lse2 = _BlockSparseAttention.apply(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+    out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout)
     if not return_lse:
         return out
     return out, lse2 * math.log(2.0)

@@ -108,19 +108,17 @@ def _score_keys_mean(proxy, k_lr, block_kv):
     return (ordered << 32) | (n_kv - 1 - torch.arange(n_kv, device=kh.device))
 
 
-def _device_budgets(budgets: torch.Tensor, device) -> torch.Tensor:
-    key = (tuple(budgets.tolist()), str(device))
+def _device_budgets(budgets: list, device) -> torch.Tensor:
+    key = (tuple(budgets), str(device))
     if key not in _BUDGET_CACHE:
-        _BUDGET_CACHE[key] = budgets.to(device)
+        _BUDGET_CACHE[key] = torch.tensor(budgets, dtype=torch.int64, device=device)
     return _BUDGET_CACHE[key]
 
 
-def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce):
-    """Triton backend of :func:`megatron_dsv.ops.select_blocks` (inputs already validated).
-
-    budgets: int64 CPU tensor [h], already clipped to n_kv; k_max = max(budgets.max(), 1).
-    Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
-    """
+@torch.library.custom_op("megatron_dsv::select_blocks", mutates_args=())
+def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, budgets: list[int], k_max: int, block_q: int,
+                     block_kv: int, kv_reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom op (torch.library) of the selection: opaque to torch.compile, shapes from the fake."""
     b, s_q, h, _ = q_lr.shape
     n_kv = -(-k_lr.shape[1] // block_kv)
     proxy = _proxies(q_lr, block_q)
@@ -136,3 +134,21 @@ def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_re
     kv_idx = torch.where(ids < n_kv, ids, -1).to(torch.int32)
     kv_cnt = budgets_dev.view(1, h, 1).expand(b, h, proxy.shape[2]).to(torch.int32).contiguous()
     return kv_idx, kv_cnt
+
+
+@select_blocks_op.register_fake
+def _(q_lr, k_lr, budgets, k_max, block_q, block_kv, kv_reduce):
+    b, s_q, h, _ = q_lr.shape
+    n_q = -(-s_q // block_q)
+    return (q_lr.new_empty((b, h, n_q, k_max), dtype=torch.int32),
+            q_lr.new_empty((b, h, n_q), dtype=torch.int32))
+
+
+def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce):
+    """Triton backend of :func:`megatron_dsv.ops.select_blocks` (inputs already validated).
+
+    budgets: int64 CPU tensor [h], already clipped to n_kv; k_max = max(budgets.max(), 1).
+    Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
+    """
+    return select_blocks_op(q_lr, k_lr, [int(x) for x in budgets.tolist()], int(k_max), block_q, block_kv,
+                            kv_reduce)
