@@ -43,8 +43,8 @@ def test_writers_get_per_layer_scalars(trained_metrics):
     log_dsv_metrics(metrics, tb, step=7)
     log_dsv_metrics(metrics, wandb, step=7)
     assert tb.scalars["dsv/stage"] == (1, 7)
-    assert 0.0 <= tb.scalars["dsv/layer01/token_sparsity"][0] <= 1.0
-    assert "dsv/layer02/recall" in tb.scalars and "dsv/layer02/budget" in tb.scalars
+    assert 0.0 <= tb.scalars["dsv/layer00/token_sparsity"][0] <= 1.0
+    assert "dsv/layer01/recall" in tb.scalars and "dsv/layer01/budget" in tb.scalars
     assert wandb.logged[0][1] == 7 and set(wandb.logged[0][0]) == set(tb.scalars)
     with pytest.raises(ValueError, match="writer must be"):
         log_dsv_metrics(metrics, object(), step=0)

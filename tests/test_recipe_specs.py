@@ -277,10 +277,6 @@ def test_apply_dsv_on_a_block_of_mixed_flux_layers():
         assert layer.submodules.self_attention.submodules.core_attention.module is DSVDotProductAttention
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "apply_dsv also replaces STDiT's factorised spatial_self_attention (one frame) and "
-    "temporal_self_attention (one pixel over time, shorter than a KV block); DSV is for 3D full "
-    "attention. Needs megatron_dsv/layers/spec.py to leave slots named spatial_*/temporal_* alone."))
 def test_stdit_factorised_attention_stays_dense():
     spec = nemo_stdit_spec()
     out = apply_dsv(spec, CFG)

@@ -41,8 +41,9 @@ def dsv_metrics(model) -> dict:
 def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
     """Write summary and per-layer scalars (mean over heads) to a TensorBoard writer or W&B run."""
     scalars = {f"dsv/{k}": v for k, v in metrics["summary"].items()}
-    for layer in metrics["layers"]:
-        tag = f"dsv/layer{layer['layer']:02d}"
+    # Tag by position: recipes such as Flux number several block types from 0 each.
+    for pos, layer in enumerate(metrics["layers"]):
+        tag = f"dsv/layer{pos:02d}"
         scalars[f"{tag}/stage"] = layer["stage"]
         scalars[f"{tag}/predictor_loss"] = layer["predictor_loss"]
         for key in ("token_sparsity", "block_sparsity", "recall", "budget"):

@@ -5,7 +5,8 @@ list; GPT, DiT with adaLN, WAN-style custom slots) in which the ``core_attention
 every self-attention is ``DSVDotProductAttention``. A spec counts as self-attention when
 its module is Megatron's ``SelfAttention`` (or a class whose name contains
 "SelfAttention") or when it fills a slot whose name contains "self_attention" (e.g.
-WAN's ``full_self_attention``). Cross-attention is never touched.
+WAN's ``full_self_attention``). Cross-attention and factorised attention (slots named
+``spatial_*`` / ``temporal_*``, as in STDiT) are never touched.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ def _module_name(module) -> str:
 
 def _is_self_attention(spec: ModuleSpec, slot: str) -> bool:
     name = _module_name(spec.module)
-    if "cross" in slot.lower() or "Cross" in name:
+    slot = slot.lower()
+    # Factorised attention (STDiT's spatial_/temporal_self_attention) attends within one frame or
+    # along one pixel's time axis: short sequences that are not 3D cubes, so it stays dense.
+    if "cross" in slot or "Cross" in name or slot.startswith(("spatial_", "temporal_")):
         return False
-    return "SelfAttention" in name or "self_attention" in slot.lower()
+    return "SelfAttention" in name or "self_attention" in slot
 
 
 def _dsv_core_attention(cfg: DSVConfig) -> ModuleSpec:
