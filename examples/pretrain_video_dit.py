@@ -41,7 +41,7 @@ TINY_DSV_DEFAULTS = dict(
     dsv_profile_interval_stage1=4, dsv_profile_interval_stage2=10, dsv_layer_sparsity_threshold=0.3,
     dsv_predictor_lr=1e-2,
 )
-TINY_DEFAULTS = dict(train_iters=120, lr=1e-3, micro_batch_size=2, eval_interval=40)
+TINY_DEFAULTS = dict(train_iters=100, lr=1e-3, micro_batch_size=2, eval_interval=50)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -226,8 +226,11 @@ def main(argv=None):
         step_times.append(step_s)
         done = step + 1
         metrics = dsv_metrics(model) if dsv_cfg else None
-        val = validate(model, val_data, args, device, autocast) if (
-            done % args.eval_interval == 0 or done == args.train_iters) else None
+        val = None
+        if done % args.eval_interval == 0 or done == args.train_iters:
+            val = validate(model, val_data, args, device, autocast)
+            if dsv_cfg:
+                dsv_metrics(model)  # drop validation's forward timings from the next step's
         if done % args.log_interval == 0 or val is not None:
             recent = step_times[-10:]
             mean_s = sum(recent) / len(recent)
@@ -256,8 +259,8 @@ def main(argv=None):
         save_checkpoint(args.save, model, opt, args.train_iters, args)
     if writer is not None:
         writer.close()
-    if dsv_cfg:
-        for layer in dsv_metrics(model)["layers"]:
+    if dsv_cfg and start < args.train_iters:  # the last training step's metrics (timings: its forward)
+        for layer in metrics["layers"]:
             print(f"layer {layer['layer']}: stage {layer['stage']}, {'sparse' if layer['sparse'] else 'dense'}, "
                   f"block sparsity {_fmt_list(layer['block_sparsity'])}, budget {_fmt_list(layer['budget'])}, "
                   f"recall {_fmt_list(layer['recall'])}, predictor loss {layer['predictor_loss']:.3f}, "

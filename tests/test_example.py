@@ -69,6 +69,9 @@ def test_tiny_forward_backward(megatron_parallel):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
     attn = model.decoder.layers[0]
+    w = attn.self_attention.linear_qkv.weight.view(SMALL.num_heads, 3, SMALL.head_dim, -1)
+    assert SMALL.qk_tied_init and torch.equal(w[:, 0], w[:, 1]) and not torch.equal(w[:, 0], w[:, 2])
+    assert float(attn.self_attention.q_layernorm.weight[0]) == SMALL.qk_norm_init
     assert isinstance(attn.self_attention.core_attention, SDPADotProductAttention)
     assert isinstance(attn.cross_attention.core_attention, TextCrossCoreAttention)
 

@@ -250,11 +250,18 @@ class VideoDiT(MegatronModule):
             self.register_buffer("caption_table", captions, persistent=False)
             self.text_proj = nn.Sequential(nn.Linear(dit.text_dim, h), nn.GELU(approximate="tanh"), nn.Linear(h, h))
         self.decoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False)
-        if dit.qk_norm:
-            with torch.no_grad():
-                for layer in self.decoder.layers:
-                    for norm in (layer.self_attention.q_layernorm, layer.self_attention.k_layernorm):
+        with torch.no_grad():
+            for layer in self.decoder.layers:
+                attn = layer.self_attention
+                if dit.qk_norm:
+                    for norm in (attn.q_layernorm, attn.k_layernorm):
                         norm.weight.fill_(dit.qk_norm_init)
+                if dit.qk_tied_init:  # linear_qkv rows are [q_h, k_h, v_h] per head (query groups = heads)
+                    w = attn.linear_qkv.weight.view(-1, 3, dit.head_dim, dit.hidden_size)
+                    w[:, 1] = w[:, 0]
+                    if attn.linear_qkv.bias is not None:
+                        b = attn.linear_qkv.bias.view(-1, 3, dit.head_dim)
+                        b[:, 1] = b[:, 0]
         self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, elementwise_affine=False)
         self.final_adaln = nn.Linear(h, 2 * h)
         self.final_linear = nn.Linear(h, dit.patch_dim)
