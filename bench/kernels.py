@@ -283,8 +283,9 @@ def tune(args, results):
                     for t in (False, True) if not (t and bn != block_kv)],
             "dq": [dict(BLOCK_N=n, num_warps=w, num_stages=2, tma=t) for n in sorted({bn, 128}) for w in (4, 8)
                    for t in (False, True) if not (t and n != block_kv)],
-            "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st, tma=t) for bm in (64, 128) if bm <= block_q
-                     for w in (4, 8) for st in (2, 3) for t in (False, True) if not (bm == 128 and w == 4)],
+            "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st, tma=t, D_MAJOR=dm) for bm in (64, 128)
+                     if bm <= block_q for w in (4, 8) for st in (2, 3) for t in (False, True) for dm in (False, True)
+                     if not (bm == 128 and w == 4) and (t or st == 2)],
         }
         calls = {
             "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.0),
@@ -292,8 +293,11 @@ def tune(args, results):
             "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, "bshd"),
                      2.0),
         }
-        results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base))
+        if "sel" in args.tune_kernels:
+            results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base))
         for kernel, cfgs in variants.items():
+            if kernel not in args.tune_kernels:
+                continue
             fn, flop_mult = calls[kernel]
             for cfg in cfgs:
                 ta.CONFIG_OVERRIDE.clear()
@@ -321,6 +325,7 @@ def main():
     ap.add_argument("--tune-density", type=float, default=0.1)
     ap.add_argument("--tune-blocks", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="+",
                     default=[(128, 64), (64, 64), (128, 16)])
+    ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
 

@@ -55,7 +55,9 @@ def _dq_config(block_q, block_kv, d):
 
 
 def _dkdv_config(block_q, block_kv, d):
-    cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2, tma=True)
+    # KV blocks under 64 rows: dk^T/dv^T accumulators (D_MAJOR) keep every product's M >= 64.
+    cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2, tma=True,
+               D_MAJOR=block_kv < 64)
     cfg.update(CONFIG_OVERRIDE.get("dkdv", {}))
     return cfg
 
@@ -226,7 +228,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, QDesc, DODesc,
                  sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
+                 D_MAJOR: tl.constexpr):
+    """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
+    (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -247,8 +252,12 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, QDesc, DODesc,
     seg = bh.to(tl.int64) * N_KV + kb
     first = tl.load(QOff + seg)
     last = tl.load(QOff + seg + 1)
-    dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    if D_MAJOR:
+        dk = tl.zeros([HEAD_DIM, BLOCK_KV], tl.float32)
+        dv = tl.zeros([HEAD_DIM, BLOCK_KV], tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
     # One flat loop over (list entry, BLOCK_M sub-tile): measured 25% faster on H100 than a
     # static inner loop over the sub-tiles (the loads pipeline across sub-tiles).
@@ -262,16 +271,31 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, QDesc, DODesc,
         # Rows past S_Q get lse +inf, so their probabilities are 0.
         lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
-        pt = tl.exp2(st - lse2[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    tl.store(DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+        if D_MAJOR:
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+            p = tl.exp2(s - lse2[:, None])
+            dv += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PREC)
+        else:
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
+            pt = tl.exp2(st - lse2[None, :])
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    if D_MAJOR:
+        tcols = offs_n[None, :].to(tl.int64)
+        tl.store(DK + b * sdk_b + h * sdk_h + tcols * sdk_s + offs_d[:, None],
+                 (dk * scale).to(DK.dtype.element_ty), mask=n_ok[None, :])
+        tl.store(DV + b * sdv_b + h * sdv_h + tcols * sdv_s + offs_d[:, None],
+                 dv.to(DV.dtype.element_ty), mask=n_ok[None, :])
+    else:
+        tl.store(DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
