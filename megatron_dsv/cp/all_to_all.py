@@ -9,7 +9,7 @@ by a decision that every rank takes from the same data.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict
 
 import torch
 import torch.distributed as dist

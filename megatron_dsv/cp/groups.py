@@ -16,7 +16,7 @@ the contiguous segment j of length U * s_local.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch

@@ -27,7 +27,7 @@ transient send/receive buffers to one round.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -198,13 +198,14 @@ class _SparseKVAttention(torch.autograd.Function):
         kv_cat = torch.cat([kh, vh], dim=-1).detach()            # [seg, b, n, 2d]
         kvb = kv_cat.permute(1, 2, 0, 3).unflatten(2, (ex.n_seg, block_kv))  # [b, n, n_seg, block_kv, 2d]
         local_hit, local_slot = ex.local_entries()
-        with torch.enable_grad():
-            q_leaf = qh.detach().requires_grad_()
-            kv_leaf = kv_cat.permute(1, 2, 0, 3).requires_grad_()          # [b, n, seg, 2d]
+        track = any(ctx.needs_input_grad[:3])   # keep a graph for backward only when one is needed
+        with torch.set_grad_enabled(track):
+            q_leaf = qh.detach().requires_grad_(track)
+            kv_leaf = kv_cat.permute(1, 2, 0, 3).requires_grad_(track)     # [b, n, seg, 2d]
             q_bshd = q_leaf.transpose(0, 1)
 
             def receive(part, blocks):
-                part.recv = blocks.view(-1, block_kv, 2 * d).requires_grad_()
+                part.recv = blocks.view(-1, block_kv, 2 * d).requires_grad_(track)
                 return _buffer(part.recv, part.bh, part.slot, part.n_slots, b, n)
 
             parts, outs, lses = [], [], []

@@ -305,6 +305,11 @@ def check_entry_points(g, configs, *, s_local=32, b=2, H=6, d=8, r=4, bq=16, bkv
             assert_close(ql.grad, ref_dq[sl], what + " dq")
             assert_close(kl.grad, ref_dk[sl], what + " dk")
             assert_close(vl.grad, ref_dv[sl], what + " dv")
+            with torch.no_grad():   # inference: no graph kept, same result
+                out_ng = dsv_cp_attention(q[sl], k[sl], v[sl], wq, wk, budgets, group=g, plan=pl, block_q=bq,
+                                          block_kv=bkv, backend="reference")
+            assert not out_ng.requires_grad
+            assert_close(out_ng, ref_out[sl], what + " no_grad out")
         # Stage 1: dense through head all-to-all, against the dense reference.
         qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
         dref = dense_attention_reference(qd, kd, vd, scale=d ** -0.5, layout="sbhd")
