@@ -10,7 +10,9 @@ several suites in a row, so process start-up is paid once per world size:
             a rank needing nothing, all-local -> every exchange skipped); bytes == closed form,
             never above a dense ring;
   entry     dsv_cp_attention (selection after the all-to-all) and dense_cp_attention (stage 1);
-  subgroups two CP groups of non-contiguous global ranks inside one world of 8.
+  subgroups two CP groups of non-contiguous global ranks inside one world of 8;
+  triton    the Triton backend under TRITON_INTERPRET=1 (set only in the workers' environment, so
+            the pytest process itself is unaffected), float32, against a float64 reference.
 A hang fails fast: 60 s gloo timeouts in the workers and a wall-clock limit here.
 """
 
@@ -24,8 +26,8 @@ import pytest
 WORKER = Path(__file__).parent / "cp_workers" / "worker.py"
 
 
-def launch(suites: str, world: int, tmp_path, limit_s: float = 150.0):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def launch(suites: str, world: int, tmp_path, limit_s: float = 150.0, **extra_env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra_env)
     init = tmp_path / "init"
     procs = [subprocess.Popen([sys.executable, str(WORKER), suites, str(world), str(r), str(init)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
@@ -52,3 +54,7 @@ def launch(suites: str, world: int, tmp_path, limit_s: float = 150.0):
 ])
 def test_cp_gloo(world, suites, tmp_path):
     launch(suites, world, tmp_path)
+
+
+def test_cp_gloo_triton_backend(tmp_path):
+    launch("triton", 2, tmp_path, TRITON_INTERPRET="1")

@@ -388,6 +388,38 @@ def check_errors(g):
             raise AssertionError(f"no ValueError for the {pattern!r} case")
 
 
+def check_triton(g, *, s_local=32, b=1, H=4, d=32, r=4, bq=16, bkv=16):
+    """The Triton backend (TRITON_INTERPRET=1 on CPU, float32) behind the CP entry point: strided
+    views of padded KV buffers, sbhd queries read as bshd. The ring schedule needs lse gradients from
+    the backend; until it has them it must refuse (NotImplementedError), never return wrong gradients."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "launch the triton suite with TRITON_INTERPRET=1"
+    P = g.size
+    S = s_local * P
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, gout = (torch.randn(S, b, H, d, generator=gen) for _ in range(4))
+    wq, wk = (torch.randn(H, d, r, generator=gen) for _ in range(2))
+    budgets = torch.tensor([S // bkv, 1, 3, 2])
+    q_lr, k_lr = torch.einsum("sbhd,hdr->bshr", q, wq), torch.einsum("sbhd,hdr->bshr", k, wk)
+    idx, cnt = select_blocks(q_lr, k_lr, budgets, block_q=bq, block_kv=bkv, backend="reference")
+    ref_out, ref_dq, ref_dk, ref_dv = reference(*(t.double() for t in (q, k, v, gout)), idx, cnt, bq, bkv)
+    sl = slice(g.index * s_local, (g.index + 1) * s_local)
+    for U in [u for u in range(1, P + 1) if P % u == 0]:
+        for schedule in ("gather", "ring"):
+            pl = fixed_plan(P, U, H, schedule=schedule, assignment="lpt", costs=[float(x) for x in budgets])
+            ql, kl, vl = (t[sl].clone().requires_grad_() for t in (q, k, v))
+            try:
+                out = dsv_cp_attention(ql, kl, vl, wq, wk, budgets, group=g, plan=pl, block_q=bq, block_kv=bkv,
+                                       backend="triton")
+            except NotImplementedError as e:
+                assert schedule == "ring" and P // U > 1 and "lse" in str(e), str(e)
+                continue
+            (out * gout[sl]).sum().backward()
+            for name, a, ref in (("out", out.detach(), ref_out), ("dq", ql.grad, ref_dq), ("dk", kl.grad, ref_dk),
+                                 ("dv", vl.grad, ref_dv)):
+                err = rel_err(a.double(), ref[sl])
+                assert err < 1e-5, f"triton U={U} {schedule} {name}: relative error {err:.2e}"
+
+
 # ------------------------------------------------------------------------------------------ suites
 def suite(name, world):
     g = HybridCPGroup(record=True)
@@ -400,6 +432,8 @@ def suite(name, world):
         check_sparse(g, divisors, S=32 * world if world % 3 else 16 * world * 2)
     elif name == "entry":
         check_entry_points(g, divisors)
+    elif name == "triton":
+        check_triton(g)
     elif name == "subgroups":
         # Two CP groups of non-contiguous global ranks (as Megatron lays out TP x CP); U x R = 2 x 2 each.
         evens, odds = [0, 2, 4, 6], [1, 3, 5, 7]
