@@ -31,7 +31,7 @@ from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
-from megatron_dsv.layers import dsv_metrics, log_dsv_metrics  # noqa: E402
+from megatron_dsv.layers import append_jsonl, dsv_metrics, log_dsv_metrics  # noqa: E402
 
 # The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
 # 32-token KV blocks (64 of each), a short stage 1.
@@ -76,7 +76,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-interval", type=int, default=200)
     g.add_argument("--eval-iters", type=int, default=2, help="held-out batches per validation")
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--dsv-log", default=None, help="JSON-lines file of per-layer, per-head DSV metrics")
+    g.add_argument("--dsv-log", default=None,
+                   help="JSON-lines file of per-layer, per-head DSV metrics (every --log-interval steps)")
     g.add_argument("--log-json", default=None, help="JSON-lines file of the progress records")
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
@@ -249,9 +250,7 @@ def main(argv=None):
                 writer.add_scalar("val/loss", val, done)
             if metrics:
                 log_dsv_metrics(metrics, writer, done)
-        if metrics and args.dsv_log:
-            from megatron_dsv.layers import append_jsonl
-
+        if metrics and args.dsv_log and (done % args.log_interval == 0 or val is not None):
             append_jsonl(args.dsv_log, metrics, done)
         if args.save and args.save_interval and done % args.save_interval == 0:
             save_checkpoint(args.save, model, opt, done, args)

@@ -222,3 +222,51 @@ def test_e2e_bench_smoke(tmp_path):
     assert [r["mode"] for r in res] == ["dense", "dsv@0.90", "dsv@0.95"]
     assert all(r["sparse_layers"] == 2 for r in res[1:])
     assert res[1]["density"] > res[2]["density"] > 0
+
+
+def _force_stage2(model, sparsity):
+    for layer in (m for m in model.modules() if isinstance(m, DSVDotProductAttention)):
+        state = layer.controller.state_dict()
+        state["stage"].fill_(2)
+        state["step"].fill_(1)  # not a profiling step
+        state["block_sparsity"].fill_(sparsity)
+        layer.controller.load_state_dict(state)
+
+
+def test_dsv_stage2_through_the_model(megatron_parallel):
+    """Stage 2 with every KV block selected equals dense; a real budget changes the output."""
+    cfg = DSV.replace(layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
+    torch.manual_seed(0)
+    dense = build_video_dit(SMALL, cube=cfg.cube)
+    dsv = build_video_dit(SMALL, dsv_config=cfg)
+    dsv.load_state_dict(dense.state_dict(), strict=False)
+    _perturb(dense)
+    _perturb(dsv)
+    x, cap, t, _ = _batch(SMALL)
+    dense.eval()
+    dsv.eval()
+    with torch.no_grad():
+        ref = dense(x, t, cap)
+        _force_stage2(dsv, 0.0)
+        full = dsv(x, t, cap)
+        assert all(m.last_used_sparse for m in dsv.modules() if isinstance(m, DSVDotProductAttention))
+        torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
+        _force_stage2(dsv, 0.75)
+        sparse = dsv(x, t, cap)
+    assert (sparse - ref).abs().max() > 1e-4
+
+
+def test_quality_script_smoke(tmp_path):
+    """bench/quality.py trains dense and DSV with the same arguments and summarises both."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--", "--train-iters", "4",
+         "--latent-shape", "4", "16", "16", "--eval-interval", "4", "--eval-iters", "1",
+         "--dsv-stage1-min-steps", "1", "--dsv-stage1-max-steps", "2", "--dsv-layer-sparsity-threshold", "0.2"],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert summary["steps"] == 4 and summary["dsv_stage"] == 2 and summary["dsv_sparse_layers"] == 2
+    assert summary["final_val_loss"]["dense"] > 0 and summary["final_val_loss"]["dsv"] > 0
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "dsv_profile.png").stat().st_size > 0
