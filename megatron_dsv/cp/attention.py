@@ -77,22 +77,23 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
         k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
         kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
                                        backend=backend)
-        kv_cnt = _keep_share(kv_cnt, plan, grid.u)
+        kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
                                 scale=scale, schedule=plan.schedule, backend=backend)
     out = head_to_seq(out_h, group, plan.U, plan.heads_of, H)
     return (out, (kv_idx, kv_cnt)) if return_selection else out
 
 
-def _keep_share(kv_cnt, plan: CPPlan, u: int):
+def _keep_share(kv_idx, kv_cnt, plan: CPPlan, u: int):
     """A head split by the plan: this rank keeps only its share of the segment's query blocks
-    (the others get count 0: zero output, no work, nothing requested)."""
+    (the others get count 0 and ids -1: zero output, no work, nothing requested)."""
     if not plan.shares or all(k == 1 for lo, hi, k in plan.shares[u]):
-        return kv_cnt
+        return kv_idx, kv_cnt
     n = kv_cnt.shape[2]
     rows = torch.arange(n, device=kv_cnt.device)
-    keep = torch.stack([(rows >= lo * n // k) & (rows < hi * n // k) for lo, hi, k in plan.shares[u]])
-    return torch.where(keep.unsqueeze(0), kv_cnt, torch.zeros_like(kv_cnt))
+    keep = torch.stack([(rows >= lo * n // k) & (rows < hi * n // k) for lo, hi, k in plan.shares[u]]).unsqueeze(0)
+    return (torch.where(keep.unsqueeze(-1), kv_idx, torch.full_like(kv_idx, -1)),
+            torch.where(keep, kv_cnt, torch.zeros_like(kv_cnt)))
 
 
 def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, scale: Optional[float] = None,

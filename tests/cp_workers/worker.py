@@ -293,12 +293,15 @@ def check_entry_points(g, configs, *, s_local=32, b=2, H=6, d=8, r=4, bq=16, bkv
                                                      block_kv=bkv, backend="reference", return_selection=True)
             hs = torch.tensor(pl.heads_of[grid.u])
             expect_cnt = cnt[:, hs, grid.j * nq:(grid.j + 1) * nq].clone()
+            k_max = my_idx.shape[-1]
+            expect_idx = idx[:, hs, grid.j * nq:(grid.j + 1) * nq, :k_max].clone()
             for i, (lo, hi, parts) in enumerate(pl.shares[grid.u] if pl.shares else []):
                 rows = torch.arange(nq)
-                expect_cnt[:, i, (rows < lo * nq // parts) | (rows >= hi * nq // parts)] = 0
+                outside = (rows < lo * nq // parts) | (rows >= hi * nq // parts)
+                expect_cnt[:, i, outside] = 0
+                expect_idx[:, i, outside] = -1
             assert torch.equal(my_cnt, expect_cnt), "selection counts differ"
-            k_max = my_idx.shape[-1]
-            assert torch.equal(my_idx, idx[:, hs, grid.j * nq:(grid.j + 1) * nq, :k_max]), "selection differs"
+            assert torch.equal(my_idx, expect_idx), "selection differs"
             (out * gout[sl]).sum().backward()
             what = f"dsv_cp_attention U={U} {schedule} {assignment} rank {g.index}"
             assert_close(out.detach(), ref_out[sl], what + " out")
