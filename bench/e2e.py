@@ -2,7 +2,7 @@
 
 The model is examples/video_dit at the DSV paper's 2.7B layer shape (hidden 2048, 16
 heads x 128, text cross-attention) with as many layers as --num-layers says; one step is
-forward + backward + AdamW update under bf16 autocast, micro-batch 1. For each token
+forward + backward + AdamW update with bf16 weights and fp32 master weights, micro-batch 1. For each token
 count it measures, in one process:
 
   dense         SDPADotProductAttention (megatron_dsv.ops.dense_attention: TE if
@@ -25,7 +25,6 @@ over profile_interval_stage2). Speedups are against the dense step of the same r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from video_dit import PRESETS, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+from video_dit.precision import MasterWeights  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.layers import DSVDotProductAttention, dsv_metrics  # noqa: E402
@@ -82,17 +82,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(model, opt, batch, device, autocast, warmup, iters):
+def time_steps(model, opt, master, batch, device, warmup, iters):
     x, cap, t, noise = batch
     times = []
     for i in range(warmup + iters):
         sync(device)
         t0 = time.perf_counter()
-        with autocast():
-            loss = flow_matching_loss(model, x, cap, t=t, noise=noise)
+        loss = flow_matching_loss(model, x, cap, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if master:
+            master.grads_to_master()
         opt.step()
+        if master:
+            master.master_to_params()
         sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
@@ -120,15 +123,15 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
     bf16 = device.type == "cuda"
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16,
                             cube=dsv_cfg.cube if dsv_cfg else tuple(args.cube)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    master = MasterWeights(model) if bf16 else None  # bf16 weights, fp32 masters, as in training
+    opt = torch.optim.AdamW(master.master if master else [p for p in model.parameters() if p.requires_grad],
+                            lr=1e-5)
     layers = set_stage2(model, sparsity) if dsv_cfg else []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     dsv_metrics(model)  # reset the forward timers
-    step_ms = time_steps(model, opt, batch, device, autocast, args.warmup, args.iters)
+    step_ms = time_steps(model, opt, master, batch, device, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     rec = {"mode": name, "step_ms": step_ms, "tokens_per_s": dit.num_tokens / (step_ms * 1e-3), "peak_gib": peak}
     if layers:
@@ -143,7 +146,7 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
             state = layer.controller.state_dict()
             state["step"].fill_(0)
             layer.controller.load_state_dict(state)
-        upkeep_ms = time_steps(model, opt, batch, device, autocast, 0, 1) - step_ms
+        upkeep_ms = time_steps(model, opt, master, batch, device, 0, 1) - step_ms
         rec["predictor_upkeep_ms_per_profile"] = upkeep_ms
         rec["predictor_ms_amortised"] = max(0.0, upkeep_ms) / dsv_cfg.profile_interval_stage2
         set_stage2(model, sparsity)
@@ -224,7 +227,7 @@ def main():
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = "bf16 (fp32 masters)" if device.type == "cuda" else "fp32"
     print(f"\n{dev_name}; dense = {dense_impl}; {args.model} shape x {args.num_layers} layers, {precision}, "
           "micro-batch 1")
     hdr = f"{'tokens':>7} {'mode':>12} {'step ms':>9} {'tok/s':>9} {'speedup':>8} {'peak GiB':>9} " \

@@ -21,13 +21,12 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+from video_dit.precision import MasterWeights  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
@@ -67,7 +66,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", default="shapes", choices=["shapes", "images"],
                    help="moving shapes, or camera pans/zooms over scikit-image's photos with sprites")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights + fp32 master weights on CPU too")
+    g.add_argument("--fp32", action="store_true", help="train in fp32 on GPU too (default there: bf16 weights, "
+                   "fp32 master weights)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -114,7 +115,7 @@ def _fmt_time(seconds):
 
 
 @torch.no_grad()
-def validate(model, val_data, args, device, autocast):
+def validate(model, val_data, args, device):
     """Mean flow-matching loss on a fixed held-out set with fixed times and noise."""
     model.eval()
     g = torch.Generator().manual_seed(args.seed + 7)
@@ -123,29 +124,33 @@ def validate(model, val_data, args, device, autocast):
         x, cap = val_data.batch(i * args.micro_batch_size, args.micro_batch_size)
         t = torch.linspace(0.1, 0.9, x.shape[0])
         noise = torch.randn(x.shape, generator=g)
-        with autocast():
-            total += float(flow_matching_loss(model, x.to(device), cap.to(device), t=t.to(device),
-                                              noise=noise.to(device)))
+        total += float(flow_matching_loss(model, x.to(device), cap.to(device), t=t.to(device),
+                                          noise=noise.to(device)))
     model.train()
     return total / args.eval_iters
 
 
-def save_checkpoint(path, model, opt, step, args):
+def save_checkpoint(path, model, opt, master, step, args):
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, f"iter_{step:07d}.pt.tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "master": master.state_dict() if master else None,
                 "args": vars(args), "torch_rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, tmp[:-4])
     with open(os.path.join(path, "latest"), "w") as f:
         f.write(str(step))
 
 
-def load_checkpoint(path, model, opt):
+def load_checkpoint(path, model, opt, master=None):
     with open(os.path.join(path, "latest")) as f:
         step = int(f.read())
     state = torch.load(os.path.join(path, f"iter_{step:07d}.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if master is not None:
+        if state.get("master") is None:
+            raise ValueError(f"{path}: checkpoint of an fp32 run; resume it with --fp32")
+        master.load_state_dict(state["master"])
     torch.set_rng_state(state["torch_rng"])
     return step
 
@@ -172,7 +177,9 @@ def main(argv=None):
                           args.device if args.device != "auto" else "cpu")
     if args.recompute_activations and device.type != "cuda":
         raise ValueError("--recompute-activations needs a GPU (Megatron's checkpointing uses the CUDA RNG tracker)")
-    bf16 = device.type == "cuda" and not args.fp32
+    if args.bf16 and args.fp32:
+        raise ValueError("--bf16 and --fp32 exclude each other")
+    bf16 = args.bf16 or (device.type == "cuda" and not args.fp32)
     init_single_process(device, args.seed)
 
     dit = dit_config(args)
@@ -180,11 +187,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,
                             cube=None if dsv_cfg else tuple(args.dsv_cube)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    master = MasterWeights(model) if bf16 else None
+    params = master.master if master else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
-    start = load_checkpoint(args.load, model, opt) if args.load else 0
+    start = load_checkpoint(args.load, model, opt, master) if args.load else 0
     dataset = MovingShapes
     if args.data == "images":
         from video_dit.data_images import CameraOverImages as dataset
@@ -216,12 +223,15 @@ def main(argv=None):
         x, cap = x.to(device), cap.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
-        with autocast():
-            loss = flow_matching_loss(model, x, cap, generator=gen)
+        loss = flow_matching_loss(model, x, cap, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if master:
+            master.grads_to_master()
         torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         opt.step()
+        if master:
+            master.master_to_params()
         loss_value = float(loss)  # syncs the device
         step_s = time.time() - t0
         step_times.append(step_s)
@@ -229,7 +239,7 @@ def main(argv=None):
         metrics = dsv_metrics(model) if dsv_cfg else None
         val = None
         if done % args.eval_interval == 0 or done == args.train_iters:
-            val = validate(model, val_data, args, device, autocast)
+            val = validate(model, val_data, args, device)
             if dsv_cfg:
                 dsv_metrics(model)  # drop validation's forward timings from the next step's
         if done % args.log_interval == 0 or val is not None:
@@ -253,9 +263,9 @@ def main(argv=None):
         if metrics and args.dsv_log and (done % args.log_interval == 0 or val is not None):
             append_jsonl(args.dsv_log, metrics, done)
         if args.save and args.save_interval and done % args.save_interval == 0:
-            save_checkpoint(args.save, model, opt, done, args)
+            save_checkpoint(args.save, model, opt, master, done, args)
     if args.save and start < args.train_iters:
-        save_checkpoint(args.save, model, opt, args.train_iters, args)
+        save_checkpoint(args.save, model, opt, master, args.train_iters, args)
     if writer is not None:
         writer.close()
     if dsv_cfg and start < args.train_iters:  # the last training step's metrics (timings: its forward)

@@ -71,7 +71,7 @@ def test_tiny_forward_backward(megatron_parallel):
     attn = model.decoder.layers[0]
     w = attn.self_attention.linear_qkv.weight.view(SMALL.num_heads, 3, SMALL.head_dim, -1)
     assert SMALL.qk_tied_init and torch.equal(w[:, 0], w[:, 1]) and not torch.equal(w[:, 0], w[:, 2])
-    assert float(attn.self_attention.q_layernorm.weight[0]) == SMALL.qk_norm_init
+    assert float(attn.self_attention.q_layernorm.weight[0].detach()) == SMALL.qk_norm_init
     assert isinstance(attn.self_attention.core_attention, SDPADotProductAttention)
     assert isinstance(attn.cross_attention.core_attention, TextCrossCoreAttention)
 
@@ -270,3 +270,11 @@ def test_quality_script_smoke(tmp_path):
     assert summary["steps"] == 4 and summary["dsv_stage"] == 2 and summary["dsv_sparse_layers"] == 2
     assert summary["final_val_loss"]["dense"] > 0 and summary["final_val_loss"]["dsv"] > 0
     assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "dsv_profile.png").stat().st_size > 0
+
+
+def test_main_job_bf16_with_fp32_masters():
+    """The GPU default precision (bf16 weights, fp32 master weights) runs DSV stage 2 on CPU too:
+    q, k and v reach the sparse kernel in one dtype."""
+    steps = _steps(_run_job("--train-iters", "6", "--bf16"))
+    assert "stage 2" in steps[6] and "sparse layers 2/2" in steps[6]
+    assert all(0 < float(re.search(r"loss ([\d.]+)", line).group(1)) < 10 for line in steps.values())

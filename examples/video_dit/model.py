@@ -42,7 +42,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
@@ -68,7 +67,7 @@ class DiTLayerSubmodules:
 def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
                    core_attention=SDPADotProductAttention) -> ModuleSpec:
     """The DiT layer spec (dense). Pass it through ``apply_dsv`` for DSV self-attention."""
-    qk = WrappedTorchNorm if qk_norm else None  # config.normalization picks RMSNorm
+    qk = QKNorm if qk_norm else None
     self_attn = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.no_mask},
@@ -96,6 +95,26 @@ def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
                                                           linear_fc2=RowParallelLinear))
     return ModuleSpec(module=DiTLayer, submodules=DiTLayerSubmodules(
         self_attention=self_attn, mlp=mlp, cross_attention=cross_attn))
+
+
+class QKNorm(nn.Module):
+    """RMSNorm over the head dim for queries and keys that returns its input's dtype.
+
+    Under CUDA autocast torch's norms return float32; q and k would then reach core attention
+    in float32 next to a bf16 v. This one normalises in float32 and casts back, as fused
+    (Transformer Engine) norms do. Same constructor as Megatron's norm builders.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
 
 
 def _modulate(x, shift, scale):
@@ -197,7 +216,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (t.float() * 1000.0)[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
 def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bool = False) -> TransformerConfig:
@@ -218,7 +238,6 @@ def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bo
         bias_activation_fusion=False,
         apply_rope_fusion=False,
         qk_layernorm=dit.qk_norm,  # megatron-core >= 0.19 only builds the spec's q/k norms when this is set
-        normalization="RMSNorm",  # used by the q/k norms only; the adaLN norms are built here
         use_cpu_initialization=True,
         bf16=bf16,
         params_dtype=torch.float32,
@@ -278,15 +297,15 @@ class VideoDiT(MegatronModule):
         expect = (dit.latent_channels, *dit.latent_shape)
         if tuple(x.shape[1:]) != expect:
             raise ValueError(f"expected latent [b, {', '.join(map(str, expect))}], got {tuple(x.shape)}")
-        tokens = self.patch_embed(patchify(x, dit.patch))  # [b, S, h] raster
+        dtype = self.patch_embed.weight.dtype  # bf16 when the trainable weights are (see precision.py)
+        tokens = self.patch_embed(patchify(x, dit.patch).to(dtype))  # [b, S, h] raster
         hidden = self.layout.to_cube_bsh(tokens).transpose(0, 1).contiguous()  # [S, b, h] cube order
         cond = self.t_embedder(t)
         context = None
         if self.use_text:
             if caption is None:
                 raise ValueError("this model has text cross-attention: pass caption ids")
-            context = self.text_proj(self.caption_table[caption]).transpose(0, 1).contiguous()  # [L, b, h]
-        # Under autocast the trunk runs in bf16: keep the conditioning in the compute dtype.
+            context = self.text_proj(self.caption_table[caption].to(dtype)).transpose(0, 1).contiguous()  # [L,b,h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=context, rotary_pos_emb=self.rope)
         shift, scale = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
         out = self.final_linear(_modulate(self.final_norm(hidden), shift, scale))  # [S, b, patch_dim]
