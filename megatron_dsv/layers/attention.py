@@ -25,6 +25,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
+from .context_parallel import LayerContextParallel
 from .controller import PER_HEAD_BUFFERS, StageController
 from .predictor import LowRankPredictor
 from .profiler import profile_logits, selection_recall
@@ -154,8 +155,6 @@ class DSVDotProductAttention(_CoreAttention):
                          softmax_scale, k_channels, v_channels, cp_comm_type, pg_collection)
         if attention_type != "self":
             raise ValueError(f"DSVDotProductAttention is for self-attention, got attention_type={attention_type!r}")
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("DSVDotProductAttention does not support context_parallel_size > 1 yet")
         self.cfg = dsv_config if dsv_config is not None else DSVConfig()
         if not isinstance(self.cfg, DSVConfig):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
@@ -167,6 +166,12 @@ class DSVDotProductAttention(_CoreAttention):
         self.dp_group = (pg_collection.dp_cp if pg_collection is not None and hasattr(pg_collection, "dp_cp")
                          else parallel_state.get_data_parallel_group(with_context_parallel=True)
                          if parallel_state.model_parallel_is_initialized() else None)
+        self.cp = None
+        if config.context_parallel_size > 1:
+            cp_group = (pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp")
+                        else parallel_state.get_context_parallel_group())
+            self.cp = LayerContextParallel(self.cfg, self.heads, self.head_dim, cp_group,
+                                           dist.get_process_group_ranks(cp_group))
         self.last_used_sparse = False
         self.last_n_kv = None
         self._pending = None  # update staged in backward, committed when the backward pass ends
@@ -179,28 +184,45 @@ class DSVDotProductAttention(_CoreAttention):
             raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
                              f"query {query.shape[0]}")
         s, b = query.shape[:2]
-        n_kv = self.last_n_kv = math.ceil(s / self.cfg.block_kv)
-        selection = None
-        self.last_used_sparse = self.controller.sparse_now(n_kv)
-        if self.last_used_sparse:
+        ctl, cp = self.controller, self.cp
+        n_kv = self.last_n_kv = math.ceil(s * (cp.size if cp else 1) / self.cfg.block_kv)
+        sparse = self.last_used_sparse = ctl.sparse_now(n_kv)
+        budgets = ctl.budgets(n_kv)
+        training_step = self.training and torch.is_grad_enabled() and query.requires_grad
+        learn = training_step and ((self.cfg.estimator == "lowrank" and ctl.train_predictor_now())
+                                   or ctl.profile_now())
+        learn_inputs = None  # (heads or None for all, queries, keys of the whole sequence, selection or None)
+        if cp is not None:
+            cp.check_shard(s)
+            with self.timer("attention", query.device):
+                if sparse:
+                    out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale, ctl.host()["step"])
+                    learn_inputs = (*cp.learn_inputs(query, key), None) if learn else None
+                else:
+                    out, heads_view = cp.dense(query, key, value, self.softmax_scale, learn)
+                    learn_inputs = (*heads_view, None) if learn else None
+        elif sparse:
             with self.timer("selection", query.device):
-                selection = self._select(query.detach(), key.detach(), self.controller.budgets(n_kv))
+                selection = self._select(query.detach(), key.detach(), budgets)
             with self.timer("attention", query.device):
                 out = block_sparse_attention(query, key, value, *selection, block_q=self.cfg.block_q,
                                              block_kv=self.cfg.block_kv, scale=self.softmax_scale,
                                              layout="sbhd", backend=self.cfg.backend)
+            learn_inputs = (None, query.detach(), key.detach(), selection) if learn else None
         else:
             with self.timer("attention", query.device):
                 out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd")
-        if self.training and torch.is_grad_enabled() and out.requires_grad:
-            q, k = query.detach(), key.detach()
-            out = _LearnInBackward.apply(out, lambda: self._learn(q, k, selection))
+            learn_inputs = (None, query.detach(), key.detach(), None) if learn else None
+        if training_step and out.requires_grad:
+            out = _LearnInBackward.apply(out, lambda: self._learn(learn_inputs))
         return out.reshape(s, b, -1)
 
-    def _select(self, q, k, budgets):
-        """Block selection for [s, b, h, d] q, k (detached) with per-head budgets (list of ints)."""
+    def _select(self, q, k, budgets, heads=None):
+        """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
+        with their budgets (list of ints)."""
         if self.cfg.estimator == "lowrank":
-            q_lr, k_lr, reduce = self.predictor.project(q, "q"), self.predictor.project(k, "k"), "max"
+            q_lr, k_lr = self.predictor.project(q, "q", heads), self.predictor.project(k, "k", heads)
+            reduce = "max"
         else:
             q_lr, k_lr, reduce = q, k, "mean"
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.tensor(budgets),
@@ -209,25 +231,32 @@ class DSVDotProductAttention(_CoreAttention):
 
     # ------------------------------------------------------ DSV bookkeeping
     @torch.no_grad()
-    def _learn(self, q, k, selection):
-        """Predictor loss/gradients and profile on sampled rows (runs in backward).
+    def _learn(self, learn_inputs):
+        """One training step of DSV bookkeeping (runs in backward). With learn_inputs = (heads, q, k,
+        selection): predictor loss/gradients and profile on sampled rows of q [s, b, n, d] against
+        all keys k [S, b, n, d] of `heads` (None: all of this rank's heads); with None, only the step
+        count advances.
 
         The update is only staged here and committed when the backward pass ends: within one
         training step the predictor, budgets and stage stay fixed, so a forward recomputed later
         in the same backward (non-reentrant checkpointing) selects exactly the blocks the first
         one did.
         """
+        torch.autograd.Variable._execution_engine.queue_callback(self.commit)
+        if learn_inputs is None:
+            self._pending = {}
+            return
+        heads, q, k, selection = learn_inputs
         ctl, cfg = self.controller, self.cfg
+        heads = list(range(self.heads)) if heads is None else list(heads)
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
-        stats = {}
-        if train or profile:
-            if profile and selection is None:  # what the predictor would pick now (recall in stage 1)
-                selection = self._select(q, k, ctl.budgets(math.ceil(q.shape[0] / cfg.block_kv)))
-            stats = self._sampled_rows_step(q, k, selection if profile else None, train)
-            self._reduce_replicas(stats)
+        if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
+            budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
+            selection = self._select(q, k, [budgets[h] for h in heads], heads)
+        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train)
+        self._reduce_replicas(stats)
         self._pending = stats
-        torch.autograd.Variable._execution_engine.queue_callback(self.commit)
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -248,64 +277,74 @@ class DSVDotProductAttention(_CoreAttention):
         self.commit()
         super()._save_to_state_dict(*args, **kwargs)
 
-    def _sampled_rows_step(self, q, k, selection, train):
-        """True logits of every sample_stride-th query row, a few heads at a time (bounded memory).
+    def _sampled_rows_step(self, q, k, heads, selection, train):
+        """True logits of every sample_stride-th row of q against all of k, a few heads at a time
+        (bounded memory; the logits are freed before returning).
 
-        Returns the predictor loss and its gradients (if train) and the per-head profile (if
-        selection is given); the logits are freed before returning.
+        Returns per-head tensors over all of this rank's heads, zero where a head is not in
+        `heads`, with "count" = 1 on `heads`: the predictor loss and its gradients (if train) and
+        the profile (if selection is given).
         """
-        cfg, h = self.cfg, self.heads
+        cfg, H = self.cfg, self.heads
         s, b = q.shape[:2]
-        offset = self.controller.host()["step"] % min(cfg.sample_stride, s)  # rotate sampled rows
-        rows = torch.arange(offset, s, cfg.sample_stride, device=q.device)
-        q_rows = q[rows].transpose(0, 1).float()  # [b, n, h, d]
-        k_all = k.transpose(0, 1).float()          # [b, S, h, d]
-        per_head = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * s))
-        wq = self.predictor.wq.detach().float().requires_grad_(train)
-        wk = self.predictor.wk.detach().float().requires_grad_(train)
-        stats = {"loss": torch.zeros((), device=q.device)}
-        prof = {name: torch.empty(h, device=q.device) for name in PER_HEAD_BUFFERS}
-        for h0 in range(0, h, per_head):
-            hs = slice(h0, min(h, h0 + per_head))
+        device = q.device
+        offset = self.controller.host()["step"] % min(cfg.sample_stride, s)  # rotate the sampled rows
+        rows = torch.arange(offset, s, cfg.sample_stride, device=device)
+        q_rows = q[rows].transpose(0, 1).float()  # [b, n_rows, n, d]
+        k_all = k.transpose(0, 1).float()          # [b, S, n, d]
+        idx = torch.tensor(heads, device=device)
+        wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
+        wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
+        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * k.shape[0]))
+        local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
+        for h0 in range(0, len(heads), per_chunk):
+            hs = slice(h0, min(len(heads), h0 + per_chunk))
             target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
             if train:
                 with torch.enable_grad():
                     pred = torch.einsum("bnhr,bshr->bhns",
                                         torch.einsum("bnhd,hdr->bnhr", q_rows[:, :, hs], wq[hs]),
                                         torch.einsum("bshd,hdr->bshr", k_all[:, :, hs], wk[hs]))
-                    loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight) * ((hs.stop - h0) / h)
-                    loss.backward()
-                stats["loss"] += loss.detach()
+                    loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight)
+                    (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
+                local["loss"][hs] = loss.detach()
             if selection is not None:
                 tok, blk, mass = profile_logits(target, theta=cfg.theta, block_kv=cfg.block_kv)
-                qblk = rows // cfg.block_q
-                kv_idx, kv_cnt = (t[:, hs].index_select(2, qblk) for t in selection)
-                prof["token_sparsity"][hs], prof["block_sparsity"][hs] = tok, blk
-                prof["recall"][hs] = selection_recall(mass, kv_idx, kv_cnt)
+                kv_idx, kv_cnt = (t[:, hs].index_select(2, rows // cfg.block_q) for t in selection)
+                local["token_sparsity"][hs], local["block_sparsity"][hs] = tok, blk
+                local["recall"][hs] = selection_recall(mass, kv_idx, kv_cnt)
             del target
+
+        def full(x):
+            out = torch.zeros((H, *x.shape[1:]), device=device, dtype=torch.float32)
+            return out.index_copy_(0, idx, x.float())
+
+        stats = {"count": full(torch.ones(len(heads), device=device))}
         if train:
-            stats["grad_q"], stats["grad_k"] = wq.grad, wk.grad
+            stats.update(loss=full(local["loss"]), grad_q=full(wq.grad), grad_k=full(wk.grad))
         if selection is not None:
-            stats.update(prof)
+            stats.update({name: full(local[name]) for name in PER_HEAD_BUFFERS})
         return stats
 
     def _reduce_replicas(self, stats: dict) -> None:
-        """Average gradients and statistics over data-parallel replicas (one all-reduce), so every
-        replica's predictor and schedule stay identical; the loss is also averaged over TP ranks
-        so all ranks of a layer switch stage together."""
-        if not dist.is_initialized():
-            return
-        keys = [key for key in ("grad_q", "grad_k", "token_sparsity", "block_sparsity", "recall", "loss")
-                if key in stats]
-        if _group_size(self.dp_group) > 1:
-            flat = torch.cat([stats[key].float().reshape(-1) for key in keys])
+        """Average every per-head tensor over the ranks that measured that head: data-parallel
+        replicas and context-parallel ranks (one all-reduce), so every replica's predictor and
+        schedule stay identical. The loss is also averaged over TP ranks so all ranks of a layer
+        switch stage together."""
+        if dist.is_initialized() and _group_size(self.dp_group) > 1:
+            keys = list(stats)
+            flat = torch.cat([stats[key].reshape(-1) for key in keys])
             dist.all_reduce(flat, group=self.dp_group)
-            flat /= _group_size(self.dp_group)
             for key, part in zip(keys, flat.split([stats[key].numel() for key in keys])):
                 stats[key] = part.view_as(stats[key])
-        if _group_size(self.tp_group) > 1:
-            dist.all_reduce(stats["loss"], group=self.tp_group)
-            stats["loss"] /= _group_size(self.tp_group)
+        count = stats.pop("count")
+        for key, val in stats.items():
+            stats[key] = val / count.view(-1, *([1] * (val.dim() - 1)))
+        if "loss" in stats:
+            stats["loss"] = stats["loss"].mean()
+            if _group_size(self.tp_group) > 1:
+                dist.all_reduce(stats["loss"], group=self.tp_group)
+                stats["loss"] /= _group_size(self.tp_group)
 
     # ----------------------------------------------------------- checkpoints
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -48,33 +48,22 @@ class LowRankPredictor(nn.Module):
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.float32, device=device))
 
     # ------------------------------------------------------------- projection
-    def project(self, x: torch.Tensor, which: str) -> torch.Tensor:
-        """[..., heads, d] -> [..., heads, r] with Wq ("q") or Wk ("k")."""
+    def project(self, x: torch.Tensor, which: str, heads=None) -> torch.Tensor:
+        """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype."""
         w = self.wq if which == "q" else self.wk
-        return torch.einsum("...hd,hdr->...hr", x.to(w.dtype), w)
+        if heads is not None:
+            w = w[list(heads)]
+        return torch.einsum("...hd,hdr->...hr", x, w.to(x.dtype))
 
     # --------------------------------------------------------------- training
     @staticmethod
     def loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float) -> torch.Tensor:
-        """cos_weight * cosine distance + (1 - cos_weight) * MSE of L2-normalised rows.
-
-        pred, target: [..., rows, S] logits; rows are independent. The MSE term is the squared
-        distance of unit rows averaged over rows (the paper's 0.95 / 0.05 mix by default).
-        """
+        """Per-head loss [h] of predicted vs true logits [b, h, rows, S], averaged over batch and rows:
+        cos_weight * cosine distance + (1 - cos_weight) * squared distance of L2-normalised rows
+        (the paper's 0.95 / 0.05 mix by default)."""
         cos = F.cosine_similarity(pred, target, dim=-1)
         mse = (F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)).pow(2).sum(-1)
-        return (cos_weight * (1.0 - cos) + (1.0 - cos_weight) * mse).mean()
-
-    def sampled_loss(self, q_rows: torch.Tensor, k: torch.Tensor, target: torch.Tensor,
-                     cos_weight: float) -> torch.Tensor:
-        """Loss of predicted vs true logits on sampled rows.
-
-        q_rows: [b, n, h, d], k: [b, S, h, d] (detached), target: [b, h, n, S] true logits.
-        """
-        q_lr = self.project(q_rows, "q")
-        k_lr = self.project(k, "k")
-        pred = torch.einsum("bnhr,bshr->bhns", q_lr, k_lr)
-        return self.loss(pred, target, cos_weight)
+        return (cos_weight * (1.0 - cos) + (1.0 - cos_weight) * mse).mean(dim=(0, 2))
 
     @torch.no_grad()
     def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:

@@ -1,0 +1,86 @@
+"""The context-parallel side of one DSV layer (context_parallel_size > 1).
+
+Wraps megatron_dsv.cp for DSVDotProductAttention: the hybrid group built from Megatron's
+CP ranks, the layer's plan (re-planned every ``cp_replan_interval`` steps from the budgets,
+identical on every rank because the budgets are), and the two paths:
+
+- dense (stage 1, or a layer that stays dense): head all-to-all + K/V all-gather over the
+  sequence-parallel ranks (``dense_cp_attention``);
+- sparse (stage 2): ``dsv_cp_attention`` (head all-to-all by the plan, selection on the
+  whole sequence of each rank's heads, sparse KV exchange, reverse all-to-all).
+
+Both can also hand back what the predictor and profiler learn from: this rank's heads,
+the queries of its sequence segment and the keys of the whole sequence (detached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cp import HybridCPGroup, Shape, dense_cp_attention, dsv_cp_attention, gather_segments, plan, seq_to_head
+
+
+def _default_head_parallel(P: int, heads: int, max_u: int = 8) -> int:
+    """Largest divisor of P that is at most the number of heads and a node's 8 GPUs."""
+    return max(u for u in range(1, P + 1) if P % u == 0 and u <= min(heads, max_u))
+
+
+class LayerContextParallel:
+    def __init__(self, cfg, heads: int, head_dim: int, process_group, ranks):
+        self.cfg = cfg
+        self.group = HybridCPGroup(process_group=process_group, ranks=ranks)
+        self.heads, self.head_dim = heads, head_dim
+        self.dense_U = cfg.cp_head_parallel_size or _default_head_parallel(self.group.size, heads)
+        if self.group.size % self.dense_U or self.dense_U > heads:
+            raise ValueError(f"DSVConfig.cp_head_parallel_size={self.dense_U} must divide the context-parallel "
+                             f"size {self.group.size} and be at most the {heads} heads")
+        # Stage-1 head assignment: contiguous chunks (uneven when U does not divide the heads).
+        self.dense_heads_of = tuple(tuple(h for h in range(heads) if h * self.dense_U // heads == u)
+                                    for u in range(self.dense_U))
+        self._plan, self._plan_key = None, None
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    def check_shard(self, s_local: int) -> None:
+        blk = max(self.cfg.block_q, self.cfg.block_kv)
+        if s_local % blk:
+            raise ValueError(f"context parallel: each rank must hold whole cubes/blocks; its {s_local} tokens are "
+                             f"not a multiple of max(block_q, block_kv)={blk}")
+
+    def learn_inputs(self, q, k):
+        """(heads, q of this rank's segment [seg, b, n, d], k of the whole sequence [S, b, n, d]), detached."""
+        with torch.no_grad():
+            q_seg = seq_to_head(q.detach(), self.group, self.dense_U, self.dense_heads_of)
+            k_seg = seq_to_head(k.detach(), self.group, self.dense_U, self.dense_heads_of)
+            k_full = gather_segments(k_seg.contiguous(), self.group, self.dense_U)
+        return list(self.dense_heads_of[self.group.grid(self.dense_U).u]), q_seg, k_full
+
+    def dense(self, q, k, v, scale, want_learn: bool):
+        if not want_learn:
+            return dense_cp_attention(q, k, v, group=self.group, U=self.dense_U, heads_of=self.dense_heads_of,
+                                      scale=scale), None
+        out, (heads, q_seg, k_full) = dense_cp_attention(q, k, v, group=self.group, U=self.dense_U,
+                                                         heads_of=self.dense_heads_of, scale=scale,
+                                                         return_heads=True)
+        return out, (list(heads), q_seg, k_full)
+
+    def plan_for(self, budgets, seq_len: int, batch: int, step: int):
+        key = (step // self.cfg.cp_replan_interval, seq_len, batch)
+        if key != self._plan_key:
+            shape = Shape(seq_len, self.heads, self.head_dim, batch=batch, block_q=self.cfg.block_q,
+                          block_kv=self.cfg.block_kv, lr_rank=self.cfg.rank)
+            U = [self.cfg.cp_head_parallel_size] if self.cfg.cp_head_parallel_size else None
+            # The ring schedule needs a gradient through the log-sum-exp, which the Triton kernel
+            # does not provide yet; the one-shot gather schedule does not.
+            self._plan = plan(list(budgets), shape=shape, P=self.size, U_candidates=U, schedules=("gather",))
+            self._plan_key = key
+        return self._plan
+
+    def sparse(self, q, k, v, predictor, budgets, scale, step: int):
+        s_local, b = q.shape[:2]
+        cp_plan = self.plan_for(budgets, s_local * self.size, b, step)
+        return dsv_cp_attention(q, k, v, predictor.wq, predictor.wk, torch.tensor(budgets), group=self.group,
+                                plan=cp_plan, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv, scale=scale,
+                                backend=self.cfg.backend)

@@ -1,0 +1,88 @@
+"""DSVDotProductAttention under context parallelism (2 gloo processes) against one process on the
+whole sequence: outputs and gradients in stage 1 (dense) and stage 2 (sparse), and the predictor
+it learns."""
+
+import datetime
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+S, B, H, D = 256, 1, 2, 16
+STEPS = 7
+
+
+def _layer(cp_size, dsv):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dsv.layers import DSVDotProductAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=H * D, num_attention_heads=H, use_cpu_initialization=True,
+                            attention_dropout=0.0, hidden_dropout=0.0, context_parallel_size=cp_size)
+    return DSVDotProductAttention(cfg, 1, AttnMaskType.no_mask, "self", dsv_config=dsv)
+
+
+def _worker(rank, world, port, out_dir, head_parallel):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    from megatron.core import parallel_state
+
+    from megatron_dsv import DSVConfig
+
+    parallel_state.initialize_model_parallel(context_parallel_size=world)
+    dsv = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4, stage1_min_steps=4,
+                    stage1_max_steps=4, profile_interval_stage1=2, profile_interval_stage2=2, predictor_lr=1e-2,
+                    layer_sparsity_threshold=0.0, budget_floor=0.0, budget_ceiling=0.5,
+                    cp_head_parallel_size=head_parallel)
+    cp_layer, ref = _layer(world, dsv), _layer(1, dsv)
+    shard = slice(rank * S // world, (rank + 1) * S // world)
+    gen = torch.Generator().manual_seed(7)  # every rank draws the same full batch
+    errors = {"out": 0.0, "grad": 0.0, "sparse_steps": 0}
+    for step in range(STEPS):
+        q, k, v = (torch.randn(S, B, H, D, dtype=torch.float64, generator=gen) for _ in range(3))
+        dy = torch.randn(S, B, H * D, dtype=torch.float64, generator=gen)
+        if step == 4:  # stage 2 starts from one state; from here both learn on their own again
+            ref.load_state_dict(cp_layer.state_dict())
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        part = [t[shard].clone().requires_grad_() for t in (q, k, v)]
+        y_ref = ref(*full, None)
+        y_cp = cp_layer(*part, None)
+        (y_ref * dy).sum().backward()
+        (y_cp * dy[shard]).sum().backward()
+        assert cp_layer.last_used_sparse == ref.last_used_sparse
+        errors["sparse_steps"] += int(cp_layer.last_used_sparse)
+        errors["out"] = max(errors["out"], float((y_cp - y_ref[shard]).abs().max()))
+        for a, b in zip(part, full):
+            errors["grad"] = max(errors["grad"], float((a.grad - b.grad[shard]).abs().max()))
+        if step == 3:  # end of stage 1: both learned the same predictor from the same sampled rows
+            errors["predictor"] = float((cp_layer.predictor.wq - ref.predictor.wq).abs().max()
+                                        / ref.predictor.wq.abs().max())
+            errors["profile"] = float((cp_layer.controller.block_sparsity - ref.controller.block_sparsity).abs().max())
+    # Stage-2 profiling and fine-tuning (steps 4 and 6) under CP match the single process too.
+    errors["predictor_end"] = float((cp_layer.predictor.wq - ref.predictor.wq).abs().max() / ref.predictor.wq.abs().max())
+    errors["recall_end"] = float((cp_layer.controller.recall - ref.controller.recall).abs().max())
+    errors["stage"] = cp_layer.controller.host()["stage"]
+    errors["step"] = cp_layer.controller.host()["step"]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("head_parallel", [2, 1], ids=["U2xR1", "U1xR2"])
+def test_cp_layer_matches_single_process(tmp_path, head_parallel):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path), head_parallel), nprocs=2, join=True)
+    for rank in range(2):
+        e = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert e["out"] < 1e-10 and e["grad"] < 1e-10, e
+        assert e["predictor"] < 1e-4 and e["profile"] < 1e-5, e
+        assert e["predictor_end"] < 1e-4 and e["recall_end"] < 1e-5, e
+        assert e["stage"] == 2 and e["step"] == STEPS and e["sparse_steps"] == STEPS - 4, e
