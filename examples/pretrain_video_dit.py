@@ -4,6 +4,7 @@
     python examples/pretrain_video_dit.py --dense         # the dense baseline, same seed and data
     python examples/pretrain_video_dit.py --model small --train-iters 2000   # GPU, bf16
     python examples/pretrain_video_dit.py --data images   # camera over photos (needs scikit-image)
+    python examples/pretrain_video_dit.py --data folder --data-path ~/videos   # your files (needs PyAV)
 
 One progress line per step: loss, DSV stage, layers running sparse, mean profiled
 block sparsity, predictor recall (share of true attention mass the selected blocks
@@ -63,8 +64,13 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--data", default="shapes", choices=["shapes", "images"],
-                   help="moving shapes, or camera pans/zooms over scikit-image's photos with sprites")
+    g.add_argument("--data", default="shapes", choices=["shapes", "images", "folder"],
+                   help="moving shapes; camera pans/zooms over scikit-image's photos with sprites; or clips of "
+                   "the video files under --data-path (PyAV)")
+    g.add_argument("--data-path", default=None, help="folder of video files for --data folder")
+    g.add_argument("--val-data-path", default=None,
+                   help="held-out folder for --data folder (default: other clips of --data-path's files)")
+    g.add_argument("--frame-stride", type=int, default=1, help="--data folder: take every n-th frame")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--bf16", action="store_true", help="bf16 weights + fp32 master weights on CPU too")
     g.add_argument("--fp32", action="store_true", help="train in fp32 on GPU too (default there: bf16 weights, "
@@ -101,6 +107,23 @@ def dit_config(args):
         "patch": tuple(args.patch_size) if args.patch_size else None,
     }
     return dit.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def make_datasets(args, dit):
+    """(train, held-out validation) datasets; validation uses another seed (other clips)."""
+    shape, channels, val_seed = dit.latent_shape, dit.latent_channels, args.seed + 1_000_000
+    if args.data == "folder":
+        from video_dit.data_folder import VideoFolder
+
+        if not args.data_path:
+            raise ValueError("--data folder needs --data-path")
+        kw = dict(frame_stride=args.frame_stride, num_captions=dit.num_captions)
+        return (VideoFolder(args.data_path, channels, shape, seed=args.seed, **kw),
+                VideoFolder(args.val_data_path or args.data_path, channels, shape, seed=val_seed, **kw))
+    dataset = MovingShapes
+    if args.data == "images":
+        from video_dit.data_images import CameraOverImages as dataset
+    return dataset(channels, shape, seed=args.seed), dataset(channels, shape, seed=val_seed)
 
 
 def lr_at(args, step):
@@ -192,11 +215,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
     start = load_checkpoint(args.load, model, opt, master) if args.load else 0
-    dataset = MovingShapes
-    if args.data == "images":
-        from video_dit.data_images import CameraOverImages as dataset
-    train_data = dataset(dit.latent_channels, dit.latent_shape, seed=args.seed)
-    val_data = dataset(dit.latent_channels, dit.latent_shape, seed=args.seed + 1_000_000)  # held out
+    train_data, val_data = make_datasets(args, dit)
     gen = torch.Generator().manual_seed(args.seed + start)
     writer = None
     if args.tensorboard_dir:

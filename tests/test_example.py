@@ -278,3 +278,44 @@ def test_main_job_bf16_with_fp32_masters():
     steps = _steps(_run_job("--train-iters", "6", "--bf16"))
     assert "stage 2" in steps[6] and "sparse layers 2/2" in steps[6]
     assert all(0 < float(re.search(r"loss ([\d.]+)", line).group(1)) < 10 for line in steps.values())
+
+
+def _write_video(path, frames, width=40, height=24, shift=2):
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.full((height, width, 3), 60, np.uint8)
+            x0 = (i * shift) % (width - 8)
+            img[:, x0:x0 + 8] = (250, 200, 40)  # a bar moving right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_folder_data(tmp_path):
+    pytest.importorskip("av", reason="PyAV (optional, for --data folder) is not installed")
+    from video_dit.data_folder import VideoFolder
+
+    _write_video(tmp_path / "a.mp4", 12)
+    _write_video(tmp_path / "b.mkv", 9)
+    _write_video(tmp_path / "short.mp4", 3)
+    ds = VideoFolder(tmp_path, 4, (4, 8, 16), seed=0, frame_stride=2)
+    assert [p.name for p, _ in ds.files] == ["a.mp4", "b.mkv"]  # a clip needs 7 frames: short.mp4 is skipped
+    x, cap = ds.batch(0, 3)
+    assert x.shape == (3, 4, 4, 8, 16) and torch.isfinite(x).all()
+    assert torch.equal(x, VideoFolder(tmp_path, 4, (4, 8, 16), seed=0, frame_stride=2).batch(0, 3)[0])
+    # The bar moves right: the column of the brightest red channel increases over time.
+    cols = x[0, 0].mean(dim=1).argmax(dim=1)  # per frame, the column with the most red
+    assert (cols[1:] >= cols[:-1]).all() and cols[-1] > cols[0]
+    with pytest.raises(ValueError, match="frames a clip"):
+        VideoFolder(tmp_path, 4, (40, 8, 16))
+    with pytest.raises(ValueError, match="no video files"):
+        VideoFolder(tmp_path / "empty_dir_that_is_missing", 4, (4, 8, 16))
+    steps = _steps(_run_job("--train-iters", "2", "--data", "folder", "--data-path", str(tmp_path),
+                            "--eval-interval", "2"))
+    assert sorted(steps) == [1, 2] and "val " in steps[2]
