@@ -7,8 +7,11 @@ Layout of the work (one program = one tile of output, no atomics anywhere):
   dk/dv    grid (n_kvblocks, b*h): one KV block against the query blocks that selected it, read
            from the transposed (KV block -> query blocks) list that `transpose_block_lists` builds
            on the GPU with a sort (no host sync).
-Tensors are read through their strides: bshd and sbhd views need no copies. Softmax runs in
-base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one returned is natural.
+Tensors are read through their strides: bshd and sbhd views need no copies; on the GPU whole
+blocks are loaded through TMA tensor descriptors over the [b, s, h, d] view where that measured
+faster. Softmax runs in base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one
+returned is natural. The forward and backward are torch custom ops (megatron_dsv::
+block_sparse_attn_fwd / _bwd) with fake implementations, for torch.compile and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import triton.language as tl
 from .layout import split_dims
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128, 256)
+HEAD_DIMS = (32, 64, 128)  # the tested ones (interpreter: 32, 64; H100: 32, 64, 128)
 
 
 def _interpreting() -> bool:
@@ -31,7 +34,7 @@ def _interpreting() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configurations. Chosen per (block_q, block_kv, head_dim) from measurements on H100
+# Launch configurations. Chosen per (block_q, block_kv) from measurements on H100 (head dim 128)
 # (bench/kernels.py, notes in bench/NOTES_kernels.md); `CONFIG_OVERRIDE` lets the benchmark try
 # variants without editing the code.
 # --------------------------------------------------------------------------------------------
@@ -41,20 +44,20 @@ CONFIG_OVERRIDE: dict = {}
 # Defaults measured on H100 (64k tokens, 16 heads, d 128, bf16, density 0.1; bench/NOTES_kernels.md):
 # 4 warps beat 8 for the forward and dk/dv; TMA loads of whole KV (or query) blocks beat pointer
 # gathers by 5-15%; a tile of two 64-row blocks was slower than one block per step.
-def _fwd_config(block_q, block_kv, d):
-    cfg = dict(BLOCK_N=max(block_kv, 64 if d <= 128 else 32), num_warps=4, num_stages=2, tma=True)
+def _fwd_config(block_q, block_kv):
+    cfg = dict(BLOCK_N=max(block_kv, 64), num_warps=4, num_stages=2, tma=True)
     cfg.update(CONFIG_OVERRIDE.get("fwd", {}))
     return cfg
 
 
-def _dq_config(block_q, block_kv, d):
-    cfg = dict(BLOCK_N=max(block_kv, 64 if d <= 128 else 32), num_warps=8 if block_q >= 128 else 4,
+def _dq_config(block_q, block_kv):
+    cfg = dict(BLOCK_N=max(block_kv, 64), num_warps=8 if block_q >= 128 else 4,
                num_stages=2, tma=True)
     cfg.update(CONFIG_OVERRIDE.get("dq", {}))
     return cfg
 
 
-def _dkdv_config(block_q, block_kv, d):
+def _dkdv_config(block_q, block_kv):
     # KV blocks under 64 rows: dk^T/dv^T accumulators (D_MAJOR) keep every product's M >= 64
     # (33.1 vs 37.4 ms at block_kv 16), and pointer loads beat TMA there (33.1 vs 39.5 ms).
     cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2,
@@ -362,7 +365,7 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
     n_q = kv_idx.shape[2]
     out = _empty(q.shape, q.dtype, q.device)  # contiguous in q's layout
     lse2 = _empty((b, h, s_q), torch.float32, q.device)
-    cfg = _fwd_config(block_q, block_kv, d)
+    cfg = _fwd_config(block_q, block_kv)
     whole = cfg["BLOCK_N"] == block_kv  # TMA loads whole KV blocks only
     cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
                                        [(k, layout, block_kv), (v, layout, block_kv)])
@@ -385,7 +388,7 @@ def _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout
     n_q = kv_idx.shape[2]
     dq = _empty(q.shape, q.dtype, q.device)
     delta = _empty((b, h, s_q), torch.float32, q.device)
-    cfg = _dq_config(block_q, block_kv, d)
+    cfg = _dq_config(block_q, block_kv)
     whole = cfg["BLOCK_N"] == block_kv
     cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
                                        [(k, layout, block_kv), (v, layout, block_kv)])
@@ -408,7 +411,7 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layo
     n_kv = -(-s_kv // block_kv)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    cfg = _dkdv_config(block_q, block_kv, d)
+    cfg = _dkdv_config(block_q, block_kv)
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     _dkdv_kernel[(n_kv, b * h)](
         q, k, v, do, dk, dv, lse2, delta, q_idx, q_off, *descs,
