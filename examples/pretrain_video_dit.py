@@ -57,7 +57,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--text-len", type=int, help="caption tokens for cross-attention (0: none)")
     g.add_argument("--dense", action="store_true", help="dense SDPA self-attention baseline (no DSV)")
     g = parser.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=1000)
+    g.add_argument("--train-iters", type=int, default=1000, help="length of the run (and of the lr schedule)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after this step (checkpointing it with --save); resume with --load")
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--lr-warmup-iters", type=int, default=10)
@@ -216,7 +218,6 @@ def main(argv=None):
 
     start = load_checkpoint(args.load, model, opt, master) if args.load else 0
     train_data, val_data = make_datasets(args, dit)
-    gen = torch.Generator().manual_seed(args.seed + start)
     writer = None
     if args.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -236,12 +237,15 @@ def main(argv=None):
     model.train()
     t_start = time.time()
     step_times = []
-    for step in range(start, args.train_iters):
+    end = min(args.train_iters, args.exit_interval or args.train_iters)
+    for step in range(start, end):
         t0 = time.time()
         x, cap = train_data.batch(step * args.micro_batch_size, args.micro_batch_size)
         x, cap = x.to(device), cap.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
+        # Times and noise from a per-step generator: a resumed run draws what an uninterrupted one would.
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         loss = flow_matching_loss(model, x, cap, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,18 +287,18 @@ def main(argv=None):
             append_jsonl(args.dsv_log, metrics, done)
         if args.save and args.save_interval and done % args.save_interval == 0:
             save_checkpoint(args.save, model, opt, master, done, args)
-    if args.save and start < args.train_iters:
-        save_checkpoint(args.save, model, opt, master, args.train_iters, args)
+    if args.save and start < end:
+        save_checkpoint(args.save, model, opt, master, end, args)
     if writer is not None:
         writer.close()
-    if dsv_cfg and start < args.train_iters:  # the last training step's metrics (timings: its forward)
+    if dsv_cfg and start < end:  # the last training step's metrics (timings: its forward)
         for layer in metrics["layers"]:
             print(f"layer {layer['layer']}: stage {layer['stage']}, {'sparse' if layer['sparse'] else 'dense'}, "
                   f"block sparsity {_fmt_list(layer['block_sparsity'])}, budget {_fmt_list(layer['budget'])}, "
                   f"recall {_fmt_list(layer['recall'])}, predictor loss {layer['predictor_loss']:.3f}, "
                   f"forward ms: selection {layer.get('selection_ms', 0.0):.1f}, "
                   f"attention {layer.get('attention_ms', 0.0):.1f}", flush=True)
-    print(f"done: {args.train_iters - start} steps in {_fmt_time(time.time() - t_start)}", flush=True)
+    print(f"done: {end - start} steps in {_fmt_time(time.time() - t_start)}", flush=True)
 
 
 def _fmt_list(values):
