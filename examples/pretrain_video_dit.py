@@ -55,7 +55,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--latent-channels", type=int)
     g.add_argument("--patch-size", type=int, nargs=3, metavar=("PT", "PH", "PW"))
     g.add_argument("--text-len", type=int, help="caption tokens for cross-attention (0: none)")
-    g.add_argument("--dense", action="store_true", help="dense SDPA self-attention baseline (no DSV)")
+    g.add_argument("--dense", action="store_true",
+                   help="dense SDPA self-attention baseline (default: DSV; --dsv is accepted and changes nothing)")
     g = parser.add_argument_group("training")
     g.add_argument("--train-iters", type=int, default=1000, help="length of the run (and of the lr schedule)")
     g.add_argument("--exit-interval", type=int, default=None,
@@ -202,6 +203,8 @@ def main(argv=None):
                           args.device if args.device != "auto" else "cpu")
     if args.recompute_activations and device.type != "cuda":
         raise ValueError("--recompute-activations needs a GPU (Megatron's checkpointing uses the CUDA RNG tracker)")
+    if args.dense and args.dsv:
+        raise ValueError("--dense and --dsv exclude each other (DSV is this script's default)")
     if args.bf16 and args.fp32:
         raise ValueError("--bf16 and --fp32 exclude each other")
     bf16 = args.bf16 or (device.type == "cuda" and not args.fp32)
