@@ -324,3 +324,12 @@ def test_video_folder_data(tmp_path):
     steps = _steps(_run_job("--train-iters", "2", "--data", "folder", "--data-path", str(tmp_path),
                             "--eval-interval", "2"))
     assert sorted(steps) == [1, 2] and "val " in steps[2]
+
+
+def test_sharded_state_dict_covers_the_model(megatron_parallel):
+    """Megatron's distributed checkpoint sees every tensor, the DSV predictor and controller included."""
+    model = build_video_dit(SMALL, dsv_config=DSV)
+    sharded = model.sharded_state_dict()
+    assert set(sharded) == set(model.state_dict())
+    assert any(k.endswith("core_attention.predictor.wq") for k in sharded)
+    assert any(k.endswith("core_attention.controller.stage") for k in sharded)
