@@ -48,7 +48,7 @@ from megatron_dsv.ops import dense as dense_ops  # noqa: E402
 
 def latent_for_tokens(tokens: int, patch=(1, 2, 2)):
     """A latent (T, H, W) whose token grid (T, H/2, W/2) holds `tokens` tokens, with square frames."""
-    for t in (4, 8, 16, 32, 64):
+    for t in (16, 8, 32, 4, 64):  # prefer video-like grids: 32k -> 8x64x64, 64k -> 16x64x64
         side = math.isqrt(tokens // t)
         if side * side * t == tokens and side % 4 == 0:
             return (t * patch[0], side * patch[1], side * patch[2])
