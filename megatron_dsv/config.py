@@ -59,7 +59,7 @@ class DSVConfig:
     """Smallest per-head budget (fraction of KV blocks; at least one block)."""
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
-    dense_fallback_density: float = 0.7
+    dense_fallback_density: float = 0.65
     """A sparse layer whose mean budget is denser than this computes dense attention instead."""
     profile_interval_stage1: int = 5
     """Profile sparsity every this many steps in stage 1 (the predictor trains every step)."""
