@@ -286,3 +286,18 @@ def test_dense_core_serves_cross_attention_and_dsv_rejects_it(megatron_parallel)
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="key has 10 tokens, query 64"):
         core()(q, kv, kv, None)
+
+
+def test_dsv_state_stays_float32_when_the_model_is_cast_to_bf16(megatron_parallel):
+    """Megatron's Float16Module casts the whole model; the predictor, its Adam moments and the
+    profiled EMAs must stay float32 (bf16 Adam moments and EMAs lose the small updates)."""
+    block = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL))).bfloat16()
+    layer = block.layers[0].self_attention.core_attention
+    assert block.layers[0].self_attention.linear_qkv.weight.dtype == torch.bfloat16
+    for name, t in [*layer.predictor.named_parameters(), *layer.predictor.named_buffers(),
+                    *layer.controller.named_buffers()]:
+        assert t.dtype in (torch.float32, torch.int64), (name, t.dtype)
+    x = torch.randn(64, 1, 64, dtype=torch.bfloat16, requires_grad=True)
+    block(x, attention_mask=None).float().sum().backward()
+    assert layer.controller.host()["step"] == 1 and layer.predictor.adam_step.item() == 1
+    assert layer.predictor.wq.dtype == torch.float32

@@ -19,14 +19,14 @@ import math
 from typing import List, Optional
 
 import torch
-from torch import nn
 
 from ..config import DSVConfig
+from .fp32_state import Float32State
 
 PER_HEAD_BUFFERS = ("token_sparsity", "block_sparsity", "recall")
 
 
-class StageController(nn.Module):
+class StageController(Float32State):
     def __init__(self, cfg: DSVConfig, heads: int, device=None):
         super().__init__()
         self.cfg = cfg

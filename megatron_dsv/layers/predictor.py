@@ -4,8 +4,9 @@ q_lr = q @ Wq[h] and k_lr = k @ Wk[h] (rank r per head) approximate the pre-soft
 logits q . k^T by q_lr . k_lr^T at a fraction of the cost; selection ranks KV blocks
 with them. The predictor trains on its own: the target is the true logits of a few
 sampled query rows, inputs are detached, and a small Adam (kept in buffers so it is
-checkpointed and sharded with the model) updates it. Its weights are buffers-like
-parameters with requires_grad=False, so the model's optimizer and DDP never touch them.
+checkpointed and sharded with the model) updates it. Its weights are parameters with
+requires_grad=False, so the model's optimizer and DDP never touch them, and all of its
+state stays float32 when the model is cast to bf16.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam as functional_adam
 
+from .fp32_state import Float32State
+
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-class LowRankPredictor(nn.Module):
+class LowRankPredictor(Float32State):
     """Per-head projections of q and k to rank r, with their own Adam state.
 
     Args:
