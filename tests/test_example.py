@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, patchify, unpatchify  # noqa: E402
-from video_dit.cross_attention import TextCrossCoreAttention  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.layers import DSVDotProductAttention, SDPADotProductAttention  # noqa: E402
@@ -73,7 +72,7 @@ def test_tiny_forward_backward(megatron_parallel):
     assert SMALL.qk_tied_init and torch.equal(w[:, 0], w[:, 1]) and not torch.equal(w[:, 0], w[:, 2])
     assert float(attn.self_attention.q_layernorm.weight[0].detach()) == SMALL.qk_norm_init
     assert isinstance(attn.self_attention.core_attention, SDPADotProductAttention)
-    assert isinstance(attn.cross_attention.core_attention, TextCrossCoreAttention)
+    assert isinstance(attn.cross_attention.core_attention, SDPADotProductAttention)
 
 
 def test_output_independent_of_cube_layout(megatron_parallel):
@@ -108,7 +107,7 @@ def test_dense_and_dsv_stage1_identical(megatron_parallel):
     missing, unexpected = dsv.load_state_dict(dense.state_dict(), strict=False)
     assert not unexpected and missing and all(".core_attention." in k for k in missing)
     assert sum(isinstance(m, DSVDotProductAttention) for m in dsv.modules()) == SMALL.num_layers
-    assert isinstance(dsv.decoder.layers[0].cross_attention.core_attention, TextCrossCoreAttention)
+    assert isinstance(dsv.decoder.layers[0].cross_attention.core_attention, SDPADotProductAttention)
     _perturb(dense)
     _perturb(dsv)
     x, cap, t, noise = _batch(SMALL)

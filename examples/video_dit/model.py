@@ -50,7 +50,6 @@ from megatron_dsv.layers import SDPADotProductAttention
 from megatron_dsv.video import CubeLayout
 
 from .configs import DiTConfig
-from .cross_attention import TextCrossCoreAttention
 from .rope import rope_3d
 
 CAPTION_SEED = 1234
@@ -87,7 +86,7 @@ def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
             submodules=CrossAttentionSubmodules(
                 linear_q=ColumnParallelLinear,
                 linear_kv=ColumnParallelLinear,
-                core_attention=TextCrossCoreAttention,
+                core_attention=SDPADotProductAttention,
                 linear_proj=RowParallelLinear,
             ),
         )
