@@ -72,9 +72,7 @@ class LayerContextParallel:
             shape = Shape(seq_len, self.heads, self.head_dim, batch=batch, block_q=self.cfg.block_q,
                           block_kv=self.cfg.block_kv, lr_rank=self.cfg.rank)
             U = [self.cfg.cp_head_parallel_size] if self.cfg.cp_head_parallel_size else None
-            # The ring schedule needs a gradient through the log-sum-exp, which the Triton kernel
-            # does not provide yet; the one-shot gather schedule does not.
-            self._plan = plan(list(budgets), shape=shape, P=self.size, U_candidates=U, schedules=("gather",))
+            self._plan = plan(list(budgets), shape=shape, P=self.size, U_candidates=U)
             self._plan_key = key
         return self._plan
 

@@ -3,14 +3,16 @@
 Layout of the work (one program = one tile of output, no atomics anywhere):
   forward  grid (n_qblocks, b*h): one query block against the KV blocks of its list; several
            small KV blocks (block_kv < BLOCK_N) are gathered into one BLOCK_N-row tile.
-  dq       grid (n_qblocks, b*h): the same walk as the forward, also writes delta = rowsum(dO*O).
+  dq       grid (n_qblocks, b*h): the same walk as the forward, also writes delta = rowsum(dO*O)
+           - dlse (the gradient reaching the returned log-sum-exp, if any: it adds P * dlse to dS).
   dk/dv    grid (n_kvblocks, b*h): one KV block against the query blocks that selected it, read
            from the transposed (KV block -> query blocks) list that `transpose_block_lists` builds
            on the GPU with a sort (no host sync).
 Tensors are read through their strides: bshd and sbhd views need no copies; on the GPU whole
 blocks are loaded through TMA tensor descriptors over the [b, s, h, d] view where that measured
 faster. Softmax runs in base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one
-returned is natural. The forward and backward are torch custom ops (megatron_dsv::
+returned is natural. The returned lse is differentiable (the CP ring schedule merges partial
+results through it). The forward and backward are torch custom ops (megatron_dsv::
 block_sparse_attn_fwd / _bwd) with fake implementations, for torch.compile and CUDA graphs.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -180,13 +183,14 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KDesc, VDesc,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt, KDesc, VDesc,
+def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KDesc, VDesc,
                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
                H, S_Q, S_KV, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr):
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
+               HAS_DLSE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -203,6 +207,11 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, Delta, KvIdx, KvCnt, KDesc, VDesc,
     do = tl.load(DO + b * sdo_b + h * sdo_h + rows * sdo_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     o = tl.load(O + b * so_b + h * so_h + rows * so_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = P, so dS = P * (dP - delta + dlse); dlse per natural-log unit = dlse2 * LOG2E.
+        # Rows with no keys (count 0) are read by no program, so whatever dlse holds there is unused.
+        dlse2 = tl.load(DLse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=0.0)
+        delta = delta - dlse2 * 1.4426950408889634
     tl.store(Delta + bh.to(tl.int64) * S_Q + offs_m, delta, mask=m_ok)
     lse2 = tl.load(Lse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
 
@@ -381,8 +390,8 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
     return out, lse2
 
 
-def _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
-    """dq over each query block's KV list; also returns delta = rowsum(dO * O) for dk/dv."""
+def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+    """dq over each query block's KV list; also returns delta = rowsum(dO * O) - dlse for dk/dv."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_q = kv_idx.shape[2]
@@ -394,13 +403,13 @@ def _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout
                                        [(k, layout, block_kv), (v, layout, block_kv)])
     mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0  # packed tiles or a partial block
     _dq_kernel[(n_q, b * h)](
-        q, k, v, out, do, dq, lse2, delta, kv_idx, kv_cnt, *descs,
+        q, k, v, out, do, dq, lse2, lse2 if dlse2 is None else dlse2, delta, kv_idx, kv_cnt, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
         *kv_idx.stride(), *kv_cnt.stride(),
         h, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, **cfg)
+        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, **cfg)
     return dq, delta
 
 
@@ -423,9 +432,11 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layo
     return dk, dv
 
 
-def _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
     do = _unit_last(do)
-    dq, delta = _dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+    if dlse2 is not None:
+        dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
+    dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
     q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
     dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, layout)
@@ -453,14 +464,15 @@ def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
 @torch.library.custom_op("megatron_dsv::block_sparse_attn_bwd", mutates_args=())
 def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse2: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
-                          block_q: int, block_kv: int, scale: float,
-                          layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each contiguous in its input's layout."""
-    return _backward(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
+                          block_q: int, block_kv: int, scale: float, layout: str,
+                          dlse2: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each contiguous in its input's layout. dlse2: gradient of the base-2 lse
+    [b, h, Sq] (None: the lse was not used)."""
+    return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout)
 
 
 @block_sparse_attn_bwd.register_fake
-def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout):
+def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -469,12 +481,15 @@ def _setup_context(ctx, inputs, output):
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt)
     ctx.args = (block_q, block_kv, scale, layout)
-    ctx.mark_non_differentiable(lse2)
+    # Unused outputs give None instead of a zero tensor: no lse gradient is the common case.
+    ctx.set_materialize_grads(False)
 
 
-def _backward_rule(ctx, dout, _dlse2):
+def _backward_rule(ctx, dout, dlse2):
     q, k, v, out, lse2, kv_idx, kv_cnt = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args)
+    if dout is None:  # only the lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2)
     return dq, dk, dv, None, None, None, None, None, None
 
 

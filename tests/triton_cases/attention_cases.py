@@ -29,8 +29,22 @@ def make_qkv(b, s_q, s_kv, h, d, dtype, layout, gen, packed):
     return rnd(*shaped(s_q)), rnd(*shaped(s_kv)), rnd(*shaped(s_kv))
 
 
+def grads_of(out, lse, inputs, dout, dlse):
+    """Gradients of (out * dout).sum() + (lse * dlse).sum() over the finite lse entries only (rows
+    with no keys have lse -inf); dout or dlse None leaves that term out."""
+    terms = []
+    if dout is not None:
+        terms.append((out.double() * dout.double()).sum())
+    if dlse is not None:
+        terms.append((torch.where(torch.isfinite(lse), lse, 0.0).double() * dlse.double()).sum())
+    gs = torch.autograd.grad(sum(terms), inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+
+
 def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
-             packed=False, seed=0):
+             packed=False, seed=0, loss="out"):
+    """loss: "out" (gradient on out only), "out+lse" (also a random gradient on the finite lse
+    entries, as the CP ring merge gives) or "lse" (lse only: out unused)."""
     gen = torch.Generator().manual_seed(seed)
     n_q, n_kv = -(-s_q // block_q), -(-s_kv // block_kv)
     if counts == "random":  # per (batch, head, query block); includes 0 and n_kv
@@ -50,18 +64,19 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kw = dict(block_q=block_q, block_kv=block_kv, layout=layout)
     out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True, **kw)
-    dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE) if loss != "lse" else None
+    dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if loss != "out" else None
+    dq, dk, dv = grads_of(out, lse, (q, k, v), dout, dlse)
 
     # float64 oracle, and the reference's own error at the test dtype (inputs rounded the same way).
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     scale = d ** -0.5
     out64, lse64 = block_sparse_attention_reference(q64, k64, v64, kv_idx, kv_cnt, scale=scale,
                                                     return_lse=True, **kw)
-    g64 = torch.autograd.grad(out64, (q64, k64, v64), dout.double())
+    g64 = grads_of(out64, lse64, (q64, k64, v64), dout, dlse)
     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out_l = block_sparse_attention_reference(ql, kl, vl, kv_idx, kv_cnt, scale=scale, return_lse=False, **kw)
-    g_l = torch.autograd.grad(out_l, (ql, kl, vl), dout)
+    out_l, lse_l = block_sparse_attention_reference(ql, kl, vl, kv_idx, kv_cnt, scale=scale, return_lse=True, **kw)
+    g_l = grads_of(out_l, lse_l, (ql, kl, vl), dout, dlse)
 
     def check(name, x, ref, ref_lowp):
         err = rel_err(x, ref)
@@ -83,7 +98,13 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
         assert not out.any() and not dq.any() and not dk.any() and not dv.any()
         return errs
     for name, x, ref, lowp in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, g_l):
+        if name == "dv" and dout is None:  # out unused: dv is exactly zero
+            assert not dv.any(), "dv must be zero when only the lse is used"
+            continue
         errs[name] = check(name, x, ref, lowp)
+    if dlse is not None:  # rows with no keys: zero dq (no NaN from their -inf lse)
+        rows_empty = empty.transpose(1, 2) if layout == "bshd" else empty.permute(2, 0, 1)
+        assert not dq[rows_empty].any(), "dq must be zero on rows with no keys"
     return errs
 
 
@@ -100,6 +121,21 @@ def test_small_kv_blocks_packed_sbhd_views(dtype):
     # block_kv 16 packs several KV blocks per tile; q, k, v are strided slices of one sbhd buffer.
     run_case(b=1, h=2, s_q=200, s_kv=200, d=64, block_q=64, block_kv=16, dtype=dtype, layout="sbhd",
              packed=True, seed=1)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lse_gradient(dtype):
+    # loss = (out * g).sum() + (lse * g2).sum() over finite lse, as the CP ring merge differentiates it;
+    # random counts include count-0 query blocks (lse -inf) and partial tiles.
+    run_case(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, dtype=dtype, loss="out+lse", seed=10)
+
+
+@pytest.mark.usefixtures("poison")
+def test_lse_only_gradient_sbhd_packed():
+    # out unused (its gradient reaches the backward as None); small packed KV tiles, sbhd views.
+    run_case(b=1, h=2, s_q=96, s_kv=96, d=32, block_q=32, block_kv=16, dtype=torch.float32, layout="sbhd",
+             packed=True, loss="lse", seed=11)
 
 
 @pytest.mark.usefixtures("poison")

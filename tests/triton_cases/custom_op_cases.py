@@ -28,8 +28,10 @@ def test_opcheck_attention_ops():
     torch.library.opcheck(block_sparse_attn_fwd, args)
     out, lse2 = block_sparse_attn_fwd(*args)
     do = torch.randn_like(out)
-    torch.library.opcheck(block_sparse_attn_bwd, (do, q.detach(), k.detach(), v.detach(), out.detach(), lse2,
-                                                  kv_idx, kv_cnt, 32, 32, 32 ** -0.5, "bshd"))
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse2.detach(), kv_idx, kv_cnt, 32, 32,
+                32 ** -0.5, "bshd")
+    torch.library.opcheck(block_sparse_attn_bwd, bwd_args)
+    torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, torch.randn_like(lse2)))  # with an lse gradient
 
 
 def test_opcheck_selection_op():
@@ -44,10 +46,12 @@ def test_compiled_step_matches_eager():
     q_lr, k_lr = (torch.randn(1, 96, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
 
     # The custom op itself: the public select_blocks checks its budgets on the host first.
+    # Every budget >= 1, so every lse is finite; the loss differentiates through out and lse.
     def step(q, k, v):
         kv_idx, kv_cnt = select_blocks_op(q_lr, k_lr, [2, 1], 2, 32, 32, "max")
-        out = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton")
-        return (out.float() ** 2).sum()
+        out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton",
+                                          return_lse=True)
+        return (out.float() ** 2).sum() + (lse * lse.detach().cos()).sum()
 
     grads = []
     for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
