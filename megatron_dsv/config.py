@@ -44,7 +44,7 @@ class DSVConfig:
     ema_alpha: float = 0.9
     """EMA weight of the old value when smoothing profiled sparsity."""
     sample_stride: int = 64
-    """Every sample_stride-th query row is sampled for the predictor loss and the profiler."""
+    """Every sample_stride-th query block (all its rows) is sampled for the predictor loss and profiler."""
 
     # Two-stage schedule.
     loss_threshold: float = 0.01

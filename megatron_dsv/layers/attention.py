@@ -278,8 +278,8 @@ class DSVDotProductAttention(_CoreAttention):
         super()._save_to_state_dict(*args, **kwargs)
 
     def _sampled_rows_step(self, q, k, heads, selection, train):
-        """True logits of every sample_stride-th row of q against all of k, a few heads at a time
-        (bounded memory; the logits are freed before returning).
+        """True logits of the rows of every sample_stride-th query block (cube) of q against all of
+        k, a few heads at a time (bounded memory; the logits are freed before returning).
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
         `heads`, with "count" = 1 on `heads`: the predictor loss and its gradients (if train) and
@@ -288,8 +288,13 @@ class DSVDotProductAttention(_CoreAttention):
         cfg, H = self.cfg, self.heads
         s, b = q.shape[:2]
         device = q.device
-        offset = self.controller.host()["step"] % min(cfg.sample_stride, s)  # rotate the sampled rows
-        rows = torch.arange(offset, s, cfg.sample_stride, device=device)
+        # Whole cubes are sampled: one selection serves all rows of a cube, so the profile that sets
+        # its budget must see the cube's rows together. The sampled cubes rotate every step.
+        n_blocks = math.ceil(s / cfg.block_q)
+        stride = min(cfg.sample_stride, n_blocks)
+        cubes = torch.arange(self.controller.host()["step"] % stride, n_blocks, stride, device=device)
+        rows = (cubes[:, None] * cfg.block_q + torch.arange(cfg.block_q, device=device)).flatten()
+        rows = rows[rows < s]
         q_rows = q[rows].transpose(0, 1).float()  # [b, n_rows, n, d]
         k_all = k.transpose(0, 1).float()          # [b, S, n, d]
         idx = torch.tensor(heads, device=device)
@@ -309,7 +314,7 @@ class DSVDotProductAttention(_CoreAttention):
                     (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                 local["loss"][hs] = loss.detach()
             if selection is not None:
-                tok, blk, mass = profile_logits(target, theta=cfg.theta, block_kv=cfg.block_kv)
+                tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv)
                 kv_idx, kv_cnt = (t[:, hs].index_select(2, rows // cfg.block_q) for t in selection)
                 local["token_sparsity"][hs], local["block_sparsity"][hs] = tok, blk
                 local["recall"][hs] = selection_recall(mass, kv_idx, kv_cnt)

@@ -1,10 +1,12 @@
 """Sparsity profiler: how much of each head's attention mass a few keys hold.
 
-Works on the true attention probabilities of sampled query rows. For every row it
-finds the smallest set of keys (and of KV blocks) holding `theta` of the mass;
-a head's sparsity is the share of keys (blocks) outside that set, averaged over rows.
-The block-level figure drives the per-head budget (it is what a block-sparse kernel
-needs); the token-level one is reported as the paper defines it.
+Works on the true attention probabilities of the rows of sampled query blocks (cubes).
+Token sparsity, as the paper defines it: per row, the share of keys outside the smallest
+set holding `theta` of the mass, averaged over rows. Block sparsity, which drives the
+per-head budget: per cube, the share of KV blocks outside the smallest set holding
+`theta` of the cube's mean attention mass, averaged over cubes. It is per cube because one
+selection serves all rows of a cube: the union of the rows' own critical blocks is what
+the budget must pay for.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
     return F.pad(probs, (0, pad)).unflatten(-1, ((s + pad) // block_kv, block_kv)).sum(-1)
 
 
-def profile_logits(logits: torch.Tensor, *, theta: float, block_kv: int):
+def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: float, block_kv: int):
     """Per-head sparsity of sampled rows.
 
-    logits: [b, h, n, S] true pre-softmax logits (already scaled).
-    Returns (token_sparsity [h], block_sparsity [h], block_mass [b, h, n, n_kv]).
+    logits: [b, h, n, S] true pre-softmax logits (already scaled); cube_of_row: [n] query block of
+    each row. Returns (token_sparsity [h], block_sparsity [h], block_mass [b, h, n, n_kv]).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     s = probs.shape[-1]
     mass = block_mass(probs, block_kv)
     tok = 1.0 - smallest_cover(probs, theta).float().mean(dim=(0, 2)) / s
-    blk = 1.0 - smallest_cover(mass, theta).float().mean(dim=(0, 2)) / mass.shape[-1]
+    cubes, group = torch.unique(cube_of_row, return_inverse=True)
+    cube_mass = torch.zeros(*mass.shape[:2], len(cubes), mass.shape[-1], device=mass.device).index_add_(2, group, mass)
+    cube_mass /= torch.bincount(group, minlength=len(cubes)).view(1, 1, -1, 1)
+    blk = 1.0 - smallest_cover(cube_mass, theta).float().mean(dim=(0, 2)) / mass.shape[-1]
     return tok, blk, mass
 
 
