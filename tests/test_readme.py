@@ -23,3 +23,18 @@ def test_ci_runs_the_readme_commands():
     test = re.search(r"## Run the tests\n\n```bash\n([^\n]+)\n```", README).group(1)
     assert install.replace("pip install", "pip install -q") in CI
     assert test in CI
+
+
+def test_readme_apply_dsv_example_runs(megatron_parallel):
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    code = re.search(r"## Use it in a Megatron model\n\n```python\n(.*?)```", README, re.S).group(1)
+    scope = {"config": TransformerConfig(num_layers=2, hidden_size=128, num_attention_heads=2,
+                                         use_cpu_initialization=True, attention_dropout=0.0)}
+    exec(code, scope)
+    block = scope["block"]
+    x = torch.randn(256, 1, 128, requires_grad=True)
+    block(x, attention_mask=None).sum().backward()
+    assert type(block.layers[0].self_attention.core_attention).__name__ == "DSVDotProductAttention"
+    assert x.grad is not None
