@@ -1,16 +1,11 @@
 """Shared fixtures: a one-process gloo world with Megatron-Core's parallel_state."""
 
 import os
-import socket
 
 import pytest
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo import free_port
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +16,7 @@ def megatron_parallel():
 
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()

@@ -2,15 +2,13 @@
 whole sequence: outputs and gradients in stage 1 (dense) and stage 2 (sparse), and the predictor
 it learns."""
 
-import datetime
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo import spawn
 
 S, B, H, D = 256, 1, 2, 16
 STEPS = 7
@@ -27,10 +25,7 @@ def _layer(cp_size, dsv):
     return DSVDotProductAttention(cfg, 1, AttnMaskType.no_mask, "self", dsv_config=dsv)
 
 
-def _worker(rank, world, port, out_dir, head_parallel):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def _worker(rank, world, out_dir, head_parallel):
     from megatron.core import parallel_state
 
     from megatron_dsv import DSVConfig
@@ -71,15 +66,11 @@ def _worker(rank, world, port, out_dir, head_parallel):
     errors["step"] = cp_layer.controller.host()["step"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(errors, f)
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("head_parallel", [2, 1], ids=["U2xR1", "U1xR2"])
 def test_cp_layer_matches_single_process(tmp_path, head_parallel):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), head_parallel), nprocs=2, join=True)
+    spawn(_worker, 2, str(tmp_path), head_parallel)
     for rank in range(2):
         e = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert e["out"] < 1e-10 and e["grad"] < 1e-10, e

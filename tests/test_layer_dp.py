@@ -1,20 +1,15 @@
 """Predictor replicas stay identical across data-parallel ranks (2 gloo processes)."""
 
-import datetime
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo import spawn
 
 STEPS = 6
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def _worker(rank, world, out_dir):
     from megatron.core import parallel_state
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -34,14 +29,10 @@ def _worker(rank, world, port, out_dir):
         q, k, v = (torch.randn(128, 1, 2, 32, generator=gen, requires_grad=True) for _ in range(3))
         layer(q, k, v, None).square().mean().backward()
     torch.save(layer.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_predictor_and_schedule_identical_across_dp_replicas(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, 2, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a.keys() == b.keys()
     for key in a:
