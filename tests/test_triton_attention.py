@@ -5,14 +5,8 @@ The cases live in tests/triton_cases/attention_cases.py and run in a child pytes
 to check the compiled kernels (bfloat16 included).
 """
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location(
-    "triton_cases_runner", Path(__file__).resolve().parent / "triton_cases" / "runner.py")
-runner = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(runner)
+from triton_cases.runner import run_interpreted
 
 
 def test_triton_block_sparse_attention_interpreted():
-    runner.run_interpreted("attention_cases.py")
+    run_interpreted("attention_cases.py")
