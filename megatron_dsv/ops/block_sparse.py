@@ -6,10 +6,9 @@ import os
 
 import torch
 
+from ..config import BACKENDS, BLOCK_SIZES
 from .layout import LAYOUTS, split_dims
 from .reference import block_sparse_attention_reference
-
-BACKENDS = ("auto", "triton", "reference")
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -27,6 +26,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}"
         )
     return backend
+
+
+def check_block_sizes(block_q, block_kv):
+    if block_q not in BLOCK_SIZES or block_kv not in BLOCK_SIZES:
+        raise ValueError(f"block_q and block_kv must be in {BLOCK_SIZES}, got {block_q}, {block_kv}")
 
 
 def check_block_mask(kv_idx, kv_cnt, b, h, n_q, name_prefix=""):
@@ -89,8 +93,7 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             "q's batch and heads (grouped-query attention is not supported), k needs q's head dim, "
             "v needs k's length"
         )
-    if block_q not in (16, 32, 64, 128) or block_kv not in (16, 32, 64, 128):
-        raise ValueError(f"block_q and block_kv must be in (16, 32, 64, 128), got {block_q}, {block_kv}")
+    check_block_sizes(block_q, block_kv)
     n_q = -(-s_q // block_q)
     check_block_mask(kv_idx, kv_cnt, b, h, n_q)
     scale = d ** -0.5 if scale is None else float(scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_sparse import resolve_backend
+from .block_sparse import check_block_sizes, resolve_backend
 from .reference import select_blocks_reference
 
 KV_REDUCES = ("max", "mean")
@@ -49,8 +49,7 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         raise ValueError(f"k_lr {tuple(k_lr.shape)} must match q_lr {tuple(q_lr.shape)} in batch, heads, rank")
     if q_lr.device != k_lr.device:
         raise ValueError("q_lr and k_lr must be on one device")
-    if block_q not in (16, 32, 64, 128) or block_kv not in (16, 32, 64, 128):
-        raise ValueError(f"block_q and block_kv must be in (16, 32, 64, 128), got {block_q}, {block_kv}")
+    check_block_sizes(block_q, block_kv)
     if kv_reduce not in KV_REDUCES:
         raise ValueError(f"kv_reduce={kv_reduce!r} is not one of {list(KV_REDUCES)}")
     n_kv = -(-k_lr.shape[1] // block_kv)
