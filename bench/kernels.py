@@ -271,8 +271,8 @@ def tune(args, results):
         kv_idx, kv_cnt = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")
         f = fwd_flops(s, s, topk / n_kv)
         scale = D ** -0.5
-        out, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd")
-        dq, delta = ta._dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd")
+        out, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd")
+        dq, delta = ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd")
         q_idx, q_off = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
         base = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv)
         t = ms(lambda: ta.transpose_block_lists(kv_idx, kv_cnt, n_kv))
@@ -288,9 +288,9 @@ def tune(args, results):
                      if not (bm == 128 and w == 4) and (t or st == 2)],
         }
         calls = {
-            "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.0),
-            "dq": (lambda: ta._dq(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, "bshd"), 1.5),
-            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, block_q, block_kv, scale, "bshd"),
+            "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd"), 1.0),
+            "dq": (lambda: ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd"), 1.5),
+            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, None, block_q, block_kv, scale, "bshd"),
                      2.0),
         }
         if "sel" in args.tune_kernels:

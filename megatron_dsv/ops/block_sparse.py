@@ -45,22 +45,29 @@ def check_block_mask(kv_idx, kv_cnt, b, h, n_q, name_prefix=""):
         raise ValueError(f"kv_cnt must be [batch={b}, heads={h}, n_qblocks={n_q}], got {tuple(kv_cnt.shape)}")
 
 
-def check_block_mask_values(kv_idx, kv_cnt, n_kv):
-    """Value checks (ids in range, no duplicates within the count); syncs with the device."""
+def check_block_mask_values(kv_idx, kv_cnt, n_kv, segments=None, block_q=None, block_kv=None):
+    """Value checks (ids in range, no duplicates within the count; with segments, ids within the
+    query block's clip); syncs with the device."""
     k_max = kv_idx.shape[-1]
     if bool(((kv_cnt < 0) | (kv_cnt > min(k_max, n_kv))).any()):
         raise ValueError(f"kv_cnt values must lie in [0, min(k_max={k_max}, n_kv_blocks={n_kv})]")
     valid = torch.arange(k_max, device=kv_idx.device) < kv_cnt.unsqueeze(-1)
     ids = kv_idx.long()
-    if bool((valid & ((ids < 0) | (ids >= n_kv))).any()):
-        raise ValueError(f"kv_idx holds a block id outside [0, {n_kv}) within kv_cnt")
+    lo, hi = 0, n_kv
+    if segments is not None:  # [first, last) KV block of each query block's clip
+        tokens = segments.kv_token_range(block_q, kv_idx.device).long()
+        lo = (tokens[:, 0] // block_kv).view(1, 1, -1, 1)
+        hi = (-(-tokens[:, 1] // block_kv)).view(1, 1, -1, 1)
+    if bool((valid & ((ids < lo) | (ids >= hi))).any()):
+        where = "outside its query block's clip" if segments is not None else f"outside [0, {n_kv})"
+        raise ValueError(f"kv_idx holds a block id {where} within kv_cnt")
     marked = torch.where(valid, ids, -1 - torch.arange(k_max, device=ids.device)).sort(-1).values
     if bool((marked[..., 1:] == marked[..., :-1]).any()):
         raise ValueError("kv_idx lists a KV block twice for one query block")
 
 
 def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
-                           backend="auto", return_lse=False):
+                           backend="auto", return_lse=False, segments=None):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Args:
@@ -72,6 +79,10 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         scale: softmax scale (default 1/sqrt(d)).
         backend: "triton", "reference" or "auto" (Triton on CUDA tensors, else reference).
         return_lse: also return the log-sum-exp [b, h, Sq] float32 (-inf for rows with no keys).
+        segments: packed clips (:class:`megatron_dsv.ops.Segments`), self-attention only: every
+            query block may only list KV blocks of its own clip (not re-checked by the Triton
+            backend: that needs a host sync) and query blocks of pure padding list none; padding
+            keys are masked, padding rows get output 0 (lse -inf) and zero gradients.
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -96,13 +107,17 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     check_block_sizes(block_q, block_kv)
     n_q = -(-s_q // block_q)
     check_block_mask(kv_idx, kv_cnt, b, h, n_q)
+    if segments is not None:
+        if s_kv != s_q:
+            raise ValueError(f"segments (packed clips) need self-attention lengths; got Sq={s_q}, Skv={s_kv}")
+        segments.check(s_q, block_q, block_kv)
     scale = d ** -0.5 if scale is None else float(scale)
 
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
-        check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv))
+        check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
     else:
         from .triton_attention import triton_block_sparse_attention as fn
     return fn(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=scale, layout=layout,
-              return_lse=return_lse)
+              return_lse=return_lse, segments=segments)

@@ -19,14 +19,23 @@ def _pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def _seq_slice(x, layout, start, stop):
+    return x[:, start:stop] if layout == "bshd" else x[start:stop]
+
+
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
-                                     return_lse):
+                                     return_lse, segments=None):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Inputs are already validated by :func:`megatron_dsv.ops.block_sparse_attention`.
     Computes in float32 (float64 for float64 inputs); returns out in q's dtype and
-    lse [b, h, Sq] float32/float64 (-inf for rows with no keys).
+    lse [b, h, Sq] float32/float64 (-inf for rows with no keys). With `segments` (packed clips),
+    each clip is computed on its own, exactly as an unpacked sequence; padding gets out 0, lse -inf.
     """
+    if segments is not None:
+        return _packed_attention_reference(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
+                                           scale=scale, layout=layout, return_lse=return_lse,
+                                           segments=segments)
     qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
     b, h, s_q, d = qh.shape
     s_kv = kh.shape[2]
@@ -66,6 +75,36 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
     if not return_lse:
         return out
     return out, lse.reshape(b, h, n_q * block_q)[:, :, :s_q]
+
+
+def _packed_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout, return_lse,
+                                segments):
+    """Clip by clip: slice the clip's tokens and its query blocks' lists (ids made clip-relative)."""
+    outs, lses, pos = [], [], 0
+    b, h = kv_cnt.shape[:2]
+
+    def gap(n):  # padding rows: zero output, lse -inf
+        shape = (b, n, h, q.shape[-1]) if layout == "bshd" else (n, b, h, q.shape[-1])
+        outs.append(q.new_zeros(shape))
+        lses.append(torch.full((b, h, n), float("-inf"), device=q.device,
+                               dtype=torch.float64 if q.dtype == torch.float64 else torch.float32))
+
+    for c, (start, length) in enumerate(zip(segments.starts, segments.lengths)):
+        if start > pos:
+            gap(start - pos)
+        q_lo, q_hi = segments.block_range(c, block_q)
+        kv_lo = segments.block_range(c, block_kv)[0]
+        clip = [_seq_slice(t, layout, start, start + length) for t in (q, k, v)]
+        out, lse = block_sparse_attention_reference(
+            *clip, kv_idx[:, :, q_lo:q_hi] - kv_lo, kv_cnt[:, :, q_lo:q_hi], block_q=block_q,
+            block_kv=block_kv, scale=scale, layout=layout, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+        pos = start + length
+    if segments.total > pos:
+        gap(segments.total - pos)
+    out = torch.cat(outs, dim=1 if layout == "bshd" else 0)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
 def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):
@@ -115,9 +154,28 @@ def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
     return kv_idx, kv_cnt
 
 
-def select_blocks_reference(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce="max"):
-    scores = block_scores_reference(q_lr, k_lr, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
-    return topk_blocks(scores, budgets.to(scores.device), k_max)
+def select_blocks_reference(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce="max",
+                            segments=None):
+    """budgets: int64 [h] (or [h, clips] with `segments`), already clipped to the KV blocks.
+    With segments, each clip selects among its own KV blocks, exactly as an unpacked sequence;
+    query blocks of pure padding select nothing."""
+    if segments is None:
+        scores = block_scores_reference(q_lr, k_lr, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
+        return topk_blocks(scores, budgets.to(scores.device), k_max)
+    b, s_q, h, _ = q_lr.shape
+    n_q = -(-s_q // block_q)
+    kv_idx = torch.full((b, h, n_q, k_max), -1, dtype=torch.int32, device=q_lr.device)
+    kv_cnt = torch.zeros((b, h, n_q), dtype=torch.int32, device=q_lr.device)
+    for c, (start, length) in enumerate(zip(segments.starts, segments.lengths)):
+        q_lo, q_hi = segments.block_range(c, block_q)
+        kv_lo = segments.block_range(c, block_kv)[0]
+        budget = budgets[:, c]
+        idx, cnt = select_blocks_reference(q_lr[:, start:start + length], k_lr[:, start:start + length],
+                                           budget, max(int(budget.max()), 1), block_q=block_q,
+                                           block_kv=block_kv, kv_reduce=kv_reduce)
+        kv_idx[:, :, q_lo:q_hi, :idx.shape[-1]] = torch.where(idx >= 0, idx + kv_lo, -1)
+        kv_cnt[:, :, q_lo:q_hi] = cnt
+    return kv_idx, kv_cnt
 
 
 def dense_attention_reference(q, k, v, *, scale, layout, return_lse=False):

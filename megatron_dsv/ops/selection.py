@@ -10,32 +10,46 @@ from .reference import select_blocks_reference
 KV_REDUCES = ("max", "mean")
 
 
-def normalize_budgets(topk, heads: int, n_kv: int) -> torch.Tensor:
-    """Per-head budgets as an int64 CPU tensor [heads], clipped to [0, n_kv]."""
+def normalize_budgets(topk, heads: int, n_kv) -> torch.Tensor:
+    """Budgets as an int64 CPU tensor clipped to [0, n_kv]: [heads] for one sequence (n_kv an
+    int), [heads, clips] for packed clips (n_kv a list: KV blocks of each clip)."""
+    clips = None if isinstance(n_kv, int) else len(n_kv)
+    shapes = [(heads,)] if clips is None else [(heads,), (heads, clips)]
+    expected = " or ".join(f"[{', '.join(map(str, shape))}]" for shape in shapes)
     if isinstance(topk, bool):
-        raise ValueError(f"topk must be an int or an int tensor [heads], got {topk!r}")
+        raise ValueError(f"topk must be an int or an int tensor {expected}, got {topk!r}")
     if isinstance(topk, int):
         budgets = torch.full((heads,), topk, dtype=torch.int64)
     elif isinstance(topk, torch.Tensor) and not topk.is_floating_point() and topk.dtype != torch.bool:
-        if tuple(topk.shape) != (heads,):
-            raise ValueError(f"topk tensor must have shape [heads={heads}], got {tuple(topk.shape)}")
+        if tuple(topk.shape) not in shapes:
+            raise ValueError(f"topk tensor must have shape {expected} (heads={heads}), got {tuple(topk.shape)}")
         budgets = topk.detach().to("cpu", torch.int64)
     else:
-        raise ValueError(f"topk must be an int or an int tensor [heads], got {type(topk).__name__}")
+        raise ValueError(f"topk must be an int or an int tensor {expected}, got {type(topk).__name__}")
     if bool((budgets < 0).any()):
         raise ValueError(f"topk must be >= 0, got {budgets.tolist()}")
-    return budgets.clamp(max=n_kv)
+    if clips is None:
+        return budgets.clamp(max=n_kv)
+    if budgets.dim() == 1:
+        budgets = budgets[:, None].expand(heads, clips)
+    return torch.minimum(budgets, torch.tensor(n_kv, dtype=torch.int64))
 
 
-def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max"):
+def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max", segments=None):
     """Pick the top-k KV blocks of every query block from low-rank projections.
 
     Args:
         q_lr: [b, Sq, h, r] per-token low-rank queries (bshd).
         k_lr: [b, Skv, h, r] per-token low-rank keys.
         topk: int, or int tensor [h] of per-head budgets; clipped to the number of KV blocks.
+            With segments, also [h, clips] (per head and clip); each clip's budget is clipped to
+            its own KV blocks.
         kv_reduce: "max" (default; a KV block scores the max over its tokens of proxy . k_lr)
             or "mean" (proxy . mean of the block's k_lr, the pooled baseline).
+
+        segments: packed clips (:class:`megatron_dsv.ops.Segments`): each query block selects
+            among the KV blocks of its own clip only, as if its clip were alone; query blocks of
+            pure padding select nothing. Needs q_lr and k_lr of the same packed sequence.
 
     The proxy of a query block is the mean of its tokens' q_lr. Ties go to the lower block id.
 
@@ -53,6 +67,11 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
     if kv_reduce not in KV_REDUCES:
         raise ValueError(f"kv_reduce={kv_reduce!r} is not one of {list(KV_REDUCES)}")
     n_kv = -(-k_lr.shape[1] // block_kv)
+    if segments is not None:
+        if k_lr.shape[1] != s_q:
+            raise ValueError(f"segments need q_lr and k_lr of one packed sequence; got {s_q} and {k_lr.shape[1]} tokens")
+        segments.check(s_q, block_q, block_kv)
+        n_kv = list(segments.blocks_per_clip(block_kv))
     budgets = normalize_budgets(topk, h, n_kv)
     k_max = max(int(budgets.max()), 1)
 
@@ -61,4 +80,5 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         fn = select_blocks_reference
     else:
         from .triton_selection import triton_select_blocks as fn
-    return fn(q_lr, k_lr, budgets, k_max, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
+    return fn(q_lr, k_lr, budgets, k_max, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce,
+              segments=segments)

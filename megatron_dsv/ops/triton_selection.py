@@ -8,9 +8,14 @@ The kernel stores each score as an int64 key (order-preserving float bits << 32 
 so one torch.topk over unique keys gives the reference's order, ties going to the lower id,
 with no sort of the full row and no host sync.
 kv_reduce="mean" scores proxy . mean(k_lr) per block: one small batched matmul, O(n_q x n_kv).
+Packed clips (segments): proxies average only a block's valid rows, each query block scores only
+the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and every
+other KV block keeps the key of a -inf score, so it is never among a row's top `count`.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -35,11 +40,12 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
-def _block_score_keys_kernel(Proxy, K, Keys,
+def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
                              sk_b, sk_s, sk_h, sk_r,
                              H, N_Q, N_KV, S_KV, R,
                              QB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr,
-                             R_PAD: tl.constexpr, PREC: tl.constexpr):
+                             R_PAD: tl.constexpr, PREC: tl.constexpr, RANGED: tl.constexpr):
+    """RANGED: query block i scores only key tokens [KvRange[i, 0], KvRange[i, 1])."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -56,13 +62,24 @@ def _block_score_keys_kernel(Proxy, K, Keys,
     key_base = Keys + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * N_KV
     offs_n = tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, NB)
-    for start in range(0, S_KV, BLOCK_N):
+    lo_tok = 0
+    hi_tok = S_KV
+    if RANGED:
+        row_lo = tl.load(KvRange + offs_i * 2, mask=i_ok, other=0)
+        row_hi = tl.load(KvRange + offs_i * 2 + 1, mask=i_ok, other=0)
+        live = row_lo < row_hi  # query blocks of pure padding score nothing
+        lo_tok = tl.min(tl.where(live, row_lo, S_KV), 0) // BLOCK_N * BLOCK_N
+        hi_tok = tl.max(tl.where(live, row_hi, 0), 0)
+    for start in range(lo_tok, hi_tok, BLOCK_N):
         tok = start + offs_n
         t_ok = tok < S_KV
         k = tl.load(k_base + tok[:, None].to(tl.int64) * sk_s + offs_r[None, :] * sk_r,
                     mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         s = tl.dot(proxy, tl.trans(k), input_precision=PREC)
-        s = tl.where(t_ok[None, :], s, float("-inf"))
+        if RANGED:
+            s = tl.where((tok[None, :] >= row_lo[:, None]) & (tok[None, :] < row_hi[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(t_ok[None, :], s, float("-inf"))
         score = tl.max(tl.reshape(s, (QB, NB, BLOCK_KV)), 2)
         score = tl.where(score == 0.0, 0.0, score)  # -0.0 and +0.0 must tie, as in a float sort
         bits = score.to(tl.int32, bitcast=True)
@@ -72,83 +89,128 @@ def _block_score_keys_kernel(Proxy, K, Keys,
         tl.store(key_base + blk[None, :], key, mask=i_ok[:, None] & (blk < N_KV)[None, :])
 
 
-def _proxies(q_lr, block_q):
-    """[b, h, n_q, r] float32 mean of each query block's q_lr (same arithmetic as the reference)."""
+def _block_counts(s: int, block: int, valid: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Tokens counted in each block: valid ones with packed clips, else all (the last block cut
+    at s); at least 1 so that a block of pure padding divides by 1."""
+    if valid is not None:
+        return valid.to(device=device, dtype=torch.float32).clamp(min=1.0)
+    n = -(-s // block)
+    return torch.clamp(s - torch.arange(n, device=device) * block, max=block)
+
+
+def _proxies(q_lr, block_q, q_count=None):
+    """[b, h, n_q, r] float32 mean of each query block's q_lr (same arithmetic as the reference;
+    padding rows of packed clips are zero, so a sum over the block divided by its valid rows)."""
     qh = to_bhsd(q_lr, "bshd").float()
     b, h, s_q, r = qh.shape
     n_q = -(-s_q // block_q)
-    q_count = torch.clamp(s_q - torch.arange(n_q, device=qh.device) * block_q, max=block_q)
-    return _pad_seq(qh, block_q).view(b, h, n_q, block_q, r).sum(3) / q_count.view(1, 1, n_q, 1)
+    count = _block_counts(s_q, block_q, q_count, qh.device)
+    return _pad_seq(qh, block_q).view(b, h, n_q, block_q, r).sum(3) / count.view(1, 1, n_q, 1)
 
 
-def _score_keys_max(proxy, k_lr, block_kv):
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the scores' order, ties going to the lower block id."""
+    n_kv = scores.shape[-1]
+    scores = torch.where(scores == 0.0, 0.0, scores)
+    bits = scores.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
+    return (ordered << 32) | (n_kv - 1 - torch.arange(n_kv, device=scores.device))
+
+
+def _score_keys_max(proxy, k_lr, block_kv, kv_range):
     b, h, n_q, r = proxy.shape
     s_kv = k_lr.shape[1]
     n_kv = -(-s_kv // block_kv)
-    keys = _empty((b, h, n_q, n_kv), torch.int64, proxy.device)
+    if kv_range is None:
+        keys = _empty((b, h, n_q, n_kv), torch.int64, proxy.device)
+    else:  # blocks outside a row's clip are not visited: they keep the key of a -inf score
+        keys = _order_keys(torch.full((n_kv,), float("-inf"), device=proxy.device)).expand(b, h, n_q, n_kv).clone()
     qb = 32 if n_q > 16 else 16
     block_n = max(block_kv, 128)
     r_pad = max(16, triton.next_power_of_2(r))
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
-        proxy.contiguous(), k_lr, keys, *k_lr.stride(), h, n_q, n_kv, s_kv, r,
-        QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad, PREC=SCORE_PRECISION, num_warps=4, num_stages=3)
+        proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
+        h, n_q, n_kv, s_kv, r, QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
+        PREC=SCORE_PRECISION, RANGED=kv_range is not None, num_warps=4, num_stages=3)
     return keys
 
 
-def _score_keys_mean(proxy, k_lr, block_kv):
+def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count):
     kh = to_bhsd(k_lr, "bshd").float()
     b, h, s_kv, r = kh.shape
     n_kv = -(-s_kv // block_kv)
-    kv_count = torch.clamp(s_kv - torch.arange(n_kv, device=kh.device) * block_kv, max=block_kv)
-    k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / kv_count.view(1, 1, n_kv, 1)
+    count = _block_counts(s_kv, block_kv, kv_count, kh.device)
+    k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / count.view(1, 1, n_kv, 1)
     scores = torch.einsum("bhir,bhjr->bhij", proxy, k_mean)
-    scores = torch.where(scores == 0.0, 0.0, scores)
-    bits = scores.view(torch.int32)
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
-    return (ordered << 32) | (n_kv - 1 - torch.arange(n_kv, device=kh.device))
+    if kv_range is not None:
+        first = torch.arange(n_kv, device=kh.device) * block_kv
+        inside = (first >= kv_range[:, :1]) & (first < kv_range[:, 1:])  # [n_q, n_kv]
+        scores = scores.masked_fill(~inside, float("-inf"))
+    return _order_keys(scores)
 
 
-def _device_budgets(budgets: list, device) -> torch.Tensor:
-    key = (tuple(budgets), str(device))
+def _device_counts(budgets: torch.Tensor, segments, block_q: int, device) -> torch.Tensor:
+    """Count of each (head, query block) on the device: [h, 1] (one budget per head) or, for packed
+    clips, [h, n_q] (its clip's budget; 0 for query blocks of pure padding)."""
+    key = (tuple(budgets.flatten().tolist()), tuple(budgets.shape), segments, block_q, str(device))
     if key not in _BUDGET_CACHE:
-        _BUDGET_CACHE[key] = torch.tensor(budgets, dtype=torch.int64, device=device)
+        if segments is None:
+            counts = budgets.view(-1, 1)
+        else:
+            clip = segments.block_clip(block_q)
+            counts = torch.where(clip >= 0, budgets[:, clip.clamp(min=0)], 0)
+        _BUDGET_CACHE[key] = counts.to(device)
     return _BUDGET_CACHE[key]
 
 
 @torch.library.custom_op("megatron_dsv::select_blocks", mutates_args=())
-def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, budgets: list[int], k_max: int, block_q: int,
-                     block_kv: int, kv_reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom op (torch.library) of the selection: opaque to torch.compile, shapes from the fake."""
+def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tensor, k_max: int, block_q: int,
+                     block_kv: int, kv_reduce: str, kv_range: Optional[torch.Tensor] = None,
+                     q_valid: Optional[torch.Tensor] = None,
+                     kv_valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom op (torch.library) of the selection: opaque to torch.compile, shapes from the fake.
+
+    counts: int64 [h, 1] or [h, n_q] blocks to keep per (head, query block). Packed clips add
+    kv_range (int32 [n_q, 2] key tokens each query block may score) and q_valid / kv_valid (valid
+    tokens per query / KV block)."""
     b, s_q, h, _ = q_lr.shape
     n_kv = -(-k_lr.shape[1] // block_kv)
-    proxy = _proxies(q_lr, block_q)
+    proxy = _proxies(q_lr, block_q, q_valid)
     if kv_reduce == "max":
-        keys = _score_keys_max(proxy, k_lr, block_kv)
+        keys = _score_keys_max(proxy, k_lr, block_kv, kv_range)
     else:
-        keys = _score_keys_mean(proxy, k_lr, block_kv)
+        keys = _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_valid)
     top = torch.topk(keys, k_max, dim=-1).values  # descending, keys are unique
     ids = n_kv - 1 - (top & 0xFFFFFFFF)
-    budgets_dev = _device_budgets(budgets, q_lr.device)
-    keep = torch.arange(k_max, device=q_lr.device).view(1, 1, 1, k_max) < budgets_dev.view(1, h, 1, 1)
+    kv_cnt = counts.unsqueeze(0).expand(b, h, proxy.shape[2])
+    keep = torch.arange(k_max, device=q_lr.device) < kv_cnt.unsqueeze(-1)
     ids = torch.where(keep, ids, n_kv).sort(dim=-1).values
     kv_idx = torch.where(ids < n_kv, ids, -1).to(torch.int32)
-    kv_cnt = budgets_dev.view(1, h, 1).expand(b, h, proxy.shape[2]).to(torch.int32).contiguous()
-    return kv_idx, kv_cnt
+    return kv_idx, kv_cnt.to(torch.int32).contiguous()
 
 
 @select_blocks_op.register_fake
-def _(q_lr, k_lr, budgets, k_max, block_q, block_kv, kv_reduce):
+def _(q_lr, k_lr, counts, k_max, block_q, block_kv, kv_reduce, kv_range=None, q_valid=None, kv_valid=None):
     b, s_q, h, _ = q_lr.shape
     n_q = -(-s_q // block_q)
     return (q_lr.new_empty((b, h, n_q, k_max), dtype=torch.int32),
             q_lr.new_empty((b, h, n_q), dtype=torch.int32))
 
 
-def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce):
+def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce, segments=None):
     """Triton backend of :func:`megatron_dsv.ops.select_blocks` (inputs already validated).
 
-    budgets: int64 CPU tensor [h], already clipped to n_kv; k_max = max(budgets.max(), 1).
+    budgets: int64 CPU tensor [h] ([h, clips] with segments), already clipped to the KV blocks;
+    k_max = max(budgets.max(), 1).
     Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
     """
-    return select_blocks_op(q_lr, k_lr, [int(x) for x in budgets.tolist()], int(k_max), block_q, block_kv,
-                            kv_reduce)
+    device = q_lr.device
+    counts = _device_counts(budgets, segments, block_q, device)
+    packed = {}
+    if segments is not None:
+        if segments.is_padded:  # padding may hold anything finite; proxies and means must not see it
+            pad = ~segments.token_valid(device).view(1, -1, 1, 1)
+            q_lr, k_lr = q_lr.masked_fill(pad, 0.0), k_lr.masked_fill(pad, 0.0)
+        packed = dict(kv_range=segments.kv_token_range(block_q, device),
+                      q_valid=segments.block_lens(block_q, device), kv_valid=segments.block_lens(block_kv, device))
+    return select_blocks_op(q_lr, k_lr, counts, int(k_max), block_q, block_kv, kv_reduce, **packed)

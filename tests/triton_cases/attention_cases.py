@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import DEVICE, poison, random_block_mask, rel_err  # noqa: F401  (poison is a fixture)
-from megatron_dsv.ops import block_sparse_attention
+from megatron_dsv.ops import Segments, block_sparse_attention
 from megatron_dsv.ops.reference import block_sparse_attention_reference, dense_attention_reference
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -41,13 +41,39 @@ def grads_of(out, lse, inputs, dout, dlse):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
 
 
+def clip_block_mask(b, h, segments, block_q, block_kv, gen):
+    """Random lists for packed clips: each query block lists 0..all KV blocks of its own clip;
+    query blocks of pure padding list none."""
+    n_q, n_kv = -(-segments.total // block_q), -(-segments.total // block_kv)
+    k_max = max(segments.blocks_per_clip(block_kv))
+    kv_idx = torch.full((b, h, n_q, k_max), -1, dtype=torch.int32)
+    kv_cnt = torch.zeros((b, h, n_q), dtype=torch.int32)
+    for c in range(len(segments)):
+        q_lo, q_hi = segments.block_range(c, block_q)
+        kv_lo, kv_hi = segments.block_range(c, block_kv)
+        cnt = torch.randint(0, kv_hi - kv_lo + 1, (b, h, q_hi - q_lo), generator=gen)
+        idx, cnt = random_block_mask(b, h, q_hi - q_lo, kv_hi - kv_lo, counts=cnt, gen=gen, k_max=k_max)
+        kv_idx[:, :, q_lo:q_hi] = torch.where(idx >= 0, idx + kv_lo, -1)
+        kv_cnt[:, :, q_lo:q_hi] = cnt
+    assert n_kv >= kv_idx.max()
+    return kv_idx, kv_cnt
+
+
 def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
-             packed=False, seed=0, loss="out"):
+             packed=False, seed=0, loss="out", clips=None):
     """loss: "out" (gradient on out only), "out+lse" (also a random gradient on the finite lse
-    entries, as the CP ring merge gives) or "lse" (lse only: out unused)."""
+    entries, as the CP ring merge gives) or "lse" (lse only: out unused).
+    clips: lengths of clips packed into one sequence (Segments), each starting on a block boundary;
+    s_q and s_kv are then ignored and padding holds zeros."""
     gen = torch.Generator().manual_seed(seed)
+    segments = None
+    if clips is not None:
+        segments = Segments(clips, align=max(block_q, block_kv))
+        s_q = s_kv = segments.total
     n_q, n_kv = -(-s_q // block_q), -(-s_kv // block_kv)
-    if counts == "random":  # per (batch, head, query block); includes 0 and n_kv
+    if segments is not None:
+        kv_idx, kv_cnt = clip_block_mask(b, h, segments, block_q, block_kv, gen)
+    elif counts == "random":  # per (batch, head, query block); includes 0 and n_kv
         cnt = torch.randint(0, n_kv + 1, (b, h, n_q), generator=gen)
         cnt.view(-1)[0] = 0
         cnt.view(-1)[-1] = n_kv
@@ -57,12 +83,17 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
         cnt = torch.zeros(b, h, n_q, dtype=torch.int64)
     else:  # per-head budgets, as select_blocks returns them: k_max = largest budget
         cnt = torch.tensor(counts).view(1, h, 1).expand(b, h, n_q).contiguous()
-    kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
+    if segments is None:
+        kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
     kv_idx, kv_cnt = kv_idx.to(DEVICE), kv_cnt.to(DEVICE)
 
     q, k, v = make_qkv(b, s_q, s_kv, h, d, dtype, layout, gen, packed)
+    if segments is not None:  # padding holds zeros, as the layer writes it
+        pad = ~segments.token_valid(DEVICE)
+        pad = pad.view(1, -1, 1, 1) if layout == "bshd" else pad.view(-1, 1, 1, 1)
+        q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    kw = dict(block_q=block_q, block_kv=block_kv, layout=layout)
+    kw = dict(block_q=block_q, block_kv=block_kv, layout=layout, segments=segments)
     out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True, **kw)
     dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE) if loss != "lse" else None
     dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if loss != "out" else None
@@ -105,6 +136,12 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
     if dlse is not None:  # rows with no keys: zero dq (no NaN from their -inf lse)
         rows_empty = empty.transpose(1, 2) if layout == "bshd" else empty.permute(2, 0, 1)
         assert not dq[rows_empty].any(), "dq must be zero on rows with no keys"
+    if segments is not None:  # padding: exactly zero output and gradients, lse -inf
+        pad = ~segments.token_valid(DEVICE)
+        for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            x_pad = x[:, pad] if layout == "bshd" else x[pad]
+            assert not x_pad.any(), f"{name} must be zero on padding"
+        assert (lse[..., pad] == float("-inf")).all()
     return errs
 
 
@@ -136,6 +173,16 @@ def test_lse_only_gradient_sbhd_packed():
     # out unused (its gradient reaches the backward as None); small packed KV tiles, sbhd views.
     run_case(b=1, h=2, s_q=96, s_kv=96, d=32, block_q=32, block_kv=16, dtype=torch.float32, layout="sbhd",
              packed=True, loss="lse", seed=11)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_q,block_kv,layout", [(64, 32, "bshd"), (32, 16, "sbhd"), (32, 64, "bshd")])
+def test_packed_clips(dtype, block_q, block_kv, layout):
+    # Clips of 70, 5 (smaller than a block), 100 and 33 tokens, each padded to a block boundary:
+    # padding keys inside blocks, padding-only KV blocks (block_kv < alignment), partial query blocks.
+    run_case(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=block_q, block_kv=block_kv, dtype=dtype, layout=layout,
+             clips=[70, 5, 100, 33], loss="out+lse", seed=20)
 
 
 @pytest.mark.usefixtures("poison")

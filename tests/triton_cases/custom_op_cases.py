@@ -32,23 +32,34 @@ def test_opcheck_attention_ops():
                 32 ** -0.5, "bshd")
     torch.library.opcheck(block_sparse_attn_bwd, bwd_args)
     torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, torch.randn_like(lse2)))  # with an lse gradient
+    kv_len = torch.tensor([32, 20, 32], dtype=torch.int32, device=DEVICE)  # packed clips: padding in block 1
+    torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_len))
+    torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_len))
 
 
 def test_opcheck_selection_op():
     gen = torch.Generator().manual_seed(1)
     q_lr, k_lr = (torch.randn(1, 100, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
-    torch.library.opcheck(select_blocks_op, (q_lr, k_lr, [2, 4], 4, 32, 16, "max"))
+    counts = torch.tensor([[2], [4]], device=DEVICE)
+    torch.library.opcheck(select_blocks_op, (q_lr, k_lr, counts, 4, 32, 16, "max"))
+    # Packed clips: key ranges per query block, valid rows per query / KV block.
+    kv_range = torch.tensor([[0, 50], [0, 50], [64, 100], [64, 100]], dtype=torch.int32, device=DEVICE)
+    q_valid = torch.tensor([32, 18, 32, 4], dtype=torch.int32, device=DEVICE)
+    kv_valid = torch.tensor([16, 16, 16, 2, 16, 16, 4], dtype=torch.int32, device=DEVICE)
+    for reduce in ("max", "mean"):
+        torch.library.opcheck(select_blocks_op, (q_lr, k_lr, counts, 4, 32, 16, reduce, kv_range, q_valid, kv_valid))
 
 
 def test_compiled_step_matches_eager():
     q, k, v, _, _ = attention_inputs(seed=2)
     gen = torch.Generator().manual_seed(3)
     q_lr, k_lr = (torch.randn(1, 96, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    counts = torch.tensor([[2], [1]], device=DEVICE)
 
     # The custom op itself: the public select_blocks checks its budgets on the host first.
     # Every budget >= 1, so every lse is finite; the loss differentiates through out and lse.
     def step(q, k, v):
-        kv_idx, kv_cnt = select_blocks_op(q_lr, k_lr, [2, 1], 2, 32, 32, "max")
+        kv_idx, kv_cnt = select_blocks_op(q_lr, k_lr, counts, 2, 32, 32, "max")
         out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton",
                                           return_lse=True)
         return (out.float() ** 2).sum() + (lse * lse.detach().cos()).sum()
@@ -61,7 +72,7 @@ def test_compiled_step_matches_eager():
     for eager, compiled in zip(*grads):
         assert rel_err(compiled, eager) < 1e-6
     eager_idx = select_blocks(q_lr, k_lr, torch.tensor([2, 1]), block_q=32, block_kv=32, backend="triton")[0]
-    assert torch.equal(eager_idx, select_blocks_op(q_lr, k_lr, [2, 1], 2, 32, 32, "max")[0])
+    assert torch.equal(eager_idx, select_blocks_op(q_lr, k_lr, counts, 2, 32, 32, "max")[0])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need the GPU")
@@ -70,9 +81,10 @@ def test_cuda_graph_capture_selection_forward_backward():
     gen = torch.Generator().manual_seed(5)
     q_lr, k_lr = (torch.randn(1, 512, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
     do = torch.randn_like(q)
+    counts = torch.tensor([[3], [5]], device=DEVICE)
 
     def step():
-        kv_idx, kv_cnt = select_blocks_op(q_lr, k_lr, [3, 5], 5, 64, 64, "max")
+        kv_idx, kv_cnt = select_blocks_op(q_lr, k_lr, counts, 5, 64, 64, "max")
         out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, 64, 64, 0.125, "bshd")
         return (out, *block_sparse_attn_bwd(do, q, k, v, out, lse2, kv_idx, kv_cnt, 64, 64, 0.125, "bshd"))
 

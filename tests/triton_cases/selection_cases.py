@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import DEVICE
-from megatron_dsv.ops import select_blocks
+from megatron_dsv.ops import Segments, select_blocks
 from megatron_dsv.ops.reference import block_scores_reference, select_blocks_reference
 
 
@@ -93,3 +93,35 @@ def test_zero_budget_everywhere():
     q_lr, k_lr = random_lr(1, 64, 2, 16, gen), random_lr(1, 64, 2, 16, gen)
     kv_idx, kv_cnt = select_blocks(q_lr, k_lr, 0, block_q=32, block_kv=16, backend="triton")
     assert kv_idx.shape == (1, 2, 2, 1) and (kv_idx == -1).all() and (kv_cnt == 0).all()
+
+
+@pytest.mark.parametrize("kv_reduce", ["max", "mean"])
+@pytest.mark.parametrize("block_q,block_kv", [(64, 16), (32, 64)])
+def test_packed_clips_match_each_clip_alone(kv_reduce, block_q, block_kv):
+    # Clips of 70, 5 (smaller than a block), 100, 33 and 150 tokens, each on a block boundary, with
+    # per-(head, clip) budgets including 0 and more than the clip has. Integer-valued inputs (constant
+    # per query block) make the arithmetic exact, so the match with the reference, which selects each
+    # clip on its own, is exact. Padding holds garbage that must be ignored.
+    gen = torch.Generator().manual_seed(block_q + block_kv)
+    segments = Segments([70, 5, 100, 33, 150], align=max(block_q, block_kv))
+    b, h, r = 2, 2, 8
+    q_lr = random_lr(b, segments.total, h, r, gen, integer=True, block=block_q)
+    k_lr = random_lr(b, segments.total, h, r, gen, integer=True, block=4)
+    pad = ~segments.token_valid(DEVICE).view(1, -1, 1, 1)
+    q_lr = torch.where(pad, 100.0 * torch.randn(q_lr.shape, generator=gen).to(DEVICE), q_lr)
+    k_lr = torch.where(pad, 100.0 * torch.randn(k_lr.shape, generator=gen).to(DEVICE), k_lr)
+    budgets = torch.tensor([[0, 1, 2, 9, 3], [4, 0, 99, 1, 5]])
+    kv_idx, kv_cnt = select_blocks(q_lr, k_lr, budgets, block_q=block_q, block_kv=block_kv, backend="triton",
+                                   kv_reduce=kv_reduce, segments=segments)
+    clipped = torch.minimum(budgets, torch.tensor(segments.blocks_per_clip(block_kv)))
+    ref_idx, ref_cnt = select_blocks_reference(q_lr, k_lr, clipped, int(clipped.max()), block_q=block_q,
+                                               block_kv=block_kv, kv_reduce=kv_reduce, segments=segments)
+    assert torch.equal(kv_cnt.cpu(), ref_cnt.cpu())
+    assert torch.equal(kv_idx.cpu(), ref_idx.cpu())
+    for c in range(len(segments)):  # the reference's own contract: ids within the clip
+        q_lo, q_hi = segments.block_range(c, block_q)
+        kv_lo, kv_hi = segments.block_range(c, block_kv)
+        ids = ref_idx[:, :, q_lo:q_hi].cpu()
+        assert ((ids == -1) | ((ids >= kv_lo) & (ids < kv_hi))).all()
+    padding_blocks = segments.block_clip(block_q) < 0
+    assert not kv_cnt.cpu()[:, :, padding_blocks].any()
