@@ -253,8 +253,8 @@ def test_unsupported_configurations_raise(megatron_parallel):
 def test_unsupported_inputs_raise(megatron_parallel):
     layer = core()
     q = torch.randn(64, 1, 2, 32)
-    with pytest.raises(NotImplementedError, match="packed"):
-        layer(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(NotImplementedError, match="packed sequences in qkv_format 'thd' or 'sbhd'"):
+        layer(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="bshd"))
     with pytest.raises(NotImplementedError, match="attention_bias"):
         layer(q, q, q, None, attention_bias=torch.zeros(1))
     with pytest.raises(NotImplementedError, match="attention_mask"):

@@ -27,6 +27,7 @@ from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from .context_parallel import LayerContextParallel
 from .controller import PER_HEAD_BUFFERS, StageController
+from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .predictor import LowRankPredictor
 from .profiler import profile_logits, selection_recall
 from .timing import ForwardTimer
@@ -80,11 +81,30 @@ class _CoreAttention(MegatronModule):
         self.heads = config.num_attention_heads // tp_size
         self.head_offset = (dist.get_rank(self.tp_group) if tp_size > 1 else 0) * self.heads
 
-    def _check_inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias,
-                      packed_seq_params):
+    def _inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+        """Checked (query, key, value) as [s, b, heads, d], the packed format ("thd", "sbhd" or None)
+        and the query and key/value Segments of packed sequences (None, None if not packed)."""
         name = type(self).__name__
+        fmt = q_seg = kv_seg = None
         if packed_seq_params is not None:
-            raise NotImplementedError(f"{name} does not support packed sequences (packed_seq_params) yet")
+            q_seg, kv_seg = packed_segments(packed_seq_params, name)
+            fmt = packed_seq_params.qkv_format
+            query, key, value = (as_sbhd(t, fmt, name) for t in (query, key, value))
+            for t_name, t, seg in (("query", query, q_seg), ("key", key, kv_seg)):
+                if t.shape[0] != seg.total:
+                    raise ValueError(f"{name}: {t_name} holds {t.shape[0]} tokens but packed_seq_params "
+                                     f"describes {seg.total} (cu_seqlens{'_padded' if seg.is_padded else ''})")
+        self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        return query, key, value, fmt, q_seg, kv_seg
+
+    @staticmethod
+    def _output(out: torch.Tensor, fmt) -> torch.Tensor:
+        """[s, b, heads, d] -> [s, b, heads * d], or [t, heads * d] for thd (what TE returns)."""
+        s, b = out.shape[:2]
+        return out.reshape(s, -1) if fmt == "thd" else out.reshape(s, b, -1)
+
+    def _check_inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias):
+        name = type(self).__name__
         if attention_bias is not None:
             raise NotImplementedError(f"{name} does not support attention_bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -111,10 +131,11 @@ class SDPADotProductAttention(_CoreAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        s, b = query.shape[:2]
-        out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd")
-        return out.reshape(s, b, -1)
+        query, key, value, fmt, q_seg, kv_seg = self._inputs(query, key, value, attention_mask, attn_mask_type,
+                                                             attention_bias, packed_seq_params)
+        out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=q_seg,
+                              kv_segments=kv_seg)
+        return self._output(out, fmt)
 
 
 class _LearnInBackward(torch.autograd.Function):
@@ -179,17 +200,31 @@ class DSVDotProductAttention(_CoreAttention):
     # ---------------------------------------------------------------- forward
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        if key.shape[0] != query.shape[0]:
+        query, key, value, fmt, q_seg, kv_seg = self._inputs(query, key, value, attention_mask, attn_mask_type,
+                                                             attention_bias, packed_seq_params)
+        if key.shape[0] != query.shape[0] or kv_seg != q_seg:
             raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
-                             f"query {query.shape[0]}")
+                             f"query {query.shape[0]} (packed: {kv_seg} vs {q_seg})")
+        cfg, ctl, cp = self.cfg, self.controller, self.cp
+        packing = segments = None
+        if q_seg is not None:
+            if cp is not None:
+                raise NotImplementedError("DSVDotProductAttention: packed sequences with context parallelism "
+                                          "are not supported yet")
+            packing = block_aligned(q_seg, max(cfg.block_q, cfg.block_kv))
+            query, key, value = (packing.to_blocks(t) for t in (query, key, value))
+            segments = packing.dst
         s, b = query.shape[:2]
-        ctl, cp = self.controller, self.cp
-        n_kv = self.last_n_kv = math.ceil(s * (cp.size if cp else 1) / self.cfg.block_kv)
+        if segments is None:
+            n_kv = math.ceil(s * (cp.size if cp else 1) / cfg.block_kv)
+            budgets = ctl.budgets(n_kv)
+        else:  # per clip: k_h = ceil((1 - s_h) x the clip's KV blocks)
+            per_clip, n_kv = work_weighted_blocks(segments, cfg.block_kv)
+            budgets = torch.tensor([ctl.budgets(n) for n in per_clip]).T
+        self.last_n_kv = n_kv
         sparse = self.last_used_sparse = ctl.sparse_now(n_kv)
-        budgets = ctl.budgets(n_kv)
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
-        learn = training_step and ((self.cfg.estimator == "lowrank" and ctl.train_predictor_now())
+        learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now())
                                    or ctl.profile_now())
         learn_inputs = None  # (heads or None for all, queries, keys of the whole sequence, selection or None)
         if cp is not None:
@@ -203,39 +238,41 @@ class DSVDotProductAttention(_CoreAttention):
                     learn_inputs = (*heads_view, None) if learn else None
         elif sparse:
             with self.timer("selection", query.device):
-                selection = self._select(query.detach(), key.detach(), budgets)
+                selection = self._select(query.detach(), key.detach(), budgets, segments=segments)
             with self.timer("attention", query.device):
-                out = block_sparse_attention(query, key, value, *selection, block_q=self.cfg.block_q,
-                                             block_kv=self.cfg.block_kv, scale=self.softmax_scale,
-                                             layout="sbhd", backend=self.cfg.backend)
+                out = block_sparse_attention(query, key, value, *selection, block_q=cfg.block_q,
+                                             block_kv=cfg.block_kv, scale=self.softmax_scale,
+                                             layout="sbhd", backend=cfg.backend, segments=segments)
             learn_inputs = (None, query.detach(), key.detach(), selection) if learn else None
         else:
             with self.timer("attention", query.device):
-                out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd")
+                out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=segments)
             learn_inputs = (None, query.detach(), key.detach(), None) if learn else None
         if training_step and out.requires_grad:
-            out = _LearnInBackward.apply(out, lambda: self._learn(learn_inputs))
-        return out.reshape(s, b, -1)
+            out = _LearnInBackward.apply(out, lambda: self._learn(learn_inputs, segments))
+        if packing is not None:
+            out = packing.from_blocks(out)
+        return self._output(out, fmt)
 
-    def _select(self, q, k, budgets, heads=None):
+    def _select(self, q, k, budgets, heads=None, segments=None):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
-        with their budgets (list of ints)."""
+        with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips)."""
         if self.cfg.estimator == "lowrank":
             q_lr, k_lr = self.predictor.project(q, "q", heads), self.predictor.project(k, "k", heads)
             reduce = "max"
         else:
             q_lr, k_lr, reduce = q, k, "mean"
-        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.tensor(budgets),
+        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.as_tensor(budgets),
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
-                             backend=self.cfg.backend, kv_reduce=reduce)
+                             backend=self.cfg.backend, kv_reduce=reduce, segments=segments)
 
     # ------------------------------------------------------ DSV bookkeeping
     @torch.no_grad()
-    def _learn(self, learn_inputs):
+    def _learn(self, learn_inputs, segments=None):
         """One training step of DSV bookkeeping (runs in backward). With learn_inputs = (heads, q, k,
         selection): predictor loss/gradients and profile on sampled rows of q [s, b, n, d] against
-        all keys k [S, b, n, d] of `heads` (None: all of this rank's heads); with None, only the step
-        count advances.
+        the keys k [S, b, n, d] (of the row's clip, for packed `segments`) of `heads` (None: all of
+        this rank's heads); with None, only the step count advances.
 
         The update is only staged here and committed when the backward pass ends: within one
         training step the predictor, budgets and stage stay fixed, so a forward recomputed later
@@ -252,9 +289,13 @@ class DSVDotProductAttention(_CoreAttention):
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
         if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
-            budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
-            selection = self._select(q, k, [budgets[h] for h in heads], heads)
-        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train)
+            if segments is None:
+                budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
+                budgets = [budgets[h] for h in heads]
+            else:
+                budgets = torch.tensor([ctl.budgets(n) for n in segments.blocks_per_clip(cfg.block_kv)]).T[heads]
+            selection = self._select(q, k, budgets, heads, segments)
+        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments)
         self._reduce_replicas(stats)
         self._pending = stats
 
@@ -277,48 +318,65 @@ class DSVDotProductAttention(_CoreAttention):
         self.commit()
         super()._save_to_state_dict(*args, **kwargs)
 
-    def _sampled_rows_step(self, q, k, heads, selection, train):
-        """True logits of the rows of every sample_stride-th query block (cube) of q against all of
-        k, a few heads at a time (bounded memory; the logits are freed before returning).
+    def _sampled_rows(self, length: int, device) -> torch.Tensor:
+        """Rows of every sample_stride-th query block (cube) of a sequence of `length` tokens.
+        Whole cubes are sampled: one selection serves all rows of a cube, so the profile that sets
+        its budget must see the cube's rows together. The sampled cubes rotate every step."""
+        block_q = self.cfg.block_q
+        n_blocks = math.ceil(length / block_q)
+        stride = min(self.cfg.sample_stride, n_blocks)
+        cubes = torch.arange(self.controller.host()["step"] % stride, n_blocks, stride, device=device)
+        rows = (cubes[:, None] * block_q + torch.arange(block_q, device=device)).flatten()
+        return rows[rows < length]
+
+    def _sampled_rows_step(self, q, k, heads, selection, train, segments=None):
+        """True logits of the sampled rows of q against all keys of their sequence (each clip's
+        own, for packed `segments`), a few heads at a time (bounded memory; the logits are freed
+        before returning). Every statistic is a mean over the sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
         `heads`, with "count" = 1 on `heads`: the predictor loss and its gradients (if train) and
         the profile (if selection is given).
         """
         cfg, H = self.cfg, self.heads
-        s, b = q.shape[:2]
+        b = q.shape[1]
         device = q.device
-        # Whole cubes are sampled: one selection serves all rows of a cube, so the profile that sets
-        # its budget must see the cube's rows together. The sampled cubes rotate every step.
-        n_blocks = math.ceil(s / cfg.block_q)
-        stride = min(cfg.sample_stride, n_blocks)
-        cubes = torch.arange(self.controller.host()["step"] % stride, n_blocks, stride, device=device)
-        rows = (cubes[:, None] * cfg.block_q + torch.arange(cfg.block_q, device=device)).flatten()
-        rows = rows[rows < s]
-        q_rows = q[rows].transpose(0, 1).float()  # [b, n_rows, n, d]
-        k_all = k.transpose(0, 1).float()          # [b, S, n, d]
+        # (first query, queries, first key, keys) of each sequence; without segments q may be one CP
+        # rank's part of the sequence and k all of it.
+        clips = ([(0, q.shape[0], 0, k.shape[0])] if segments is None else
+                 [(start, n, start, n) for start, n in zip(segments.starts, segments.lengths)])
+        clip_rows = [self._sampled_rows(n_q, device) for _, n_q, _, _ in clips]
+        total_rows = sum(rows.numel() for rows in clip_rows)
         idx = torch.tensor(heads, device=device)
         wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
         wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
-        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * k.shape[0]))
         local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
-        for h0 in range(0, len(heads), per_chunk):
-            hs = slice(h0, min(len(heads), h0 + per_chunk))
-            target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
-            if train:
-                with torch.enable_grad():
-                    pred = torch.einsum("bnhr,bshr->bhns",
-                                        torch.einsum("bnhd,hdr->bnhr", q_rows[:, :, hs], wq[hs]),
-                                        torch.einsum("bshd,hdr->bshr", k_all[:, :, hs], wk[hs]))
-                    loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight)
-                    (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
-                local["loss"][hs] = loss.detach()
-            if selection is not None:
-                tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv)
-                kv_idx, kv_cnt = (t[:, hs].index_select(2, rows // cfg.block_q) for t in selection)
-                local["token_sparsity"][hs], local["block_sparsity"][hs] = tok, blk
-                local["recall"][hs] = selection_recall(mass, kv_idx, kv_cnt)
-            del target
+        for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
+            weight = rows.numel() / total_rows
+            q_rows = q[q0 + rows].transpose(0, 1).float()         # [b, n_rows, n, d]
+            k_all = k[k0:k0 + n_k].transpose(0, 1).float()        # [b, S, n, d]
+            per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * n_k))
+            for h0 in range(0, len(heads), per_chunk):
+                hs = slice(h0, min(len(heads), h0 + per_chunk))
+                target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
+                if train:
+                    with torch.enable_grad():
+                        pred = torch.einsum("bnhr,bshr->bhns",
+                                            torch.einsum("bnhd,hdr->bnhr", q_rows[:, :, hs], wq[hs]),
+                                            torch.einsum("bshd,hdr->bshr", k_all[:, :, hs], wk[hs]))
+                        loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight) * weight
+                        (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
+                    local["loss"][hs] += loss.detach()
+                if selection is not None:
+                    tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta,
+                                                    block_kv=cfg.block_kv)
+                    q_blocks = q0 // cfg.block_q + rows // cfg.block_q
+                    kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
+                    kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
+                    local["token_sparsity"][hs] += tok * weight
+                    local["block_sparsity"][hs] += blk * weight
+                    local["recall"][hs] += selection_recall(mass, kv_idx, kv_cnt) * weight
+                del target
 
         def full(x):
             out = torch.zeros((H, *x.shape[1:]), device=device, dtype=torch.float32)

@@ -29,10 +29,16 @@ def _te_attention(heads: int, head_dim: int, scale: float, layout: str):
                                   softmax_scale=scale, attention_dropout=0.0)
 
 
-def dense_attention(q, k, v, *, scale=None, layout="bshd"):
-    """Full (non-causal) softmax attention, output in q's layout [.., heads, d]."""
+def dense_attention(q, k, v, *, scale=None, layout="bshd", segments=None, kv_segments=None):
+    """Full (non-causal) softmax attention, output in q's layout [.., heads, d].
+
+    segments / kv_segments: packed sequences (:class:`megatron_dsv.ops.Segments`) of q and of k/v
+    (kv_segments defaults to segments): sequence i of q attends to sequence i of k/v only, one
+    dense call per sequence; query padding gets zeros."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
+    if segments is not None:
+        return _dense_packed(q, k, v, scale, layout, segments, kv_segments or segments)
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)
     if te is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -45,3 +51,29 @@ def dense_attention(q, k, v, *, scale=None, layout="bshd"):
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     return from_bhsd(out, layout)
+
+
+def _dense_packed(q, k, v, scale, layout, segments, kv_segments):
+    seq_dim = 1 if layout == "bshd" else 0
+    if len(kv_segments) != len(segments):
+        raise ValueError(f"{len(segments)} query sequences but {len(kv_segments)} key/value sequences")
+    for name, t, seg in (("q", q, segments), ("k", k, kv_segments), ("v", v, kv_segments)):
+        if t.shape[seq_dim] != seg.total:
+            raise ValueError(f"{name} holds {t.shape[seq_dim]} tokens, its segments describe {seg.total}")
+    pieces, pos = [], 0
+
+    def zeros(n):  # query padding between or after the sequences
+        shape = list(q.shape)
+        shape[seq_dim], shape[-1] = n, v.shape[-1]
+        return q.new_zeros(shape)
+
+    for (qs, ql), (ks, kl) in zip(zip(segments.starts, segments.lengths),
+                                  zip(kv_segments.starts, kv_segments.lengths)):
+        if qs > pos:
+            pieces.append(zeros(qs - pos))
+        pieces.append(dense_attention(q.narrow(seq_dim, qs, ql), k.narrow(seq_dim, ks, kl),
+                                      v.narrow(seq_dim, ks, kl), scale=scale, layout=layout))
+        pos = qs + ql
+    if segments.total > pos:
+        pieces.append(zeros(segments.total - pos))
+    return torch.cat(pieces, dim=seq_dim)

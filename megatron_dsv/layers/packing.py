@@ -1,0 +1,122 @@
+"""Packed sequences (Megatron's ``packed_seq_params``) as seen by the core attentions.
+
+Megatron passes several sequences packed into one as ``PackedSeqParams``: ``cu_seqlens_q/kv``
+(cumulative valid lengths) and optionally ``cu_seqlens_q/kv_padded`` (where each sequence starts
+in the tensor, when the packer pads between sequences), with q/k/v either [t, heads, d]
+(``qkv_format="thd"``) or [s, 1, heads, d] (``"sbhd"`` with cu_seqlens).
+
+The contract for DSV: every packed sequence is one video clip whose tokens are in cube order
+(``megatron_dsv.video.PackedClips`` permutes them and builds the params). The params may carry
+``dsv_clips`` (that PackedClips); its clip shapes are then checked against the lengths.
+
+The offsets are read on the host once per cu_seqlens tensor (one device sync per step when
+they live on the GPU: all layers share the step's tensors) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops import Segments
+
+# Segments per (cu_seqlens, cu_seqlens_padded) tensor objects: all layers of a step share one read.
+# Keyed by id and checked through weak references (tensors cannot be dict keys by value).
+_SEGMENT_CACHE: dict = {}
+
+
+def _segments(cu_seqlens: torch.Tensor, cu_seqlens_padded: Optional[torch.Tensor]) -> Segments:
+    tensors = (cu_seqlens, cu_seqlens_padded)
+    key = tuple(id(t) for t in tensors)
+    hit = _SEGMENT_CACHE.get(key)
+    if hit is None or any(ref() is not t for ref, t in zip(hit[0], tensors)):
+        for stale in [k for k, (refs, _) in _SEGMENT_CACHE.items() if any(r() is None for r in refs)]:
+            del _SEGMENT_CACHE[stale]
+        refs = tuple(weakref.ref(t) if t is not None else (lambda: None) for t in tensors)
+        hit = _SEGMENT_CACHE[key] = (refs, Segments.from_cu_seqlens(cu_seqlens, cu_seqlens_padded))
+    return hit[1]
+
+
+def packed_segments(packed_seq_params, name: str) -> Tuple[Segments, Segments]:
+    """(query segments, key/value segments) of the tensors as Megatron passes them."""
+    psp = packed_seq_params
+    fmt = getattr(psp, "qkv_format", None)
+    if fmt not in ("thd", "sbhd"):
+        raise NotImplementedError(f"{name} supports packed sequences in qkv_format 'thd' or 'sbhd', got {fmt!r}")
+    if psp.cu_seqlens_q is None:
+        raise ValueError(f"{name}: packed_seq_params.cu_seqlens_q is required")
+    q = _segments(psp.cu_seqlens_q, psp.cu_seqlens_q_padded)
+    cu_kv = psp.cu_seqlens_kv if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q
+    kv_padded = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q_padded
+    kv = _segments(cu_kv, kv_padded)
+    if len(kv) != len(q):
+        raise ValueError(f"{name}: cu_seqlens_q has {len(q)} sequences, cu_seqlens_kv {len(kv)}")
+    clips = getattr(psp, "dsv_clips", None)
+    if clips is not None and tuple(clips.lengths) != q.lengths:
+        raise ValueError(f"{name}: packed_seq_params.dsv_clips has clips of {list(clips.lengths)} tokens "
+                         f"(grids {list(clips.grids)}) but cu_seqlens_q gives {list(q.lengths)}")
+    return q, kv
+
+
+def as_sbhd(x: torch.Tensor, fmt: str, name: str) -> torch.Tensor:
+    """thd [t, h, d] -> [t, 1, h, d] (a view); sbhd must have batch 1 when packed."""
+    if fmt == "thd":
+        if x.dim() != 3:
+            raise ValueError(f"{name}: qkv_format 'thd' needs [t, heads, d] tensors, got {tuple(x.shape)}")
+        return x.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"{name}: packed 'sbhd' tensors must be [s, 1, heads, d], got {tuple(x.shape)}")
+    return x
+
+
+class BlockAlignedPacking:
+    """Moves a packed sequence between Megatron's layout (``src``) and the block-aligned layout
+    the DSV kernels need (``dst``: each clip starting at a multiple of `align`, zeros after it).
+    When the packer already aligned the clips, both are the same and nothing moves."""
+
+    def __init__(self, src: Segments, align: int):
+        self.src = src
+        self.dst = Segments(src.lengths, align=align)
+        if all(s % align == 0 for s in src.starts) and src.total == self.dst.total:
+            self.dst = Segments(src.lengths, starts=src.starts, total=src.total)
+        self.identity = self.dst == src
+        self._index = {}
+
+    def _indices(self, device):
+        key = str(device)
+        if key not in self._index:
+            src = torch.cat([torch.arange(s, s + n) for s, n in zip(self.src.starts, self.src.lengths)])
+            dst = torch.cat([torch.arange(s, s + n) for s, n in zip(self.dst.starts, self.dst.lengths)])
+            self._index[key] = (src.to(device), dst.to(device))
+        return self._index[key]
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[src.total, ...] -> [dst.total, ...] with zeros on padding."""
+        if self.identity:
+            return x
+        src, dst = self._indices(x.device)
+        return x.new_zeros((self.dst.total, *x.shape[1:])).index_copy(0, dst, x.index_select(0, src))
+
+    def from_blocks(self, y: torch.Tensor) -> torch.Tensor:
+        """[dst.total, ...] -> [src.total, ...] with zeros on Megatron's padding."""
+        if self.identity:
+            return y
+        src, dst = self._indices(y.device)
+        return y.new_zeros((self.src.total, *y.shape[1:])).index_copy(0, src, y.index_select(0, dst))
+
+
+@functools.lru_cache(maxsize=16)
+def block_aligned(src: Segments, align: int) -> BlockAlignedPacking:
+    """The (cached) packing of `src` into clips aligned to `align` tokens."""
+    return BlockAlignedPacking(src, align)
+
+
+def work_weighted_blocks(segments: Segments, block_kv: int):
+    """KV blocks of each clip, and the single-sequence KV block count whose quadratic work equals
+    the packing's (for decisions made on one number: dense vs sparse dispatch)."""
+    per_clip = segments.blocks_per_clip(block_kv)
+    return per_clip, max(1, round(math.sqrt(sum(n * n for n in per_clip))))
