@@ -246,8 +246,8 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
     for prec in ("ieee", "tf32x3", "tf32"):
         tsel.SCORE_PRECISION = prec
         try:
-            keys = tsel._score_keys_max(proxy, k_lr, block_kv)
-            recs.append(dict(base, kernel=f"sel_scores_{prec}", ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv))))
+            keys = tsel._score_keys_max(proxy, k_lr, block_kv, None)
+            recs.append(dict(base, kernel=f"sel_scores_{prec}", ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv, None))))
             picks[prec] = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")[0]
         except Exception as e:  # noqa: BLE001
             recs.append(dict(base, kernel=f"sel_scores_{prec}", error=f"{type(e).__name__}: {str(e)[:200]}"))

@@ -9,8 +9,9 @@ so one torch.topk over unique keys gives the reference's order, ties going to th
 with no sort of the full row and no host sync.
 kv_reduce="mean" scores proxy . mean(k_lr) per block: one small batched matmul, O(n_q x n_kv).
 Packed clips (segments): proxies average only a block's valid rows, each query block scores only
-the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and every
-other KV block keeps the key of a -inf score, so it is never among a row's top `count`.
+the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and a row
+of keys holds only its clip's blocks (as many entries as the largest clip has blocks, the rest a
+-inf key), so the top-k and the key buffer scale with the largest clip, not the whole packing.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 @triton.jit
 def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
                              sk_b, sk_s, sk_h, sk_r,
-                             H, N_Q, N_KV, S_KV, R,
+                             H, N_Q, N_KV, S_KV, R, W,
                              QB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr,
                              R_PAD: tl.constexpr, PREC: tl.constexpr, RANGED: tl.constexpr):
-    """RANGED: query block i scores only key tokens [KvRange[i, 0], KvRange[i, 1])."""
+    """Keys rows hold W entries. RANGED: query block i scores only key tokens [KvRange[i, 0],
+    KvRange[i, 1]) (a block-aligned start), and entry j of its row is the block KvRange[i, 0] /
+    BLOCK_KV + j; otherwise entry j is block j (W = N_KV)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -59,17 +62,19 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
     proxy = tl.load(Proxy + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * R + offs_r[None, :],
                     mask=i_ok[:, None] & r_ok[None, :], other=0.0)
     k_base = K + b * sk_b + h * sk_h
-    key_base = Keys + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * N_KV
+    key_base = Keys + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * W
     offs_n = tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, NB)
     lo_tok = 0
     hi_tok = S_KV
+    first = tl.zeros([QB], tl.int32)
     if RANGED:
         row_lo = tl.load(KvRange + offs_i * 2, mask=i_ok, other=0)
         row_hi = tl.load(KvRange + offs_i * 2 + 1, mask=i_ok, other=0)
         live = row_lo < row_hi  # query blocks of pure padding score nothing
         lo_tok = tl.min(tl.where(live, row_lo, S_KV), 0) // BLOCK_N * BLOCK_N
         hi_tok = tl.max(tl.where(live, row_hi, 0), 0)
+        first = row_lo // BLOCK_KV
     for start in range(lo_tok, hi_tok, BLOCK_N):
         tok = start + offs_n
         t_ok = tok < S_KV
@@ -86,7 +91,8 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
         ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # integer order == float order
         blk = start // BLOCK_KV + offs_j
         key = (ordered.to(tl.int64) << 32) | (N_KV - 1 - blk)[None, :].to(tl.int64)
-        tl.store(key_base + blk[None, :], key, mask=i_ok[:, None] & (blk < N_KV)[None, :])
+        col = blk[None, :] - first[:, None]
+        tl.store(key_base + col, key, mask=i_ok[:, None] & (blk < N_KV)[None, :] & (col >= 0) & (col < W))
 
 
 def _block_counts(s: int, block: int, valid: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -117,36 +123,43 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | (n_kv - 1 - torch.arange(n_kv, device=scores.device))
 
 
-def _score_keys_max(proxy, k_lr, block_kv, kv_range):
+# Key of a -inf score (block id part 0): entries of a packed row past its clip's blocks.
+_NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
+
+
+def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     b, h, n_q, r = proxy.shape
     s_kv = k_lr.shape[1]
     n_kv = -(-s_kv // block_kv)
     if kv_range is None:
         keys = _empty((b, h, n_q, n_kv), torch.int64, proxy.device)
-    else:  # blocks outside a row's clip are not visited: they keep the key of a -inf score
-        keys = _order_keys(torch.full((n_kv,), float("-inf"), device=proxy.device)).expand(b, h, n_q, n_kv).clone()
+    else:  # entries a row's clip does not fill keep a -inf key: never among its top `count`
+        keys = torch.full((b, h, n_q, width), _NEG_INF_KEY, dtype=torch.int64, device=proxy.device)
     qb = 32 if n_q > 16 else 16
     block_n = max(block_kv, 128)
     r_pad = max(16, triton.next_power_of_2(r))
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
-        h, n_q, n_kv, s_kv, r, QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
+        h, n_q, n_kv, s_kv, r, keys.shape[-1], QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
         PREC=SCORE_PRECISION, RANGED=kv_range is not None, num_warps=4, num_stages=3)
     return keys
 
 
-def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count):
+def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count, width):
     kh = to_bhsd(k_lr, "bshd").float()
     b, h, s_kv, r = kh.shape
     n_kv = -(-s_kv // block_kv)
     count = _block_counts(s_kv, block_kv, kv_count, kh.device)
     k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / count.view(1, 1, n_kv, 1)
-    scores = torch.einsum("bhir,bhjr->bhij", proxy, k_mean)
-    if kv_range is not None:
-        first = torch.arange(n_kv, device=kh.device) * block_kv
-        inside = (first >= kv_range[:, :1]) & (first < kv_range[:, 1:])  # [n_q, n_kv]
-        scores = scores.masked_fill(~inside, float("-inf"))
-    return _order_keys(scores)
+    keys = _order_keys(torch.einsum("bhir,bhjr->bhij", proxy, k_mean))
+    if kv_range is None:
+        return keys
+    # Row i of a packed sequence: its clip's blocks kv_range[i, 0] / block_kv + j, j < width.
+    lo, hi = (kv_range[:, 0] // block_kv).long(), (-(-kv_range[:, 1] // block_kv)).long()
+    cols = lo[:, None] + torch.arange(width, device=kh.device)
+    inside = cols < hi[:, None]
+    picked = keys.gather(-1, cols.clamp(max=n_kv - 1).expand(b, h, -1, -1))
+    return torch.where(inside, picked, _NEG_INF_KEY)
 
 
 def _device_counts(budgets: torch.Tensor, segments, block_q: int, device) -> torch.Tensor:
@@ -166,20 +179,21 @@ def _device_counts(budgets: torch.Tensor, segments, block_q: int, device) -> tor
 @torch.library.custom_op("megatron_dsv::select_blocks", mutates_args=())
 def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tensor, k_max: int, block_q: int,
                      block_kv: int, kv_reduce: str, kv_range: Optional[torch.Tensor] = None,
-                     q_valid: Optional[torch.Tensor] = None,
-                     kv_valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     q_valid: Optional[torch.Tensor] = None, kv_valid: Optional[torch.Tensor] = None,
+                     clip_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Custom op (torch.library) of the selection: opaque to torch.compile, shapes from the fake.
 
     counts: int64 [h, 1] or [h, n_q] blocks to keep per (head, query block). Packed clips add
-    kv_range (int32 [n_q, 2] key tokens each query block may score) and q_valid / kv_valid (valid
-    tokens per query / KV block)."""
+    kv_range (int32 [n_q, 2] key tokens each query block may score), q_valid / kv_valid (valid
+    tokens per query / KV block) and clip_blocks (KV blocks of the largest clip): the top-k then
+    runs over rows of clip_blocks entries instead of all KV blocks."""
     b, s_q, h, _ = q_lr.shape
     n_kv = -(-k_lr.shape[1] // block_kv)
     proxy = _proxies(q_lr, block_q, q_valid)
     if kv_reduce == "max":
-        keys = _score_keys_max(proxy, k_lr, block_kv, kv_range)
+        keys = _score_keys_max(proxy, k_lr, block_kv, kv_range, clip_blocks)
     else:
-        keys = _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_valid)
+        keys = _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_valid, clip_blocks)
     top = torch.topk(keys, k_max, dim=-1).values  # descending, keys are unique
     ids = n_kv - 1 - (top & 0xFFFFFFFF)
     kv_cnt = counts.unsqueeze(0).expand(b, h, proxy.shape[2])
@@ -190,7 +204,8 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
 
 
 @select_blocks_op.register_fake
-def _(q_lr, k_lr, counts, k_max, block_q, block_kv, kv_reduce, kv_range=None, q_valid=None, kv_valid=None):
+def _(q_lr, k_lr, counts, k_max, block_q, block_kv, kv_reduce, kv_range=None, q_valid=None, kv_valid=None,
+      clip_blocks=0):
     b, s_q, h, _ = q_lr.shape
     n_q = -(-s_q // block_q)
     return (q_lr.new_empty((b, h, n_q, k_max), dtype=torch.int32),
@@ -212,5 +227,6 @@ def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_re
             pad = ~segments.token_valid(device).view(1, -1, 1, 1)
             q_lr, k_lr = q_lr.masked_fill(pad, 0.0), k_lr.masked_fill(pad, 0.0)
         packed = dict(kv_range=segments.kv_token_range(block_q, device),
-                      q_valid=segments.block_lens(block_q, device), kv_valid=segments.block_lens(block_kv, device))
+                      q_valid=segments.block_lens(block_q, device), kv_valid=segments.block_lens(block_kv, device),
+                      clip_blocks=max(segments.blocks_per_clip(block_kv)))
     return select_blocks_op(q_lr, k_lr, counts, int(k_max), block_q, block_kv, kv_reduce, **packed)

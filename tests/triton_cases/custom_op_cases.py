@@ -47,7 +47,7 @@ def test_opcheck_selection_op():
     q_valid = torch.tensor([32, 18, 32, 4], dtype=torch.int32, device=DEVICE)
     kv_valid = torch.tensor([16, 16, 16, 2, 16, 16, 4], dtype=torch.int32, device=DEVICE)
     for reduce in ("max", "mean"):
-        torch.library.opcheck(select_blocks_op, (q_lr, k_lr, counts, 4, 32, 16, reduce, kv_range, q_valid, kv_valid))
+        torch.library.opcheck(select_blocks_op, (q_lr, k_lr, counts, 4, 32, 16, reduce, kv_range, q_valid, kv_valid, 4))
 
 
 def test_compiled_step_matches_eager():
