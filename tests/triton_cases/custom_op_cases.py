@@ -32,9 +32,9 @@ def test_opcheck_attention_ops():
                 32 ** -0.5, "bshd")
     torch.library.opcheck(block_sparse_attn_bwd, bwd_args)
     torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, torch.randn_like(lse2)))  # with an lse gradient
-    kv_len = torch.tensor([32, 20, 32], dtype=torch.int32, device=DEVICE)  # packed clips: padding in block 1
-    torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_len))
-    torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_len))
+    kv_end = torch.tensor([96, 84, 96], dtype=torch.int32, device=DEVICE)  # packed clips: key end per query block
+    torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_end))
+    torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_end))
 
 
 def test_opcheck_selection_op():
