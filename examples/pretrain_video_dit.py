@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+from video_dit.flow import flow_matching_loss_packed  # noqa: E402
 from video_dit.precision import MasterWeights  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
@@ -62,6 +63,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after this step (checkpointing it with --save); resume with --load")
     g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--pack", action="store_true",
+                   help="pack each micro-batch's clips, of mixed latent shapes, into one sequence (THD-style "
+                        "packed_seq_params); validation stays on the fixed shape")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--lr-warmup-iters", type=int, default=10)
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -127,6 +131,31 @@ def make_datasets(args, dit):
     if args.data == "images":
         from video_dit.data_images import CameraOverImages as dataset
     return dataset(channels, shape, seed=args.seed), dataset(channels, shape, seed=val_seed)
+
+
+def pack_shapes(shape, patch):
+    """Latent shapes mixed by --pack: the configured one, half as long, half the size, a quarter of it."""
+    T, H, W = shape
+    candidates = [(T, H, W), (T // 2, H, W), (T, H // 2, W // 2), (T // 2, H // 2, W)]
+    return [c for c in candidates if all(n >= p and n % p == 0 for n, p in zip(c, patch))]
+
+
+class PackedBatches:
+    """--pack data: clip i of the run has the i-th of the mixed shapes (cycling), drawn from the
+    training dataset of that shape; a batch is a list of latents [C, T, H, W] and caption ids."""
+
+    def __init__(self, args, dit):
+        self.shapes = pack_shapes(dit.latent_shape, dit.patch)
+        dataset = MovingShapes
+        if args.data == "images":
+            from video_dit.data_images import CameraOverImages as dataset
+        elif args.data != "shapes":
+            raise ValueError("--pack works with --data shapes or images")
+        self.data = [dataset(dit.latent_channels, shape, seed=args.seed + i) for i, shape in enumerate(self.shapes)]
+
+    def batch(self, start: int, size: int):
+        items = [self.data[(start + i) % len(self.data)][start + i] for i in range(size)]
+        return [v for v, _ in items], torch.tensor([c for _, c in items], dtype=torch.int64)
 
 
 def lr_at(args, step):
@@ -221,6 +250,8 @@ def main(argv=None):
 
     start = load_checkpoint(args.load, model, opt, master) if args.load else 0
     train_data, val_data = make_datasets(args, dit)
+    if args.pack:
+        train_data = PackedBatches(args, dit)
     writer = None
     if args.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -244,12 +275,19 @@ def main(argv=None):
     for step in range(start, end):
         t0 = time.time()
         x, cap = train_data.batch(step * args.micro_batch_size, args.micro_batch_size)
-        x, cap = x.to(device), cap.to(device)
+        cap = cap.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         # Times and noise from a per-step generator: a resumed run draws what an uninterrupted one would.
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        loss = flow_matching_loss(model, x, cap, generator=gen)
+        if args.pack:
+            x = [clip.to(device) for clip in x]
+            loss = flow_matching_loss_packed(model, x, cap, generator=gen)
+            step_tokens = sum(math.prod(n // p for n, p in zip(clip.shape[1:], dit.patch)) for clip in x)
+        else:
+            x = x.to(device)
+            loss = flow_matching_loss(model, x, cap, generator=gen)
+            step_tokens = args.micro_batch_size * dit.num_tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if master:
@@ -260,7 +298,7 @@ def main(argv=None):
             master.master_to_params()
         loss_value = float(loss)  # syncs the device
         step_s = time.time() - t0
-        step_times.append(step_s)
+        step_times.append((step_s, step_tokens))
         done = step + 1
         metrics = dsv_metrics(model) if dsv_cfg else None
         val = None
@@ -270,8 +308,8 @@ def main(argv=None):
                 dsv_metrics(model)  # drop validation's forward timings from the next step's
         if done % args.log_interval == 0 or val is not None:
             recent = step_times[-10:]
-            mean_s = sum(recent) / len(recent)
-            tok_s = args.micro_batch_size * dit.num_tokens / mean_s
+            mean_s = sum(t for t, _ in recent) / len(recent)
+            tok_s = sum(n for _, n in recent) / sum(t for t, _ in recent)
             summary = metrics["summary"] if metrics else None
             print(progress_line(done, args, loss_value, summary, tok_s, step_s,
                                 mean_s * (args.train_iters - done), val), flush=True)

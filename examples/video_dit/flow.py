@@ -30,6 +30,17 @@ def flow_matching_loss(model, x0: torch.Tensor, caption=None, *, t: Optional[tor
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
+def flow_matching_loss_packed(model, xs, caption=None, *, generator: Optional[torch.Generator] = None):
+    """The same objective on clips of different shapes packed into one sequence (model.forward_packed):
+    the MSE over all latent elements of all clips."""
+    t = sample_times(len(xs), generator, xs[0].device)
+    noise = [torch.randn(x.shape, generator=generator).to(x.device) for x in xs]
+    xt = [(1 - ti) * x + ti * n for x, n, ti in zip(xs, noise, t.to(xs[0].dtype))]
+    v = model.forward_packed(xt, t, caption)
+    err = sum(F.mse_loss(vi.float(), (n - x).float(), reduction="sum") for vi, n, x in zip(v, noise, xs))
+    return err / sum(x.numel() for x in xs)
+
+
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, caption=None, steps: int = 20) -> torch.Tensor:
     """Integrate dx/dt = v from t=1 (noise) to t=0 (data)."""

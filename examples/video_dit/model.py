@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
@@ -47,7 +48,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 from megatron_dsv.layers import SDPADotProductAttention
-from megatron_dsv.video import CubeLayout
+from megatron_dsv.video import CubeLayout, PackedClips
 
 from .configs import DiTConfig
 from .rope import rope_3d
@@ -116,9 +117,14 @@ class QKNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def _per_token(m):
+    """Modulation [b, h] (one per sample) -> [1, b, h]; packed clips give one per token, [s, b, h]."""
+    return m if m.dim() == 3 else m.unsqueeze(0)
+
+
 def _modulate(x, shift, scale):
-    # x [s, b, h]; shift/scale [b, h]
-    return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+    # x [s, b, h]
+    return x * (1 + _per_token(scale)) + _per_token(shift)
 
 
 def _add_bias(out_and_bias):
@@ -161,27 +167,38 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 inference_context=None, packed_seq_params=None, attention_bias=None, **unused):
-        for name, value in (("inference_context", inference_context), ("packed_seq_params", packed_seq_params),
-                            ("attention_bias", attention_bias), ("context_mask", context_mask),
-                            *unused.items()):
+        for name, value in (("inference_context", inference_context), ("attention_bias", attention_bias),
+                            ("context_mask", context_mask), *unused.items()):
             if value is not None:
                 raise NotImplementedError(f"DiTLayer does not support {name}")
-        cond = attention_mask  # adaLN conditioning [b, h], see the module docstring
-        if cond is None or cond.dim() != 2:
-            raise ValueError("DiTLayer needs the conditioning vector [b, hidden] in the attention_mask slot")
+        cond = attention_mask  # adaLN conditioning [b, h] (packed clips: per token [s, b, h]), see the docstring
+        if cond is None or cond.dim() not in (2, 3):
+            raise ValueError("DiTLayer needs the conditioning vector [b, hidden] (or [s, b, hidden]) in the "
+                             "attention_mask slot")
         mods = self.adaln(F.silu(cond)).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         x = hidden_states
         attn = _add_bias(self.self_attention(_modulate(self.norm_attn(x), shift_a, scale_a), attention_mask=None,
-                                             rotary_pos_emb=rotary_pos_emb))
-        x = x + gate_a.unsqueeze(0) * attn
+                                             rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params))
+        x = x + _per_token(gate_a) * attn
         if self.cross_attention is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention layers: pass caption ids")
-            x = x + _add_bias(self.cross_attention(self.norm_cross(x), attention_mask=None,
-                                                   key_value_states=context))
-        x = x + gate_m.unsqueeze(0) * _add_bias(self.mlp(_modulate(self.norm_mlp(x), shift_m, scale_m)))
+            x = x + _add_bias(self.cross_attention(self.norm_cross(x), attention_mask=None, key_value_states=context,
+                                                   packed_seq_params=_caption_params(packed_seq_params, context)))
+        x = x + _per_token(gate_m) * _add_bias(self.mlp(_modulate(self.norm_mlp(x), shift_m, scale_m)))
         return x, context
+
+
+def _caption_params(video_params, context):
+    """Cross-attention params of packed clips: clip i's queries attend to caption i (equal lengths)."""
+    if video_params is None:
+        return None
+    clips = video_params.cu_seqlens_q.numel() - 1
+    per_clip = context.shape[0] // clips
+    return PackedSeqParams(qkv_format=video_params.qkv_format, cu_seqlens_q=video_params.cu_seqlens_q,
+                           cu_seqlens_q_padded=video_params.cu_seqlens_q_padded,
+                           cu_seqlens_kv=torch.arange(clips + 1, dtype=torch.int32) * per_clip)
 
 
 # ---------------------------------------------------------------------- model
@@ -252,11 +269,15 @@ class VideoDiT(MegatronModule):
         dit: model shape and latent geometry.
         layer_spec: ModuleSpec of one layer (:func:`dit_layer_spec`, optionally via apply_dsv).
         cube: token cube (t, h, w) for the cube-major layout (DSVConfig.cube).
+        align: packed clips start on multiples of this many tokens (DSV: max(block_q, block_kv), so
+            its layers move no data to align them).
     """
 
-    def __init__(self, config: TransformerConfig, dit: DiTConfig, layer_spec: ModuleSpec, cube=(4, 4, 4)):
+    def __init__(self, config: TransformerConfig, dit: DiTConfig, layer_spec: ModuleSpec, cube=(4, 4, 4),
+                 align: int = 1):
         super().__init__(config=config)
         self.dit = dit
+        self.cube, self.align = tuple(cube), align
         h = dit.hidden_size
         self.layout = CubeLayout(dit.grid, cube)
         self.patch_embed = nn.Linear(dit.patch_dim, h)
@@ -311,6 +332,37 @@ class VideoDiT(MegatronModule):
         out = self.layout.from_cube_sbh(out).transpose(0, 1)  # [b, S, patch_dim] raster
         return unpatchify(out, dit.grid, dit.patch, dit.latent_channels)
 
+    def forward_packed(self, xs, t: torch.Tensor, caption: Optional[torch.Tensor] = None):
+        """Clips of different shapes in one packed sequence: xs, a list of latents [C, T_i, H_i, W_i];
+        t [n], caption [n] -> list of velocities like xs.
+
+        Each clip is patchified, put in cube order and placed on an `align` boundary
+        (:class:`megatron_dsv.video.PackedClips`); attention sees Megatron's packed_seq_params in the
+        sbhd form (per-token 3D RoPE angles then apply as for one clip; Megatron's THD RoPE would
+        restart 1D positions per sequence), so no clip attends to another. Timestep conditioning
+        is per token; clip i cross-attends to caption i only.
+        """
+        dit = self.dit
+        grids = [tuple(n // p for n, p in zip(x.shape[1:], dit.patch)) for x in xs]
+        clips = PackedClips(grids, self.cube, align=self.align)
+        dtype = self.patch_embed.weight.dtype
+        tokens = clips.pack([self.patch_embed(patchify(x[None], dit.patch).to(dtype))[0] for x in xs])
+        cond = self.t_embedder(t)  # [n, h]
+        cond_tok = clips.pack([c.expand(n, -1) for c, n in zip(cond, clips.lengths)])[:, None]  # [S, 1, h]
+        context = None
+        if self.use_text:
+            if caption is None:
+                raise ValueError("this model has text cross-attention: pass caption ids")
+            context = self.text_proj(self.caption_table[caption].to(dtype)).flatten(0, 1)[:, None]  # [n*L, 1, h]
+        rope = rope_3d(clips.positions(), dit.head_dim, dit.rope_theta).to(tokens.device)
+        params = clips.packed_seq_params(qkv_format="sbhd")
+        hidden = self.decoder(hidden_states=tokens[:, None].contiguous(), attention_mask=cond_tok, context=context,
+                              rotary_pos_emb=rope, packed_seq_params=params)
+        shift, scale = self.final_adaln(F.silu(cond_tok)).chunk(2, dim=-1)
+        out = self.final_linear(_modulate(self.final_norm(hidden), shift, scale))[:, 0]  # [S, patch_dim]
+        return [unpatchify(o[None], grid, dit.patch, dit.latent_channels)[0]
+                for o, grid in zip(clips.unpack(out), grids)]
+
 
 def build_video_dit(dit: DiTConfig, *, dsv_config=None, bf16: bool = False, recompute: bool = False,
                     cube=None) -> VideoDiT:
@@ -322,4 +374,5 @@ def build_video_dit(dit: DiTConfig, *, dsv_config=None, bf16: bool = False, reco
         spec = apply_dsv(spec, dsv_config)
         cube = dsv_config.cube
     config = make_transformer_config(dit, bf16=bf16, recompute=recompute)
-    return VideoDiT(config, dit, spec, cube=cube or (4, 4, 4))
+    align = max(dsv_config.block_q, dsv_config.block_kv) if dsv_config is not None else 1
+    return VideoDiT(config, dit, spec, cube=cube or (4, 4, 4), align=align)

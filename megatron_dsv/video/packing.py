@@ -74,8 +74,10 @@ class PackedClips:
         """[total, 3] int64 (t, h, w) latent coordinates of every packed token (0 on padding), for 3D RoPE."""
         return self.pack([raster_positions(grid) for grid in self.grids]).to(device or "cpu")
 
-    def packed_seq_params(self, device=None):
-        """Megatron ``PackedSeqParams`` (qkv_format "thd") of this packing, carrying ``dsv_clips``."""
+    def packed_seq_params(self, device=None, qkv_format: str = "thd"):
+        """Megatron ``PackedSeqParams`` of this packing, carrying ``dsv_clips``. qkv_format "thd" feeds
+        q/k/v as [t, heads, d]; "sbhd" keeps [t, 1, heads, d] (Megatron then applies rotary angles
+        per token, as 3D RoPE over packed clips needs; its THD RoPE restarts 1D positions per clip)."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
         def cumulative(values):
@@ -86,7 +88,7 @@ class PackedClips:
         seg = self.segments
         cu = cumulative(self.lengths)
         padded = cumulative([b - a for a, b in zip(seg.starts, seg.starts[1:] + (seg.total,))])
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        params = PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  cu_seqlens_q_padded=padded if seg.is_padded else None,
                                  cu_seqlens_kv_padded=padded if seg.is_padded else None,
                                  max_seqlen_q=max(self.lengths), max_seqlen_kv=max(self.lengths))
