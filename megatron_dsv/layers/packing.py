@@ -80,10 +80,8 @@ class BlockAlignedPacking:
 
     def __init__(self, src: Segments, align: int):
         self.src = src
-        self.dst = Segments(src.lengths, align=align)
-        if all(s % align == 0 for s in src.starts) and src.total == self.dst.total:
-            self.dst = Segments(src.lengths, starts=src.starts, total=src.total)
-        self.identity = self.dst == src
+        self.identity = all(start % align == 0 for start in src.starts)
+        self.dst = src if self.identity else Segments(src.lengths, align=align)
         self._index = {}
 
     def _indices(self, device):
