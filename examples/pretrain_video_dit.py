@@ -296,7 +296,7 @@ def main(argv=None):
         opt.step()
         if master:
             master.master_to_params()
-        loss_value = float(loss)  # syncs the device
+        loss_value = float(loss.detach())  # syncs the device
         step_s = time.time() - t0
         step_times.append((step_s, step_tokens))
         done = step + 1
