@@ -218,9 +218,9 @@ class DSVDotProductAttention(_CoreAttention):
         if segments is None:
             n_kv = math.ceil(s * (cp.size if cp else 1) / cfg.block_kv)
             budgets = ctl.budgets(n_kv)
-        else:  # per clip: k_h = ceil((1 - s_h) x the clip's KV blocks)
-            per_clip, n_kv = work_weighted_blocks(segments, cfg.block_kv)
-            budgets = torch.tensor([ctl.budgets(n) for n in per_clip]).T
+        else:
+            n_kv = work_weighted_blocks(segments, cfg.block_kv)
+            budgets = self._clip_budgets(segments)
         self.last_n_kv = n_kv
         sparse = self.last_used_sparse = ctl.sparse_now(n_kv)
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
@@ -253,6 +253,10 @@ class DSVDotProductAttention(_CoreAttention):
         if packing is not None:
             out = packing.from_blocks(out)
         return self._output(out, fmt)
+
+    def _clip_budgets(self, segments) -> torch.Tensor:
+        """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
+        return torch.tensor([self.controller.budgets(n) for n in segments.blocks_per_clip(self.cfg.block_kv)]).T
 
     def _select(self, q, k, budgets, heads=None, segments=None):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
@@ -293,7 +297,7 @@ class DSVDotProductAttention(_CoreAttention):
                 budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
                 budgets = [budgets[h] for h in heads]
             else:
-                budgets = torch.tensor([ctl.budgets(n) for n in segments.blocks_per_clip(cfg.block_kv)]).T[heads]
+                budgets = self._clip_budgets(segments)[heads]
             selection = self._select(q, k, budgets, heads, segments)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments)
         self._reduce_replicas(stats)

@@ -82,29 +82,14 @@ class BlockAlignedPacking:
         self.src = src
         self.identity = all(start % align == 0 for start in src.starts)
         self.dst = src if self.identity else Segments(src.lengths, align=align)
-        self._index = {}
-
-    def _indices(self, device):
-        key = str(device)
-        if key not in self._index:
-            src = torch.cat([torch.arange(s, s + n) for s, n in zip(self.src.starts, self.src.lengths)])
-            dst = torch.cat([torch.arange(s, s + n) for s, n in zip(self.dst.starts, self.dst.lengths)])
-            self._index[key] = (src.to(device), dst.to(device))
-        return self._index[key]
 
     def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """[src.total, ...] -> [dst.total, ...] with zeros on padding."""
-        if self.identity:
-            return x
-        src, dst = self._indices(x.device)
-        return x.new_zeros((self.dst.total, *x.shape[1:])).index_copy(0, dst, x.index_select(0, src))
+        return x if self.identity else self.dst.scatter(self.src.gather(x))
 
     def from_blocks(self, y: torch.Tensor) -> torch.Tensor:
         """[dst.total, ...] -> [src.total, ...] with zeros on Megatron's padding."""
-        if self.identity:
-            return y
-        src, dst = self._indices(y.device)
-        return y.new_zeros((self.src.total, *y.shape[1:])).index_copy(0, src, y.index_select(0, dst))
+        return y if self.identity else self.src.scatter(self.dst.gather(y))
 
 
 @functools.lru_cache(maxsize=16)
@@ -113,8 +98,7 @@ def block_aligned(src: Segments, align: int) -> BlockAlignedPacking:
     return BlockAlignedPacking(src, align)
 
 
-def work_weighted_blocks(segments: Segments, block_kv: int):
-    """KV blocks of each clip, and the single-sequence KV block count whose quadratic work equals
-    the packing's (for decisions made on one number: dense vs sparse dispatch)."""
-    per_clip = segments.blocks_per_clip(block_kv)
-    return per_clip, max(1, round(math.sqrt(sum(n * n for n in per_clip))))
+def work_weighted_blocks(segments: Segments, block_kv: int) -> int:
+    """The single-sequence KV block count whose quadratic work equals the packing's (for decisions
+    made on one number: dense vs sparse dispatch)."""
+    return max(1, round(math.sqrt(sum(n * n for n in segments.blocks_per_clip(block_kv)))))

@@ -60,20 +60,8 @@ def _dense_packed(q, k, v, scale, layout, segments, kv_segments):
     for name, t, seg in (("q", q, segments), ("k", k, kv_segments), ("v", v, kv_segments)):
         if t.shape[seq_dim] != seg.total:
             raise ValueError(f"{name} holds {t.shape[seq_dim]} tokens, its segments describe {seg.total}")
-    pieces, pos = [], 0
-
-    def zeros(n):  # query padding between or after the sequences
-        shape = list(q.shape)
-        shape[seq_dim], shape[-1] = n, v.shape[-1]
-        return q.new_zeros(shape)
-
-    for (qs, ql), (ks, kl) in zip(zip(segments.starts, segments.lengths),
-                                  zip(kv_segments.starts, kv_segments.lengths)):
-        if qs > pos:
-            pieces.append(zeros(qs - pos))
-        pieces.append(dense_attention(q.narrow(seq_dim, qs, ql), k.narrow(seq_dim, ks, kl),
-                                      v.narrow(seq_dim, ks, kl), scale=scale, layout=layout))
-        pos = qs + ql
-    if segments.total > pos:
-        pieces.append(zeros(segments.total - pos))
-    return torch.cat(pieces, dim=seq_dim)
+    outs = [dense_attention(q.narrow(seq_dim, qs, ql), k.narrow(seq_dim, ks, kl), v.narrow(seq_dim, ks, kl),
+                            scale=scale, layout=layout)
+            for (qs, ql), (ks, kl) in zip(zip(segments.starts, segments.lengths),
+                                          zip(kv_segments.starts, kv_segments.lengths))]
+    return segments.scatter(torch.cat(outs, dim=seq_dim), seq_dim)  # zeros on query padding

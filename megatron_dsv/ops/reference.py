@@ -80,18 +80,8 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
 def _packed_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout, return_lse,
                                 segments):
     """Clip by clip: slice the clip's tokens and its query blocks' lists (ids made clip-relative)."""
-    outs, lses, pos = [], [], 0
-    b, h = kv_cnt.shape[:2]
-
-    def gap(n):  # padding rows: zero output, lse -inf
-        shape = (b, n, h, q.shape[-1]) if layout == "bshd" else (n, b, h, q.shape[-1])
-        outs.append(q.new_zeros(shape))
-        lses.append(torch.full((b, h, n), float("-inf"), device=q.device,
-                               dtype=torch.float64 if q.dtype == torch.float64 else torch.float32))
-
+    outs, lses = [], []
     for c, (start, length) in enumerate(zip(segments.starts, segments.lengths)):
-        if start > pos:
-            gap(start - pos)
         q_lo, q_hi = segments.block_range(c, block_q)
         kv_lo = segments.block_range(c, block_kv)[0]
         clip = [_seq_slice(t, layout, start, start + length) for t in (q, k, v)]
@@ -100,11 +90,9 @@ def _packed_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, s
             block_kv=block_kv, scale=scale, layout=layout, return_lse=True)
         outs.append(out)
         lses.append(lse)
-        pos = start + length
-    if segments.total > pos:
-        gap(segments.total - pos)
-    out = torch.cat(outs, dim=1 if layout == "bshd" else 0)
-    return (out, torch.cat(lses, dim=2)) if return_lse else out
+    seq_dim = 1 if layout == "bshd" else 0  # padding rows: zero output, lse -inf
+    out = segments.scatter(torch.cat(outs, dim=seq_dim), seq_dim)
+    return (out, segments.scatter(torch.cat(lses, dim=2), 2, float("-inf"))) if return_lse else out
 
 
 def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):

@@ -126,6 +126,21 @@ class Segments:
             return valid
         return self._device("valid", device, build)
 
+    def token_index(self, device) -> torch.Tensor:
+        """int64 [sum(lengths)]: positions of the clip tokens, clip after clip."""
+        return self._device("index", device, lambda: self.token_valid("cpu").nonzero().squeeze(1))
+
+    def scatter(self, x: torch.Tensor, dim: int = 0, fill: float = 0.0) -> torch.Tensor:
+        """The clips' tokens concatenated along `dim` ([sum(lengths)]) -> the packed layout
+        ([total]), `fill` on padding. Differentiable in x."""
+        shape = list(x.shape)
+        shape[dim] = self.total
+        return x.new_full(shape, fill).index_copy(dim, self.token_index(x.device), x)
+
+    def gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The packed layout -> the clips' tokens concatenated along `dim` (padding dropped)."""
+        return x.index_select(dim, self.token_index(x.device))
+
     def block_lens(self, block: int, device) -> torch.Tensor:
         """int32 [ceil(total / block)]: valid tokens in each block (0 for pure padding)."""
         def build():

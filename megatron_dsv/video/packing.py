@@ -53,15 +53,8 @@ class PackedClips:
         """Raster-order clips (token dim `seq_dim`) -> one packed tensor, each clip in cube order."""
         if len(clips) != len(self.layouts):
             raise ValueError(f"expected {len(self.layouts)} clips, got {len(clips)}")
-        pieces, pos = [], 0
-        for x, layout, start in zip(clips, self.layouts, self.segments.starts):
-            if start > pos:
-                pieces.append(self._zeros(x, seq_dim, start - pos))
-            pieces.append(layout.to_cube(x, seq_dim))
-            pos = start + layout.num_tokens
-        if self.total > pos:
-            pieces.append(self._zeros(clips[-1], seq_dim, self.total - pos))
-        return torch.cat(pieces, dim=seq_dim)
+        cube_order = [layout.to_cube(x, seq_dim) for x, layout in zip(clips, self.layouts)]
+        return self.segments.scatter(torch.cat(cube_order, dim=seq_dim), seq_dim)
 
     def unpack(self, x: torch.Tensor, seq_dim: int = 0) -> List[torch.Tensor]:
         """The packed tensor -> one raster-order tensor per clip (padding dropped)."""
@@ -94,9 +87,3 @@ class PackedClips:
                                  max_seqlen_q=max(self.lengths), max_seqlen_kv=max(self.lengths))
         params.dsv_clips = self
         return params
-
-    @staticmethod
-    def _zeros(like: torch.Tensor, seq_dim: int, n: int) -> torch.Tensor:
-        shape = list(like.shape)
-        shape[seq_dim] = n
-        return like.new_zeros(shape)
