@@ -22,8 +22,9 @@ def random_block_mask(b, h, n_q, n_kv, gen, k_max=None, zero_frac=0.2):
     return kv_idx, kv_cnt
 
 
-def masked_dense_oracle(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale):
-    """float64 dense attention with a token mask expanded from the block lists (bshd)."""
+def masked_dense_oracle(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, kv_lens=None):
+    """float64 dense attention with a token mask expanded from the block lists (bshd); kv_lens
+    [b, h, n_kv]: only the first kv_lens keys of each KV block exist."""
     b, s_q, h, d = q.shape
     s_kv = k.shape[1]
     mask = torch.zeros(b, h, s_q, s_kv, dtype=torch.bool)
@@ -31,7 +32,8 @@ def masked_dense_oracle(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale):
         for hi in range(h):
             for i in range(kv_idx.shape[2]):
                 for j in kv_idx[bi, hi, i, : kv_cnt[bi, hi, i]].tolist():
-                    mask[bi, hi, i * block_q:(i + 1) * block_q, j * block_kv:(j + 1) * block_kv] = True
+                    n = block_kv if kv_lens is None else int(kv_lens[bi, hi, j])
+                    mask[bi, hi, i * block_q:(i + 1) * block_q, j * block_kv:j * block_kv + n] = True
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, -1)
@@ -81,6 +83,28 @@ def test_block_sparse_reference_matches_masked_dense(seed, layout):
         torch.testing.assert_close(g, ref.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_block_sparse_reference_kv_lens(shared):
+    # Only the first kv_lens[g] keys of KV block g exist (0 and a whole block included).
+    gen = torch.Generator().manual_seed(5)
+    b, h, d, s_q, s_kv, block_q, block_kv = 2, 2, 16, 70, 90, 16, 16
+    n_q, n_kv = math.ceil(s_q / block_q), math.ceil(s_kv / block_kv)
+    kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, gen)
+    lens = torch.randint(0, block_kv + 1, (n_kv,) if shared else (b, h, n_kv), generator=gen)
+    lens.view(-1)[:2] = torch.tensor([0, block_kv])
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64, generator=gen, requires_grad=True)
+               for s in (s_q, s_kv, s_kv))
+    ref_out, ref_lse = masked_dense_oracle(q, k, v, kv_idx, kv_cnt, block_q, block_kv, 0.3,
+                                           lens.expand(b, h, n_kv))
+    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=0.3,
+                                      backend="reference", return_lse=True, kv_lens=lens)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    grad = torch.randn_like(out)
+    for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref_out, (q, k, v), grad)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
 def test_block_sparse_all_blocks_equals_dense():
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 100, 2, 32, dtype=torch.float64, generator=gen) for _ in range(3))
@@ -117,6 +141,8 @@ def test_block_sparse_low_precision_close_to_float64():
     (dict(kv_idx=torch.zeros(1, 2, 2, 2, dtype=torch.int32)), "twice"),
     (dict(v=torch.randn(1, 64, 1, 16)), "grouped-query"),
     (dict(backend="cuda"), "backend"),
+    (dict(kv_lens=torch.full((3,), 16)), "kv_lens must be"),
+    (dict(kv_lens=torch.full((4,), 1.0)), "int tensor"),
 ])
 def test_block_sparse_bad_input(bad, match):
     args = dict(q=torch.randn(1, 64, 2, 16), k=torch.randn(1, 64, 2, 16), v=torch.randn(1, 64, 2, 16),

@@ -66,8 +66,18 @@ def check_block_mask_values(kv_idx, kv_cnt, n_kv, segments=None, block_q=None, b
         raise ValueError("kv_idx lists a KV block twice for one query block")
 
 
+def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
+    """kv_lens [n_kv] or [b, h, n_kv] -> int32 [1 or b*h, n_kv] (no device sync)."""
+    if not torch.is_tensor(kv_lens) or kv_lens.is_floating_point() or kv_lens.dtype == torch.bool:
+        raise ValueError(f"kv_lens must be an int tensor, got {kv_lens!r:.60}")
+    if tuple(kv_lens.shape) not in ((n_kv,), (b, h, n_kv)):
+        raise ValueError(f"kv_lens must be [n_kv_blocks={n_kv}] or [batch={b}, heads={h}, n_kv_blocks={n_kv}], "
+                         f"got {tuple(kv_lens.shape)}")
+    return kv_lens.reshape(-1, n_kv).to(torch.int32).clamp(0, block_kv)
+
+
 def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
-                           backend="auto", return_lse=False, segments=None):
+                           backend="auto", return_lse=False, segments=None, kv_lens=None):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Args:
@@ -83,6 +93,10 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             query block may only list KV blocks of its own clip (not re-checked by the Triton
             backend: that needs a host sync) and query blocks of pure padding list none; padding
             keys are masked, padding rows get output 0 (lse -inf) and zero gradients.
+        kv_lens: int [n_kv_blocks] or [b, h, n_kv_blocks]: only the first kv_lens[g] keys of KV block
+            g exist; the rest are masked (no attention weight, zero dk/dv). For KV buffers that
+            hold padded blocks in an order of their own (the CP exchange); packed sequences in their
+            own layout pass ``segments`` instead, which implies the lengths.
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -111,6 +125,10 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         if s_kv != s_q:
             raise ValueError(f"segments (packed clips) need self-attention lengths; got Sq={s_q}, Skv={s_kv}")
         segments.check(s_q, block_q, block_kv)
+    if kv_lens is not None:
+        if segments is not None:
+            raise ValueError("pass segments or kv_lens, not both: segments imply the KV block lengths")
+        kv_lens = check_kv_lens(kv_lens, b, h, -(-s_kv // block_kv), block_kv)
     scale = d ** -0.5 if scale is None else float(scale)
 
     backend = resolve_backend(backend, q.device)
@@ -120,4 +138,4 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     else:
         from .triton_attention import triton_block_sparse_attention as fn
     return fn(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=scale, layout=layout,
-              return_lse=return_lse, segments=segments)
+              return_lse=return_lse, segments=segments, kv_lens=kv_lens)

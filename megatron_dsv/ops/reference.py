@@ -24,13 +24,14 @@ def _seq_slice(x, layout, start, stop):
 
 
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
-                                     return_lse, segments=None):
+                                     return_lse, segments=None, kv_lens=None):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Inputs are already validated by :func:`megatron_dsv.ops.block_sparse_attention`.
     Computes in float32 (float64 for float64 inputs); returns out in q's dtype and
     lse [b, h, Sq] float32/float64 (-inf for rows with no keys). With `segments` (packed clips),
     each clip is computed on its own, exactly as an unpacked sequence; padding gets out 0, lse -inf.
+    kv_lens: int [1 or b*h, n_kv]: valid keys at the start of each KV block (None: all).
     """
     if segments is not None:
         return _packed_attention_reference(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
@@ -60,7 +61,11 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
 
     # A key is valid if its slot is within the count and its token exists (last block may be partial).
     tok = idx.unsqueeze(-1) * block_kv + torch.arange(block_kv, device=q.device)
-    key_valid = (slot_valid.unsqueeze(-1) & (tok < s_kv)).view(b, h, n_q, 1, k_max * block_kv)
+    key_valid = slot_valid.unsqueeze(-1) & (tok < s_kv)
+    if kv_lens is not None:
+        lens = kv_lens.long().expand(b * h, n_kv).reshape(b, h, n_kv).gather(2, idx.view(b, h, -1))
+        key_valid &= torch.arange(block_kv, device=q.device) < lens.view(b, h, n_q, k_max, 1)
+    key_valid = key_valid.view(b, h, n_q, 1, k_max * block_kv)
 
     scores = torch.einsum("bhiqd,bhikd->bhiqk", qb, k_sel) * scale
     scores = scores.masked_fill(~key_valid, float("-inf"))

@@ -168,8 +168,3 @@ class Segments:
             ends = starts + torch.tensor(self.lengths + (0,), dtype=torch.int64)[clip]
             return torch.stack([starts, ends], 1).int()
         return self._device(("kv_range", block_q), device, build)
-
-    def key_end(self, block_q: int, device) -> torch.Tensor:
-        """int32 [n_qblocks]: end of the valid keys of each query block's clip (0 for pure padding)."""
-        return self._device(("key_end", block_q), device,
-                            lambda: self.kv_token_range(block_q, "cpu")[:, 1].contiguous())

@@ -97,33 +97,30 @@ def _launch_opts(cfg, descs_for):
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _kv_rows(idx_ptr, stride_slot, start, cnt, kv_end,
-             BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, USE_TMA: tl.constexpr):
-    """First token, token ids and validity (token < kv_end) of the BLOCK_N KV rows made of list
-    slots start .. start + BLOCK_N / BLOCK_KV (with TMA, one whole block: BLOCK_N == BLOCK_KV)."""
+def _kv_rows(idx_ptr, stride_slot, start, cnt, len_ptr, S_KV,
+             BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr):
+    """First token, token ids and validity of the BLOCK_N KV rows made of list slots
+    start .. start + BLOCK_N / BLOCK_KV (with TMA, one whole block: BLOCK_N == BLOCK_KV).
+    A row is valid if its token exists and, with VARLEN, lies within its block's valid length
+    (len_ptr[block]; padding of packed clips sits at the end of a clip's last block)."""
     offs_n = tl.arange(0, BLOCK_N)
     if USE_TMA:
-        row0 = tl.load(idx_ptr + start * stride_slot) * BLOCK_KV
+        blk = tl.load(idx_ptr + start * stride_slot)
+        row0 = blk * BLOCK_KV
         tok = row0 + offs_n
-        ok = tok < kv_end
+        ok = tok < S_KV
+        if VARLEN:
+            ok = ok & (offs_n < tl.load(len_ptr + blk))
     else:
         slot = start + offs_n // BLOCK_KV
         slot_ok = slot < cnt
         blk = tl.load(idx_ptr + slot * stride_slot, mask=slot_ok, other=0)
         tok = blk * BLOCK_KV + offs_n % BLOCK_KV
-        ok = slot_ok & (tok < kv_end)
+        ok = slot_ok & (tok < S_KV)
+        if VARLEN:
+            ok = ok & (offs_n % BLOCK_KV < tl.load(len_ptr + blk, mask=slot_ok, other=0))
         row0 = 0
     return row0, tok, ok
-
-
-@triton.jit
-def _kv_end(KvEnd, qb, S_KV, VARLEN: tl.constexpr):
-    """End of the keys query block qb may see: its clip's last valid token + 1 for packed clips
-    (VARLEN: every list entry lies in the clip, so only padding is cut), else the sequence end."""
-    if VARLEN:
-        return tl.load(KvEnd + qb)
-    else:
-        return S_KV
 
 
 @triton.jit
@@ -143,9 +140,9 @@ def _load_rows(base, desc, stride_s, b, h, row0, tok, ok,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvEnd, KDesc, VDesc,
+def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, KDesc, VDesc,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
-                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
+                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
                 H, S_Q, S_KV, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
@@ -167,20 +164,24 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvEnd, KDesc, VDesc,
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
     cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
-    kv_end = _kv_end(KvEnd, qb, S_KV, VARLEN)
+    len_ptr = KvLen + bh.to(tl.int64) * sl_bh
 
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, cnt, PACK):
-        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, kv_end, BLOCK_N, BLOCK_KV, USE_TMA)
+        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
+                                  VARLEN)
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
         if MASK_KV:
             s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = m_new
+        if VARLEN:  # no valid key so far (blocks of length 0): exp2 of (-inf) - (-inf) would be NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -195,10 +196,10 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvEnd, KDesc, VDesc,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvEnd, KDesc, VDesc,
+def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDesc, VDesc,
                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
-               si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q,
+               si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
                H, S_Q, S_KV, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
@@ -231,10 +232,11 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvEnd, KDes
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
     cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
-    kv_end = _kv_end(KvEnd, qb, S_KV, VARLEN)
+    len_ptr = KvLen + bh.to(tl.int64) * sl_bh
     dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, cnt, PACK):
-        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, kv_end, BLOCK_N, BLOCK_KV, USE_TMA)
+        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
+                                  VARLEN)
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
@@ -249,18 +251,17 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvEnd, KDes
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvEnd, QDesc, DODesc,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DODesc,
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
-                 sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
+                 sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_bh,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
                  D_MAJOR: tl.constexpr, VARLEN: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
-    VARLEN: padding keys (past their clip's end, KvEnd of a query block sharing the clip) get zero
-    gradients; they are not masked in the loop (their columns do not mix with the others), only
-    when the block is stored."""
+    VARLEN: keys past the block's valid length (KvLen) get zero gradients; they are not masked in
+    the loop (their columns do not mix with the others), only when the block is stored."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -314,8 +315,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvEnd, QDesc, DOD
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    if VARLEN:  # clips start on multiples of max(BLOCK_Q, BLOCK_KV): this query block shares kb's clip
-        keep = offs_n < tl.load(KvEnd + kb * BLOCK_KV // BLOCK_Q)
+    if VARLEN:
+        keep = tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb)
         if D_MAJOR:
             dk = tl.where(keep[None, :], dk, 0.0)
             dv = tl.where(keep[None, :], dv, 0.0)
@@ -385,6 +386,11 @@ def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int)
     return q_idx, q_off
 
 
+def _len_stride(kv_len: Optional[torch.Tensor]) -> int:
+    """Row stride of kv_len [1 or b*h, n_kvblocks]; 0 broadcasts one row to every (batch, head)."""
+    return 0 if kv_len is None or kv_len.shape[0] == 1 else kv_len.stride(0)
+
+
 def _check_supported(q, d):
     if d not in HEAD_DIMS:
         raise NotImplementedError(f"triton block-sparse attention supports head dims {HEAD_DIMS}, got {d}")
@@ -392,7 +398,7 @@ def _check_supported(q, d):
         raise NotImplementedError(f"triton block-sparse attention supports fp16/bf16/fp32, got {q.dtype}")
 
 
-def _forward(q, k, v, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout):
+def _forward(q, k, v, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_q = kv_idx.shape[2]
@@ -403,19 +409,19 @@ def _forward(q, k, v, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout):
     cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
                                        [(k, layout, block_kv), (v, layout, block_kv)])
     # Packed tiles, a partial last block or padding inside blocks need the key mask.
-    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_end is not None
+    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_len is not None
     _fwd_kernel[(n_q, b * h)](
-        q, k, v, out, lse2, kv_idx, kv_cnt, kv_cnt if kv_end is None else kv_end, *descs,
+        q, k, v, out, lse2, kv_idx, kv_cnt, kv_cnt if kv_len is None else kv_len, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout),
-        *kv_idx.stride(), *kv_cnt.stride(),
+        *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
         h, s_q, s_kv, scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, VARLEN=kv_end is not None, **cfg)
+        MASK_KV=mask_kv, VARLEN=kv_len is not None, **cfg)
     return out, lse2
 
 
-def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout):
+def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
     """dq over each query block's KV list; also returns delta = rowsum(dO * O) - dlse for dk/dv."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
@@ -426,20 +432,20 @@ def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, block_kv
     whole = cfg["BLOCK_N"] == block_kv
     cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
                                        [(k, layout, block_kv), (v, layout, block_kv)])
-    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_end is not None
+    mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_len is not None
     _dq_kernel[(n_q, b * h)](
         q, k, v, out, do, dq, lse2, lse2 if dlse2 is None else dlse2, delta, kv_idx, kv_cnt,
-        kv_cnt if kv_end is None else kv_end, *descs,
+        kv_cnt if kv_len is None else kv_len, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
-        *kv_idx.stride(), *kv_cnt.stride(),
+        *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
         h, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_end is not None, **cfg)
+        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, **cfg)
     return dq, delta
 
 
-def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_end, block_q, block_kv, scale, layout):
+def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout):
     """dk, dv over each KV block's transposed list (query blocks that selected it)."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
@@ -449,23 +455,23 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_end, block_q, block_kv, sca
     cfg = _dkdv_config(block_q, block_kv)
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     _dkdv_kernel[(n_kv, b * h)](
-        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off, q_idx if kv_end is None else kv_end, *descs,
+        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off, q_idx if kv_len is None else kv_len, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
-        *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout),
+        *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
         h, n_kv, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_Q=s_q % block_q != 0, VARLEN=kv_end is not None, **cfg)
+        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, **cfg)
     return dk, dv
 
 
-def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout):
+def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
     do = _unit_last(do)
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
-    dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout)
+    dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
     q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
-    dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_end, block_q, block_kv, scale, layout)
+    dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout)
     return dq, dk, dv
 
 
@@ -476,14 +482,14 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, bl
 @torch.library.custom_op("megatron_dsv::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                           kv_cnt: torch.Tensor, block_q: int, block_kv: int, scale: float,
-                          layout: str, kv_end: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32). kv_end: int32 [n_qblocks], for
-    packed clips: the end of the valid keys of each query block's clip (None: Skv)."""
-    return _forward(q, k, v, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout)
+                          layout: str, kv_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32). kv_len: int32 [1 or b*h, n_kvblocks]
+    valid keys at the start of each KV block, shared by all heads or per (batch, head) (None: all)."""
+    return _forward(q, k, v, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_end=None):
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None):
     b, s_q, h, _ = split_dims(q, layout)
     return q.new_empty(q.shape), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -493,31 +499,31 @@ def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           out: torch.Tensor, lse2: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
                           block_q: int, block_kv: int, scale: float, layout: str,
                           dlse2: Optional[torch.Tensor] = None,
-                          kv_end: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          kv_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each contiguous in its input's layout. dlse2: gradient of the base-2 lse
     [b, h, Sq] (None: the lse was not used)."""
-    return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_end, block_q, block_kv, scale, layout)
+    return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
 
 
 @block_sparse_attn_bwd.register_fake
-def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_end=None):
+def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_len=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_end = inputs
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len = inputs
     out, lse2 = output
-    ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_end)
+    ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_len)
     ctx.args = (block_q, block_kv, scale, layout)
     # Unused outputs give None instead of a zero tensor: no lse gradient is the common case.
     ctx.set_materialize_grads(False)
 
 
 def _backward_rule(ctx, dout, dlse2):
-    q, k, v, out, lse2, kv_idx, kv_cnt, kv_end = ctx.saved_tensors
+    q, k, v, out, lse2, kv_idx, kv_cnt, kv_len = ctx.saved_tensors
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_end)
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -525,23 +531,26 @@ block_sparse_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_con
 
 
 def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
-                                  return_lse, segments=None):
+                                  return_lse, segments=None, kv_lens=None):
     """Triton backend of :func:`megatron_dsv.ops.block_sparse_attention` (inputs already validated).
 
     kv_idx entries must be valid block ids within each count (not re-checked here: that would
-    need a host sync); entries past the count are never read. With segments the kernels mask
-    padding keys; padding rows are computed like any row and zeroed here, which also zeroes the
-    output gradient reaching them, so they add nothing to dk/dv.
+    need a host sync); entries past the count are never read. kv_lens: int32 [1 or b*h, n_kv].
+    With segments the kernels mask padding keys (by the segments' KV block lengths); padding rows
+    are computed like any row and zeroed here, which also zeroes the output gradient reaching them,
+    so they add nothing to dk/dv.
     """
     d = q.shape[-1]
     _check_supported(q, d)
     q, k, v = (_unit_last(t) for t in (q, k, v))
     kv_idx = kv_idx.to(torch.int32)
     kv_cnt = kv_cnt.to(torch.int32)
-    kv_end = segments.key_end(block_q, q.device) if segments is not None and segments.is_padded else None
-    out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_end)
+    padded = segments is not None and segments.is_padded
+    if padded:
+        kv_lens = segments.block_lens(block_kv, q.device).view(1, -1)
+    out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_lens)
     lse = lse2 * math.log(2.0) if return_lse else None
-    if kv_end is not None:
+    if padded:
         valid = segments.token_valid(q.device)
         out = out.masked_fill(~valid.view(1, -1, 1, 1) if layout == "bshd" else ~valid.view(-1, 1, 1, 1), 0.0)
         lse = lse.masked_fill(~valid, float("-inf")) if return_lse else None

@@ -60,11 +60,13 @@ def clip_block_mask(b, h, segments, block_q, block_kv, gen):
 
 
 def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
-             packed=False, seed=0, loss="out", clips=None):
+             packed=False, seed=0, loss="out", clips=None, kv_lens=None):
     """loss: "out" (gradient on out only), "out+lse" (also a random gradient on the finite lse
     entries, as the CP ring merge gives) or "lse" (lse only: out unused).
     clips: lengths of clips packed into one sequence (Segments), each starting on a block boundary;
-    s_q and s_kv are then ignored and padding holds zeros."""
+    s_q and s_kv are then ignored and padding holds zeros.
+    kv_lens: "shared" ([n_kv]) or "per_head" ([b, h, n_kv]) random valid keys per KV block, 0 and
+    block_kv included."""
     gen = torch.Generator().manual_seed(seed)
     segments = None
     if clips is not None:
@@ -86,6 +88,10 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
     if segments is None:
         kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
     kv_idx, kv_cnt = kv_idx.to(DEVICE), kv_cnt.to(DEVICE)
+    if kv_lens is not None:
+        lens = torch.randint(0, block_kv + 1, (b, h, n_kv) if kv_lens == "per_head" else (n_kv,), generator=gen)
+        lens.view(-1)[:2] = torch.tensor([0, block_kv])
+        kv_lens = lens.to(DEVICE)
 
     q, k, v = make_qkv(b, s_q, s_kv, h, d, dtype, layout, gen, packed)
     if segments is not None:  # padding holds zeros, as the layer writes it
@@ -94,7 +100,10 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
         q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kw = dict(block_q=block_q, block_kv=block_kv, layout=layout, segments=segments)
-    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True, **kw)
+    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True,
+                                      kv_lens=kv_lens, **kw)
+    if kv_lens is not None:  # the reference takes the checked [1 or b*h, n_kv] form
+        kw["kv_lens"] = kv_lens.reshape(-1, n_kv)
     dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE) if loss != "lse" else None
     dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if loss != "out" else None
     dq, dk, dv = grads_of(out, lse, (q, k, v), dout, dlse)
@@ -183,6 +192,16 @@ def test_packed_clips(dtype, block_q, block_kv, layout):
     # padding keys inside blocks, padding-only KV blocks (block_kv < alignment), partial query blocks.
     run_case(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=block_q, block_kv=block_kv, dtype=dtype, layout=layout,
              clips=[70, 5, 100, 33], loss="out+lse", seed=20)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_q,block_kv,layout,kv_lens", [(64, 32, "bshd", "per_head"), (32, 16, "sbhd", "shared"),
+                                                             (32, 64, "sbhd", "per_head")])
+def test_kv_block_lengths(dtype, block_q, block_kv, layout, kv_lens):
+    # Keys past each KV block's valid length are masked, per head or shared (the CP exchange's buffers).
+    run_case(b=2, h=2, s_q=100, s_kv=150, d=32, block_q=block_q, block_kv=block_kv, dtype=dtype, layout=layout,
+             kv_lens=kv_lens, loss="out+lse", seed=21)
 
 
 @pytest.mark.usefixtures("poison")

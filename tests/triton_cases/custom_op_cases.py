@@ -32,9 +32,11 @@ def test_opcheck_attention_ops():
                 32 ** -0.5, "bshd")
     torch.library.opcheck(block_sparse_attn_bwd, bwd_args)
     torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, torch.randn_like(lse2)))  # with an lse gradient
-    kv_end = torch.tensor([96, 84, 96], dtype=torch.int32, device=DEVICE)  # packed clips: key end per query block
-    torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_end))
-    torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_end))
+    # Valid keys per KV block: shared by all heads, or per (batch, head) (the CP exchange buffers).
+    for kv_len in (torch.tensor([[32, 20, 32]], dtype=torch.int32, device=DEVICE),
+                   torch.randint(0, 33, (q.shape[0] * q.shape[2], 3), dtype=torch.int32, device=DEVICE)):
+        torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_len))
+        torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_len))
 
 
 def test_opcheck_selection_op():
