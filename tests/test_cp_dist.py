@@ -11,6 +11,8 @@ several suites in a row, so process start-up is paid once per world size:
             never above a dense ring;
   entry     dsv_cp_attention (selection after the all-to-all) and dense_cp_attention (stage 1);
   subgroups two CP groups of non-contiguous global ranks inside one world of 8;
+  packed    packed clips (mixed lengths, clips spanning ranks, garbage in the padding): both entry
+            points against the single-process packed reference ops;
   triton    the Triton backend under TRITON_INTERPRET=1 (set only in the workers' environment, so
             the pytest process itself is unaffected), float32, against a float64 reference.
 A hang fails fast: 60 s gloo timeouts in the workers and a wall-clock limit here.
@@ -47,9 +49,9 @@ def launch(suites: str, world: int, tmp_path, limit_s: float = 150.0, **extra_en
 
 
 @pytest.mark.parametrize("world,suites", [
-    (2, "layout+sparse+entry"),      # U x R: 1x2, 2x1
-    (4, "layout+sparse+entry"),      # 1x4, 2x2, 4x1
-    (6, "layout+sparse+entry"),      # 1x6, 2x3, 3x2, 6x1
+    (2, "layout+sparse+entry+packed"),      # U x R: 1x2, 2x1
+    (4, "layout+sparse+entry+packed"),      # 1x4, 2x2, 4x1
+    (6, "layout+sparse+entry+packed"),      # 1x6, 2x3, 3x2, 6x1
     (8, "sparse+subgroups"),         # 1x8, 2x4, 4x2; two 2x2 groups on ranks {0,2,4,6}, {1,3,5,7}
 ])
 def test_cp_gloo(world, suites, tmp_path):

@@ -5,6 +5,10 @@ Stage 2 (sparse):  dsv_cp_attention  = head all-to-all -> selection on the full 
 Stage 1 (dense):   dense_cp_attention = head all-to-all -> all-gather K, V over the R group ->
                    dense attention -> reverse all-to-all; hands back the local heads' q, k so the
                    predictor and profiler see whole sequences.
+
+Packed clips (``segments`` of the whole packed sequence, clips on block boundaries): ranks hold
+whole blocks of it as for one sequence, a clip may span ranks; selection, the exchange's key
+masks and dense attention are restricted to each query's own clip, padding rows get zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ from .all_to_all import all_gather_ints, check_heads_of, gather_segments, head_t
 from .groups import HybridCPGroup
 from .kv_exchange import sparse_kv_attention
 from .planner import CPPlan, budget_blocks
+
+
+def _check_segments(segments, s_local, group, block_q, block_kv):
+    if segments is not None:
+        segments.check(s_local * group.size, block_q, block_kv)
+
+
+def _zero_padding(out, segments, group):
+    """Zero the padding rows of this rank's shard [s_local, b, H, d] (their values are unused)."""
+    if segments is None or not segments.is_padded:
+        return out
+    s_local = out.shape[0]
+    valid = segments.token_valid(out.device)[group.index * s_local:(group.index + 1) * s_local]
+    return out.masked_fill(~valid.view(-1, 1, 1, 1), 0.0)
 
 
 def _check_shard(q, k, v, group, U, block_q=None, block_kv=None):
@@ -43,7 +61,7 @@ def _to_heads(q, k, v, group, U, heads_of):
 
 def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, plan: CPPlan, block_q: int,
                      block_kv: int, scale: Optional[float] = None, backend: str = "auto",
-                     return_selection: bool = False):
+                     return_selection: bool = False, segments=None):
     """Stage-2 sparse attention of this rank's sequence shard under hybrid context parallelism.
 
     Args:
@@ -51,9 +69,12 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             of the cube-ordered sequence (c = position in ``group.ranks``); s_local a multiple of
             block_q and block_kv.
         wq_lr, wk_lr: [H, d, r] predictor weights (replicated); selection runs without gradient.
-        budgets: [H] per-head budgets over the whole sequence: int block counts or float fractions.
+        budgets: [H] per-head budgets over the whole sequence: int block counts or float fractions;
+            with segments, int [H, clips] (per head and clip) or [H].
         group, plan: the CP group and this layer's plan (``plan.P == group.size``); a head that the
             plan splits is computed by several ranks, each on its share of the query blocks.
+        segments: packed clips (:class:`megatron_dsv.ops.Segments`) of the whole sequence, starting
+            on multiples of max(block_q, block_kv).
     Returns out [s_local, b, H, d], differentiable in q, k, v; with return_selection also
     (kv_idx, kv_cnt) of this rank's heads ``plan.heads_of[u]`` and segment (global KV block ids).
     """
@@ -64,11 +85,17 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
     if tuple(wq_lr.shape[:2]) != (H, d) or wk_lr.shape != wq_lr.shape:
         raise ValueError(f"wq_lr and wk_lr must be [heads={H}, d={d}, r], got {tuple(wq_lr.shape)}, "
                          f"{tuple(wk_lr.shape)}")
+    _check_segments(segments, q.shape[0], group, block_q, block_kv)
     grid = group.grid(plan.U)
     n_kv = q.shape[0] * group.size // block_kv
-    blocks = budget_blocks(budgets, n_kv)
-    if blocks.numel() != H:
-        raise ValueError(f"{blocks.numel()} budgets for {H} heads")
+    if segments is None:
+        blocks = budget_blocks(budgets, n_kv)
+    else:
+        blocks = torch.as_tensor(budgets)
+        if blocks.is_floating_point():
+            raise ValueError("with segments, budgets must be int block counts ([H] or [H, clips])")
+    if blocks.shape[0] != H:
+        raise ValueError(f"budgets for {blocks.shape[0]} heads, the tensors have {H}")
     qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of)
     mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
     with torch.no_grad():
@@ -76,11 +103,13 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
         k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
         k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
         kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
-                                       backend=backend)
+                                       backend=backend, segments=segments,
+                                       q_start=grid.j * qh.shape[0] if segments is not None else 0)
         kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
+    kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
-                                scale=scale, schedule=plan.schedule, backend=backend)
-    out = head_to_seq(out_h, group, plan.U, plan.heads_of, H)
+                                scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens)
+    out = _zero_padding(head_to_seq(out_h, group, plan.U, plan.heads_of, H), segments, group)
     return (out, (kv_idx, kv_cnt)) if return_selection else out
 
 
@@ -96,8 +125,23 @@ def _keep_share(kv_idx, kv_cnt, plan: CPPlan, u: int):
             torch.where(keep, kv_cnt, torch.zeros_like(kv_cnt)))
 
 
+def _dense_window(qh, k_full, v_full, segments, q_start, scale):
+    """Dense attention of the queries [q_start, q_start + seg) of a packed sequence, each over its
+    own clip's keys of the whole sequence; padding rows get zeros. [seg, b, n, d] -> same."""
+    pieces, pos = [], q_start
+    for first, n, start, length in segments.window(q_start, q_start + qh.shape[0]):
+        if first > pos:
+            pieces.append(qh.new_zeros(first - pos, *qh.shape[1:]))
+        pieces.append(dense_attention(qh[first - q_start:first - q_start + n], k_full[start:start + length],
+                                      v_full[start:start + length], scale=scale, layout="sbhd"))
+        pos = first + n
+    if pos < q_start + qh.shape[0]:
+        pieces.append(qh.new_zeros(q_start + qh.shape[0] - pos, *qh.shape[1:]))
+    return torch.cat(pieces)
+
+
 def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, scale: Optional[float] = None,
-                       return_heads: bool = False):
+                       return_heads: bool = False, segments=None):
     """Stage-1 dense attention under hybrid context parallelism.
 
     Args:
@@ -105,11 +149,14 @@ def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, 
         U: head-parallel size (U = P gives whole sequences per head: pure Ulysses).
         heads_of: head assignment, each head on exactly one rank (default: contiguous chunks,
             uneven when U does not divide H).
+        segments: packed clips of the whole sequence (as for dsv_cp_attention): each query attends
+            to its own clip only.
     Returns out [s_local, b, H, d], differentiable in q, k, v; with return_heads also
     (heads, q_seg, k_full): this rank's global head ids, its segment's queries [seg, b, n, d]
     and the whole sequence's keys [S, b, n, d] of those heads (detached), for the predictor and profiler.
     """
     _check_shard(q, k, v, group, U)
+    _check_segments(segments, q.shape[0], group, 1, 1)
     H = q.shape[2]
     if heads_of is None:
         heads_of = tuple(tuple(h for h in range(H) if h * U // H == u) for u in range(U))
@@ -118,7 +165,11 @@ def dense_cp_attention(q, k, v, *, group: HybridCPGroup, U: int, heads_of=None, 
     kv = gather_segments(torch.cat([kh, vh], dim=-1), group, U)     # [S, b, n, 2d]
     d = q.shape[-1]
     k_full, v_full = kv[..., :d], kv[..., d:]
-    out = head_to_seq(dense_attention(qh, k_full, v_full, scale=scale, layout="sbhd"), group, U, heads_of, H)
+    if segments is None:
+        out_h = dense_attention(qh, k_full, v_full, scale=scale, layout="sbhd")
+    else:
+        out_h = _dense_window(qh, k_full, v_full, segments, group.grid(U).j * qh.shape[0], scale)
+    out = head_to_seq(out_h, group, U, heads_of, H)
     if not return_heads:
         return out
     mine = tuple(heads_of[group.grid(U).u])

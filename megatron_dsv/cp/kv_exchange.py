@@ -45,6 +45,7 @@ class _Part:
 
     kv_idx: torch.Tensor                  # [b, n, n_q, k_max] ids into this part's buffer
     kv_cnt: torch.Tensor                  # [b, n, n_q]
+    kv_lens: Optional[torch.Tensor] = None  # [1 or b*n, buffer blocks] valid keys per block (packed clips)
     recv: Optional[torch.Tensor] = None   # received packed blocks [m, block_kv, 2d]; a leaf in backward
     bh: Optional[torch.Tensor] = None     # (batch * n + head) of each received block
     slot: Optional[torch.Tensor] = None   # its slot in the per-(batch, head) padded buffer
@@ -62,8 +63,9 @@ def _remap(in_part, slot_of_entry):
 class _Exchange:
     """Who requested which blocks from whom; shared by forward and backward."""
 
-    def __init__(self, group: HybridCPGroup, grid: Grid, kv_idx, kv_cnt, *, seg_tokens, block_kv):
+    def __init__(self, group: HybridCPGroup, grid: Grid, kv_idx, kv_cnt, *, seg_tokens, block_kv, kv_lens=None):
         self.group, self.grid = group, grid
+        self.kv_lens = kv_lens  # int [n_kv_total] valid keys of every global block, or None
         b, n, _, k_max = kv_idx.shape
         self.b, self.n = b, n
         self.n_seg = seg_tokens // block_kv
@@ -119,6 +121,20 @@ class _Exchange:
         """Mask of entries owned here and their block ids within the local segment."""
         return self.valid & (self.entry_owner == self.grid.j), self.entry_key % self.n_kv_total - self.grid.j * self.n_seg
 
+    def local_lens(self):
+        """Valid keys of the local segment's blocks, shared by all heads: [1, n_seg] (None if all)."""
+        if self.kv_lens is None:
+            return None
+        return self.kv_lens[self.grid.j * self.n_seg:(self.grid.j + 1) * self.n_seg].view(1, -1)
+
+    def received_lens(self, keys, bh, slot, n_slots):
+        """Valid keys of the blocks in a per-(bh) padded buffer of received keys: [b*n, max(n_slots, 1)]
+        (empty slots 0; None if all blocks are whole)."""
+        if self.kv_lens is None:
+            return None
+        lens = self.kv_lens.new_zeros(self.b * self.n, max(n_slots, 1))
+        return lens.index_put_((bh, slot), self.kv_lens[keys % self.n_kv_total])
+
     def layout(self, keys):
         """Received keys (sorted) -> their (bh, slot) in a per-(bh) padded buffer, the slot count,
         and the mask and slot of every selected entry that is one of them."""
@@ -169,7 +185,12 @@ def _buffer(recv, bh, slot, n_slots, b, n):
 def _attend(q_bshd, kv_bhsd, part, d, opts):
     k = kv_bhsd[..., :d].transpose(1, 2)
     v = kv_bhsd[..., d:].transpose(1, 2)
-    return block_sparse_attention(q_bshd, k, v, part.kv_idx, part.kv_cnt, layout="bshd", return_lse=True, **opts)
+    kv_lens = part.kv_lens
+    if kv_lens is not None:  # the op takes [n_kv] or [b, heads, n_kv]
+        b, n = q_bshd.shape[0], q_bshd.shape[2]
+        kv_lens = kv_lens.view(-1) if kv_lens.shape[0] == 1 else kv_lens.view(b, n, -1)
+    return block_sparse_attention(q_bshd, k, v, part.kv_idx, part.kv_cnt, layout="bshd", return_lse=True,
+                                  kv_lens=kv_lens, **opts)
 
 
 def _merge(outs, lses):
@@ -191,10 +212,10 @@ def _merge(outs, lses):
 
 class _SparseKVAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts):
+    def forward(ctx, qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts, kv_lens):
         seg, b, n, d = qh.shape
         block_kv = opts["block_kv"]
-        ex = _Exchange(group, grid, kv_idx, kv_cnt, seg_tokens=seg, block_kv=block_kv)
+        ex = _Exchange(group, grid, kv_idx, kv_cnt, seg_tokens=seg, block_kv=block_kv, kv_lens=kv_lens)
         kv_cat = torch.cat([kh, vh], dim=-1).detach()            # [seg, b, n, 2d]
         kvb = kv_cat.permute(1, 2, 0, 3).unflatten(2, (ex.n_seg, block_kv))  # [b, n, n_seg, block_kv, 2d]
         local_hit, local_slot = ex.local_entries()
@@ -216,6 +237,9 @@ class _SparseKVAttention(torch.autograd.Function):
                 bh, slot, n_slots, hit, rslot = ex.layout(keys)
                 part = _Part(*_remap(local_hit | hit, torch.where(local_hit, local_slot, ex.n_seg + rslot)),
                              bh=bh, slot=slot, n_slots=n_slots)
+                if kv_lens is not None:  # [local segment | received slots], as the buffer
+                    received = ex.received_lens(keys, bh, slot, n_slots)
+                    part.kv_lens = torch.cat([ex.local_lens().expand(b * n, -1), received], dim=1)
                 buf = torch.cat([kv_leaf, receive(part, blocks)], dim=2)
                 o, lse = _attend(q_bshd, buf, part, d, opts)
                 parts.append(part)
@@ -223,7 +247,7 @@ class _SparseKVAttention(torch.autograd.Function):
                 lses.append(lse)
             else:
                 pending = _post_round(ex, kvb, 1, qh, d, block_kv) if grid.R > 1 else None
-                local = _Part(*_remap(local_hit, local_slot))
+                local = _Part(*_remap(local_hit, local_slot), kv_lens=ex.local_lens())
                 o, lse = _attend(q_bshd, kv_leaf, local, d, opts)  # overlaps round 1's transfer
                 outs.append(o)
                 lses.append(lse)
@@ -233,7 +257,8 @@ class _SparseKVAttention(torch.autograd.Function):
                         pending = _post_round(ex, kvb, t + 1, qh, d, block_kv)
                     keys = ex.requests[(grid.j - t) % grid.R]
                     bh, slot, n_slots, hit, rslot = ex.layout(keys)
-                    part = _Part(*_remap(hit, rslot), bh=bh, slot=slot, n_slots=n_slots)
+                    part = _Part(*_remap(hit, rslot), bh=bh, slot=slot, n_slots=n_slots,
+                                 kv_lens=ex.received_lens(keys, bh, slot, n_slots))
                     buf = receive(part, blocks if blocks is not None else qh.new_zeros(0))
                     parts.append(part)
                     if keys.numel():
@@ -264,7 +289,7 @@ class _SparseKVAttention(torch.autograd.Function):
                     requester = ex.owner_c((grid.j + t) % grid.R)
                     ex.accumulate(dkvb, requester, got.view(-1, block_kv, 2 * d))
         dkv_sbhd = dkv.permute(2, 0, 1, 3)                # [seg, b, n, 2d]
-        return dq, dkv_sbhd[..., :d], dkv_sbhd[..., d:], None, None, None, None, None, None
+        return dq, dkv_sbhd[..., :d], dkv_sbhd[..., d:], None, None, None, None, None, None, None
 
 
 
@@ -316,7 +341,8 @@ def _finish(pending):
 
 
 def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int, *, block_q: int,
-                        block_kv: int, scale=None, schedule: str = "gather", backend: str = "auto"):
+                        block_kv: int, scale=None, schedule: str = "gather", backend: str = "auto",
+                        kv_lens=None):
     """Block-sparse attention of this rank's segment queries over globally indexed KV blocks.
 
     Args:
@@ -327,6 +353,8 @@ def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int
         kv_cnt: [b, n, seg // block_q] int.
         group, U: the CP group and the head-parallel size (R = P / U).
         schedule: "gather" (one all-to-all) or "ring" (R - 1 overlapped rounds).
+        kv_lens: int [n_kv_total]: valid keys at the start of every global KV block (packed clips:
+            a clip's last block is partial); the rest are masked wherever the block is attended.
     Returns out [seg, b, n, d], differentiable in qh, kh, vh (remote dK/dV go back to their owners).
     """
     if schedule not in SCHEDULES:
@@ -338,5 +366,8 @@ def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int
     if seg % block_q or seg % block_kv:
         raise ValueError(f"segment length {seg} must be a multiple of block_q={block_q} and block_kv={block_kv}")
     grid = group.grid(U)
+    if kv_lens is not None and tuple(kv_lens.shape) != (seg * grid.R // block_kv,):
+        raise ValueError(f"kv_lens must be [{seg * grid.R // block_kv}] (all KV blocks of the sequence), "
+                         f"got {tuple(kv_lens.shape)}")
     opts = dict(block_q=block_q, block_kv=block_kv, scale=scale, backend=backend)
-    return _SparseKVAttention.apply(qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts)
+    return _SparseKVAttention.apply(qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts, kv_lens)

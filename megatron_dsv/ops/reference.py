@@ -148,13 +148,21 @@ def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
 
 
 def select_blocks_reference(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce="max",
-                            segments=None):
+                            segments=None, q_start=0):
     """budgets: int64 [h] (or [h, clips] with `segments`), already clipped to the KV blocks.
     With segments, each clip selects among its own KV blocks, exactly as an unpacked sequence;
-    query blocks of pure padding select nothing."""
+    query blocks of pure padding select nothing. q_lr holding the window [q_start, q_start + Sq)
+    of the packed sequence is placed in a zero sequence of full length, whose rows are then cut."""
     if segments is None:
         scores = block_scores_reference(q_lr, k_lr, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce)
         return topk_blocks(scores, budgets.to(scores.device), k_max)
+    if q_start or q_lr.shape[1] != segments.total:
+        window = slice(q_start // block_q, -(-(q_start + q_lr.shape[1]) // block_q))
+        q_full = q_lr.new_zeros(q_lr.shape[0], segments.total, *q_lr.shape[2:])
+        q_full[:, q_start:q_start + q_lr.shape[1]] = q_lr
+        kv_idx, kv_cnt = select_blocks_reference(q_full, k_lr, budgets, k_max, block_q=block_q,
+                                                 block_kv=block_kv, kv_reduce=kv_reduce, segments=segments)
+        return kv_idx[:, :, window].contiguous(), kv_cnt[:, :, window].contiguous()
     b, s_q, h, _ = q_lr.shape
     n_q = -(-s_q // block_q)
     kv_idx = torch.full((b, h, n_q, k_max), -1, dtype=torch.int32, device=q_lr.device)

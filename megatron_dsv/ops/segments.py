@@ -102,6 +102,16 @@ class Segments:
             raise ValueError(f"every clip must start at a multiple of max(block_q, block_kv)={align}; "
                              f"starts {list(self.starts)} (pad clips with Segments(..., align={align}))")
 
+    def window(self, lo: int, hi: int) -> Tuple[Tuple[int, int, int, int], ...]:
+        """The clips' valid tokens inside tokens [lo, hi) (one context-parallel rank's share):
+        (first token, tokens, clip start, clip length) for each clip that has any there."""
+        pieces = []
+        for start, n in zip(self.starts, self.lengths):
+            first, last = max(start, lo), min(start + n, hi)
+            if first < last:
+                pieces.append((first, last - first, start, n))
+        return tuple(pieces)
+
     # ------------------------------------------------------------------ blocks
     def block_range(self, clip: int, block: int) -> Tuple[int, int]:
         """[first, last) block ids (of size `block`) holding clip `clip`'s valid tokens."""

@@ -35,7 +35,8 @@ def normalize_budgets(topk, heads: int, n_kv) -> torch.Tensor:
     return torch.minimum(budgets, torch.tensor(n_kv, dtype=torch.int64))
 
 
-def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max", segments=None):
+def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max", segments=None,
+                  q_start=0):
     """Pick the top-k KV blocks of every query block from low-rank projections.
 
     Args:
@@ -49,7 +50,10 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
 
         segments: packed clips (:class:`megatron_dsv.ops.Segments`): each query block selects
             among the KV blocks of its own clip only, as if its clip were alone; query blocks of
-            pure padding select nothing. Needs q_lr and k_lr of the same packed sequence.
+            pure padding select nothing. k_lr holds the whole packed sequence.
+        q_start: with segments, q_lr may hold only the tokens [q_start, q_start + Sq) of the packed
+            sequence (a multiple of block_q; one context-parallel rank's share): the result then has
+            the rows of those query blocks.
 
     The proxy of a query block is the mean of its tokens' q_lr. Ties go to the lower block id.
 
@@ -67,10 +71,13 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
     if kv_reduce not in KV_REDUCES:
         raise ValueError(f"kv_reduce={kv_reduce!r} is not one of {list(KV_REDUCES)}")
     n_kv = -(-k_lr.shape[1] // block_kv)
+    if segments is None and q_start:
+        raise ValueError("q_start is for packed clips (segments): without them queries have no position")
     if segments is not None:
-        if k_lr.shape[1] != s_q:
-            raise ValueError(f"segments need q_lr and k_lr of one packed sequence; got {s_q} and {k_lr.shape[1]} tokens")
-        segments.check(s_q, block_q, block_kv)
+        segments.check(k_lr.shape[1], block_q, block_kv)
+        if q_start % block_q or q_start < 0 or q_start + s_q > k_lr.shape[1]:
+            raise ValueError(f"q_lr holds tokens [{q_start}, {q_start + s_q}) of the packed sequence of "
+                             f"{k_lr.shape[1]} tokens; they must lie in it and start on a query block (block_q={block_q})")
         n_kv = list(segments.blocks_per_clip(block_kv))
     budgets = normalize_budgets(topk, h, n_kv)
     k_max = max(int(budgets.max()), 1)
@@ -81,4 +88,4 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
     else:
         from .triton_selection import triton_select_blocks as fn
     return fn(q_lr, k_lr, budgets, k_max, block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce,
-              segments=segments)
+              segments=segments, q_start=q_start)

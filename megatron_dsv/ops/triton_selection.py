@@ -212,21 +212,26 @@ def _(q_lr, k_lr, counts, k_max, block_q, block_kv, kv_reduce, kv_range=None, q_
             q_lr.new_empty((b, h, n_q), dtype=torch.int32))
 
 
-def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce, segments=None):
+def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce, segments=None, q_start=0):
     """Triton backend of :func:`megatron_dsv.ops.select_blocks` (inputs already validated).
 
     budgets: int64 CPU tensor [h] ([h, clips] with segments), already clipped to the KV blocks;
-    k_max = max(budgets.max(), 1).
+    k_max = max(budgets.max(), 1). q_lr holds tokens [q_start, q_start + Sq) of the segments'
+    sequence: the per-query-block tables are cut to its query blocks.
     Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
     """
     device = q_lr.device
     counts = _device_counts(budgets, segments, block_q, device)
     packed = {}
     if segments is not None:
+        s_q = q_lr.shape[1]
+        rows = slice(q_start // block_q, -(-(q_start + s_q) // block_q))
         if segments.is_padded:  # padding may hold anything finite; proxies and means must not see it
-            pad = ~segments.token_valid(device).view(1, -1, 1, 1)
-            q_lr, k_lr = q_lr.masked_fill(pad, 0.0), k_lr.masked_fill(pad, 0.0)
-        packed = dict(kv_range=segments.kv_token_range(block_q, device),
-                      q_valid=segments.block_lens(block_q, device), kv_valid=segments.block_lens(block_kv, device),
-                      clip_blocks=max(segments.blocks_per_clip(block_kv)))
+            pad = ~segments.token_valid(device)
+            q_lr = q_lr.masked_fill(pad[q_start:q_start + s_q].view(1, -1, 1, 1), 0.0)
+            k_lr = k_lr.masked_fill(pad.view(1, -1, 1, 1), 0.0)
+        counts = counts[:, rows]
+        packed = dict(kv_range=segments.kv_token_range(block_q, device)[rows],
+                      q_valid=segments.block_lens(block_q, device)[rows],
+                      kv_valid=segments.block_lens(block_kv, device), clip_blocks=max(segments.blocks_per_clip(block_kv)))
     return select_blocks_op(q_lr, k_lr, counts, int(k_max), block_q, block_kv, kv_reduce, **packed)

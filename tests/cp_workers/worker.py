@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_dsv.cp import (HybridCPGroup, assign_split, dense_cp_attention, dsv_cp_attention, fixed_plan,  # noqa: E402
                              gather_segments, head_to_seq, seq_to_head, sparse_kv_attention, plan, Shape,
                              check_plan_identical, allreduce_head_stats)
-from megatron_dsv.ops import block_sparse_attention, select_blocks  # noqa: E402
+from megatron_dsv.ops import Segments, block_sparse_attention, dense_attention, select_blocks  # noqa: E402
 from megatron_dsv.ops.reference import dense_attention_reference  # noqa: E402
 
 F64 = torch.float64
@@ -333,6 +333,86 @@ def check_entry_points(g, configs, *, s_local=32, b=2, H=6, d=8, r=4, bq=16, bkv
         assert torch.equal(k_full, k[:, :, list(mine)]), "stage-1 k handed back (whole sequence)"
 
 
+# ------------------------------------------------------------------------------------------ packed clips
+def packed_clips(S, align):
+    """Clips of mixed lengths (tiny ones, ones spanning ranks), each at a multiple of `align`,
+    filling a packed sequence of exactly S tokens (the last one cut to fit)."""
+    lengths, pos = [], 0
+    for n in [40, 5, 150, 70, 3, 100, 33, 64, 90] * 8:
+        if pos >= S:
+            break
+        n = min(n, S - pos)
+        lengths.append(n)
+        pos = -(-(pos + n) // align) * align
+    return Segments(lengths, align=align, total=S)
+
+
+def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1, H=6, d=8, r=4, bq=16, bkv=16,
+                 seed=13):
+    """dsv_cp_attention and dense_cp_attention on packed clips (padding holding garbage) against one
+    process running the packed reference ops on the whole sequence: selection rows, out, dq, dk, dv."""
+    P = g.size
+    S = s_local * P
+    seg = packed_clips(S, max(bq, bkv))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, gout = (torch.randn(S, b, H, d, generator=gen, dtype=F64) for _ in range(4))
+    wq, wk = (torch.randn(H, d, r, generator=gen, dtype=F64) for _ in range(2))
+    clip_blocks = torch.tensor(seg.blocks_per_clip(bkv))
+    budgets = torch.randint(0, 4, (H, len(seg)), generator=gen)
+    budgets[0] = clip_blocks + 1     # a dense head (more than any clip has)
+    budgets[1, ::2] = 0              # clips whose queries select nothing
+    with torch.no_grad():
+        q_lr, k_lr = torch.einsum("sbhd,hdr->bshr", q, wq), torch.einsum("sbhd,hdr->bshr", k, wk)
+        idx, cnt = select_blocks(q_lr, k_lr, budgets, block_q=bq, block_kv=bkv, backend="reference", segments=seg)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = block_sparse_attention(qr, kr, vr, idx, cnt, block_q=bq, block_kv=bkv, layout="sbhd",
+                                 backend="reference", segments=seg)
+    (ref * gout).sum().backward()
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    dref = dense_attention(qd, kd, vd, layout="sbhd", segments=seg)
+    (dref * gout).sum().backward()
+    sl = slice(g.index * s_local, (g.index + 1) * s_local)
+
+    def close(a, ref, what):
+        if dtype == F64:
+            assert_close(a, ref, what)
+        else:
+            err = rel_err(a.double(), ref)
+            assert err < 1e-5, f"{what}: relative error {err:.2e}"
+
+    work = (budgets.double() * torch.tensor(seg.blocks_per_clip(bq))).sum(1).tolist()
+    for U in configs:
+        grid = g.grid(U)
+        nq = S // grid.R // bq
+        variants = [("gather", "lpt"), ("ring", "lpt")] + ([("ring", "split")] if U > 1 else [])
+        for schedule, assignment in variants:
+            pl = fixed_plan(P, U, H, schedule=schedule, assignment=assignment, costs=work, n_units=nq)
+            ql, kl, vl = (t[sl].clone().to(dtype).requires_grad_() for t in (q, k, v))
+            out, (my_idx, my_cnt) = dsv_cp_attention(ql, kl, vl, wq.to(dtype), wk.to(dtype), budgets, group=g,
+                                                     plan=pl, block_q=bq, block_kv=bkv, backend=backend,
+                                                     return_selection=True, segments=seg)
+            what = f"packed dsv_cp_attention {backend} U={U} {schedule} {assignment} rank {g.index}"
+            if assignment == "lpt":  # this rank's rows of the whole sequence's selection
+                hs = torch.tensor(pl.heads_of[grid.u])
+                rows = slice(grid.j * nq, (grid.j + 1) * nq)
+                assert torch.equal(my_cnt, cnt[:, hs, rows]), what + ": selection counts differ"
+                k_max = my_idx.shape[-1]
+                assert torch.equal(my_idx, idx[:, hs, rows, :k_max]), what + ": selection differs"
+            (out * gout[sl].to(dtype)).sum().backward()
+            close(out.detach(), ref.detach()[sl], what + " out")
+            close(ql.grad, qr.grad[sl], what + " dq")
+            close(kl.grad, kr.grad[sl], what + " dk")
+            close(vl.grad, vr.grad[sl], what + " dv")
+        ql, kl, vl = (t[sl].clone().to(dtype).requires_grad_() for t in (q, k, v))
+        out, (mine, q_seg, k_full) = dense_cp_attention(ql, kl, vl, group=g, U=U, return_heads=True, segments=seg)
+        (out * gout[sl].to(dtype)).sum().backward()
+        what = f"packed dense_cp_attention U={U} rank {g.index}"
+        close(out.detach(), dref.detach()[sl], what + " out")
+        close(ql.grad, qd.grad[sl], what + " dq")
+        close(kl.grad, kd.grad[sl], what + " dk")
+        close(vl.grad, vd.grad[sl], what + " dv")
+
+
 def check_plan_sync(g):
     shape = Shape(seq_len=4096, heads=6, head_dim=64)
     pl = plan([0.9, 0.05, 0.1, 0.02, 0.3, 0.07], shape=shape, P=g.size, max_U=g.size)
@@ -431,8 +511,11 @@ def suite(name, world):
         check_sparse(g, divisors, S=32 * world if world % 3 else 16 * world * 2)
     elif name == "entry":
         check_entry_points(g, divisors)
+    elif name == "packed":
+        check_packed(g, divisors)
     elif name == "triton":
         check_triton(g)
+        check_packed(g, [1, world], backend="triton", dtype=torch.float32, H=2, d=32)
     elif name == "subgroups":
         # Two CP groups of non-contiguous global ranks (as Megatron lays out TP x CP); U x R = 2 x 2 each.
         evens, odds = [0, 2, 4, 6], [1, 3, 5, 7]

@@ -125,3 +125,26 @@ def test_packed_clips_match_each_clip_alone(kv_reduce, block_q, block_kv):
         assert ((ids == -1) | ((ids >= kv_lo) & (ids < kv_hi))).all()
     padding_blocks = segments.block_clip(block_q) < 0
     assert not kv_cnt.cpu()[:, :, padding_blocks].any()
+
+
+@pytest.mark.parametrize("kv_reduce", ["max", "mean"])
+def test_packed_query_window_is_a_slice_of_the_whole(kv_reduce):
+    # A context-parallel rank selects for its window [q_start, q_start + Sq) of the packed sequence
+    # against all keys: its rows equal those of the whole sequence's selection (and the reference's).
+    gen = torch.Generator().manual_seed(5)
+    block_q, block_kv = 32, 16
+    segments = Segments([70, 5, 100, 33, 150], align=block_q)
+    b, h, r = 1, 2, 8
+    q_lr = random_lr(b, segments.total, h, r, gen, integer=True, block=block_q)
+    k_lr = random_lr(b, segments.total, h, r, gen, integer=True, block=4)
+    budgets = torch.tensor([[1, 1, 2, 9, 3], [4, 0, 99, 1, 5]])
+    opts = dict(block_q=block_q, block_kv=block_kv, kv_reduce=kv_reduce, segments=segments)
+    whole = select_blocks(q_lr, k_lr, budgets, backend="triton", **opts)
+    for q_start, n in ((0, 96), (96, 192), (288, segments.total - 288)):
+        window = slice(q_start // block_q, (q_start + n) // block_q)
+        for backend in ("triton", "reference"):
+            kv_idx, kv_cnt = select_blocks(q_lr[:, q_start:q_start + n], k_lr, budgets, backend=backend,
+                                           q_start=q_start, **opts)
+            assert torch.equal(kv_cnt.cpu(), whole[1][:, :, window].cpu())
+            k = int(kv_cnt.max()) if kv_cnt.numel() else 0
+            assert torch.equal(kv_idx[..., :k].cpu(), whole[0][:, :, window, :k].cpu())
