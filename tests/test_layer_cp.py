@@ -1,6 +1,6 @@
 """DSVDotProductAttention under context parallelism (2 gloo processes) against one process on the
 whole sequence: outputs and gradients in stage 1 (dense) and stage 2 (sparse), and the predictor
-it learns."""
+it learns; for one sequence and for packed clips (one of them spanning both ranks)."""
 
 import json
 import os
@@ -25,7 +25,22 @@ def _layer(cp_size, dsv):
     return DSVDotProductAttention(cfg, 1, AttnMaskType.no_mask, "self", dsv_config=dsv)
 
 
-def _worker(rank, world, out_dir, head_parallel):
+# Packed clips of 40, 150 and 30 tokens at block-aligned starts 0, 64, 224 (the 150-token clip spans
+# both ranks' shares of 128 tokens); sbhd with cu_seqlens, as Megatron passes packed batches.
+CLIPS = [40, 150, 30]
+STARTS = [0, 64, 224]
+
+
+def _packed_params():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0] + [sum(CLIPS[:i + 1]) for i in range(len(CLIPS))], dtype=torch.int32)
+    cu_padded = torch.tensor(STARTS + [S], dtype=torch.int32)
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max(CLIPS), max_seqlen_kv=max(CLIPS))
+
+
+def _worker(rank, world, out_dir, head_parallel, packed):
     from megatron.core import parallel_state
 
     from megatron_dsv import DSVConfig
@@ -39,6 +54,7 @@ def _worker(rank, world, out_dir, head_parallel):
     shard = slice(rank * S // world, (rank + 1) * S // world)
     gen = torch.Generator().manual_seed(7)  # every rank draws the same full batch
     errors = {"out": 0.0, "grad": 0.0, "sparse_steps": 0}
+    params = _packed_params() if packed else None  # padding holds random values, as any tensor may
     for step in range(STEPS):
         q, k, v = (torch.randn(S, B, H, D, dtype=torch.float64, generator=gen) for _ in range(3))
         dy = torch.randn(S, B, H * D, dtype=torch.float64, generator=gen)
@@ -46,8 +62,8 @@ def _worker(rank, world, out_dir, head_parallel):
             ref.load_state_dict(cp_layer.state_dict())
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         part = [t[shard].clone().requires_grad_() for t in (q, k, v)]
-        y_ref = ref(*full, None)
-        y_cp = cp_layer(*part, None)
+        y_ref = ref(*full, None, packed_seq_params=params)
+        y_cp = cp_layer(*part, None, packed_seq_params=params)
         (y_ref * dy).sum().backward()
         (y_cp * dy[shard]).sum().backward()
         assert cp_layer.last_used_sparse == ref.last_used_sparse
@@ -68,9 +84,10 @@ def _worker(rank, world, out_dir, head_parallel):
         json.dump(errors, f)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed"])
 @pytest.mark.parametrize("head_parallel", [2, 1], ids=["U2xR1", "U1xR2"])
-def test_cp_layer_matches_single_process(tmp_path, head_parallel):
-    spawn(_worker, 2, str(tmp_path), head_parallel)
+def test_cp_layer_matches_single_process(tmp_path, head_parallel, packed):
+    spawn(_worker, 2, str(tmp_path), head_parallel, packed)
     for rank in range(2):
         e = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert e["out"] < 1e-10 and e["grad"] < 1e-10, e

@@ -81,9 +81,11 @@ class _CoreAttention(MegatronModule):
         self.heads = config.num_attention_heads // tp_size
         self.head_offset = (dist.get_rank(self.tp_group) if tp_size > 1 else 0) * self.heads
 
-    def _inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+    def _inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params,
+                shards: int = 1):
         """Checked (query, key, value) as [s, b, heads, d], the packed format ("thd", "sbhd" or None)
-        and the query and key/value Segments of packed sequences (None, None if not packed)."""
+        and the query and key/value Segments of packed sequences (None, None if not packed). With
+        context parallelism (`shards` ranks) the tensors hold 1/shards of the packed sequence."""
         name = type(self).__name__
         fmt = q_seg = kv_seg = None
         if packed_seq_params is not None:
@@ -91,8 +93,9 @@ class _CoreAttention(MegatronModule):
             fmt = packed_seq_params.qkv_format
             query, key, value = (as_sbhd(t, fmt, name) for t in (query, key, value))
             for t_name, t, seg in (("query", query, q_seg), ("key", key, kv_seg)):
-                if t.shape[0] != seg.total:
-                    raise ValueError(f"{name}: {t_name} holds {t.shape[0]} tokens but packed_seq_params "
+                if t.shape[0] * shards != seg.total:
+                    ranks = f" x {shards} context-parallel ranks" if shards > 1 else ""
+                    raise ValueError(f"{name}: {t_name} holds {t.shape[0]} tokens{ranks} but packed_seq_params "
                                      f"describes {seg.total} (cu_seqlens{'_padded' if seg.is_padded else ''})")
         self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias)
         return query, key, value, fmt, q_seg, kv_seg
@@ -200,18 +203,22 @@ class DSVDotProductAttention(_CoreAttention):
     # ---------------------------------------------------------------- forward
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        cfg, ctl, cp = self.cfg, self.controller, self.cp
         query, key, value, fmt, q_seg, kv_seg = self._inputs(query, key, value, attention_mask, attn_mask_type,
-                                                             attention_bias, packed_seq_params)
+                                                             attention_bias, packed_seq_params,
+                                                             shards=cp.size if cp else 1)
         if key.shape[0] != query.shape[0] or kv_seg != q_seg:
             raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
                              f"query {query.shape[0]} (packed: {kv_seg} vs {q_seg})")
-        cfg, ctl, cp = self.cfg, self.controller, self.cp
         packing = segments = None
         if q_seg is not None:
-            if cp is not None:
-                raise NotImplementedError("DSVDotProductAttention: packed sequences with context parallelism "
-                                          "are not supported yet")
-            packing = block_aligned(q_seg, max(cfg.block_q, cfg.block_kv))
+            align = max(cfg.block_q, cfg.block_kv)
+            packing = block_aligned(q_seg, align)
+            if cp is not None and not packing.identity:
+                raise ValueError(f"DSVDotProductAttention: with context parallelism packed clips must start at "
+                                 f"multiples of max(block_q, block_kv)={align} (cu_seqlens_q_padded, or "
+                                 f"megatron_dsv.video.PackedClips(align={align})): a rank holds only its share "
+                                 f"and cannot realign them; got starts {list(q_seg.starts)}")
             query, key, value = (packing.to_blocks(t) for t in (query, key, value))
             segments = packing.dst
         s, b = query.shape[:2]
@@ -226,16 +233,17 @@ class DSVDotProductAttention(_CoreAttention):
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
         learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now())
                                    or ctl.profile_now())
-        learn_inputs = None  # (heads or None for all, queries, keys of the whole sequence, selection or None)
+        # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
+        learn_inputs = None
         if cp is not None:
             cp.check_shard(s)
             with self.timer("attention", query.device):
                 if sparse:
-                    out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale, ctl.host()["step"])
-                    learn_inputs = (*cp.learn_inputs(query, key), None) if learn else None
+                    out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
+                                    ctl.host()["step"], segments)
+                    learn_inputs = cp.learn_inputs(query, key) if learn else None
                 else:
-                    out, heads_view = cp.dense(query, key, value, self.softmax_scale, learn)
-                    learn_inputs = (*heads_view, None) if learn else None
+                    out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
         elif sparse:
             with self.timer("selection", query.device):
                 selection = self._select(query.detach(), key.detach(), budgets, segments=segments)
@@ -243,11 +251,11 @@ class DSVDotProductAttention(_CoreAttention):
                 out = block_sparse_attention(query, key, value, *selection, block_q=cfg.block_q,
                                              block_kv=cfg.block_kv, scale=self.softmax_scale,
                                              layout="sbhd", backend=cfg.backend, segments=segments)
-            learn_inputs = (None, query.detach(), key.detach(), selection) if learn else None
+            learn_inputs = (None, query.detach(), key.detach(), selection, 0) if learn else None
         else:
             with self.timer("attention", query.device):
                 out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=segments)
-            learn_inputs = (None, query.detach(), key.detach(), None) if learn else None
+            learn_inputs = (None, query.detach(), key.detach(), None, 0) if learn else None
         if training_step and out.requires_grad:
             out = _LearnInBackward.apply(out, lambda: self._learn(learn_inputs, segments))
         if packing is not None:
@@ -258,9 +266,10 @@ class DSVDotProductAttention(_CoreAttention):
         """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
         return torch.tensor([self.controller.budgets(n) for n in segments.blocks_per_clip(self.cfg.block_kv)]).T
 
-    def _select(self, q, k, budgets, heads=None, segments=None):
+    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
-        with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips)."""
+        with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips; q may
+        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share)."""
         if self.cfg.estimator == "lowrank":
             q_lr, k_lr = self.predictor.project(q, "q", heads), self.predictor.project(k, "k", heads)
             reduce = "max"
@@ -268,15 +277,17 @@ class DSVDotProductAttention(_CoreAttention):
             q_lr, k_lr, reduce = q, k, "mean"
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.as_tensor(budgets),
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
-                             backend=self.cfg.backend, kv_reduce=reduce, segments=segments)
+                             backend=self.cfg.backend, kv_reduce=reduce, segments=segments,
+                             q_start=q_start if segments is not None else 0)
 
     # ------------------------------------------------------ DSV bookkeeping
     @torch.no_grad()
     def _learn(self, learn_inputs, segments=None):
         """One training step of DSV bookkeeping (runs in backward). With learn_inputs = (heads, q, k,
-        selection): predictor loss/gradients and profile on sampled rows of q [s, b, n, d] against
-        the keys k [S, b, n, d] (of the row's clip, for packed `segments`) of `heads` (None: all of
-        this rank's heads); with None, only the step count advances.
+        selection, q_start): predictor loss/gradients and profile on sampled rows of q [s, b, n, d]
+        (tokens from q_start on) against the keys k [S, b, n, d] of the whole sequence (of the row's
+        clip, for packed `segments`) of `heads` (None: all of this rank's heads); with None, only
+        the step count advances.
 
         The update is only staged here and committed when the backward pass ends: within one
         training step the predictor, budgets and stage stay fixed, so a forward recomputed later
@@ -287,7 +298,7 @@ class DSVDotProductAttention(_CoreAttention):
         if learn_inputs is None:
             self._pending = {}
             return
-        heads, q, k, selection = learn_inputs
+        heads, q, k, selection, q_start = learn_inputs
         ctl, cfg = self.controller, self.cfg
         heads = list(range(self.heads)) if heads is None else list(heads)
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
@@ -298,8 +309,8 @@ class DSVDotProductAttention(_CoreAttention):
                 budgets = [budgets[h] for h in heads]
             else:
                 budgets = self._clip_budgets(segments)[heads]
-            selection = self._select(q, k, budgets, heads, segments)
-        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments)
+            selection = self._select(q, k, budgets, heads, segments, q_start)
+        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         self._pending = stats
 
@@ -322,41 +333,49 @@ class DSVDotProductAttention(_CoreAttention):
         self.commit()
         super()._save_to_state_dict(*args, **kwargs)
 
-    def _sampled_rows(self, length: int, device) -> torch.Tensor:
-        """Rows of every sample_stride-th query block (cube) of a sequence of `length` tokens.
-        Whole cubes are sampled: one selection serves all rows of a cube, so the profile that sets
-        its budget must see the cube's rows together. The sampled cubes rotate every step."""
+    def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:
+        """Sampled rows of the queries [first, first + n) of a sequence (clip) at [start, start + length),
+        relative to `first`: every sample_stride-th query block (cube), counted from the sequence start,
+        rotating every step. Whole cubes are sampled: one selection serves all rows of a cube, so the
+        profile that sets its budget must see the cube's rows together. Counting from the sequence
+        start makes CP ranks holding parts of a sequence sample exactly what one process would."""
         block_q = self.cfg.block_q
-        n_blocks = math.ceil(length / block_q)
-        stride = min(self.cfg.sample_stride, n_blocks)
-        cubes = torch.arange(self.controller.host()["step"] % stride, n_blocks, stride, device=device)
+        stride = min(self.cfg.sample_stride, math.ceil(length / block_q))
+        b0 = (first - start) // block_q   # parts start on query-block boundaries
+        b1 = math.ceil((first + n - start) / block_q)
+        c0 = b0 + (self.controller.host()["step"] - b0) % stride
+        cubes = torch.arange(c0, max(c0, b1), stride, device=device) - b0
         rows = (cubes[:, None] * block_q + torch.arange(block_q, device=device)).flatten()
-        return rows[rows < length]
+        return rows[rows < n]
 
-    def _sampled_rows_step(self, q, k, heads, selection, train, segments=None):
+    def _sampled_rows_step(self, q, k, heads, selection, train, segments=None, q_start=0):
         """True logits of the sampled rows of q against all keys of their sequence (each clip's
-        own, for packed `segments`), a few heads at a time (bounded memory; the logits are freed
-        before returning). Every statistic is a mean over the sampled rows of all clips.
+        own, for packed `segments`, where q holds tokens [q_start, q_start + s)), a few heads at a
+        time (bounded memory; the logits are freed before returning). Every statistic is a mean
+        over the sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
-        `heads`, with "count" = 1 on `heads`: the predictor loss and its gradients (if train) and
-        the profile (if selection is given).
+        `heads`: sums over the sampled rows of the predictor loss and its gradients (if train) and
+        of the profile (if selection is given), and their "count" of rows (means once reduced).
         """
         cfg, H = self.cfg, self.heads
         b = q.shape[1]
         device = q.device
-        # (first query, queries, first key, keys) of each sequence; without segments q may be one CP
-        # rank's part of the sequence and k all of it.
-        clips = ([(0, q.shape[0], 0, k.shape[0])] if segments is None else
-                 [(start, n, start, n) for start, n in zip(segments.starts, segments.lengths)])
-        clip_rows = [self._sampled_rows(n_q, device) for _, n_q, _, _ in clips]
+        # (first query, queries, first key, keys) of each sequence's part in q (tokens q_start on, one CP
+        # rank's part of the sequence or all of it); k holds the whole sequence.
+        pieces = (((q_start, q.shape[0], 0, k.shape[0]),) if segments is None else
+                  segments.window(q_start, q_start + q.shape[0]))
+        clips = [(first - q_start, n, start, length) for first, n, start, length in pieces]
+        clip_rows = [self._sampled_rows(*piece, device) for piece in pieces]
         total_rows = sum(rows.numel() for rows in clip_rows)
         idx = torch.tensor(heads, device=device)
         wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
         wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
         local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
         for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
-            weight = rows.numel() / total_rows
+            if not rows.numel():  # a part of a clip too short to hold a sampled cube
+                continue
+            weight = rows.numel()  # per-row means -> sums over rows
             q_rows = q[q0 + rows].transpose(0, 1).float()         # [b, n_rows, n, d]
             k_all = k[k0:k0 + n_k].transpose(0, 1).float()        # [b, S, n, d]
             per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * n_k))
@@ -386,17 +405,18 @@ class DSVDotProductAttention(_CoreAttention):
             out = torch.zeros((H, *x.shape[1:]), device=device, dtype=torch.float32)
             return out.index_copy_(0, idx, x.float())
 
-        stats = {"count": full(torch.ones(len(heads), device=device))}
+        stats = {"count": full(torch.full((len(heads),), float(total_rows), device=device))}
         if train:
-            stats.update(loss=full(local["loss"]), grad_q=full(wq.grad), grad_k=full(wk.grad))
+            stats.update(loss=full(local["loss"]), **{name: full(w.grad if w.grad is not None else torch.zeros_like(w))
+                                                      for name, w in (("grad_q", wq), ("grad_k", wk))})
         if selection is not None:
             stats.update({name: full(local[name]) for name in PER_HEAD_BUFFERS})
         return stats
 
     def _reduce_replicas(self, stats: dict) -> None:
-        """Average every per-head tensor over the ranks that measured that head: data-parallel
-        replicas and context-parallel ranks (one all-reduce), so every replica's predictor and
-        schedule stay identical. The loss is also averaged over TP ranks so all ranks of a layer
+        """Average every per-head tensor over all sampled rows of the ranks that measured that head:
+        data-parallel replicas and context-parallel ranks (one all-reduce of the sums and row
+        counts), so every replica's predictor and schedule stay identical. The loss is also averaged over TP ranks so all ranks of a layer
         switch stage together."""
         if dist.is_initialized() and _group_size(self.dp_group) > 1:
             keys = list(stats)

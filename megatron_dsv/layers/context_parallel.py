@@ -15,6 +15,8 @@ the queries of its sequence segment and the keys of the whole sequence (detached
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..cp import HybridCPGroup, Shape, dense_cp_attention, dsv_cp_attention, gather_segments, plan, seq_to_head
@@ -49,22 +51,25 @@ class LayerContextParallel:
             raise ValueError(f"context parallel: each rank must hold whole cubes/blocks; its {s_local} tokens are "
                              f"not a multiple of max(block_q, block_kv)={blk}")
 
+    def _learn_view(self, heads, q_seg, k_full):
+        """What the predictor and profiler learn from: (heads, q of this rank's segment [seg, b, n, d],
+        k of the whole sequence [S, b, n, d], no selection, the segment's first token)."""
+        return list(heads), q_seg, k_full, None, self.group.grid(self.dense_U).j * q_seg.shape[0]
+
     def learn_inputs(self, q, k):
-        """(heads, q of this rank's segment [seg, b, n, d], k of the whole sequence [S, b, n, d]), detached."""
         with torch.no_grad():
             q_seg = seq_to_head(q.detach(), self.group, self.dense_U, self.dense_heads_of)
             k_seg = seq_to_head(k.detach(), self.group, self.dense_U, self.dense_heads_of)
             k_full = gather_segments(k_seg.contiguous(), self.group, self.dense_U)
-        return list(self.dense_heads_of[self.group.grid(self.dense_U).u]), q_seg, k_full
+        return self._learn_view(self.dense_heads_of[self.group.grid(self.dense_U).u], q_seg, k_full)
 
-    def dense(self, q, k, v, scale, want_learn: bool):
+    def dense(self, q, k, v, scale, want_learn: bool, segments=None):
+        """Stage-1 attention; with want_learn also the learn view (else None)."""
+        opts = dict(group=self.group, U=self.dense_U, heads_of=self.dense_heads_of, scale=scale, segments=segments)
         if not want_learn:
-            return dense_cp_attention(q, k, v, group=self.group, U=self.dense_U, heads_of=self.dense_heads_of,
-                                      scale=scale), None
-        out, (heads, q_seg, k_full) = dense_cp_attention(q, k, v, group=self.group, U=self.dense_U,
-                                                         heads_of=self.dense_heads_of, scale=scale,
-                                                         return_heads=True)
-        return out, (list(heads), q_seg, k_full)
+            return dense_cp_attention(q, k, v, **opts), None
+        out, (heads, q_seg, k_full) = dense_cp_attention(q, k, v, return_heads=True, **opts)
+        return out, self._learn_view(heads, q_seg, k_full)
 
     def plan_for(self, budgets, seq_len: int, batch: int, step: int):
         key = (step // self.cfg.cp_replan_interval, seq_len, batch)
@@ -76,9 +81,20 @@ class LayerContextParallel:
             self._plan_key = key
         return self._plan
 
-    def sparse(self, q, k, v, predictor, budgets, scale, step: int):
+    def sparse(self, q, k, v, predictor, budgets, scale, step: int, segments=None):
+        """Stage-2 attention. budgets: per-head ints, or an int tensor [heads, clips] for packed clips."""
         s_local, b = q.shape[:2]
-        cp_plan = self.plan_for(budgets, s_local * self.size, b, step)
-        return dsv_cp_attention(q, k, v, predictor.wq, predictor.wk, torch.tensor(budgets), group=self.group,
+        plan_budgets = budgets if segments is None else _work_budgets(budgets, segments, self.cfg)
+        cp_plan = self.plan_for(plan_budgets, s_local * self.size, b, step)
+        return dsv_cp_attention(q, k, v, predictor.wq, predictor.wk, torch.as_tensor(budgets), group=self.group,
                                 plan=cp_plan, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv, scale=scale,
-                                backend=self.cfg.backend)
+                                backend=self.cfg.backend, segments=segments)
+
+
+def _work_budgets(budgets: torch.Tensor, segments, cfg) -> list:
+    """Per-head budgets [heads, clips] of packed clips as the one per-head budget the planner's cost
+    model takes (blocks per query block over the whole packing): each clip counts with its query
+    blocks, so a head's predicted work is its real work, sum over clips of query blocks x budget."""
+    q_blocks = torch.tensor(segments.blocks_per_clip(cfg.block_q), dtype=torch.float64)
+    n_q = -(-segments.total // cfg.block_q)
+    return [math.ceil(w) for w in (budgets.double() @ q_blocks / n_q).tolist()]
