@@ -286,22 +286,65 @@ def test_stdit_factorised_attention_stays_dense():
     assert sub.temporal_self_attention.submodules.core_attention is TEDotProductAttention
 
 
-def test_wan_self_attention_subtree_builds_and_runs(megatron_parallel, seeded):
-    """The WAN self-attention subtree after apply_dsv, with TE swapped for megatron-core's local
-    modules, builds through build_module (SelfAttention, the base of DiTSelfAttention; padding mask
-    type) and runs forward and backward on [s, b, hidden]."""
-    out = apply_dsv(bridge_wan_spec(), CFG).submodules.full_self_attention
-    local = {TEColumnParallelLinear: ColumnParallelLinear, TERowParallelLinear: RowParallelLinear, TENorm: None}
+def _built_self_attention(layer_spec, slot="full_self_attention", **config):
+    """A layer spec's self-attention slot after apply_dsv, built through build_module with TE swapped
+    for megatron-core's local modules (SelfAttention, the base of DiTSelfAttention)."""
+    out = getattr(apply_dsv(layer_spec, CFG).submodules, slot)
+    local = {TEColumnParallelLinear: ColumnParallelLinear, TERowParallelLinear: RowParallelLinear, TENorm: None,
+             RMSNorm: None}  # q/k norms: not what these tests are about
     sub = dataclasses.replace(out.submodules, **{
         f.name: local[getattr(out.submodules, f.name)] for f in dataclasses.fields(out.submodules)
         if isinstance(getattr(out.submodules, f.name), type) and getattr(out.submodules, f.name) in local})
     spec = ModuleSpec(module=SelfAttention, params=dict(out.params), submodules=sub)
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=2, use_cpu_initialization=True,
-                               attention_dropout=0.0, hidden_dropout=0.0, add_qkv_bias=True)
+                               attention_dropout=0.0, hidden_dropout=0.0, **config)
     attn = build_module(spec, config=config, layer_number=1)
     assert isinstance(attn.core_attention, DSVDotProductAttention)
+    return attn
+
+
+def test_wan_self_attention_subtree_builds_and_runs(megatron_parallel, seeded):
+    """The WAN self-attention subtree after apply_dsv builds (padding mask type) and runs forward and
+    backward on [s, b, hidden]."""
+    attn = _built_self_attention(bridge_wan_spec(), add_qkv_bias=True)
     x = torch.randn(96, 2, 64, requires_grad=True)
     y, _ = attn(x, attention_mask=None)
     assert y.shape == (96, 2, 64) and torch.isfinite(y).all()
     y.square().mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("qkv_format", ["sbhd", "thd"])
+def test_nemo_dit_packed_batch(megatron_parallel, seeded, qkv_format, stage):
+    """A packed batch as NeMo's DiT builds it (its task encoder concatenates clips back to back and pads
+    to max_seq_length; the patched dit_data_step passes cu_seqlens of the clips and cu_seqlens_padded
+    ending at the packed length) through the DiT self-attention after apply_dsv: every clip's output
+    and input gradient equal the clip run alone, the padding gets zeros."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = _built_self_attention(nemo_dit_spec(AttnMaskType.no_mask)).double()
+    if stage == 2:
+        ctl = attn.core_attention.controller
+        state = ctl.state_dict()
+        state["stage"].fill_(2)
+        state["step"].fill_(1)  # not a profiling step
+        state["block_sparsity"].copy_(torch.tensor([0.5, 0.7]))
+        ctl.load_state_dict(state)
+    lengths, total = [70, 33, 100], 256
+    cu = torch.tensor([0, 70, 103, 203], dtype=torch.int32)
+    padded = torch.tensor([0, 70, 103, total], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                             cu_seqlens_kv_padded=padded)
+    x = torch.randn(total, 1, 64, dtype=torch.float64, requires_grad=True)
+    y, _ = attn(x, attention_mask=None, packed_seq_params=params)
+    assert attn.core_attention.last_used_sparse == (stage == 2)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    for start, n in zip(cu.tolist(), lengths):
+        xc = x.detach()[start:start + n].clone().requires_grad_()
+        yc, _ = attn(xc, attention_mask=None)
+        yc.square().sum().backward()
+        torch.testing.assert_close(y[start:start + n], yc, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dx[start:start + n], xc.grad, rtol=0, atol=1e-12)
+    # Attention output of padding rows is zero: the module's output there is its output bias alone.
+    assert torch.equal(y[203:], y[203:204].expand(total - 203, -1, -1))

@@ -96,7 +96,8 @@ class _CoreAttention(MegatronModule):
                 if t.shape[0] * shards != seg.total:
                     ranks = f" x {shards} context-parallel ranks" if shards > 1 else ""
                     raise ValueError(f"{name}: {t_name} holds {t.shape[0]} tokens{ranks} but packed_seq_params "
-                                     f"describes {seg.total} (cu_seqlens{'_padded' if seg.is_padded else ''})")
+                                     f"describes {seg.total} (cu_seqlens{'_padded' if seg.is_padded else ''}; "
+                                     "padding between or after the sequences goes into cu_seqlens_*_padded)")
         self._check_inputs(query, key, value, attention_mask, attn_mask_type, attention_bias)
         return query, key, value, fmt, q_seg, kv_seg
 
