@@ -231,3 +231,24 @@ def test_packed_clips_round_trip_and_positions():
         assert torch.equal(x, y)
     pos = clips.positions()
     assert torch.equal(pos[:64], clips.layouts[0].positions()) and torch.equal(pos[64:79], clips.layouts[1].positions())
+
+
+def test_cp_planner_weighs_each_head_by_its_per_clip_work():
+    """Under context parallelism a head's predicted work is its real work on the packing: the sum over
+    clips of query blocks x that clip's budget, as one budget per query block of the whole packing."""
+    from megatron_dsv.layers.context_parallel import _work_budgets
+
+    seg = Segments([100, 30, 260], align=32)  # 4, 1 and 9 query blocks of 32 at 0, 128, 160; 448 tokens = 14 blocks
+    budgets = torch.tensor([[2, 1, 4], [0, 1, 0]])
+    assert _work_budgets(budgets, seg, DSVConfig(**CFG)) == [4, 1]  # ceil((2*4 + 1*1 + 4*9) / 14), ceil(1 / 14)
+
+
+def test_select_window_bad_input():
+    seg = Segments([40, 50], align=32)                  # 128 tokens
+    q_lr, k_lr = torch.randn(1, 64, 2, 4), torch.randn(1, 128, 2, 4)
+    opts = dict(block_q=32, block_kv=16)
+    with pytest.raises(ValueError, match="q_start is for packed clips"):
+        select_blocks(q_lr, k_lr, 1, q_start=64, **opts)
+    for q_start in (16, 96):  # not on a query block; past the packed sequence
+        with pytest.raises(ValueError, match=r"q_lr holds tokens"):
+            select_blocks(q_lr, k_lr, 1, segments=seg, q_start=q_start, **opts)
