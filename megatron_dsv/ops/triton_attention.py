@@ -140,13 +140,16 @@ def _load_rows(base, desc, stride_s, b, h, row0, tok, ok,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, KDesc, VDesc,
+def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, QLen, KDesc, VDesc,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                 si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
                 H, S_Q, S_KV, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
-                VARLEN: tl.constexpr):
+                VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr):
+    """Q_VARLEN: rows past the query block's valid length (QLen: padding of packed clips) get
+    output 0 and a base-2 lse of +inf, which makes their probabilities 0 in the backward (no
+    dq, no dk/dv contribution, whatever gradient reaches them)."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -190,6 +193,10 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, KDesc, VDesc,
     empty = l_i == 0.0  # count 0: no keys at all
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    if Q_VARLEN:
+        row_ok = tl.arange(0, BLOCK_Q) < tl.load(QLen + qb)
+        out = tl.where(row_ok[:, None], out, 0.0)
+        lse2 = tl.where(row_ok, lse2, float("inf"))
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None])
     tl.store(Lse2 + bh.to(tl.int64) * S_Q + offs_m, lse2, mask=m_ok)
@@ -398,7 +405,7 @@ def _check_supported(q, d):
         raise NotImplementedError(f"triton block-sparse attention supports fp16/bf16/fp32, got {q.dtype}")
 
 
-def _forward(q, k, v, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
+def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, layout):
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_q = kv_idx.shape[2]
@@ -411,13 +418,14 @@ def _forward(q, k, v, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
     # Packed tiles, a partial last block or padding inside blocks need the key mask.
     mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_len is not None
     _fwd_kernel[(n_q, b * h)](
-        q, k, v, out, lse2, kv_idx, kv_cnt, kv_cnt if kv_len is None else kv_len, *descs,
+        q, k, v, out, lse2, kv_idx, kv_cnt, kv_cnt if kv_len is None else kv_len,
+        kv_cnt if q_len is None else q_len, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(out, layout),
         *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
         h, s_q, s_kv, scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, VARLEN=kv_len is not None, **cfg)
+        MASK_KV=mask_kv, VARLEN=kv_len is not None, Q_VARLEN=q_len is not None, **cfg)
     return out, lse2
 
 
@@ -482,14 +490,17 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
 @torch.library.custom_op("megatron_dsv::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                           kv_cnt: torch.Tensor, block_q: int, block_kv: int, scale: float,
-                          layout: str, kv_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          layout: str, kv_len: Optional[torch.Tensor] = None,
+                          q_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32). kv_len: int32 [1 or b*h, n_kvblocks]
-    valid keys at the start of each KV block, shared by all heads or per (batch, head) (None: all)."""
-    return _forward(q, k, v, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
+    valid keys at the start of each KV block, shared by all heads or per (batch, head) (None: all).
+    q_len: int32 [n_qblocks] valid rows at the start of each query block (None: all); the others get
+    out 0 and lse +inf, so the backward gives them and takes from them no gradient."""
+    return _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, layout)
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None):
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None, q_len=None):
     b, s_q, h, _ = split_dims(q, layout)
     return q.new_empty(q.shape), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -511,7 +522,7 @@ def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len = inputs
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, _q_len = inputs
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_len)
     ctx.args = (block_q, block_kv, scale, layout)
@@ -524,7 +535,7 @@ def _backward_rule(ctx, dout, dlse2):
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
     dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -536,22 +547,22 @@ def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv,
 
     kv_idx entries must be valid block ids within each count (not re-checked here: that would
     need a host sync); entries past the count are never read. kv_lens: int32 [1 or b*h, n_kv].
-    With segments the kernels mask padding keys (by the segments' KV block lengths); padding rows
-    are computed like any row and zeroed here, which also zeroes the output gradient reaching them,
-    so they add nothing to dk/dv.
+    With segments the kernels mask padding keys (by the segments' KV block lengths) and write zeros
+    and an lse of +inf on padding rows (by the query block lengths): those rows take part in no
+    gradient. The returned lse has -inf there, as for any row without keys.
     """
     d = q.shape[-1]
     _check_supported(q, d)
     q, k, v = (_unit_last(t) for t in (q, k, v))
     kv_idx = kv_idx.to(torch.int32)
     kv_cnt = kv_cnt.to(torch.int32)
-    padded = segments is not None and segments.is_padded
-    if padded:
+    q_lens = None
+    if segments is not None and segments.is_padded:
         kv_lens = segments.block_lens(block_kv, q.device).view(1, -1)
-    out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_lens)
-    lse = lse2 * math.log(2.0) if return_lse else None
-    if padded:
-        valid = segments.token_valid(q.device)
-        out = out.masked_fill(~valid.view(1, -1, 1, 1) if layout == "bshd" else ~valid.view(-1, 1, 1, 1), 0.0)
-        lse = lse.masked_fill(~valid, float("-inf")) if return_lse else None
-    return (out, lse) if return_lse else out
+        q_lens = segments.block_lens(block_q, q.device)
+    out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_lens,
+                                      q_lens)
+    if not return_lse:
+        return out
+    lse = lse2 * math.log(2.0)
+    return out, (lse if q_lens is None else lse.masked_fill(~segments.token_valid(q.device), float("-inf")))

@@ -37,6 +37,9 @@ def test_opcheck_attention_ops():
                    torch.randint(0, 33, (q.shape[0] * q.shape[2], 3), dtype=torch.int32, device=DEVICE)):
         torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_len))
         torch.library.opcheck(block_sparse_attn_bwd, (*bwd_args, None, kv_len))
+    # Packed clips also pass the valid rows of each query block.
+    q_len = torch.tensor([32, 20, 7], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(block_sparse_attn_fwd, (*args, kv_len, q_len))
 
 
 def test_opcheck_selection_op():
