@@ -5,7 +5,9 @@ in one process on one GPU:
   DSV: selection + block-sparse forward + backward with `segments` (each clip on a 64-token
        boundary; per-clip budgets k = ceil(density x clip KV blocks));
   dense: cuDNN SDPA forward + backward on the same packing, one call per clip (what
-       `dense_attention(segments=...)` runs; Transformer Engine's THD kernel is not on the image);
+       `dense_attention(segments=...)` runs), and torch's varlen attention (Flash Attention, one
+       call for the packing) where this torch has it; the speedup is over the faster of the two
+       (Transformer Engine's THD kernel is not on the image);
   the layer's alignment copy in forward (q, k, v in, out back), for packers that do not align clips.
 Effective TFLOP/s count computed blocks only (4*h*d*block_q*block_kv per selected block pair,
 x3.5 for forward+backward), so packed and single-clip rates are comparable although a packing
@@ -68,10 +70,13 @@ def run(name, grids, density, args):
         out = dense_attention(qg, kg, vg, segments=seg)
         torch.autograd.grad(out, (qg, kg, vg), do)
 
+    t_varlen = _varlen_ms(lengths, seg, q, k, v, do)
+
     t_sel = ms(select)
     t_fwd = ms(lambda: block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", **kw))
     t_fb = ms(sparse_step)
-    t_dense = ms(dense_step, rep=100)
+    t_cudnn = ms(dense_step, rep=100)
+    t_dense = min(t_cudnn, t_varlen or math.inf)
     # The layer's copy into the aligned layout (q, k, v in; out back) when the packer did not align.
     unaligned = BlockAlignedPacking(Segments(lengths), BLOCK_Q)
     x = torch.randn(sum(lengths), 1, H, D, device="cuda", dtype=DTYPE)
@@ -104,9 +109,28 @@ def run(name, grids, density, args):
     total = t_sel + t_fb
     return dict(packing=name, grids=grids, clips=len(lengths), tokens=sum(lengths), padded_tokens=s,
                 density=density, selected_pairs=pairs, sel_ms=t_sel, fwd_ms=t_fwd, fwd_bwd_ms=t_fb,
-                total_ms=total, clips_alone_total_ms=t_alone, dense_fwd_bwd_ms=t_dense, speedup_vs_dense=t_dense / total,
+                total_ms=total, clips_alone_total_ms=t_alone, dense_cudnn_per_clip_ms=t_cudnn,
+                dense_varlen_ms=t_varlen, dense_fwd_bwd_ms=t_dense, speedup_vs_dense=t_dense / total,
                 fwd_bwd_tflops=tflops(flops * 3.5, t_fb), dense_tflops=tflops(dense_flops * 3.5, t_dense),
                 layer_copy_ms=t_copy, clip_alone_rel_err=err)
+
+
+def _varlen_ms(lengths, seg, q, k, v, do):
+    """Forward + backward of torch's varlen attention on the clips' tokens (padding dropped, one call),
+    or None where this torch has no varlen attention."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    q_t, k_t, v_t, do_t = (seg.gather(t[0]).detach() for t in (q, k, v, do))  # [tokens, h, d]
+    leaves = [t.requires_grad_() for t in (q_t, k_t, v_t)]
+    cu = torch.tensor([0] + lengths, device=q.device).cumsum(0).int()
+
+    def step():
+        out = varlen_attn(*leaves, cu, cu, max(lengths), max(lengths))
+        torch.autograd.grad(out, leaves, do_t)
+
+    return ms(step, rep=100)
 
 
 def main():
@@ -125,13 +149,16 @@ def main():
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, {H} heads, d {D}, bf16, density {args.density}, blocks {BLOCK_Q}x{BLOCK_KV}; "
-          "total = selection + fwd + bwd; 'alone' = the same clips one sequence at a time")
+          "total = selection + fwd + bwd; 'alone' = the same clips one sequence at a time; speedup over the "
+          "faster dense (cuDNN per clip, torch varlen)")
     print(f"{'packing':24s} {'tokens':>7s} {'sel ms':>7s} {'f+b ms':>7s} {'total':>7s} {'alone':>7s} {'TFLOP/s':>8s} "
-          f"{'rate/1clip':>10s} {'dense ms':>9s} {'speedup':>8s} {'sp/1clip':>8s} {'copy ms':>8s} {'err':>8s}")
+          f"{'rate/1clip':>10s} {'cuDNN ms':>9s} {'varlen ms':>9s} {'speedup':>8s} {'sp/1clip':>8s} {'copy ms':>8s} "
+          f"{'err':>8s}")
     for r in rows:
         print(f"{r['packing']:24s} {r['tokens']:7d} {r['sel_ms']:7.2f} {r['fwd_bwd_ms']:7.2f} {r['total_ms']:7.2f} "
               f"{r['clips_alone_total_ms']:7.2f} {r['fwd_bwd_tflops']:8.0f} {r['rate_vs_single_clip']:10.2f} "
-              f"{r['dense_fwd_bwd_ms']:9.2f} {r['speedup_vs_dense']:7.2f}x {r['speedup_vs_single_clip_speedup']:8.2f} "
+              f"{r['dense_cudnn_per_clip_ms']:9.2f} {r['dense_varlen_ms'] or float('nan'):9.2f} "
+              f"{r['speedup_vs_dense']:7.2f}x {r['speedup_vs_single_clip_speedup']:8.2f} "
               f"{r['layer_copy_ms']:8.2f} {r['clip_alone_rel_err']:8.1e}")
 
 

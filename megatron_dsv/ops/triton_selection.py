@@ -229,7 +229,8 @@ def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_re
         if segments.is_padded:  # padding may hold anything finite; proxies and means must not see it
             pad = ~segments.token_valid(device)
             q_lr = q_lr.masked_fill(pad[q_start:q_start + s_q].view(1, -1, 1, 1), 0.0)
-            k_lr = k_lr.masked_fill(pad.view(1, -1, 1, 1), 0.0)
+            if kv_reduce == "mean":  # "max" scores only each row's clip tokens (the kernel's range mask)
+                k_lr = k_lr.masked_fill(pad.view(1, -1, 1, 1), 0.0)
         counts = counts[:, rows]
         packed = dict(kv_range=segments.kv_token_range(block_q, device)[rows],
                       q_valid=segments.block_lens(block_q, device)[rows],
