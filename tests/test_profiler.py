@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megatron_dsv.layers.profiler import block_mass, profile_logits, selection_recall, smallest_cover
+from megatron_dsv.layers.profiler import block_mass, profile_logits, ranked_cover, selection_recall, smallest_cover
 
 
 def test_smallest_cover():
@@ -36,3 +36,25 @@ def test_block_mass_partial_last_block_and_recall():
     kv_idx = torch.tensor([[[[2, 0, -1]]]], dtype=torch.int32)
     recall = selection_recall(mass, kv_idx, torch.tensor([[[2]]]))
     assert math.isclose(float(recall), 24 / 40, rel_tol=1e-6)
+
+
+def test_ranked_cover_pays_for_the_estimators_order():
+    mass = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    # The oracle's order gives the smallest cover; a worse order needs more entries for the same mass.
+    assert torch.equal(ranked_cover(mass, mass, 0.8), smallest_cover(mass, 0.8))
+    assert ranked_cover(mass, torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0] * 4]), 0.8).tolist() == [4, 4]
+    # Ties go to the lower index, as in the selection: [0, 1] hold 0.55, then 2 -> 0.85.
+    assert ranked_cover(mass, torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0] * 4]), 0.8).tolist() == [3, 4]
+
+
+def test_block_sparsity_follows_the_estimators_ranking():
+    """With the estimator's block scores the block sparsity is what its selection needs: equal to the
+    oracle's for the true ranking, lower (a larger budget) for a poor one."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 8, 64, generator=gen) * 3
+    cubes = torch.tensor([0] * 4 + [1] * 4)
+    _, oracle, mass = profile_logits(logits, cubes, theta=0.9, block_kv=8)
+    cube_mass = mass.view(1, 2, 2, 4, 8).mean(3)
+    _, same, _ = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=cube_mass)
+    _, worse, _ = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=-cube_mass)
+    assert torch.allclose(same, oracle) and (worse < oracle).all()

@@ -25,6 +25,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
+from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
 from .controller import PER_HEAD_BUFFERS, StageController
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
@@ -392,8 +393,9 @@ class DSVDotProductAttention(_CoreAttention):
                         (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                     local["loss"][hs] += loss.detach()
                 if selection is not None:
-                    tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta,
-                                                    block_kv=cfg.block_kv)
+                    tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
+                                                    cube_scores=self._cube_scores(q_rows[:, :, hs], k_all[:, :, hs],
+                                                                                  wq[hs], wk[hs]))
                     q_blocks = q0 // cfg.block_q + rows // cfg.block_q
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
@@ -413,6 +415,18 @@ class DSVDotProductAttention(_CoreAttention):
         if selection is not None:
             stats.update({name: full(local[name]) for name in PER_HEAD_BUFFERS})
         return stats
+
+    def _cube_scores(self, q_rows, k_all, wq, wk) -> torch.Tensor:
+        """The estimator's block scores [b, n, cubes, n_kv] of sampled rows q_rows [b, rows, n, d] (whole
+        cubes, in order) against keys k_all [b, S, n, d]: what the selection ranks blocks by."""
+        if self.cfg.estimator == "lowrank":
+            q_rows = torch.einsum("bnhd,hdr->bnhr", q_rows, wq.detach())
+            k_all = torch.einsum("bshd,hdr->bshr", k_all, wk.detach())
+            reduce = "max"
+        else:
+            reduce = "mean"
+        return block_scores_reference(q_rows, k_all, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
+                                      kv_reduce=reduce)
 
     def _reduce_replicas(self, stats: dict) -> None:
         """Average every per-head tensor over all sampled rows of the ranks that measured that head:
