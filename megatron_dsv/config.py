@@ -27,8 +27,12 @@ class DSVConfig:
     """
 
     # Predictor and selection.
-    rank: int = 16
+    rank: int = 32
     """Rank r of the per-head low-rank predictor (q_lr = q @ Wq[h], k_lr = k @ Wk[h])."""
+    # 32, not 16: in the small example (head dim 64) rank 16's predictor loss stalled at 0.10-0.23
+    # and 1 of 8 layers went sparse; rank 32 reached 0.02-0.08 with 3 sparse layers at the same
+    # validation loss (bench/results/quality_h100, H100). Selection cost grows with r but stays a
+    # few percent of the sparse step.
     block_q: int = 64
     """Query block size in tokens: one 3D cube, one selection."""
     block_kv: int = 64
