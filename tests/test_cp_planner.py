@@ -19,6 +19,22 @@ def loads(costs, heads_of):
     return [sum(costs[h] for h in hs) for hs in heads_of]
 
 
+def assert_tiles(heads_of, shares, H, n):
+    """Every rank holds a head, each at most once, ascending; the shares of each head tile its n query
+    blocks [0, n) exactly (consecutive (lo, hi, n) ranges: each query block computed once)."""
+    ranges = {}
+    for hs, sh in zip(heads_of, shares, strict=True):
+        assert len(hs) == len(set(hs)) >= 1 and list(hs) == sorted(hs), "every rank gets a share"
+        for h, (lo, hi, k) in zip(hs, sh, strict=True):
+            assert k == n and 0 <= lo < hi <= n
+            ranges.setdefault(h, []).append((lo, hi))
+    assert sorted(ranges) == list(range(H)), "every head held somewhere"
+    for h, rs in ranges.items():
+        rs.sort()
+        assert rs[0][0] == 0 and rs[-1][1] == n and all(a[1] == b[0] for a, b in zip(rs, rs[1:])), \
+            f"head {h}: shares {rs} do not tile [0, {n})"
+
+
 @pytest.mark.parametrize("method", ["lpt", "capped", "naive"])
 @pytest.mark.parametrize("H,U", [(24, 8), (16, 8), (7, 3), (5, 5), (6, 1), (13, 4)])
 def test_each_head_once_and_caps(method, H, U):
@@ -54,17 +70,7 @@ def test_split_shares_partition_every_head(H, U, n):
         costs[1] = 1.0   # one head far above the mean rank load
         heads_of, shares = assign_split(costs, U, n)
         assert assign_split(costs, U, n) == (heads_of, shares), "deterministic"
-        ranges = {}
-        for hs, sh in zip(heads_of, shares):
-            assert len(hs) == len(set(hs)) >= 1 and list(hs) == sorted(hs), "every rank gets a share"
-            for h, (lo, hi, k) in zip(hs, sh):
-                assert k == n and 0 <= lo < hi <= n
-                ranges.setdefault(h, []).append((lo, hi))
-        assert sorted(ranges) == list(range(H)), "every head held somewhere"
-        for h, rs in ranges.items():
-            rs.sort()
-            assert rs[0][0] == 0 and rs[-1][1] == n and all(a[1] == b[0] for a, b in zip(rs, rs[1:])), \
-                f"head {h}: shares {rs} do not tile [0, {n})"
+        assert_tiles(heads_of, shares, H, n)
         loads = [sum(costs[h] * (hi - lo) / k for h, (lo, hi, k) in zip(hs, sh)) for hs, sh in zip(heads_of, shares)]
         assert sum(loads) == pytest.approx(sum(costs))
         # Balanced up to one unit of the costliest head.
@@ -93,6 +99,13 @@ def test_lpt_local_search_fixes_lpt_excess():
     assert sorted(loads(costs, heads_of)) == [9.0, 9.0]
 
 
+def test_lpt_search_moves_between_ranks_below_the_top():
+    # LPT + a search off the most loaded rank only ends at {9, 4}, {5, 3, 4}, {5, 4} (13): no single
+    # move or swap off the 13 lowers it; rebalancing the two lower ranks first reaches the optimum 12.
+    costs = [5.0, 3.0, 9.0, 4.0, 5.0, 4.0, 4.0]
+    assert max(loads(costs, assign_heads(costs, 3, "lpt"))) == 12.0
+
+
 def test_plan_is_deterministic_and_identical_in_a_fresh_process():
     dens = paper_like_densities(8, 24, seed=3)[4]
     a = plan(dens, shape=SHAPE, P=128)
@@ -104,17 +117,87 @@ def test_plan_is_deterministic_and_identical_in_a_fresh_process():
     assert out.stdout.strip() == a.digest()
 
 
-def test_plan_keeps_the_cheapest_candidate():
+def test_plan_keeps_the_cheapest_candidate_within_the_balance_slack():
     dens = paper_like_densities(8, 24, seed=1)[3]
-    best = plan(dens, shape=SHAPE, P=64)
+    fastest = plan(dens, shape=SHAPE, P=64, balance_slack=0)
+    chosen = plan(dens, shape=SHAPE, P=64)
     cost = CostModel()
     for U in (1, 2, 4, 8):
         costs = [head_compute_s(x, SHAPE, 64 // U, cost) for x in dens]
         for method in ("lpt", "capped"):
             for schedule in ("gather", "ring"):
                 t = estimate(SHAPE, dens, 64, U, assign_heads(costs, U, method), schedule, cost)["total"]
-                assert best.predicted_s <= t + 1e-15
-    assert best.U * best.R == 64 and best.U <= 8
+                assert fastest.predicted_s <= t + 1e-15
+                assert chosen.predicted_s <= 1.1 * t
+    assert chosen.imbalance <= 1.05 + 1e-9
+    assert chosen.U * chosen.R == 64 and chosen.U <= 8
+
+
+@pytest.mark.parametrize("H,S", [(16, 256 * 1024), (24, 128 * 1024)])
+def test_plan_balances_paper_budgets_faster_than_whole_heads(H, S):
+    """The planner's target: compute imbalance at most 1.05 on paper-like budgets at 128 ranks (U = 8:
+    2 or 3 heads per rank, where whole heads cannot balance), in no more total time than the fastest
+    whole-head plans."""
+    shape = Shape(seq_len=S, heads=H, head_dim=128)
+    layers = paper_like_densities(12, H, seed=0)[1:-1]
+    chosen = [plan(d, shape=shape, P=128) for d in layers]
+    whole = [plan(d, shape=shape, P=128, assignments=("lpt", "capped"), balance_slack=0) for d in layers]
+    assert max(p.imbalance for p in whole) > 1.1, "whole heads cannot balance these"
+    assert max(p.imbalance for p in chosen) <= 1.05 + 1e-9
+    assert sum(p.predicted_s for p in chosen) <= sum(p.predicted_s for p in whole)
+    assert any(p.shares for p in chosen), "balance needs split heads"
+
+
+def test_split_plans_tile_every_head_in_query_blocks():
+    """What _keep_share in cp/attention.py relies on: shares in units of the segment's query blocks."""
+    shape = Shape(seq_len=128 * 1024, heads=16, head_dim=128)
+    cost = CostModel()
+    split = 0
+    for dens in paper_like_densities(8, 16, seed=0)[1:-1]:
+        p = plan(dens, shape=shape, P=128)
+        n = shape.seq_len // p.R // shape.block_q
+        if p.shares:
+            split += 1
+            assert_tiles(p.heads_of, p.shares, 16, n)
+        costs = [head_compute_s(x, shape, p.R, cost) for x in dens]
+        work = [sum(costs[h] * (hi - lo) / k for h, (lo, hi, k) in zip(hs, [p.share(u, i) for i in range(len(hs))]))
+                for u, hs in enumerate(p.heads_of)]
+        assert p.imbalance == pytest.approx(max(work) / (sum(work) / p.U))
+        assert sum(work) == pytest.approx(sum(costs)), "all of every head computed once"
+    assert split >= 3
+
+
+def test_balance_slack_bounds_what_balance_may_cost():
+    # One heavy head: whole heads at U = 8 leave its rank at > 1.5x the mean; U = 1 is balanced but slow.
+    dens = [0.3] + [0.05] * 23
+    whole = dict(shape=SHAPE, P=128, U_candidates=[1, 8], assignments=("lpt", "capped"))
+    default = plan(dens, **whole)
+    assert default.U == 8 and default.imbalance > 1.5
+    forced = plan(dens, balance_slack=math.inf, **whole)
+    assert forced.U == 1 and forced.imbalance == 1.0 and forced.predicted_s > 1.1 * default.predicted_s
+    # Splitting the heavy head balances U = 8 for less than the slack.
+    split = plan(dens, shape=SHAPE, P=128, U_candidates=[1, 8])
+    assert split.U == 8 and split.shares and split.imbalance <= 1.05 + 1e-9
+    assert split.predicted_s <= 1.1 * plan(dens, shape=SHAPE, P=128, U_candidates=[1, 8], balance_slack=0).predicted_s
+
+
+def test_lower_bound_holds_for_any_assignment():
+    """plan() skips split searches by this bound: it must never exceed the time of an assignment."""
+    from megatron_dsv.cp.planner import _RankModel
+    shape = Shape(seq_len=256 * 1024, heads=16, head_dim=128)
+    cost = CostModel()
+    budgets = paper_like_densities(4, 16, seed=2)[1:] + [tuple([0.0] * 8 + [0.3] * 8)]   # ranks without blocks too
+    for P, U in ((64, 8), (16, 4), (8, 2), (8, 1)):
+        n = shape.seq_len // (P // U) // shape.block_q
+        for schedule in ("gather", "ring"):
+            model = _RankModel(shape, P, U, schedule, cost)
+            for dens in budgets:
+                costs = [head_compute_s(x, shape, P // U, cost) for x in dens]
+                bound = model.lower_bound(costs, dens)
+                chosen = plan(dens, shape=shape, P=P, U_candidates=[U], schedules=(schedule,))
+                for heads_of, shares in ([(assign_heads(costs, U, m), ()) for m in ("lpt", "capped", "naive")]
+                                         + [assign_split(costs, U, n), (chosen.heads_of, chosen.shares)]):
+                    assert bound <= estimate(shape, dens, P, U, heads_of, schedule, cost, shares)["total"]
 
 
 def test_capped_variant_wins_under_a_memory_limit():
@@ -166,6 +249,10 @@ def test_budgets_conversion_and_errors():
         Grid(6, 4, 0)
     with pytest.raises(ValueError, match="schedule"):
         fixed_plan(4, 2, 4, schedule="tree")
+    with pytest.raises(ValueError, match="max_imbalance"):
+        plan([0.1] * 3, shape=shape, P=1, max_imbalance=0.9)
+    with pytest.raises(ValueError, match="balance_slack"):
+        plan([0.1] * 3, shape=shape, P=1, balance_slack=-0.1)
 
 
 def test_grid_factorisations():
@@ -203,9 +290,12 @@ def test_simulation_targets():
     spec.loader.exec_module(sim)
     cost = CostModel()
     layers = paper_like_densities(32, 24, seed=0)
-    t_plan = sum(plan(d, shape=SHAPE, P=128, cost=cost).predicted_s for d in layers)
-    t_naive = sum(plan(d, shape=SHAPE, P=128, cost=cost, assignments=("naive",)).predicted_s for d in layers)
+    plans = [plan(d, shape=SHAPE, P=128, cost=cost) for d in layers]
+    t_plan = sum(p.predicted_s for p in plans)
+    t_naive = sum(plan(d, shape=SHAPE, P=128, cost=cost, assignments=("naive",), balance_slack=0).predicted_s
+                  for d in layers)
     dense = 32 * min(sim.ring_time(24, 128, 1, SHAPE, cost), sim.usp(SHAPE, 128, cost)[0])
     assert math.isinf(sim.ulysses(SHAPE, 128, cost)[0])
     assert dense / t_plan >= 1.3
     assert t_naive / t_plan >= 1.2
+    assert max(p.imbalance for p in plans) <= 1.05 + 1e-9
