@@ -39,7 +39,7 @@ class LayerContextParallel:
         # Stage-1 head assignment: contiguous chunks (uneven when U does not divide the heads).
         self.dense_heads_of = tuple(tuple(h for h in range(heads) if h * self.dense_U // heads == u)
                                     for u in range(self.dense_U))
-        self._plan, self._plan_key = None, None
+        self._plans, self._plan_interval = {}, None
 
     @property
     def size(self) -> int:
@@ -72,14 +72,18 @@ class LayerContextParallel:
         return out, self._learn_view(heads, q_seg, k_full)
 
     def plan_for(self, budgets, seq_len: int, batch: int, step: int):
-        key = (step // self.cfg.cp_replan_interval, seq_len, batch)
-        if key != self._plan_key:
+        """The plan of this replan interval for a sequence of seq_len tokens (one per length and batch
+        met in the interval: packed batches vary in length, and planning takes tens of milliseconds)."""
+        interval = step // self.cfg.cp_replan_interval
+        if interval != self._plan_interval:
+            self._plans, self._plan_interval = {}, interval
+        key = (seq_len, batch)
+        if key not in self._plans:
             shape = Shape(seq_len, self.heads, self.head_dim, batch=batch, block_q=self.cfg.block_q,
                           block_kv=self.cfg.block_kv, lr_rank=self.cfg.rank)
             U = [self.cfg.cp_head_parallel_size] if self.cfg.cp_head_parallel_size else None
-            self._plan = plan(list(budgets), shape=shape, P=self.size, U_candidates=U)
-            self._plan_key = key
-        return self._plan
+            self._plans[key] = plan(list(budgets), shape=shape, P=self.size, U_candidates=U)
+        return self._plans[key]
 
     def sparse(self, q, k, v, predictor, budgets, scale, step: int, segments=None):
         """Stage-2 attention. budgets: per-head ints, or an int tensor [heads, clips] for packed clips."""
