@@ -252,3 +252,18 @@ def test_select_window_bad_input():
     for q_start in (16, 96):  # not on a query block; past the packed sequence
         with pytest.raises(ValueError, match=r"q_lr holds tokens"):
             select_blocks(q_lr, k_lr, 1, segments=seg, q_start=q_start, **opts)
+
+
+def test_cp_layer_plans_once_per_length_in_a_replan_interval(megatron_parallel, monkeypatch):
+    """Packed batches vary in length: the layer keeps one plan per length until the next replan
+    interval (planning takes tens of milliseconds)."""
+    from megatron_dsv.layers import context_parallel as lcp
+
+    planned = []
+    real = lcp.plan
+    monkeypatch.setattr(lcp, "plan", lambda *a, **kw: planned.append(kw["shape"].seq_len) or real(*a, **kw))
+    cp = lcp.LayerContextParallel(DSVConfig(**CFG, cp_replan_interval=10), heads=HEADS, head_dim=D,
+                                  process_group=None, ranks=None)
+    for step, tokens in [(0, 4096), (1, 8192), (2, 4096), (9, 8192), (10, 4096), (11, 4096)]:
+        cp.plan_for([3] * HEADS, tokens, 1, step)
+    assert planned == [4096, 8192, 4096]
