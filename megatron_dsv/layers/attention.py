@@ -268,18 +268,22 @@ class DSVDotProductAttention(_CoreAttention):
         """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
         return torch.tensor([self.controller.budgets(n) for n in segments.blocks_per_clip(self.cfg.block_kv)]).T
 
+    @property
+    def _kv_reduce(self) -> str:
+        """How the estimator scores a KV block: the learned predictor by its best token ("max"), the
+        pooled baseline by the block's mean key ("mean")."""
+        return "max" if self.cfg.estimator == "lowrank" else "mean"
+
     def _select(self, q, k, budgets, heads=None, segments=None, q_start=0):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
         with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips; q may
         then be the tokens [q_start, q_start + s) of the packing, one CP rank's share)."""
+        q_lr, k_lr = q, k
         if self.cfg.estimator == "lowrank":
             q_lr, k_lr = self.predictor.project(q, "q", heads), self.predictor.project(k, "k", heads)
-            reduce = "max"
-        else:
-            q_lr, k_lr, reduce = q, k, "mean"
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.as_tensor(budgets),
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
-                             backend=self.cfg.backend, kv_reduce=reduce, segments=segments,
+                             backend=self.cfg.backend, kv_reduce=self._kv_reduce, segments=segments,
                              q_start=q_start if segments is not None else 0)
 
     # ------------------------------------------------------ DSV bookkeeping
@@ -384,18 +388,22 @@ class DSVDotProductAttention(_CoreAttention):
             for h0 in range(0, len(heads), per_chunk):
                 hs = slice(h0, min(len(heads), h0 + per_chunk))
                 target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
+                # What the estimator sees: the predictor's projections (differentiable when training), or
+                # q and k themselves for the pooled estimator.
+                q_est, k_est = q_rows[:, :, hs], k_all[:, :, hs]
+                if cfg.estimator == "lowrank":
+                    with torch.set_grad_enabled(train):
+                        q_est = torch.einsum("bnhd,hdr->bnhr", q_est, wq[hs])
+                        k_est = torch.einsum("bshd,hdr->bshr", k_est, wk[hs])
                 if train:
                     with torch.enable_grad():
-                        pred = torch.einsum("bnhr,bshr->bhns",
-                                            torch.einsum("bnhd,hdr->bnhr", q_rows[:, :, hs], wq[hs]),
-                                            torch.einsum("bshd,hdr->bshr", k_all[:, :, hs], wk[hs]))
+                        pred = torch.einsum("bnhr,bshr->bhns", q_est, k_est)
                         loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight) * weight
                         (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                     local["loss"][hs] += loss.detach()
                 if selection is not None:
                     tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
-                                                    cube_scores=self._cube_scores(q_rows[:, :, hs], k_all[:, :, hs],
-                                                                                  wq[hs], wk[hs]))
+                                                    cube_scores=self._cube_scores(q_est.detach(), k_est.detach()))
                     q_blocks = q0 // cfg.block_q + rows // cfg.block_q
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
@@ -416,17 +424,11 @@ class DSVDotProductAttention(_CoreAttention):
             stats.update({name: full(local[name]) for name in PER_HEAD_BUFFERS})
         return stats
 
-    def _cube_scores(self, q_rows, k_all, wq, wk) -> torch.Tensor:
-        """The estimator's block scores [b, n, cubes, n_kv] of sampled rows q_rows [b, rows, n, d] (whole
-        cubes, in order) against keys k_all [b, S, n, d]: what the selection ranks blocks by."""
-        if self.cfg.estimator == "lowrank":
-            q_rows = torch.einsum("bnhd,hdr->bnhr", q_rows, wq.detach())
-            k_all = torch.einsum("bshd,hdr->bshr", k_all, wk.detach())
-            reduce = "max"
-        else:
-            reduce = "mean"
-        return block_scores_reference(q_rows, k_all, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
-                                      kv_reduce=reduce)
+    def _cube_scores(self, q_est, k_est) -> torch.Tensor:
+        """The estimator's block scores [b, n, cubes, n_kv] of sampled rows q_est [b, rows, n, r] (whole
+        cubes, in order) against keys k_est [b, S, n, r]: what the selection ranks blocks by."""
+        return block_scores_reference(q_est, k_est, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
+                                      kv_reduce=self._kv_reduce)
 
     def _reduce_replicas(self, stats: dict) -> None:
         """Average every per-head tensor over all sampled rows of the ranks that measured that head:
