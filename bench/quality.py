@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(out: Path, name: str, train_args, dense: bool) -> subprocess.Popen:
+def run(out: Path, name: str, train_args, dense: bool) -> float:
     log = out / f"{name}.jsonl"
     log.unlink(missing_ok=True)
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"), *train_args,
@@ -40,12 +40,10 @@ def start(out: Path, name: str, train_args, dense: bool) -> subprocess.Popen:
         (out / "dsv_metrics.jsonl").unlink(missing_ok=True)
         cmd += ["--dsv-log", str(out / "dsv_metrics.jsonl")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.time()
     with open(out / f"{name}.log", "w") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-
-
-def finish(out: Path, name: str, proc: subprocess.Popen, t0: float) -> float:
-    if proc.wait():
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
         raise SystemExit(f"{name} run failed (exit {proc.returncode}); see {out / (name + '.log')}")
     return time.time() - t0
 
@@ -87,23 +85,12 @@ def main():
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--concurrent", action="store_true",
-                   help="run dense and DSV at the same time on one device (half the wall time; their "
-                   "tokens/s then measure nothing)")
     args = p.parse_args(argv[:split])
     train_args = argv[split + 1:]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    wall = {}
-    if args.concurrent:  # both processes share the device: losses are unaffected, their speeds are not
-        t0 = time.time()
-        procs = {name: start(out, name, train_args, dense=(name == "dense")) for name in ("dense", "dsv")}
-        wall = {name: finish(out, name, proc, t0) for name, proc in procs.items()}
-    else:
-        for name in ("dense", "dsv"):
-            t0 = time.time()
-            wall[name] = finish(out, name, start(out, name, train_args, dense=(name == "dense")), t0)
+    wall = {name: run(out, name, train_args, dense=(name == "dense")) for name in ("dense", "dsv")}
     runs = {name: records(out / f"{name}.jsonl") for name in ("dense", "dsv")}
     plot_losses(out, runs)
     subprocess.run([sys.executable, "-m", "megatron_dsv.plot", str(out / "dsv_metrics.jsonl"), "--out",
@@ -125,7 +112,7 @@ def main():
         "dsv_block_sparsity": last["block_sparsity"], "dsv_token_sparsity": last["token_sparsity"],
         "dsv_recall": last["recall"], "dsv_predictor_loss": last["predictor_loss"],
         "tokens_per_s_last": {k: v[-1]["tokens_per_s"] for k, v in runs.items()},
-        "wall_s": wall, "concurrent": args.concurrent,
+        "wall_s": wall,
     }
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
