@@ -121,7 +121,7 @@ def time_core_attention(layer, s, heads, d, device, dtype, warmup, iters):
 def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
     torch.manual_seed(0)
     bf16 = device.type == "cuda"
-    model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16,
+    model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, fused=bf16 and not args.no_fusion,
                             cube=dsv_cfg.cube if dsv_cfg else tuple(args.cube)).to(device)
     master = MasterWeights(model) if bf16 else None  # bf16 weights, fp32 masters, as in training
     opt = torch.optim.AdamW(master.master if master else [p for p in model.parameters() if p.requires_grad],
@@ -178,6 +178,8 @@ def main():
     p.add_argument("--block-kv", type=int, default=64)
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--profile-interval", type=int, default=50, help="DSV profile_interval_stage2")
+    p.add_argument("--no-fusion", action="store_true",
+                   help="eager elementwise tails (default on GPU: fused by Megatron's jit_fuser)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None)
@@ -227,13 +229,15 @@ def main():
     dense_impl = "transformer_engine" if dense_ops.te is not None else "torch SDPA (cuDNN first)"
     out = {"device": dev_name, "torch": torch.__version__, "dense_impl": dense_impl, "model": args.model,
            "hidden": base.hidden_size, "heads": base.num_heads, "head_dim": base.head_dim,
-           "block_q": args.block_q, "block_kv": args.block_kv, "cube": args.cube, "results": results}
+           "block_q": args.block_q, "block_kv": args.block_kv, "cube": args.cube,
+           "fused_elementwise": device.type == "cuda" and not args.no_fusion, "results": results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     precision = "bf16 (fp32 masters)" if device.type == "cuda" else "fp32"
+    fusion = "fused" if out["fused_elementwise"] else "eager"
     print(f"\n{dev_name}; dense = {dense_impl}; {args.model} shape x {args.num_layers} layers, {precision}, "
-          "micro-batch 1")
+          f"micro-batch 1, {fusion} elementwise tails")
     hdr = f"{'tokens':>7} {'mode':>12} {'step ms':>9} {'tok/s':>9} {'speedup':>8} {'peak GiB':>9} " \
           f"{'density':>8} {'attn %':>7} {'sel %':>6} {'pred %':>7}"
     print(hdr)
