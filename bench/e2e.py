@@ -9,8 +9,9 @@ count it measures, in one process:
                 importable, else torch SDPA with cuDNN first)
   dsv@learned   DSV in stage 2 with per-layer, per-head block sparsity taken from a DSV
                 log (--budgets-from, the JSON-lines file of --dsv-log of a training run;
-                its last record; layers reused cyclically)
-  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity
+                its last record; layers reused cyclically); a layer runs sparse only where
+                training would run it sparse (layer_sparsity_threshold, dense_fallback_density)
+  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity, every layer sparse
 
 Per mode: step time (median of --iters after --warmup), tokens/s, peak memory, and the
 share of the step spent in attention (core attention fwd+bwd timed alone on the same
@@ -141,7 +142,8 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
         m = dsv_metrics(model)
         steps = args.iters
         rec["sparse_layers"] = m["summary"]["sparse_layers"]
-        rec["density"] = statistics.mean(statistics.mean(l["budget"]) for l in m["layers"])
+        # Share of the (query, key) blocks attended, averaged over layers; a layer running dense counts 1.
+        rec["density"] = statistics.mean(statistics.mean(l["budget"]) if l["sparse"] else 1.0 for l in m["layers"])
         rec["selection_ms"] = m["summary"]["selection_ms"] / steps
         rec["attention_fwd_ms"] = m["summary"]["attention_ms"] / steps
         # Predictor upkeep: a step that profiles + fine-tunes (step % interval == 0) minus a plain one.
@@ -207,8 +209,11 @@ def main():
                         profile_interval_stage2=args.profile_interval, layer_sparsity_threshold=0.0,
                         dense_fallback_density=1.0)
         modes = [("dense", None, None)]
-        if learned:
-            modes.append(("dsv@learned", cfg, learned))
+        if learned:  # with the layer's own rules for when a layer runs sparse (defaults), as in training
+            defaults = DSVConfig()
+            modes.append(("dsv@learned", cfg.replace(layer_sparsity_threshold=defaults.layer_sparsity_threshold,
+                                                     dense_fallback_density=defaults.dense_fallback_density),
+                          learned))
         modes += [(f"dsv@{s:.2f}", cfg, [[s] * dit.num_heads]) for s in args.sparsity]
         dense_ms = None
         for name, mode_cfg, sparsity in modes:
