@@ -9,8 +9,9 @@ count it measures, in one process:
                 importable, else torch SDPA with cuDNN first)
   dsv@learned   DSV in stage 2 with per-layer, per-head block sparsity taken from a DSV
                 log (--budgets-from, the JSON-lines file of --dsv-log of a training run;
-                its last record; layers reused cyclically)
-  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity
+                its last record; layers reused cyclically); a layer runs sparse only where
+                training would run it sparse (layer_sparsity_threshold, dense_fallback_density)
+  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity, every layer sparse
 
 Per mode: step time (median of --iters after --warmup), tokens/s, peak memory, and the
 share of the step spent in attention (core attention fwd+bwd timed alone on the same
@@ -121,7 +122,7 @@ def time_core_attention(layer, s, heads, d, device, dtype, warmup, iters):
 def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
     torch.manual_seed(0)
     bf16 = device.type == "cuda"
-    model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16,
+    model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, fused=bf16 and not args.no_fusion,
                             cube=dsv_cfg.cube if dsv_cfg else tuple(args.cube)).to(device)
     master = MasterWeights(model) if bf16 else None  # bf16 weights, fp32 masters, as in training
     opt = torch.optim.AdamW(master.master if master else [p for p in model.parameters() if p.requires_grad],
@@ -141,7 +142,8 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
         m = dsv_metrics(model)
         steps = args.iters
         rec["sparse_layers"] = m["summary"]["sparse_layers"]
-        rec["density"] = statistics.mean(statistics.mean(l["budget"]) for l in m["layers"])
+        # Share of the (query, key) blocks attended, averaged over layers; a layer running dense counts 1.
+        rec["density"] = statistics.mean(statistics.mean(l["budget"]) if l["sparse"] else 1.0 for l in m["layers"])
         rec["selection_ms"] = m["summary"]["selection_ms"] / steps
         rec["attention_fwd_ms"] = m["summary"]["attention_ms"] / steps
         # Predictor upkeep: a step that profiles + fine-tunes (step % interval == 0) minus a plain one.
@@ -178,6 +180,8 @@ def main():
     p.add_argument("--block-kv", type=int, default=64)
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--profile-interval", type=int, default=50, help="DSV profile_interval_stage2")
+    p.add_argument("--no-fusion", action="store_true",
+                   help="eager elementwise tails (default on GPU: fused by Megatron's jit_fuser)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None)
@@ -205,8 +209,11 @@ def main():
                         profile_interval_stage2=args.profile_interval, layer_sparsity_threshold=0.0,
                         dense_fallback_density=1.0)
         modes = [("dense", None, None)]
-        if learned:
-            modes.append(("dsv@learned", cfg, learned))
+        if learned:  # with the layer's own rules for when a layer runs sparse (defaults), as in training
+            defaults = DSVConfig()
+            modes.append(("dsv@learned", cfg.replace(layer_sparsity_threshold=defaults.layer_sparsity_threshold,
+                                                     dense_fallback_density=defaults.dense_fallback_density),
+                          learned))
         modes += [(f"dsv@{s:.2f}", cfg, [[s] * dit.num_heads]) for s in args.sparsity]
         dense_ms = None
         for name, mode_cfg, sparsity in modes:
@@ -227,13 +234,15 @@ def main():
     dense_impl = "transformer_engine" if dense_ops.te is not None else "torch SDPA (cuDNN first)"
     out = {"device": dev_name, "torch": torch.__version__, "dense_impl": dense_impl, "model": args.model,
            "hidden": base.hidden_size, "heads": base.num_heads, "head_dim": base.head_dim,
-           "block_q": args.block_q, "block_kv": args.block_kv, "cube": args.cube, "results": results}
+           "block_q": args.block_q, "block_kv": args.block_kv, "cube": args.cube,
+           "fused_elementwise": device.type == "cuda" and not args.no_fusion, "results": results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     precision = "bf16 (fp32 masters)" if device.type == "cuda" else "fp32"
+    fusion = "fused" if out["fused_elementwise"] else "eager"
     print(f"\n{dev_name}; dense = {dense_impl}; {args.model} shape x {args.num_layers} layers, {precision}, "
-          "micro-batch 1")
+          f"micro-batch 1, {fusion} elementwise tails")
     hdr = f"{'tokens':>7} {'mode':>12} {'step ms':>9} {'tok/s':>9} {'speedup':>8} {'peak GiB':>9} " \
           f"{'density':>8} {'attn %':>7} {'sel %':>6} {'pred %':>7}"
     print(hdr)

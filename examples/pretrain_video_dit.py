@@ -82,6 +82,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--bf16", action="store_true", help="bf16 weights + fp32 master weights on CPU too")
     g.add_argument("--fp32", action="store_true", help="train in fp32 on GPU too (default there: bf16 weights, "
                    "fp32 master weights)")
+    g.add_argument("--no-fusion", action="store_true",
+                   help="run the layers' elementwise tails eagerly on GPU too (default there: fused by Megatron's "
+                   "jit_fuser, torch.compile)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -243,7 +246,8 @@ def main(argv=None):
     dsv_cfg = None if args.dense else DSVConfig.from_args(args)
     torch.manual_seed(args.seed)
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,
-                            cube=None if dsv_cfg else tuple(args.dsv_cube)).to(device)
+                            cube=None if dsv_cfg else tuple(args.dsv_cube),
+                            fused=device.type == "cuda" and not args.no_fusion).to(device)
     master = MasterWeights(model) if bf16 else None
     params = master.master if master else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))

@@ -51,6 +51,7 @@ from megatron_dsv.layers import SDPADotProductAttention
 from megatron_dsv.video import CubeLayout, PackedClips
 
 from .configs import DiTConfig
+from .fused import gated_residual, maybe_fused, norm_modulate, rms_norm_fp32
 from .rope import rope_3d
 
 CAPTION_SEED = 1234
@@ -65,9 +66,13 @@ class DiTLayerSubmodules:
 
 
 def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
-                   core_attention=SDPADotProductAttention) -> ModuleSpec:
-    """The DiT layer spec (dense). Pass it through ``apply_dsv`` for DSV self-attention."""
-    qk = QKNorm if qk_norm else None
+                   core_attention=SDPADotProductAttention, fused: bool = False) -> ModuleSpec:
+    """The DiT layer spec (dense). Pass it through ``apply_dsv`` for DSV self-attention.
+
+    ``fused``: the layer's elementwise tails (adaLN, gated residuals, q/k RMSNorm) run through
+    Megatron's jit_fuser (see fused.py); pair it with ``make_transformer_config(fused=True)``.
+    """
+    qk = ModuleSpec(module=QKNorm, params={"fused": fused}) if qk_norm else None
     self_attn = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.no_mask},
@@ -93,7 +98,7 @@ def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
         )
     mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                           linear_fc2=RowParallelLinear))
-    return ModuleSpec(module=DiTLayer, submodules=DiTLayerSubmodules(
+    return ModuleSpec(module=DiTLayer, params={"fused": fused}, submodules=DiTLayerSubmodules(
         self_attention=self_attn, mlp=mlp, cross_attention=cross_attn))
 
 
@@ -105,31 +110,21 @@ class QKNorm(nn.Module):
     (Transformer Engine) norms do. Same constructor as Megatron's norm builders.
     """
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, fused: bool = False,
+                 **unused):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self._rms_norm = maybe_fused(rms_norm_fp32, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return y.to(x.dtype)
+            return self._rms_norm(x, self.weight, self.eps)
 
 
 def _per_token(m):
     """Modulation [b, h] (one per sample) -> [1, b, h]; packed clips give one per token, [s, b, h]."""
     return m if m.dim() == 3 else m.unsqueeze(0)
-
-
-def _modulate(x, shift, scale):
-    # x [s, b, h]
-    return x * (1 + _per_token(scale)) + _per_token(shift)
-
-
-def _add_bias(out_and_bias):
-    out, bias = out_and_bias
-    return out if bias is None else out + bias
 
 
 class DiTLayer(MegatronModule, BaseTransformerLayer):
@@ -142,7 +137,7 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
 
     def __init__(self, config: TransformerConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
                  hidden_dropout: Optional[float] = None, pg_collection: Optional[ProcessGroupCollection] = None,
-                 vp_stage: Optional[int] = None):
+                 vp_stage: Optional[int] = None, fused: bool = False):
         super().__init__(config=config)
         if config.hidden_dropout or (hidden_dropout or 0.0):
             raise NotImplementedError("DiTLayer does not implement hidden dropout; set hidden_dropout=0")
@@ -150,7 +145,9 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.layer_number = layer_number
         h, eps = config.hidden_size, config.layernorm_epsilon
-        self.norm_attn = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.eps = eps
+        self._norm_modulate = maybe_fused(norm_modulate, fused)  # pre-attention and pre-MLP LayerNorm + adaLN
+        self._residual = maybe_fused(gated_residual, fused)
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            pg_collection=pg_collection)
         self.cross_attention = None
@@ -158,7 +155,6 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             self.norm_cross = nn.LayerNorm(h, eps=eps)
             self.cross_attention = build_module(submodules.cross_attention, config=config,
                                                 layer_number=layer_number, pg_collection=pg_collection)
-        self.norm_mlp = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
                                 tp_group=pg_collection.tp)
         self.adaln = nn.Linear(h, 6 * h)
@@ -178,15 +174,18 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         mods = self.adaln(F.silu(cond)).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         x = hidden_states
-        attn = _add_bias(self.self_attention(_modulate(self.norm_attn(x), shift_a, scale_a), attention_mask=None,
-                                             rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params))
-        x = x + _per_token(gate_a) * attn
+        attn_in = self._norm_modulate(x, _per_token(shift_a), _per_token(scale_a), self.eps)
+        attn = self.self_attention(attn_in, attention_mask=None, rotary_pos_emb=rotary_pos_emb,
+                                   packed_seq_params=packed_seq_params)
+        x = self._residual(x, *attn, _per_token(gate_a))
         if self.cross_attention is not None:
             if context is None:
                 raise ValueError("this DiT has cross-attention layers: pass caption ids")
-            x = x + _add_bias(self.cross_attention(self.norm_cross(x), attention_mask=None, key_value_states=context,
-                                                   packed_seq_params=_caption_params(packed_seq_params, context)))
-        x = x + _per_token(gate_m) * _add_bias(self.mlp(_modulate(self.norm_mlp(x), shift_m, scale_m)))
+            cross = self.cross_attention(self.norm_cross(x), attention_mask=None, key_value_states=context,
+                                         packed_seq_params=_caption_params(packed_seq_params, context))
+            x = self._residual(x, *cross, None)
+        mlp = self.mlp(self._norm_modulate(x, _per_token(shift_m), _per_token(scale_m), self.eps))
+        x = self._residual(x, *mlp, _per_token(gate_m))
         return x, context
 
 
@@ -236,8 +235,13 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
-def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bool = False) -> TransformerConfig:
-    """Megatron TransformerConfig for the DiT trunk (CPU-initialised, so identical on any device)."""
+def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bool = False,
+                            fused: bool = False) -> TransformerConfig:
+    """Megatron TransformerConfig for the DiT trunk (CPU-initialised, so identical on any device).
+
+    The MLP's activation is GELU's tanh approximation either way: ``fused`` selects Megatron's
+    jit-fused bias-GELU, which computes that approximation for ``F.gelu``.
+    """
     kwargs = {}
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -250,8 +254,8 @@ def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         add_bias_linear=True,
-        activation_func=lambda x: F.gelu(x, approximate="tanh"),
-        bias_activation_fusion=False,
+        activation_func=F.gelu if fused else _gelu_tanh,
+        bias_activation_fusion=fused,
         apply_rope_fusion=False,
         qk_layernorm=dit.qk_norm,  # megatron-core >= 0.19 only builds the spec's q/k norms when this is set
         use_cpu_initialization=True,
@@ -259,6 +263,10 @@ def make_transformer_config(dit: DiTConfig, *, bf16: bool = False, recompute: bo
         params_dtype=torch.float32,
         **kwargs,
     )
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
 
 
 class VideoDiT(MegatronModule):
@@ -271,10 +279,11 @@ class VideoDiT(MegatronModule):
         cube: token cube (t, h, w) for the cube-major layout (DSVConfig.cube).
         align: packed clips start on multiples of this many tokens (DSV: max(block_q, block_kv), so
             its layers move no data to align them).
+        fused: the final adaLN runs through Megatron's jit_fuser (as the layers do with a fused spec).
     """
 
     def __init__(self, config: TransformerConfig, dit: DiTConfig, layer_spec: ModuleSpec, cube=(4, 4, 4),
-                 align: int = 1):
+                 align: int = 1, fused: bool = False):
         super().__init__(config=config)
         self.dit = dit
         self.cube, self.align = tuple(cube), align
@@ -301,7 +310,7 @@ class VideoDiT(MegatronModule):
                     if attn.linear_qkv.bias is not None:
                         b = attn.linear_qkv.bias.view(-1, 3, dit.head_dim)
                         b[:, 1] = b[:, 0]
-        self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, elementwise_affine=False)
+        self._final_norm_modulate = maybe_fused(norm_modulate, fused)
         self.final_adaln = nn.Linear(h, 2 * h)
         self.final_linear = nn.Linear(h, dit.patch_dim)
         for lin in (self.final_adaln, self.final_linear):
@@ -310,6 +319,10 @@ class VideoDiT(MegatronModule):
         # 3D RoPE angles of the tokens in cube order: they move with the tokens.
         self.register_buffer("rope", rope_3d(self.layout.positions(), dit.head_dim, dit.rope_theta),
                              persistent=False)
+
+    def _final_modulate(self, hidden, cond):
+        shift, scale = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
+        return self._final_norm_modulate(hidden, _per_token(shift), _per_token(scale), self.config.layernorm_epsilon)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, caption: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, C, T, H, W] noisy latent, t [b] in [0, 1], caption [b] int64 ids -> velocity like x."""
@@ -327,8 +340,7 @@ class VideoDiT(MegatronModule):
                 raise ValueError("this model has text cross-attention: pass caption ids")
             context = self.text_proj(self.caption_table[caption].to(dtype)).transpose(0, 1).contiguous()  # [L,b,h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=context, rotary_pos_emb=self.rope)
-        shift, scale = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
-        out = self.final_linear(_modulate(self.final_norm(hidden), shift, scale))  # [S, b, patch_dim]
+        out = self.final_linear(self._final_modulate(hidden, cond))  # [S, b, patch_dim]
         out = self.layout.from_cube_sbh(out).transpose(0, 1)  # [b, S, patch_dim] raster
         return unpatchify(out, dit.grid, dit.patch, dit.latent_channels)
 
@@ -358,21 +370,23 @@ class VideoDiT(MegatronModule):
         params = clips.packed_seq_params(qkv_format="sbhd")
         hidden = self.decoder(hidden_states=tokens[:, None].contiguous(), attention_mask=cond_tok, context=context,
                               rotary_pos_emb=rope, packed_seq_params=params)
-        shift, scale = self.final_adaln(F.silu(cond_tok)).chunk(2, dim=-1)
-        out = self.final_linear(_modulate(self.final_norm(hidden), shift, scale))[:, 0]  # [S, patch_dim]
+        out = self.final_linear(self._final_modulate(hidden, cond_tok))[:, 0]  # [S, patch_dim]
         return [unpatchify(o[None], grid, dit.patch, dit.latent_channels)[0]
                 for o, grid in zip(clips.unpack(out), grids)]
 
 
 def build_video_dit(dit: DiTConfig, *, dsv_config=None, bf16: bool = False, recompute: bool = False,
-                    cube=None) -> VideoDiT:
-    """The DiT with dense SDPA self-attention, or DSV self-attention when ``dsv_config`` is given."""
-    spec = dit_layer_spec(cross_attention=dit.text_len > 0, qk_norm=dit.qk_norm)
+                    cube=None, fused: bool = False) -> VideoDiT:
+    """The DiT with dense SDPA self-attention, or DSV self-attention when ``dsv_config`` is given.
+
+    ``fused``: elementwise tails through Megatron's jit_fuser (torch.compile; meant for GPU runs).
+    """
+    spec = dit_layer_spec(cross_attention=dit.text_len > 0, qk_norm=dit.qk_norm, fused=fused)
     if dsv_config is not None:
         from megatron_dsv.layers import apply_dsv
 
         spec = apply_dsv(spec, dsv_config)
         cube = dsv_config.cube
-    config = make_transformer_config(dit, bf16=bf16, recompute=recompute)
+    config = make_transformer_config(dit, bf16=bf16, recompute=recompute, fused=fused)
     align = max(dsv_config.block_q, dsv_config.block_kv) if dsv_config is not None else 1
-    return VideoDiT(config, dit, spec, cube=cube or (4, 4, 4), align=align)
+    return VideoDiT(config, dit, spec, cube=cube or (4, 4, 4), align=align, fused=fused)
