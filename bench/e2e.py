@@ -181,7 +181,7 @@ def main():
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--profile-interval", type=int, default=50, help="DSV profile_interval_stage2")
     p.add_argument("--no-fusion", action="store_true",
-                   help="eager elementwise tails (default on GPU: fused by Megatron's jit_fuser)")
+                   help="eager elementwise tails (default on GPU: compiled by torch.compile)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None)

@@ -83,8 +83,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fp32", action="store_true", help="train in fp32 on GPU too (default there: bf16 weights, "
                    "fp32 master weights)")
     g.add_argument("--no-fusion", action="store_true",
-                   help="run the layers' elementwise tails eagerly on GPU too (default there: fused by Megatron's "
-                   "jit_fuser, torch.compile)")
+                   help="run the layers' elementwise tails eagerly on GPU too (default there: compiled by "
+                   "torch.compile)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")

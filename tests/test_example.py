@@ -85,43 +85,45 @@ def _fused_and_eager(dit, dsv_config=None):
     return fused, eager
 
 
-def _assert_same_step(fused, eager, batch, **tol):
-    grads = []
-    for model in (fused, eager):
-        model.zero_grad()
-        loss = flow_matching_loss(model, *batch[:2], t=batch[2], noise=batch[3])
-        loss.backward()
-        grads.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (lf, gf), (le, ge) = grads
-    torch.testing.assert_close(lf, le, **tol)
-    assert gf.keys() == ge.keys()
-    for name in ge:
-        torch.testing.assert_close(gf[name], ge[name], **tol, msg=lambda m: f"{name}: {m}")
+def _step_grads(model, batch):
+    model.zero_grad()
+    loss = flow_matching_loss(model, *batch[:2], t=batch[2], noise=batch[3])
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_fused_build_computes_the_eager_model(megatron_parallel, monkeypatch):
-    """fused=True swaps in Megatron's bias-GELU (hand-written backward) and routes adaLN, residuals
-    and q/k RMSNorm through jit_fuser: with torch.compile switched off (as on CPU) the step must be
-    the eager build's, forward and every gradient."""
+    """fused=True swaps in Megatron's bias-GELU (hand-written backward) and routes the adaLN
+    modulation, residuals and q/k RMSNorm through torch.compile: with compilation switched off
+    the step must be the eager build's, forward and every gradient."""
     import torch._dynamo
 
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     fused, eager = _fused_and_eager(SMALL)
     assert fused.config.bias_activation_fusion and not eager.config.bias_activation_fusion
-    layer = fused.decoder.layers[0]
-    assert layer._residual is not eager.decoder.layers[0]._residual  # the compiled wrapper, not the function
-    _assert_same_step(fused, eager, _batch(SMALL), rtol=1e-5, atol=1e-6)
+    assert fused.decoder.layers[0]._residual is not eager.decoder.layers[0]._residual  # compiled wrapper
+    batch = _batch(SMALL)
+    (lf, gf), (le, ge) = _step_grads(fused, batch), _step_grads(eager, batch)
+    torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-6)
+    assert gf.keys() == ge.keys()
+    for name in ge:
+        torch.testing.assert_close(gf[name], ge[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the fused tails runs on CUDA only")
 def test_fused_compiled_matches_eager_cuda(megatron_parallel):
-    """On the GPU the fused build really compiles: bf16 step within rounding of the eager build,
-    for the dense and the DSV (stage 1) model."""
+    """On the GPU the fused build really compiles. One bf16 step at batch 1 and 16k tokens (the case
+    where Inductor's mix-order reduction broke adaLN gradients, see fused.py) must match the eager
+    build within bf16 rounding, every gradient tensor, for the dense and the DSV (stage 1) model."""
+    dit = SMALL.replace(latent_shape=(16, 64, 64))
+    batch = tuple(t.cuda() for t in _batch(dit, n=1))
     for dsv_config in (None, DSV):
-        fused, eager = _fused_and_eager(SMALL, dsv_config)
-        fused, eager = fused.cuda().bfloat16(), eager.cuda().bfloat16()
-        batch = tuple(t.cuda() for t in _batch(SMALL))
-        _assert_same_step(fused, eager, batch, rtol=3e-2, atol=3e-3)
+        fused, eager = (m.cuda().bfloat16() for m in _fused_and_eager(dit, dsv_config))
+        (lf, gf), (le, ge) = _step_grads(fused, batch), _step_grads(eager, batch)
+        torch.testing.assert_close(lf, le, rtol=2e-2, atol=1e-3)
+        for name in ge:
+            err = (gf[name].float() - ge[name].float()).norm() / ge[name].float().norm().clamp_min(1e-12)
+            assert err < 3e-2, f"{name}: relative error {err:.3g} (dsv={dsv_config is not None})"
 
 
 def test_output_independent_of_cube_layout(megatron_parallel):

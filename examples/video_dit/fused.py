@@ -1,13 +1,17 @@
-"""The DiT layer's elementwise tails, written once and optionally fused by Megatron's jit_fuser.
+"""The DiT layer's elementwise tails, written once and optionally fused by torch.compile.
 
 At 64k tokens and hidden 2048 every [s, b, h] activation is 268 MB in bf16, and eager
 PyTorch makes one pass over device memory per operator: the fp32 q/k RMSNorm alone takes
-about a dozen passes forward and more backward. A layer built with ``fused=True`` runs the
-functions below through ``megatron.core.jit.jit_fuser`` (torch.compile), which turns each
-into one kernel forward and one or two backward; the MLP's bias + GELU goes through
-Megatron's own fused bias-GELU (``bias_activation_fusion``). Built with ``fused=False`` the
-same functions run eagerly, so both builds compute the same thing and CPU runs need no
-compiler.
+about a dozen passes forward and more backward. A layer built with ``fused=True`` compiles
+the functions below (one kernel forward, one or two backward, instead of a chain of
+passes); the MLP's bias + GELU goes through Megatron's fused bias-GELU
+(``bias_activation_fusion``). Built with ``fused=False`` the same functions run eagerly,
+so both builds compute the same thing and CPU runs need no compiler.
+
+LayerNorm stays outside the compiled graphs, and Inductor's mix-order reduction is off
+for them: torch 2.10-2.13 compile LayerNorm + adaLN modulation with a batch of one into a
+backward that returns wrongly shaped or silently wrong gradients for the modulation
+(pytorch/pytorch#193061, #178080; seen here on an H100 with torch 2.11).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from megatron.core.jit import jit_fuser
+import torch._inductor.config as inductor_config
+
+_COMPILE_OPTIONS = ({"triton.mix_order_reduction": False}
+                    if hasattr(inductor_config.triton, "mix_order_reduction") else {})
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN: LayerNorm without affine over the last dim, then x * (1 + scale) + shift."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of a normalised x: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
@@ -40,5 +46,5 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def maybe_fused(fn, fused: bool):
-    """``fn`` compiled by Megatron's jit_fuser when ``fused``, else ``fn`` itself."""
-    return jit_fuser(fn) if fused else fn
+    """``fn`` compiled when ``fused``, else ``fn`` itself."""
+    return torch.compile(fn, options=_COMPILE_OPTIONS) if fused else fn

@@ -51,7 +51,7 @@ from megatron_dsv.layers import SDPADotProductAttention
 from megatron_dsv.video import CubeLayout, PackedClips
 
 from .configs import DiTConfig
-from .fused import gated_residual, maybe_fused, norm_modulate, rms_norm_fp32
+from .fused import gated_residual, maybe_fused, modulate, rms_norm_fp32
 from .rope import rope_3d
 
 CAPTION_SEED = 1234
@@ -69,8 +69,8 @@ def dit_layer_spec(cross_attention: bool = True, qk_norm: bool = True,
                    core_attention=SDPADotProductAttention, fused: bool = False) -> ModuleSpec:
     """The DiT layer spec (dense). Pass it through ``apply_dsv`` for DSV self-attention.
 
-    ``fused``: the layer's elementwise tails (adaLN, gated residuals, q/k RMSNorm) run through
-    Megatron's jit_fuser (see fused.py); pair it with ``make_transformer_config(fused=True)``.
+    ``fused``: the layer's elementwise tails (adaLN modulation, gated residuals, q/k RMSNorm) run
+    compiled (see fused.py); pair it with ``make_transformer_config(fused=True)``.
     """
     qk = ModuleSpec(module=QKNorm, params={"fused": fused}) if qk_norm else None
     self_attn = ModuleSpec(
@@ -145,8 +145,9 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.layer_number = layer_number
         h, eps = config.hidden_size, config.layernorm_epsilon
-        self.eps = eps
-        self._norm_modulate = maybe_fused(norm_modulate, fused)  # pre-attention and pre-MLP LayerNorm + adaLN
+        self.norm_attn = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
+        self.norm_mlp = nn.LayerNorm(h, eps=eps, elementwise_affine=False)
+        self._modulate = maybe_fused(modulate, fused)
         self._residual = maybe_fused(gated_residual, fused)
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            pg_collection=pg_collection)
@@ -174,7 +175,7 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         mods = self.adaln(F.silu(cond)).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         x = hidden_states
-        attn_in = self._norm_modulate(x, _per_token(shift_a), _per_token(scale_a), self.eps)
+        attn_in = self._modulate(self.norm_attn(x), _per_token(shift_a), _per_token(scale_a))
         attn = self.self_attention(attn_in, attention_mask=None, rotary_pos_emb=rotary_pos_emb,
                                    packed_seq_params=packed_seq_params)
         x = self._residual(x, *attn, _per_token(gate_a))
@@ -184,7 +185,7 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
             cross = self.cross_attention(self.norm_cross(x), attention_mask=None, key_value_states=context,
                                          packed_seq_params=_caption_params(packed_seq_params, context))
             x = self._residual(x, *cross, None)
-        mlp = self.mlp(self._norm_modulate(x, _per_token(shift_m), _per_token(scale_m), self.eps))
+        mlp = self.mlp(self._modulate(self.norm_mlp(x), _per_token(shift_m), _per_token(scale_m)))
         x = self._residual(x, *mlp, _per_token(gate_m))
         return x, context
 
@@ -279,7 +280,7 @@ class VideoDiT(MegatronModule):
         cube: token cube (t, h, w) for the cube-major layout (DSVConfig.cube).
         align: packed clips start on multiples of this many tokens (DSV: max(block_q, block_kv), so
             its layers move no data to align them).
-        fused: the final adaLN runs through Megatron's jit_fuser (as the layers do with a fused spec).
+        fused: the final adaLN modulation runs compiled (as the layers' do with a fused spec).
     """
 
     def __init__(self, config: TransformerConfig, dit: DiTConfig, layer_spec: ModuleSpec, cube=(4, 4, 4),
@@ -310,7 +311,8 @@ class VideoDiT(MegatronModule):
                     if attn.linear_qkv.bias is not None:
                         b = attn.linear_qkv.bias.view(-1, 3, dit.head_dim)
                         b[:, 1] = b[:, 0]
-        self._final_norm_modulate = maybe_fused(norm_modulate, fused)
+        self.final_norm = nn.LayerNorm(h, eps=config.layernorm_epsilon, elementwise_affine=False)
+        self._final_modulate_fn = maybe_fused(modulate, fused)
         self.final_adaln = nn.Linear(h, 2 * h)
         self.final_linear = nn.Linear(h, dit.patch_dim)
         for lin in (self.final_adaln, self.final_linear):
@@ -322,7 +324,7 @@ class VideoDiT(MegatronModule):
 
     def _final_modulate(self, hidden, cond):
         shift, scale = self.final_adaln(F.silu(cond)).chunk(2, dim=-1)
-        return self._final_norm_modulate(hidden, _per_token(shift), _per_token(scale), self.config.layernorm_epsilon)
+        return self._final_modulate_fn(self.final_norm(hidden), _per_token(shift), _per_token(scale))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, caption: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, C, T, H, W] noisy latent, t [b] in [0, 1], caption [b] int64 ids -> velocity like x."""
@@ -379,7 +381,7 @@ def build_video_dit(dit: DiTConfig, *, dsv_config=None, bf16: bool = False, reco
                     cube=None, fused: bool = False) -> VideoDiT:
     """The DiT with dense SDPA self-attention, or DSV self-attention when ``dsv_config`` is given.
 
-    ``fused``: elementwise tails through Megatron's jit_fuser (torch.compile; meant for GPU runs).
+    ``fused``: compiled elementwise tails and Megatron's fused bias-GELU (meant for GPU runs).
     """
     spec = dit_layer_spec(cross_attention=dit.text_len > 0, qk_norm=dit.qk_norm, fused=fused)
     if dsv_config is not None:
