@@ -137,6 +137,26 @@ def planted_batch(gen, s=256, b=1, heads=2, d=32, r=4, block_q=32, block_kv=32, 
     return tuple(t.unsqueeze(1).expand(s, b, heads, d).contiguous() for t in (q, k, v))
 
 
+def test_predictor_loss_is_the_cosine_and_normalised_mse_mix():
+    """The loss in its (2 - w)(1 - cos) form equals w * cosine distance + (1 - w) * squared distance
+    of the L2-normalised rows, in value and in gradient, on random logits."""
+    import torch.nn.functional as F
+
+    from megatron_dsv.layers.predictor import LowRankPredictor
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 3, 5, 40, generator=gen, dtype=torch.float64) * 4
+    pred = torch.randn(2, 3, 5, 40, generator=gen, dtype=torch.float64).requires_grad_()
+    for w in (0.95, 0.3):
+        mix = (w * (1 - F.cosine_similarity(pred, target, dim=-1))
+               + (1 - w) * (F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)).pow(2).sum(-1)).mean(dim=(0, 2))
+        loss = LowRankPredictor.loss(pred, target, w)
+        torch.testing.assert_close(loss, mix)
+        grad_mix, = torch.autograd.grad(mix.sum(), pred)
+        grad, = torch.autograd.grad(loss.sum(), pred)
+        torch.testing.assert_close(grad, grad_mix)
+
+
 def test_predictor_learns_planted_pattern(megatron_parallel):
     gen = torch.Generator().manual_seed(0)
     cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,

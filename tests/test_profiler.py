@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megatron_dsv.layers.profiler import block_mass, profile_logits, ranked_cover, selection_recall, smallest_cover
+from megatron_dsv.layers.profiler import block_mass, profile_logits, recall_budget, selection_recall, smallest_cover
 
 
 def test_smallest_cover():
@@ -38,13 +38,34 @@ def test_block_mass_partial_last_block_and_recall():
     assert math.isclose(float(recall), 24 / 40, rel_tol=1e-6)
 
 
-def test_ranked_cover_pays_for_the_estimators_order():
-    mass = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
+def test_recall_budget_pays_for_the_estimators_order():
+    mass = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
     # The oracle's order gives the smallest cover; a worse order needs more entries for the same mass.
-    assert torch.equal(ranked_cover(mass, mass, 0.8), smallest_cover(mass, 0.8))
-    assert ranked_cover(mass, torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0] * 4]), 0.8).tolist() == [4, 4]
+    assert torch.equal(recall_budget(mass, 0.8), smallest_cover(mass, 0.8)[0])
+    assert recall_budget(mass, 0.8, torch.tensor([[0.0, 3.0, 2.0, 1.0]])) == 4
     # Ties go to the lower index, as in the selection: [0, 1] hold 0.55, then 2 -> 0.85.
-    assert ranked_cover(mass, torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0] * 4]), 0.8).tolist() == [3, 4]
+    assert recall_budget(mass, 0.8, torch.tensor([[1.0, 1.0, 0.0, 0.0]])) == 3
+
+
+def test_recall_budget_holds_theta_on_average_over_cubes():
+    """A cube that needs one block and one that needs all four: the mean of their covers (2.5 -> 3
+    blocks) would leave the mean recall at 0.875; the budget is the fewest blocks whose selection
+    holds theta on average, so the recall it gives is at least theta."""
+    cube_mass = torch.tensor([[[[0.9, 0.1, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]]])  # [b, h, cubes, n_kv]
+    theta = 0.9
+    assert smallest_cover(cube_mass, theta).float().mean() == 2.5
+    k = int(recall_budget(cube_mass[0, 0], theta))
+    assert k == 4
+
+    def recall(k):
+        kv_idx = cube_mass.argsort(dim=-1, descending=True, stable=True)[..., :k].int()
+        return float(selection_recall(cube_mass, kv_idx, torch.full((1, 1, 2), k)))
+
+    assert recall(k) >= theta > recall(k - 1)
+    # Through profile_logits: two rows per cube with exactly these block masses.
+    logits = torch.log(cube_mass.repeat_interleave(2, dim=2).repeat_interleave(8, dim=-1) / 8 + 1e-30)
+    _, blk, _ = profile_logits(logits, torch.tensor([0, 0, 1, 1]), theta=theta, block_kv=8)
+    assert math.isclose(float(blk), 1 - k / 4, abs_tol=1e-6)
 
 
 def test_block_sparsity_follows_the_estimators_ranking():

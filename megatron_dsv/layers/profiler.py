@@ -3,13 +3,16 @@
 Works on the true attention probabilities of the rows of sampled query blocks (cubes).
 Token sparsity, as the paper defines it: per row, the share of keys outside the smallest
 set holding `theta` of the mass, averaged over rows. Block sparsity, which drives the
-per-head budget: per cube, the share of KV blocks outside the shortest run of blocks, taken
-in the estimator's ranking (the order the selection takes them in), that holds `theta` of the
-cube's mean attention mass, averaged over cubes. With a perfect estimator that run is the
-smallest such set; with an imprecise one it is longer, so the budget grows until the selected
-blocks hold `theta` of the mass again instead of the selection silently missing mass. It is
-per cube because one selection serves all rows of a cube: the union of the rows' own critical
-blocks is what the budget must pay for.
+per-head budget: the share of KV blocks outside the fewest blocks k that, selected per cube
+in the estimator's ranking (the order the selection takes them in), hold `theta` of the
+cubes' attention mass on average. That average is what the selection's recall measures,
+so a budget of k blocks gives each head a recall of about `theta` on the profiled rows. A
+cover per cube, averaged over cubes, would not: one k serves every cube, and the cubes
+whose attention spreads over more blocks than the mean lose more mass than the others
+gain. An imprecise estimator ranks blocks worse, so it needs a larger k for the same mass
+instead of the selection silently missing mass. It is per cube because one selection
+serves all rows of a cube: the union of the rows' own critical blocks is what the budget
+must pay for.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ def smallest_cover(mass: torch.Tensor, theta: float) -> torch.Tensor:
     return ((cum < theta).sum(dim=-1) + 1).clamp(max=mass.shape[-1])
 
 
-def ranked_cover(mass: torch.Tensor, scores: torch.Tensor, theta: float) -> torch.Tensor:
-    """Length of the shortest prefix of each row of `mass` (rows sum to 1), entries taken by
-    descending `scores` (ties to the lower index, as the selection breaks them), holding theta."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    cum = mass.gather(-1, order).cumsum(dim=-1)
-    return ((cum < theta).sum(dim=-1) + 1).clamp(max=mass.shape[-1])
+def recall_budget(mass: torch.Tensor, theta: float, scores: torch.Tensor = None) -> torch.Tensor:
+    """Fewest entries k such that each row's first k entries, taken by descending `scores`
+    (ties to the lower index, as the selection breaks them; default: by mass, the oracle),
+    hold theta of the mass on average over the rows. mass [..., rows, n] (rows sum to 1) -> [...]."""
+    order = torch.sort(mass if scores is None else scores, dim=-1, descending=True, stable=True).indices
+    held = mass.gather(-1, order).cumsum(dim=-1).mean(dim=-2)  # [..., n]: mean mass held by the first k
+    return ((held < theta).sum(dim=-1) + 1).clamp(max=mass.shape[-1])
 
 
 def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
@@ -45,8 +49,8 @@ def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: fl
 
     logits: [b, h, n, S] true pre-softmax logits (already scaled); cube_of_row: [n] query block of
     each row (ascending); cube_scores: [b, h, cubes, n_kv] the estimator's block scores of each
-    sampled cube (None: the oracle's order, the smallest cover). Returns (token_sparsity [h],
-    block_sparsity [h], block_mass [b, h, n, n_kv]).
+    sampled cube (None: the oracle's order). Returns (token_sparsity [h], block_sparsity [h],
+    block_mass [b, h, n, n_kv]).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     s = probs.shape[-1]
@@ -55,8 +59,9 @@ def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: fl
     cubes, group = torch.unique(cube_of_row, return_inverse=True)
     cube_mass = torch.zeros(*mass.shape[:2], len(cubes), mass.shape[-1], device=mass.device).index_add_(2, group, mass)
     cube_mass /= torch.bincount(group, minlength=len(cubes)).view(1, 1, -1, 1)
-    cover = smallest_cover(cube_mass, theta) if cube_scores is None else ranked_cover(cube_mass, cube_scores, theta)
-    blk = 1.0 - cover.float().mean(dim=(0, 2)) / mass.shape[-1]
+    per_head = (lambda t: t.transpose(0, 1).flatten(1, 2))  # [b, h, cubes, n_kv] -> [h, b * cubes, n_kv]
+    k = recall_budget(per_head(cube_mass), theta, None if cube_scores is None else per_head(cube_scores))
+    blk = 1.0 - k.float() / mass.shape[-1]
     return tok, blk, mass
 
 
