@@ -408,6 +408,7 @@ class DSVDotProductAttention(_CoreAttention):
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
                     local["token_sparsity"][hs] += tok * weight
+                    # The budget of this piece's cubes; pieces, ranks and replicas average theirs by rows.
                     local["block_sparsity"][hs] += blk * weight
                     local["recall"][hs] += selection_recall(mass, kv_idx, kv_cnt) * weight
                 del target
