@@ -130,10 +130,17 @@ def make_datasets(args, dit):
         kw = dict(frame_stride=args.frame_stride, num_captions=dit.num_captions)
         return (VideoFolder(args.data_path, channels, shape, seed=args.seed, **kw),
                 VideoFolder(args.val_data_path or args.data_path, channels, shape, seed=val_seed, **kw))
-    dataset = MovingShapes
-    if args.data == "images":
-        from video_dit.data_images import CameraOverImages as dataset
+    dataset = generated_dataset(args.data)
     return dataset(channels, shape, seed=args.seed), dataset(channels, shape, seed=val_seed)
+
+
+def generated_dataset(data: str):
+    """The dataset class of a built-in --data choice (procedural shapes, or camera moves over photos)."""
+    if data == "images":
+        from video_dit.data_images import CameraOverImages
+
+        return CameraOverImages
+    return MovingShapes
 
 
 def pack_shapes(shape, patch):
@@ -149,11 +156,9 @@ class PackedBatches:
 
     def __init__(self, args, dit):
         self.shapes = pack_shapes(dit.latent_shape, dit.patch)
-        dataset = MovingShapes
-        if args.data == "images":
-            from video_dit.data_images import CameraOverImages as dataset
-        elif args.data != "shapes":
+        if args.data not in ("shapes", "images"):
             raise ValueError("--pack works with --data shapes or images")
+        dataset = generated_dataset(args.data)
         self.data = [dataset(dit.latent_channels, shape, seed=args.seed + i) for i, shape in enumerate(self.shapes)]
 
     def batch(self, start: int, size: int):

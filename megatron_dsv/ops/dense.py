@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .layout import LAYOUTS, from_bhsd, to_bhsd
+from .layout import LAYOUTS, from_bhsd, seq_dim, to_bhsd
 
 try:  # Optional: used when importable, never required.
     import transformer_engine.pytorch as te
@@ -54,14 +54,14 @@ def dense_attention(q, k, v, *, scale=None, layout="bshd", segments=None, kv_seg
 
 
 def _dense_packed(q, k, v, scale, layout, segments, kv_segments):
-    seq_dim = 1 if layout == "bshd" else 0
+    dim = seq_dim(layout)
     if len(kv_segments) != len(segments):
         raise ValueError(f"{len(segments)} query sequences but {len(kv_segments)} key/value sequences")
     for name, t, seg in (("q", q, segments), ("k", k, kv_segments), ("v", v, kv_segments)):
-        if t.shape[seq_dim] != seg.total:
-            raise ValueError(f"{name} holds {t.shape[seq_dim]} tokens, its segments describe {seg.total}")
-    outs = [dense_attention(q.narrow(seq_dim, qs, ql), k.narrow(seq_dim, ks, kl), v.narrow(seq_dim, ks, kl),
+        if t.shape[dim] != seg.total:
+            raise ValueError(f"{name} holds {t.shape[dim]} tokens, its segments describe {seg.total}")
+    outs = [dense_attention(q.narrow(dim, qs, ql), k.narrow(dim, ks, kl), v.narrow(dim, ks, kl),
                             scale=scale, layout=layout)
             for (qs, ql), (ks, kl) in zip(zip(segments.starts, segments.lengths),
                                           zip(kv_segments.starts, kv_segments.lengths))]
-    return segments.scatter(torch.cat(outs, dim=seq_dim), seq_dim)  # zeros on query padding
+    return segments.scatter(torch.cat(outs, dim=dim), dim)  # zeros on query padding

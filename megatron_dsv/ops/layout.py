@@ -15,6 +15,11 @@ def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bshd" else x.permute(2, 0, 1, 3)
 
 
+def seq_dim(layout: str) -> int:
+    """The sequence dimension of a bshd or sbhd tensor."""
+    return 1 if layout == "bshd" else 0
+
+
 def split_dims(x: torch.Tensor, layout: str):
     """(batch, seq, heads, head_dim) sizes of a tensor in the given layout."""
     if layout == "bshd":

@@ -10,17 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import to_bhsd, from_bhsd
+from .layout import from_bhsd, seq_dim, to_bhsd
 
 
 def _pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 2 of a [b, h, s, d] tensor to a multiple of `multiple`."""
     pad = (-x.shape[2]) % multiple
     return F.pad(x, (0, 0, 0, pad)) if pad else x
-
-
-def _seq_slice(x, layout, start, stop):
-    return x[:, start:stop] if layout == "bshd" else x[start:stop]
 
 
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
@@ -89,14 +85,14 @@ def _packed_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, s
     for c, (start, length) in enumerate(zip(segments.starts, segments.lengths)):
         q_lo, q_hi = segments.block_range(c, block_q)
         kv_lo = segments.block_range(c, block_kv)[0]
-        clip = [_seq_slice(t, layout, start, start + length) for t in (q, k, v)]
+        clip = [t.narrow(seq_dim(layout), start, length) for t in (q, k, v)]
         out, lse = block_sparse_attention_reference(
             *clip, kv_idx[:, :, q_lo:q_hi] - kv_lo, kv_cnt[:, :, q_lo:q_hi], block_q=block_q,
             block_kv=block_kv, scale=scale, layout=layout, return_lse=True)
         outs.append(out)
         lses.append(lse)
-    seq_dim = 1 if layout == "bshd" else 0  # padding rows: zero output, lse -inf
-    out = segments.scatter(torch.cat(outs, dim=seq_dim), seq_dim)
+    dim = seq_dim(layout)  # padding rows: zero output, lse -inf
+    out = segments.scatter(torch.cat(outs, dim=dim), dim)
     return (out, segments.scatter(torch.cat(lses, dim=2), 2, float("-inf"))) if return_lse else out
 
 
