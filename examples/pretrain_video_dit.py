@@ -344,7 +344,8 @@ def main(argv=None):
     if dsv_cfg and start < end:  # the last training step's metrics (timings: its forward)
         for layer in metrics["layers"]:
             print(f"layer {layer['layer']}: stage {layer['stage']}, {'sparse' if layer['sparse'] else 'dense'}, "
-                  f"block sparsity {_fmt_list(layer['block_sparsity'])}, budget {_fmt_list(layer['budget'])}, "
+                  f"block sparsity {_fmt_list(layer['block_sparsity'])} "
+                  f"(oracle {_fmt_list(layer['oracle_block_sparsity'])}), budget {_fmt_list(layer['budget'])}, "
                   f"recall {_fmt_list(layer['recall'])}, predictor loss {layer['predictor_loss']:.3f}, "
                   f"forward ms: selection {layer.get('selection_ms', 0.0):.1f}, "
                   f"attention {layer.get('attention_ms', 0.0):.1f}", flush=True)

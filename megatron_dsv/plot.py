@@ -4,8 +4,9 @@
 
 The log is the JSON-lines file written by ``megatron_dsv.layers.append_jsonl`` (the
 example pretraining script writes one). Panels: token sparsity (the paper's measure),
-block sparsity (what drives each head's budget), the budget actually used, and recall
-(share of the true attention mass inside the selected blocks, on sampled rows).
+block sparsity (what drives each head's budget), oracle block sparsity (the same with blocks
+ranked by their true mass: what a perfect predictor would allow), the budget actually used,
+and recall (share of the true attention mass inside the selected blocks, on sampled rows).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import math
 
-PANELS = ("token_sparsity", "block_sparsity", "budget", "recall")
+PANELS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "budget", "recall")
 
 
 def load_record(path: str, step=None) -> dict:
@@ -34,9 +35,9 @@ def load_record(path: str, step=None) -> dict:
 def heatmap_rows(record: dict, key: str):
     """[layers][heads] values (NaN where not profiled yet) and layer labels."""
     layers = record["layers"]
-    heads = max((len(l[key]) for l in layers), default=0)
-    rows = [[(v if v is not None else math.nan) for v in l[key]] + [math.nan] * (heads - len(l[key]))
-            for l in layers]
+    values = [l.get(key, []) for l in layers]  # logs from before a statistic existed lack it
+    heads = max((len(v) for v in values), default=0)
+    rows = [[(x if x is not None else math.nan) for x in v] + [math.nan] * (heads - len(v)) for v in values]
     return rows, [f"L{l['layer']} s{l['stage']}{'*' if l['sparse'] else ''}" for l in layers]
 
 

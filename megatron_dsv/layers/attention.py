@@ -332,7 +332,7 @@ class DSVDotProductAttention(_CoreAttention):
             ctl.record_loss(float(stats["loss"]))
             self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
         if "recall" in stats:
-            ctl.record_profile(stats["token_sparsity"], stats["block_sparsity"], stats["recall"])
+            ctl.record_profile(stats)
         ctl.end_step()
 
     def _save_to_state_dict(self, *args, **kwargs):
@@ -402,15 +402,15 @@ class DSVDotProductAttention(_CoreAttention):
                         (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                     local["loss"][hs] += loss.detach()
                 if selection is not None:
-                    tok, blk, mass = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
-                                                    cube_scores=self._cube_scores(q_est.detach(), k_est.detach()))
+                    prof = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
+                                          cube_scores=self._cube_scores(q_est.detach(), k_est.detach()))
                     q_blocks = q0 // cfg.block_q + rows // cfg.block_q
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
-                    local["token_sparsity"][hs] += tok * weight
-                    # The budget of this piece's cubes; pieces, ranks and replicas average theirs by rows.
-                    local["block_sparsity"][hs] += blk * weight
-                    local["recall"][hs] += selection_recall(mass, kv_idx, kv_cnt) * weight
+                    # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
+                    for name in ("token_sparsity", "block_sparsity", "oracle_block_sparsity"):
+                        local[name][hs] += getattr(prof, name) * weight
+                    local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
                 del target
 
         def full(x):
@@ -478,6 +478,7 @@ class DSVDotProductAttention(_CoreAttention):
             "predictor_loss": host["loss_ema"],
             "token_sparsity": ctl.token_sparsity.tolist(),
             "block_sparsity": host["block_sparsity"],
+            "oracle_block_sparsity": ctl.oracle_block_sparsity.tolist(),
             "recall": ctl.recall.tolist(),
             # Share of KV blocks each head attends to in stage 2 (after floor and ceiling).
             "budget": [k / n_kv for k in ctl.budgets(n_kv)] if n_kv else [],

@@ -23,7 +23,8 @@ import torch
 from ..config import DSVConfig
 from .fp32_state import Float32State
 
-PER_HEAD_BUFFERS = ("token_sparsity", "block_sparsity", "recall")
+# Profiled per-head EMAs (RowProfile's statistics and the selection's recall).
+PER_HEAD_BUFFERS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "recall")
 
 
 class StageController(Float32State):
@@ -104,12 +105,12 @@ class StageController(Float32State):
         self._host["loss_ema"] = new
 
     @torch.no_grad()
-    def record_profile(self, token_sparsity: torch.Tensor, block_sparsity: torch.Tensor,
-                       recall: torch.Tensor) -> None:
+    def record_profile(self, profiled: dict) -> None:
+        """Fold one profile ({name: [heads] tensor} for every name in PER_HEAD_BUFFERS) into the EMAs."""
         a = self.cfg.ema_alpha
-        for name, new in zip(PER_HEAD_BUFFERS, (token_sparsity, block_sparsity, recall)):
+        for name in PER_HEAD_BUFFERS:
             buf = getattr(self, name)
-            new = new.to(buf)
+            new = profiled[name].to(buf)
             buf.copy_(torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new))
         self.profiles += 1
         self._host["profiles"] += 1

@@ -30,6 +30,7 @@ def dsv_metrics(model) -> dict:
         "layers": len(layers),
         "token_sparsity": _mean(_mean(l["token_sparsity"]) for l in layers),
         "block_sparsity": _mean(_mean(l["block_sparsity"]) for l in layers),
+        "oracle_block_sparsity": _mean(_mean(l["oracle_block_sparsity"]) for l in layers),
         "recall": _mean(_mean(l["recall"]) for l in layers),
         "predictor_loss": _mean(l["predictor_loss"] for l in layers),
         "selection_ms": sum(l.get("selection_ms", 0.0) for l in layers),
@@ -46,7 +47,7 @@ def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
         tag = f"dsv/layer{pos:02d}"
         scalars[f"{tag}/stage"] = layer["stage"]
         scalars[f"{tag}/predictor_loss"] = layer["predictor_loss"]
-        for key in ("token_sparsity", "block_sparsity", "recall", "budget"):
+        for key in ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "recall", "budget"):
             scalars[f"{tag}/{key}"] = _mean(layer[key])
     if hasattr(writer, "add_scalar"):
         for key, val in scalars.items():

@@ -2,23 +2,29 @@
 
 Works on the true attention probabilities of the rows of sampled query blocks (cubes).
 Token sparsity, as the paper defines it: per row, the share of keys outside the smallest
-set holding `theta` of the mass, averaged over rows. Block sparsity, which drives the
-per-head budget: the share of KV blocks outside the fewest blocks k that, selected per cube
-in the estimator's ranking (the order the selection takes them in), hold `theta` of the
-cubes' attention mass on average. That average is what the selection's recall measures,
-so a budget of k blocks gives each head a recall of about `theta` on the profiled rows. A
-cover per cube, averaged over cubes, would not: one k serves every cube, and the cubes
-whose attention spreads over more blocks than the mean lose more mass than the others
-gain. An imprecise estimator ranks blocks worse, so it needs a larger k for the same mass
-instead of the selection silently missing mass. It is per cube because one selection
-serves all rows of a cube: the union of the rows' own critical blocks is what the budget
-must pay for.
+set holding `theta` of the mass, averaged over rows (every TOKEN_ROW_STRIDE-th sampled row:
+it is a diagnostic, and sorting whole rows was half of a profile step's cost at 64k tokens).
+Block sparsity, which drives the per-head budget: the share of KV blocks outside the fewest
+blocks k that, selected per cube in the estimator's ranking (the order the selection takes
+them in), hold `theta` of the cubes' attention mass on average. That average is what the
+selection's recall measures, so a budget of k blocks gives each head a recall of about
+`theta` on the profiled rows. A cover per cube, averaged over cubes, would not: one k serves
+every cube, and the cubes whose attention spreads over more blocks than the mean lose more
+mass than the others gain. An imprecise estimator ranks blocks worse, so it needs a larger k
+for the same mass instead of the selection silently missing mass; the oracle block sparsity
+(blocks ranked by their true mass) says how much sparsity a better estimator could add. It
+is per cube because one selection serves all rows of a cube: the union of the rows' own
+critical blocks is what the budget must pay for.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+TOKEN_ROW_STRIDE = 8
 
 
 def smallest_cover(mass: torch.Tensor, theta: float) -> torch.Tensor:
@@ -43,26 +49,34 @@ def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
     return F.pad(probs, (0, pad)).unflatten(-1, ((s + pad) // block_kv, block_kv)).sum(-1)
 
 
+class RowProfile(NamedTuple):
+    token_sparsity: torch.Tensor          # [h]
+    block_sparsity: torch.Tensor          # [h], blocks in the estimator's ranking
+    oracle_block_sparsity: torch.Tensor   # [h], blocks in the ranking by true mass
+    block_mass: torch.Tensor              # [b, h, n, n_kv]
+
+
 def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: float, block_kv: int,
-                   cube_scores: torch.Tensor = None):
+                   cube_scores: torch.Tensor = None) -> RowProfile:
     """Per-head sparsity of sampled rows.
 
     logits: [b, h, n, S] true pre-softmax logits (already scaled); cube_of_row: [n] query block of
     each row (ascending); cube_scores: [b, h, cubes, n_kv] the estimator's block scores of each
-    sampled cube (None: the oracle's order). Returns (token_sparsity [h], block_sparsity [h],
-    block_mass [b, h, n, n_kv]).
+    sampled cube (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     s = probs.shape[-1]
     mass = block_mass(probs, block_kv)
-    tok = 1.0 - smallest_cover(probs, theta).float().mean(dim=(0, 2)) / s
+    n_kv = mass.shape[-1]
+    tok = 1.0 - smallest_cover(probs[:, :, ::TOKEN_ROW_STRIDE], theta).float().mean(dim=(0, 2)) / s
     cubes, group = torch.unique(cube_of_row, return_inverse=True)
-    cube_mass = torch.zeros(*mass.shape[:2], len(cubes), mass.shape[-1], device=mass.device).index_add_(2, group, mass)
+    cube_mass = torch.zeros(*mass.shape[:2], len(cubes), n_kv, device=mass.device).index_add_(2, group, mass)
     cube_mass /= torch.bincount(group, minlength=len(cubes)).view(1, 1, -1, 1)
     per_head = (lambda t: t.transpose(0, 1).flatten(1, 2))  # [b, h, cubes, n_kv] -> [h, b * cubes, n_kv]
-    k = recall_budget(per_head(cube_mass), theta, None if cube_scores is None else per_head(cube_scores))
-    blk = 1.0 - k.float() / mass.shape[-1]
-    return tok, blk, mass
+    oracle = 1.0 - recall_budget(per_head(cube_mass), theta).float() / n_kv
+    blk = oracle if cube_scores is None else 1.0 - recall_budget(per_head(cube_mass), theta,
+                                                                 per_head(cube_scores)).float() / n_kv
+    return RowProfile(tok, blk, oracle, mass)
 
 
 def selection_recall(mass: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor) -> torch.Tensor:
