@@ -9,6 +9,7 @@ Also checks the sparse output against Flex (same mask) and, at density 1, agains
 
     python bench/kernels.py --seqs 16384 65536 131072 --json bench/results/kernels_h100.json
     python bench/kernels.py --tune   # launch-config variants at the target point
+    python bench/kernels.py --seqs 65536 --densities 0.1 --no-flex --resources  # + what each kernel uses
 
 Writes JSON (device name included) and prints a table last. Does not import megatron.
 """
@@ -30,6 +31,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_dsv.ops import triton_attention as ta  # noqa: E402
+from megatron_dsv.ops import triton_selection as ts  # noqa: E402
 from megatron_dsv.ops.block_sparse import block_sparse_attention  # noqa: E402
 from megatron_dsv.ops.selection import select_blocks  # noqa: E402
 
@@ -313,6 +315,50 @@ def tune(args, results):
         ta.CONFIG_OVERRIDE.clear()
 
 
+# SASS opcodes that say how a kernel computes and moves data on Hopper: warpgroup MMA (HGMMA) vs
+# per-warp MMA (HMMA), TMA loads (UTMALDG) vs async copies (LDGSTS) vs plain loads (LDG), and spills.
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDG", "STG", "LDS", "STS", "LDL", "STL", "SHFL", "BAR", "MUFU")
+
+
+def sass_opcode(line: str):
+    """Opcode of one line of Triton's SASS listing ('--:-:-:Y:4<TAB>@!P0 HGMMA.64x64x16.F32.BF16 R24, ...;'
+    -> 'HGMMA'); None for labels and headers."""
+    if "\t" not in line or ";" not in line:
+        return None
+    words = line.split("\t", 1)[1].split(";")[0].split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else None
+
+
+def compiled_kernels(jit_fn):
+    """The CompiledKernels a @triton.jit function has built in this process (one per specialisation)."""
+    for caches in jit_fn.device_caches.values():
+        for cache in caches:
+            if isinstance(cache, dict):
+                yield from (k for k in cache.values() if hasattr(k, "n_regs"))
+
+
+def resource_report():
+    """Registers, spills, shared memory, launch config and SASS opcode counts of every kernel built so far."""
+    rows = []
+    for name, fn in (("fwd", ta._fwd_kernel), ("dq", ta._dq_kernel), ("dkdv", ta._dkdv_kernel),
+                     ("select_scores", ts._block_score_keys_kernel)):
+        for kern in compiled_kernels(fn):
+            md = kern.metadata
+            rec = dict(kernel=name, n_regs=kern.n_regs, n_spills=kern.n_spills, shared_bytes=md.shared,
+                       num_warps=md.num_warps, num_stages=md.num_stages,
+                       constexprs={str(k): v for k, v in getattr(kern.src, "constants", {}).items()
+                                   if isinstance(v, (int, bool))})
+            try:
+                ops = [sass_opcode(ln) for ln in kern.asm["sass"].splitlines()]
+                rec["sass_ops"] = {op: ops.count(op) for op in SASS_OPS}
+            except Exception as e:  # noqa: BLE001 - cuobjdump missing: registers still reported
+                rec["sass_error"] = repr(e)[:200]
+            rows.append(rec)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="+", default=[16384, 65536, 131072])
@@ -326,18 +372,21 @@ def main():
     ap.add_argument("--tune-blocks", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="+",
                     default=[(128, 64), (64, 64), (128, 16)])
     ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
+    ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
+                    "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
 
     dev = torch.cuda.get_device_name()
     meta = dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__,
                 heads=H, head_dim=D, rank=RANK, dtype=str(DTYPE), argv=sys.argv[1:])
-    dense, sparse, tuned = [], [], []
+    dense, sparse, tuned, resources = [], [], [], []
 
     def save():  # after every point, so a run cut short still leaves its numbers
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(dict(meta=meta, dense=dense, sparse=sparse, tune=tuned), indent=1))
+            Path(args.json).write_text(json.dumps(dict(meta=meta, dense=dense, sparse=sparse, tune=tuned,
+                                                              resources=resources), indent=1))
 
     if args.tune:
         tune(args, tuned)
@@ -368,7 +417,8 @@ def main():
                     print(json.dumps(r), flush=True)
             del q, k, v, do, q_lr, k_lr, dense_out
             torch.cuda.empty_cache()
-
+    if args.resources:
+        resources.extend(resource_report())
     save()
 
     print(f"\ndevice: {dev}  (bf16, 16 heads, d 128, block_q {args.block_q})")
@@ -383,6 +433,12 @@ def main():
             print(f"{bq:>4} {bkv:>4} {kern:>26} {r['ms']:8.3f} {r.get('tflops') or 0:6.0f}  {r.get('cfg', '')}"
                   f"{r.get('value', '')}")
         return
+    if resources:
+        print(f"{'kernel':>13} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem KB':>7}  SASS opcode counts")
+        for r in resources:
+            ops = " ".join(f"{k}:{v}" for k, v in r.get("sass_ops", {}).items() if v) or r.get("sass_error", "")
+            print(f"{r['kernel']:>13} {r['num_warps']:>5} {r['num_stages']:>6} {r['n_regs']:>4} {r['n_spills']:>5} "
+                  f"{r['shared_bytes'] / 1024:7.1f}  {ops}")
     for rec in dense:
         print(f"S={rec['S']}: cuDNN fwd {rec.get('cudnn_fwd_ms', float('nan')):.2f} ms, fwd+bwd "
               f"{rec.get('cudnn_fwdbwd_ms', float('nan')):.2f} ms ({rec.get('cudnn_fwdbwd_tflops') or 0:.0f} TF/s); "
