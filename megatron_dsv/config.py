@@ -46,7 +46,8 @@ class DSVConfig:
     theta: float = 0.9
     """Attention mass a head's critical set must hold (sparsity = share of blocks outside it)."""
     ema_alpha: float = 0.9
-    """EMA weight of the old value when smoothing profiled sparsity."""
+    """EMA weight of the old value when smoothing profiled sparsity (a profile that needs more blocks
+    than the smoothed budget raises it at once)."""
     sample_stride: int = 64
     """Every sample_stride-th query block (all its rows) is sampled for the predictor loss and profiler."""
 

@@ -182,7 +182,9 @@ def _run_job(*extra, timeout=120):
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"),
            "--latent-shape", "4", "16", "16", "--eval-iters", "1", "--eval-interval", "6",
            "--dsv-stage1-min-steps", "3", "--dsv-stage1-max-steps", "5", "--dsv-profile-interval-stage1", "1",
-           "--dsv-profile-interval-stage2", "2", "--dsv-layer-sparsity-threshold", "0.2", *extra]
+           "--dsv-profile-interval-stage2", "2", "--dsv-layer-sparsity-threshold", "0.2",
+           # Stage 2's sparse path is what these runs test, at whatever budgets a few steps give.
+           "--dsv-dense-fallback-density", "1.0", *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -318,7 +320,8 @@ def test_quality_script_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--", "--train-iters", "4",
          "--latent-shape", "4", "16", "16", "--eval-interval", "4", "--eval-iters", "1",
-         "--dsv-stage1-min-steps", "1", "--dsv-stage1-max-steps", "2", "--dsv-layer-sparsity-threshold", "0.2"],
+         "--dsv-stage1-min-steps", "1", "--dsv-stage1-max-steps", "2", "--dsv-layer-sparsity-threshold", "0.2",
+         "--dsv-dense-fallback-density", "1.0"],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "quality.json").read_text())

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv import DSVConfig
+from megatron_dsv.layers.controller import StageController
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
 from megatron_dsv.ops import block_sparse_attention
@@ -323,3 +324,19 @@ def test_dsv_state_stays_float32_when_the_model_is_cast_to_bf16(megatron_paralle
     block(x, attention_mask=None).float().sum().backward()
     assert layer.controller.host()["step"] == 1 and layer.predictor.adam_step.item() == 1
     assert layer.predictor.wq.dtype == torch.float32
+
+
+def test_budgets_grow_at_once_and_shrink_along_the_ema():
+    ctl = StageController(DSVConfig(ema_alpha=0.9), heads=2)
+    ones = torch.ones(2)
+
+    def profile(block_sparsity):
+        ctl.record_profile({"token_sparsity": ones, "oracle_block_sparsity": ones, "recall": ones,
+                            "block_sparsity": torch.tensor(block_sparsity)})
+        return ctl.block_sparsity.tolist()
+
+    assert profile([0.8, 0.8]) == pytest.approx([0.8, 0.8])
+    assert profile([0.5, 0.9]) == pytest.approx([0.5, 0.81])       # head 0 needs more blocks: at once
+    assert profile([0.9, 0.9]) == pytest.approx([0.54, 0.819])     # fewer blocks: along the EMA
+    assert ctl.budgets(10) == [5, 2]
+    assert ctl.recall.tolist() == [1.0, 1.0]                       # the other statistics are plain EMAs

@@ -9,6 +9,11 @@ k_h = ceil((1 - s_h) * n_kv) clipped to [budget_floor, budget_ceiling]; every
 ``profile_interval_stage2`` steps it profiles again and fine-tunes the predictor at
 ``predictor_lr * stage2_lr_factor``.
 
+The profiled statistics are EMAs, except that a head's block sparsity never stays above its
+latest profile: a budget grows at once when a profile needs more blocks and shrinks only along
+the EMA. With a plain EMA, a head whose attention spreads out as it trains keeps a lagging,
+too-small budget for many profiles (recall below theta); fewer blocks only cost time.
+
 All state lives in buffers (saved, loaded and TP-sharded with the model); decisions read a
 host-side mirror refreshed only when the state changes, so forwards never sync the device.
 """
@@ -111,10 +116,12 @@ class StageController(Float32State):
         for name in PER_HEAD_BUFFERS:
             buf = getattr(self, name)
             new = profiled[name].to(buf)
-            buf.copy_(torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new))
+            ema = torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new)
+            buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
-        self._host["profiles"] += 1
-        self._host["block_sparsity"] = self.block_sparsity.tolist()
+        host = self.host()
+        host["profiles"] += 1
+        host["block_sparsity"] = self.block_sparsity.tolist()
 
     @torch.no_grad()
     def end_step(self) -> None:
