@@ -146,9 +146,10 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
         rec["density"] = statistics.mean(statistics.mean(l["budget"]) if l["sparse"] else 1.0 for l in m["layers"])
         rec["selection_ms"] = m["summary"]["selection_ms"] / steps
         rec["attention_fwd_ms"] = m["summary"]["attention_ms"] / steps
-        # Predictor upkeep: a step that profiles + fine-tunes (step % interval == 0) minus a plain one.
+        # Predictor upkeep: a step that profiles + fine-tunes (step % interval == 0) minus a plain one,
+        # at the same budgets (a profile records new sparsities, so they are set again before each).
         for _ in range(2):  # the first profiling step may compile; keep the second
-            for layer in layers:
+            for layer in set_stage2(model, sparsity):
                 state = layer.controller.state_dict()
                 state["step"].fill_(0)
                 layer.controller.load_state_dict(state)
