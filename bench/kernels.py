@@ -339,6 +339,11 @@ def compiled_kernels(jit_fn):
                 yield from (k for k in cache.values() if hasattr(k, "n_regs"))
 
 
+def constexpr_names(jit_fn, constants: dict) -> dict:
+    """{(arg index,): value} of a specialisation -> {arg name: value}, integer and flag values only."""
+    return {jit_fn.arg_names[key[0]]: v for key, v in constants.items() if isinstance(v, (int, bool))}
+
+
 def resource_report():
     """Registers, spills, shared memory, launch config and SASS opcode counts of every kernel built so far."""
     rows = []
@@ -348,8 +353,7 @@ def resource_report():
             md = kern.metadata
             rec = dict(kernel=name, n_regs=kern.n_regs, n_spills=kern.n_spills, shared_bytes=md.shared,
                        num_warps=md.num_warps, num_stages=md.num_stages,
-                       constexprs={str(k): v for k, v in getattr(kern.src, "constants", {}).items()
-                                   if isinstance(v, (int, bool))})
+                       constexprs=constexpr_names(fn, getattr(kern.src, "constants", {})))
             try:
                 ops = [sass_opcode(ln) for ln in kern.asm["sass"].splitlines()]
                 rec["sass_ops"] = {op: ops.count(op) for op in SASS_OPS}
