@@ -56,8 +56,12 @@ class StageController(Float32State):
             }
         return self._host
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the oracle sparsity was profiled: it starts unprofiled (NaN).
+        key = prefix + "oracle_block_sparsity"
+        if prefix + "block_sparsity" in state_dict and key not in state_dict:
+            state_dict[key] = torch.full_like(self.oracle_block_sparsity, float("nan"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
 
     # -------------------------------------------------------------- decisions
