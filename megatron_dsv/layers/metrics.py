@@ -12,6 +12,7 @@ import json
 import math
 
 from .attention import DSVDotProductAttention
+from .controller import PER_HEAD_BUFFERS
 
 
 def _mean(values):
@@ -28,10 +29,7 @@ def dsv_metrics(model) -> dict:
         "stage": min((l["stage"] for l in layers), default=0),
         "sparse_layers": sum(l["sparse"] for l in layers),
         "layers": len(layers),
-        "token_sparsity": _mean(_mean(l["token_sparsity"]) for l in layers),
-        "block_sparsity": _mean(_mean(l["block_sparsity"]) for l in layers),
-        "oracle_block_sparsity": _mean(_mean(l["oracle_block_sparsity"]) for l in layers),
-        "recall": _mean(_mean(l["recall"]) for l in layers),
+        **{name: _mean(_mean(l[name]) for l in layers) for name in PER_HEAD_BUFFERS},
         "predictor_loss": _mean(l["predictor_loss"] for l in layers),
         "selection_ms": sum(l.get("selection_ms", 0.0) for l in layers),
         "attention_ms": sum(l.get("attention_ms", 0.0) for l in layers),
@@ -47,7 +45,7 @@ def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
         tag = f"dsv/layer{pos:02d}"
         scalars[f"{tag}/stage"] = layer["stage"]
         scalars[f"{tag}/predictor_loss"] = layer["predictor_loss"]
-        for key in ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "recall", "budget"):
+        for key in (*PER_HEAD_BUFFERS, "budget"):
             scalars[f"{tag}/{key}"] = _mean(layer[key])
     if hasattr(writer, "add_scalar"):
         for key, val in scalars.items():
