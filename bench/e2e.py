@@ -7,11 +7,14 @@ count it measures, in one process:
 
   dense         SDPADotProductAttention (megatron_dsv.ops.dense_attention: TE if
                 importable, else torch SDPA with cuDNN first)
-  dsv@learned   DSV in stage 2 with per-layer, per-head block sparsity taken from a DSV
-                log (--budgets-from, the JSON-lines file of --dsv-log of a training run;
-                its last record; layers reused cyclically); a layer runs sparse only where
-                training would run it sparse (layer_sparsity_threshold, dense_fallback_density)
-  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity, every layer sparse
+  dsv@learned   DSV in stage 2 with the per-layer, per-head budgets (shares of the KV blocks) a
+                training run ended with: the last record of a DSV log (--budgets-from, the
+                JSON-lines file of --dsv-log; layers and heads reused cyclically); a layer that
+                ran dense there runs dense here
+  dsv@0.90/0.95 DSV in stage 2 with every head at that block sparsity
+
+Every DSV mode dispatches as training does (DSVConfig's default dispatch: on the GPU, a layer
+runs sparse only where selection + sparse attention measured faster than dense at its shape).
 
 Per mode: step time (median of --iters after --warmup), tokens/s, peak memory, and the
 share of the step spent in attention (core attention fwd+bwd timed alone on the same
@@ -74,8 +77,10 @@ def set_stage2(model, sparsity_per_layer):
 
 
 def learned_sparsity(path):
+    """Per layer, per head: 1 - the budget the run's last record used (0 for a layer that ran dense)."""
     last = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][-1]
-    return [layer["block_sparsity"] for layer in last["layers"]]
+    return [[1.0 - b for b in layer["budget"]] if layer["sparse"] else [0.0] * len(layer["budget"])
+            for layer in last["layers"]]
 
 
 def sync(device):
@@ -206,15 +211,14 @@ def main():
         x = torch.randn(1, dit.latent_channels, *dit.latent_shape, generator=g).to(device)
         batch = (x, torch.zeros(1, dtype=torch.int64, device=device), torch.full((1,), 0.5, device=device),
                  torch.randn(x.shape, generator=g).to(device))
+        # Budgets from block sparsities (the theta rule's k = ceil((1 - s) n_kv)), no floor, every layer
+        # allowed to run sparse: the default dispatch then decides as in training.
         cfg = DSVConfig(block_q=args.block_q, block_kv=args.block_kv, cube=tuple(args.cube),
                         profile_interval_stage2=args.profile_interval, layer_sparsity_threshold=0.0,
-                        dense_fallback_density=1.0)
+                        budget_floor=0.0)
         modes = [("dense", None, None)]
-        if learned:  # with the layer's own rules for when a layer runs sparse (defaults), as in training
-            defaults = DSVConfig()
-            modes.append(("dsv@learned", cfg.replace(layer_sparsity_threshold=defaults.layer_sparsity_threshold,
-                                                     dense_fallback_density=defaults.dense_fallback_density),
-                          learned))
+        if learned:
+            modes.append(("dsv@learned", cfg, learned))
         modes += [(f"dsv@{s:.2f}", cfg, [[s] * dit.num_heads]) for s in args.sparsity]
         dense_ms = None
         for name, mode_cfg, sparsity in modes:

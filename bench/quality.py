@@ -1,19 +1,23 @@
-"""Quality run: the example DiT trained dense and with DSV from the same seed for the same steps.
+"""Quality runs: the example DiT trained dense and with DSV arms, from the same seeds, for the same steps.
 
-Runs examples/pretrain_video_dit.py twice (--dense, then DSV) with the same arguments,
-then writes to --out:
-  dense.jsonl, dsv.jsonl        progress records of each run (loss, val loss, DSV summary)
-  dsv_metrics.jsonl             per-layer, per-head DSV record of the DSV run
-  loss_curves.png               train loss (smoothed) and validation loss of both runs
-  dsv_profile.png               per-layer x per-head sparsity, budget and recall (megatron_dsv.plot)
-  quality.json                  final validation losses, their relative gap, mean sparsity,
-                                recall, steps, wall time, device
+Runs examples/pretrain_video_dit.py once per (arm, seed): the dense baseline (--dense) and every
+--arm (a name and the extra flags of that DSV variant; default: one arm "dsv" with no extra flags),
+for every --seeds value. Arguments after "--" go to every run unchanged. Writes to --out:
 
-    python bench/quality.py --out bench/results/quality_h100 -- --model small --train-iters 2000 \\
-        --data images --eval-interval 200 --eval-iters 8 --log-interval 10
+  <arm>_s<seed>.jsonl          progress records of each run (loss, val loss, DSV summary)
+  <arm>_s<seed>_dsv.jsonl      per-layer, per-head DSV records of each DSV run
+  loss_curves.png              validation loss of every run
+  dsv_profile_<arm>.png        per-layer x per-head profile of each arm's first seed (megatron_dsv.plot)
+  quality.json                 per arm: final validation loss per seed, gap to dense of the same seed,
+                               mean gap and seed-to-seed spread, sparse layers, recall, held mass, density
+
+--parallel N runs N at a time, spread over the visible GPUs: fine for losses, but wall times and
+tokens/s of concurrent runs are not speed measurements (bench/step.py and bench/e2e.py are).
+
+    python bench/quality.py --out bench/results/quality_policy_h200 --seeds 7 8 --parallel 6 \\
+        --arm target "--dsv-budget-policy target" --arm uniform "--dsv-budget-policy uniform" \\
+        -- --model small --data images --train-iters 1000 --eval-interval 100 --eval-iters 4 --log-interval 50
     python bench/quality.py --out /tmp/q -- --train-iters 20 --latent-shape 4 16 16   # CPU check
-
-Arguments after "--" go to both runs unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -29,35 +35,57 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(out: Path, name: str, train_args, dense: bool) -> float:
-    log = out / f"{name}.jsonl"
-    log.unlink(missing_ok=True)
-    cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"), *train_args,
-           "--log-json", str(log)]
+def command(out: Path, name: str, train_args, extra, dense: bool):
+    cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"), *train_args, *extra,
+           "--log-json", str(out / f"{name}.jsonl")]
     if dense:
         cmd.append("--dense")
     else:
-        (out / "dsv_metrics.jsonl").unlink(missing_ok=True)
-        cmd += ["--dsv-log", str(out / "dsv_metrics.jsonl")]
+        cmd += ["--dsv-log", str(out / f"{name}_dsv.jsonl")]
+    return cmd
+
+
+def run_all(out: Path, jobs, parallel: int) -> dict:
+    """jobs: [(name, cmd)]; runs them `parallel` at a time, round-robin over the visible GPUs."""
+    gpus = _gpu_count()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    t0 = time.time()
-    with open(out / f"{name}.log", "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode:
-        raise SystemExit(f"{name} run failed (exit {proc.returncode}); see {out / (name + '.log')}")
-    return time.time() - t0
+    pending, running, wall = list(enumerate(jobs)), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, (name, cmd) = pending.pop(0)
+            for suffix in (".jsonl", "_dsv.jsonl"):
+                (out / f"{name}{suffix}").unlink(missing_ok=True)
+            job_env = dict(env, CUDA_VISIBLE_DEVICES=str(i % gpus)) if gpus > 1 else env
+            log = open(out / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env), log, time.time())
+        time.sleep(1)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                wall[name] = time.time() - t0
+                del running[name]
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
+                print(f"{name}: done in {wall[name]:.0f} s", flush=True)
+    return wall
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
 
 
 def records(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def smooth(values, alpha=0.9):
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * acc + (1 - alpha) * v
-        out.append(acc)
-    return out
+def final_val(recs):
+    vals = [r["val_loss"] for r in recs if r["val_loss"] is not None]
+    return vals[-1] if vals else None
 
 
 def plot_losses(out: Path, runs: dict) -> None:
@@ -66,18 +94,35 @@ def plot_losses(out: Path, runs: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, recs in runs.items():
-        ax1.plot([r["step"] for r in recs], smooth([r["loss"] for r in recs]), label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, recs in sorted(runs.items()):
         val = [(r["step"], r["val_loss"]) for r in recs if r["val_loss"] is not None]
-        ax2.plot(*zip(*val), marker="o", label=name)
-    ax1.set(title="train loss (EMA 0.9)", xlabel="step", ylabel="flow-matching MSE")
-    ax2.set(title="validation loss (fixed held-out set)", xlabel="step")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
+        ax.plot(*zip(*val), marker="o", ms=3, label=name, ls="--" if name.startswith("dense") else "-")
+    ax.set(title="validation loss (fixed held-out set)", xlabel="step", ylabel="flow-matching MSE")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
+
+
+def arm_summary(out: Path, arm: str, seeds, runs: dict) -> dict:
+    vals = {s: final_val(runs[f"{arm}_s{s}"]) for s in seeds}
+    dense = {s: final_val(runs[f"dense_s{s}"]) for s in seeds}
+    rec = {"final_val_loss": vals}
+    if arm != "dense":
+        gaps = {s: (vals[s] - dense[s]) / dense[s] for s in seeds}
+        rec.update(val_gap_rel=gaps, val_gap_rel_mean=statistics.mean(gaps.values()),
+                   val_gap_rel_spread=max(gaps.values()) - min(gaps.values()))
+        last = [records(out / f"{arm}_s{s}_dsv.jsonl")[-1] for s in seeds]
+        rec.update(
+            sparse_layers=[r["summary"]["sparse_layers"] for r in last], layers=last[0]["summary"]["layers"],
+            density=[statistics.mean(statistics.mean(l["budget"]) if l["sparse"] else 1.0 for l in r["layers"])
+                     for r in last],
+            recall=[r["summary"]["recall"] for r in last], held_mass=[r["summary"].get("held_mass") for r in last],
+            block_sparsity=[r["summary"]["block_sparsity"] for r in last],
+            oracle_block_sparsity=[r["summary"]["oracle_block_sparsity"] for r in last],
+            token_sparsity=[r["summary"]["token_sparsity"] for r in last])
+    return rec
 
 
 def main():
@@ -85,38 +130,44 @@ def main():
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seeds", type=int, nargs="+", default=[7])
+    p.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "FLAGS"), default=None,
+                   help="a DSV variant: its name and its extra flags (one string); repeatable")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (over the visible GPUs)")
     args = p.parse_args(argv[:split])
     train_args = argv[split + 1:]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    arms = [("dense", None)] + [(name, shlex.split(flags)) for name, flags in (args.arm or [("dsv", "")])]
 
-    wall = {name: run(out, name, train_args, dense=(name == "dense")) for name in ("dense", "dsv")}
-    runs = {name: records(out / f"{name}.jsonl") for name in ("dense", "dsv")}
+    jobs = [(f"{arm}_s{seed}", command(out, f"{arm}_s{seed}", [*train_args, "--seed", str(seed)], extra or [],
+                                       dense=extra is None))
+            for seed in args.seeds for arm, extra in arms]
+    wall = run_all(out, jobs, args.parallel)
+    runs = {name: records(out / f"{name}.jsonl") for name, _ in jobs}
     plot_losses(out, runs)
-    subprocess.run([sys.executable, "-m", "megatron_dsv.plot", str(out / "dsv_metrics.jsonl"), "--out",
-                    str(out / "dsv_profile.png")], check=True, cwd=ROOT)
-
-    def final_val(recs):
-        vals = [r["val_loss"] for r in recs if r["val_loss"] is not None]
-        return vals[-1] if vals else None
-
-    last = runs["dsv"][-1]["dsv"]
-    dense_val, dsv_val = final_val(runs["dense"]), final_val(runs["dsv"])
-    device = (out / "dsv.log").read_text().splitlines()[0]
+    for arm, _ in arms[1:]:
+        subprocess.run([sys.executable, "-m", "megatron_dsv.plot", str(out / f"{arm}_s{args.seeds[0]}_dsv.jsonl"),
+                        "--out", str(out / f"dsv_profile_{arm}.png")], check=True, cwd=ROOT)
     summary = {
-        "args": train_args, "model_line": device, "steps": runs["dsv"][-1]["step"],
-        "final_val_loss": {"dense": dense_val, "dsv": dsv_val},
-        "val_gap_rel": (dsv_val - dense_val) / dense_val if dense_val and dsv_val is not None else None,
-        "final_train_loss_ema": {k: smooth([r["loss"] for r in v])[-1] for k, v in runs.items()},
-        "dsv_stage": last["stage"], "dsv_sparse_layers": last["sparse_layers"], "dsv_layers": last["layers"],
-        "dsv_block_sparsity": last["block_sparsity"], "dsv_oracle_block_sparsity": last["oracle_block_sparsity"],
-        "dsv_token_sparsity": last["token_sparsity"],
-        "dsv_recall": last["recall"], "dsv_predictor_loss": last["predictor_loss"],
-        "tokens_per_s_last": {k: v[-1]["tokens_per_s"] for k, v in runs.items()},
+        "args": train_args, "seeds": args.seeds, "arms": {arm: (extra or []) for arm, extra in arms},
+        "model_line": (out / f"{jobs[0][0]}.log").read_text().splitlines()[0],
+        "steps": runs[jobs[0][0]][-1]["step"], "parallel": args.parallel,
+        "results": {arm: arm_summary(out, arm, args.seeds, runs) for arm, _ in arms},
         "wall_s": wall,
     }
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+    print(f"\n{summary['model_line']}\n{'arm':>10} " + " ".join(f"{'val s' + str(s):>10}" for s in args.seeds)
+          + f" {'gap mean':>9} {'spread':>7} {'density':>8} {'recall':>7} {'held':>6}")
+    for arm, rec in summary["results"].items():
+        vals = " ".join(f"{rec['final_val_loss'][s]:>10.4f}" for s in args.seeds)
+        if arm == "dense":
+            print(f"{arm:>10} {vals}")
+            continue
+        mean = (lambda xs: statistics.mean(x for x in xs if x is not None) if any(x is not None for x in xs)
+                else float("nan"))
+        print(f"{arm:>10} {vals} {100 * rec['val_gap_rel_mean']:>8.2f}% {100 * rec['val_gap_rel_spread']:>6.2f}% "
+              f"{mean(rec['density']):>8.3f} {mean(rec['recall']):>7.3f} {mean(rec['held_mass']):>6.3f}")
 
 
 if __name__ == "__main__":

@@ -274,8 +274,8 @@ def main(argv=None):
           f"{' bf16' if bf16 else ''}, attention {'dense SDPA' if args.dense else 'DSV'}", flush=True)
     if dsv_cfg:
         print(f"DSV: cube {dsv_cfg.cube}, block_q {dsv_cfg.block_q}, block_kv {dsv_cfg.block_kv}, rank "
-              f"{dsv_cfg.rank}, stage 1 {dsv_cfg.stage1_min_steps}-{dsv_cfg.stage1_max_steps} steps, layer "
-              f"sparsity threshold {dsv_cfg.layer_sparsity_threshold}", flush=True)
+              f"{dsv_cfg.rank}, stage 1 {dsv_cfg.stage1_min_steps}-{dsv_cfg.stage1_max_steps} steps, "
+              f"{policy_text(dsv_cfg)}", flush=True)
 
     model.train()
     t_start = time.time()
@@ -346,10 +346,38 @@ def main(argv=None):
             print(f"layer {layer['layer']}: stage {layer['stage']}, {'sparse' if layer['sparse'] else 'dense'}, "
                   f"block sparsity {_fmt_list(layer['block_sparsity'])} "
                   f"(oracle {_fmt_list(layer['oracle_block_sparsity'])}), budget {_fmt_list(layer['budget'])}, "
-                  f"recall {_fmt_list(layer['recall'])}, predictor loss {layer['predictor_loss']:.3f}, "
+                  f"held mass {_fmt_list(layer['held_mass'])}, recall {_fmt_list(layer['recall'])}, "
+                  f"predictor loss {layer['predictor_loss']:.3f}, "
                   f"forward ms: selection {layer.get('selection_ms', 0.0):.1f}, "
                   f"attention {layer.get('attention_ms', 0.0):.1f}", flush=True)
+        print(closing_summary(dsv_cfg, metrics), flush=True)
     print(f"done: {end - start} steps in {_fmt_time(time.time() - t_start)}", flush=True)
+
+
+def policy_text(cfg) -> str:
+    if cfg.budget_policy == "theta":
+        return (f"budget policy theta (heads keep {cfg.theta} of the mass; layer sparsity threshold "
+                f"{cfg.layer_sparsity_threshold})")
+    spread = "spread by mass curves" if cfg.budget_policy == "target" else "uniform over heads"
+    return (f"budget policy {cfg.budget_policy} (density {cfg.target_density} {spread}, annealed over "
+            f"{cfg.anneal_steps} steps), dispatch {cfg.dispatch}")
+
+
+def closing_summary(cfg, metrics) -> str:
+    """Which layers ran sparse, at what density, the measured attention speed against dense, the policy."""
+    layers = metrics["layers"]
+    sparse = [l["layer"] for l in layers if l["sparse"]]
+    text = (f"DSV summary: {policy_text(cfg)}; {len(sparse)}/{len(layers)} layers ran sparse"
+            + (f" (layers {', '.join(map(str, sparse))})" if sparse else "")
+            + f", attended density {metrics['summary']['density']:.3f} of the blocks")
+    costs = [l["attention_cost"] for l in layers if l["attention_cost"]]
+    if costs:
+        dense_ms, sparse_ms = costs[-1]["dense_ms"], costs[-1]["sparse_ms"]
+        text += (f"; attention fwd+bwd measured at this shape: dense {dense_ms:.2f} ms, sparse {sparse_ms:.2f} ms "
+                 f"({dense_ms / sparse_ms:.2f}x)")
+    else:
+        text += "; attention speed not measured here (density rule: CPU, or context parallel)"
+    return text
 
 
 def _fmt_list(values):

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 ESTIMATORS = ("lowrank", "pooled")
 BACKENDS = ("auto", "triton", "reference")
+BUDGET_POLICIES = ("theta", "target", "uniform")
+DISPATCHES = ("auto", "measured", "density")
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -58,14 +60,28 @@ class DSVConfig:
     """... but not before this many steps ..."""
     stage1_max_steps: int = 1000
     """... and at the latest after this many steps."""
+
+    # Budgets (layers/budget.py) and dispatch (layers/dispatch.py).
+    budget_policy: str = "theta"
+    """'theta': each head keeps the blocks holding theta of the mass (the paper's rule); 'target': the
+    layer attends target_density of its blocks, spread over heads by their profiled mass curves;
+    'uniform': every head target_density of the blocks (VSA's top-k)."""
+    target_density: float = 0.1
+    """'target'/'uniform': share of the KV blocks the layer attends once annealed."""
+    anneal_steps: int = 200
+    """'target'/'uniform': stage-2 steps over which the density goes from the theta rule's to target_density."""
     layer_sparsity_threshold: float = 0.5
-    """A layer goes sparse in stage 2 only if its mean profiled sparsity is at least this."""
+    """'theta': a layer goes sparse in stage 2 only if its mean profiled sparsity is at least this."""
     budget_floor: float = 0.05
     """Smallest per-head budget (fraction of KV blocks; at least one block)."""
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
+    dispatch: str = "auto"
+    """When a stage-2 layer runs sparse: 'measured' (selection + sparse attention timed against dense at
+    the layer's shape once, on the GPU), 'density' (mean budget at most dense_fallback_density), or
+    'auto' (measured where the Triton kernels run on CUDA without context parallelism, else density)."""
     dense_fallback_density: float = 0.65
-    """A sparse layer whose mean budget is denser than this computes dense attention instead."""
+    """Density rule: a sparse layer whose mean budget is denser than this computes dense attention instead."""
     profile_interval_stage1: int = 5
     """Profile sparsity every this many steps in stage 1 (the predictor trains every step)."""
     profile_interval_stage2: int = 50
@@ -109,11 +125,20 @@ class DSVConfig:
         _int_in("stage1_min_steps", self.stage1_min_steps, 0, 1 << 40)
         _int_in("stage1_max_steps", self.stage1_max_steps, self.stage1_min_steps, 1 << 40,
                 lo_name="stage1_min_steps")
+        _choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
+        _float_in("target_density", self.target_density, 0.0, 1.0, lo_open=True)
+        _int_in("anneal_steps", self.anneal_steps, 0, 1 << 40)
         _float_in("layer_sparsity_threshold", self.layer_sparsity_threshold, 0.0, 1.0)
         _float_in("budget_floor", self.budget_floor, 0.0, 1.0)
         _float_in("budget_ceiling", self.budget_ceiling, self.budget_floor, 1.0, lo_name="budget_floor")
         if self.budget_ceiling <= 0:
             raise ValueError("DSVConfig.budget_ceiling must be > 0")
+        if self.budget_policy != "theta" and not self.budget_floor <= self.target_density <= self.budget_ceiling:
+            raise ValueError(
+                f"DSVConfig.target_density={self.target_density} must lie in [budget_floor={self.budget_floor}, "
+                f"budget_ceiling={self.budget_ceiling}] under budget_policy={self.budget_policy!r}: every head "
+                "keeps between the floor and the ceiling, so the layer's share cannot reach the target")
+        _choice("dispatch", self.dispatch, DISPATCHES)
         _float_in("dense_fallback_density", self.dense_fallback_density, 0.0, 1.0)
         _int_in("profile_interval_stage1", self.profile_interval_stage1, 1, 1 << 30)
         _int_in("profile_interval_stage2", self.profile_interval_stage2, 1, 1 << 30)
@@ -150,14 +175,16 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name == "cube":
             group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"))
-        elif f.name in ("estimator", "backend"):
-            group.add_argument(flag, type=str, default=default,
-                               choices=ESTIMATORS if f.name == "estimator" else BACKENDS)
+        elif f.name in _CHOICES:
+            group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name])
         elif f.name == "cp_head_parallel_size":
             group.add_argument(flag, type=int, default=default)
         else:
             group.add_argument(flag, type=type(default), default=default)
     return parser
+
+
+_CHOICES = {"estimator": ESTIMATORS, "backend": BACKENDS, "budget_policy": BUDGET_POLICIES, "dispatch": DISPATCHES}
 
 
 # -------------------------------------------------------------------- helpers

@@ -6,7 +6,8 @@ The log is the JSON-lines file written by ``megatron_dsv.layers.append_jsonl`` (
 example pretraining script writes one). Panels: token sparsity (the paper's measure),
 block sparsity (what drives each head's budget), oracle block sparsity (the same with blocks
 ranked by their true mass: what a perfect predictor would allow), the budget actually used,
-and recall (share of the true attention mass inside the selected blocks, on sampled rows).
+the share of attention mass that budget holds by the head's profiled mass curve, and recall
+(share of the true attention mass inside the selected blocks, on sampled rows).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 import math
 
-PANELS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "budget", "recall")
+PANELS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "budget", "held_mass", "recall")
 
 
 def load_record(path: str, step=None) -> dict:

@@ -314,20 +314,27 @@ def test_dsv_stage2_through_the_model(megatron_parallel):
 
 
 def test_quality_script_smoke(tmp_path):
-    """bench/quality.py trains dense and DSV with the same arguments and summarises both."""
+    """bench/quality.py trains dense and each DSV arm from the same seeds and summarises them per seed."""
     import json
 
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--", "--train-iters", "4",
-         "--latent-shape", "4", "16", "16", "--eval-interval", "4", "--eval-iters", "1",
-         "--dsv-stage1-min-steps", "1", "--dsv-stage1-max-steps", "2", "--dsv-layer-sparsity-threshold", "0.2",
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--out", str(tmp_path), "--seeds", "1", "2",
+         "--parallel", "2", "--arm", "target", "--dsv-budget-policy target --dsv-anneal-steps 0",
+         "--arm", "uniform", "--dsv-budget-policy uniform --dsv-anneal-steps 0",
+         "--", "--train-iters", "4", "--latent-shape", "4", "16", "16", "--eval-interval", "4", "--eval-iters", "1",
+         "--dsv-stage1-min-steps", "1", "--dsv-stage1-max-steps", "2", "--dsv-target-density", "0.25",
          "--dsv-dense-fallback-density", "1.0"],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "quality.json").read_text())
-    assert summary["steps"] == 4 and summary["dsv_stage"] == 2 and summary["dsv_sparse_layers"] == 2
-    assert summary["final_val_loss"]["dense"] > 0 and summary["final_val_loss"]["dsv"] > 0
-    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "dsv_profile.png").stat().st_size > 0
+    assert summary["steps"] == 4 and set(summary["results"]) == {"dense", "target", "uniform"}
+    for arm in ("target", "uniform"):
+        rec = summary["results"][arm]
+        assert rec["sparse_layers"] == [2, 2] and all(0.2 < d < 0.4 for d in rec["density"])
+        dense = summary["results"]["dense"]["final_val_loss"]
+        for seed in ("1", "2"):
+            assert rec["val_gap_rel"][seed] == pytest.approx((rec["final_val_loss"][seed] - dense[seed]) / dense[seed])
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "dsv_profile_target.png").stat().st_size > 0
 
 
 def test_main_job_bf16_with_fp32_masters():

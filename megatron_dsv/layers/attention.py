@@ -27,8 +27,10 @@ from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
-from .controller import PER_HEAD_BUFFERS, StageController
+from .dispatch import CostDispatch, measure_costs
+from .controller import PER_HEAD_BUFFERS, PROFILED, StageController
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
+from .budget import CURVE_POINTS, held_mass
 from .predictor import LowRankPredictor
 from .profiler import profile_logits, selection_recall
 from .timing import ForwardTimer
@@ -189,6 +191,7 @@ class DSVDotProductAttention(_CoreAttention):
                                           head_offset=self.head_offset, device=device)
         self.controller = StageController(self.cfg, self.heads, device=device)
         self.timer = ForwardTimer()
+        self.dispatch = CostDispatch(self.cfg)
         self.dp_group = (pg_collection.dp_cp if pg_collection is not None and hasattr(pg_collection, "dp_cp")
                          else parallel_state.get_data_parallel_group(with_context_parallel=True)
                          if parallel_state.model_parallel_is_initialized() else None)
@@ -200,6 +203,7 @@ class DSVDotProductAttention(_CoreAttention):
                                            dist.get_process_group_ranks(cp_group))
         self.last_used_sparse = False
         self.last_n_kv = None
+        self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
 
     # ---------------------------------------------------------------- forward
@@ -231,7 +235,7 @@ class DSVDotProductAttention(_CoreAttention):
             n_kv = work_weighted_blocks(segments, cfg.block_kv)
             budgets = self._clip_budgets(segments)
         self.last_n_kv = n_kv
-        sparse = self.last_used_sparse = ctl.sparse_now(n_kv)
+        sparse = self.last_used_sparse = self._sparse_now(query, key, value, n_kv, segments)
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
         learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now())
                                    or ctl.profile_now())
@@ -263,6 +267,36 @@ class DSVDotProductAttention(_CoreAttention):
         if packing is not None:
             out = packing.from_blocks(out)
         return self._output(out, fmt)
+
+    def _sparse_now(self, q, k, v, n_kv: int, segments) -> bool:
+        """Stage 2, a layer its policy lets run sparse, and sparse predicted faster than dense at this
+        shape and mean budget (measured once per shape on the GPU; packed clips and context parallelism
+        use the density rule)."""
+        ctl = self.controller
+        if not ctl.may_run_sparse():
+            return False
+        density = sum(ctl.budgets(n_kv)) / (self.heads * n_kv)
+        if segments is not None or not self.dispatch.measured(q.device, self.cp is not None):
+            return self.dispatch.sparse_pays(density)
+        cfg = self.cfg
+        s, b, heads, d = q.shape
+        shape = (s, b, heads, d, q.dtype, cfg.block_q, cfg.block_kv, cfg.rank, cfg.estimator)
+
+        def select(q_, k_, share):
+            return self._select(q_, k_, [max(1, round(share * n_kv))] * heads)
+
+        def attend(q_, k_, v_, selection):
+            return block_sparse_attention(q_, k_, v_, *selection, block_q=cfg.block_q, block_kv=cfg.block_kv,
+                                          scale=self.softmax_scale, layout="sbhd", backend=cfg.backend)
+
+        def dense(q_, k_, v_):
+            return dense_attention(q_, k_, v_, scale=self.softmax_scale, layout="sbhd")
+
+        pays = self.dispatch.sparse_pays(density, shape, lambda: measure_costs(q, k, v, select=select,
+                                                                                attend=attend, dense=dense))
+        costs = self.dispatch.costs(shape)
+        self.last_costs = {"dense_ms": costs.dense_ms, "sparse_ms": costs.sparse_ms(density), "density": density}
+        return pays
 
     def _clip_budgets(self, segments) -> torch.Tensor:
         """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
@@ -378,6 +412,7 @@ class DSVDotProductAttention(_CoreAttention):
         wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
         wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
         local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
+        local["mass_curve"] = torch.zeros(len(heads), CURVE_POINTS + 1, device=device)
         for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
             if not rows.numel():  # a part of a clip too short to hold a sampled cube
                 continue
@@ -408,7 +443,7 @@ class DSVDotProductAttention(_CoreAttention):
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
                     # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                    for name in ("token_sparsity", "block_sparsity", "oracle_block_sparsity"):
+                    for name in ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "mass_curve"):
                         local[name][hs] += getattr(prof, name) * weight
                     local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
                 del target
@@ -422,7 +457,7 @@ class DSVDotProductAttention(_CoreAttention):
             stats.update(loss=full(local["loss"]), **{name: full(w.grad if w.grad is not None else torch.zeros_like(w))
                                                       for name, w in (("grad_q", wq), ("grad_k", wk))})
         if selection is not None:
-            stats.update({name: full(local[name]) for name in PER_HEAD_BUFFERS})
+            stats.update({name: full(local[name]) for name in PROFILED})
         return stats
 
     def _cube_scores(self, q_est, k_est) -> torch.Tensor:
@@ -480,7 +515,11 @@ class DSVDotProductAttention(_CoreAttention):
             "block_sparsity": host["block_sparsity"],
             "oracle_block_sparsity": ctl.oracle_block_sparsity.tolist(),
             "recall": ctl.recall.tolist(),
-            # Share of KV blocks each head attends to in stage 2 (after floor and ceiling).
+            # Share of KV blocks each head attends to in stage 2 (after floor and ceiling), and the
+            # share of its attention mass those blocks hold by its profiled mass curve.
+            "budget_policy": self.cfg.budget_policy,
             "budget": [k / n_kv for k in ctl.budgets(n_kv)] if n_kv else [],
+            "held_mass": held_mass(torch.tensor(host["mass_curve"]), ctl.budgets(n_kv), n_kv) if n_kv else [],
+            "attention_cost": self.last_costs,
             **{f"{name}_ms": ms for name, ms in self.timer.read().items()},
         }

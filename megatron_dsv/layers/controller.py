@@ -3,11 +3,10 @@
 Stage 1: dense attention; the predictor trains every step; sparsity is profiled every
 ``profile_interval_stage1`` steps. It ends once the predictor loss (EMA) is below
 ``loss_threshold`` after ``stage1_min_steps`` steps, or after ``stage1_max_steps``.
-Stage 2: the layer computes sparse attention if its mean profiled block sparsity is at
-least ``layer_sparsity_threshold`` (re-checked at every profile), with per-head budgets
-k_h = ceil((1 - s_h) * n_kv) clipped to [budget_floor, budget_ceiling]; every
-``profile_interval_stage2`` steps it profiles again and fine-tunes the predictor at
-``predictor_lr * stage2_lr_factor``.
+Stage 2: the layer may compute sparse attention, with per-head budgets from its budget policy
+(``budget.py``: the theta rule, or a compute target spread by the heads' mass curves and
+annealed in from the switch); every ``profile_interval_stage2`` steps it profiles again and
+fine-tunes the predictor at ``predictor_lr * stage2_lr_factor``.
 
 The profiled statistics are EMAs, except that a head's block sparsity never stays above its
 latest profile: a budget grows at once when a profile needs more blocks and shrinks only along
@@ -26,10 +25,15 @@ from typing import List, Optional
 import torch
 
 from ..config import DSVConfig
+from .budget import CURVE_POINTS, BudgetPolicy, block_range, theta_blocks
 from .fp32_state import Float32State
 
 # Profiled per-head EMAs (RowProfile's statistics and the selection's recall).
 PER_HEAD_BUFFERS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "recall")
+# Everything a profile records: the per-head scalars and each head's mass curve [heads, CURVE_POINTS + 1].
+PROFILED = (*PER_HEAD_BUFFERS, "mass_curve")
+# Density grid on which the theta rule's density at the stage switch is read (a fraction of the blocks).
+_SWITCH_GRID = 1 << 16
 
 
 class StageController(Float32State):
@@ -43,6 +47,11 @@ class StageController(Float32State):
         self.register_buffer("profiles", torch.zeros((), dtype=torch.int64, device=device))
         for name in PER_HEAD_BUFFERS:
             self.register_buffer(name, torch.full((heads,), float("nan"), device=device))
+        self.register_buffer("mass_curve", torch.full((heads, CURVE_POINTS + 1), float("nan"), device=device))
+        # Annealing of the target policies: the step stage 2 began at and the density it began from.
+        self.register_buffer("stage2_start", torch.full((), -1, dtype=torch.int64, device=device))
+        self.register_buffer("anneal_from", torch.full((), float("nan"), device=device))
+        self.policy = BudgetPolicy(cfg, heads)
         self._host: Optional[dict] = None
 
     # ------------------------------------------------------------ host mirror
@@ -53,14 +62,22 @@ class StageController(Float32State):
                 "step": int(self.step), "stage": int(self.stage), "loss_ema": float(self.loss_ema),
                 "profiles": int(self.profiles),
                 "block_sparsity": self.block_sparsity.tolist(),
+                "mass_curve": _rows(self.mass_curve),
+                "stage2_start": int(self.stage2_start), "anneal_from": float(self.anneal_from),
             }
+            self.policy.invalidate()
+            if self._host["stage"] == 2 and self._host["stage2_start"] < 0:
+                self._start_anneal()  # a checkpoint from before the target policies: anneal from here
         return self._host
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before the oracle sparsity was profiled: it starts unprofiled (NaN).
-        key = prefix + "oracle_block_sparsity"
-        if prefix + "block_sparsity" in state_dict and key not in state_dict:
-            state_dict[key] = torch.full_like(self.oracle_block_sparsity, float("nan"))
+        # Checkpoints from before a statistic existed: it starts unprofiled (NaN), and a run already
+        # in stage 2 starts annealing at its first step under this code (host()).
+        if prefix + "block_sparsity" in state_dict:
+            for name in ("oracle_block_sparsity", "mass_curve", "anneal_from", "stage2_start"):
+                if prefix + name not in state_dict:
+                    buf = getattr(self, name)
+                    state_dict[prefix + name] = torch.full_like(buf, -1 if name == "stage2_start" else float("nan"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
 
@@ -82,26 +99,26 @@ class StageController(Float32State):
         factor = self.cfg.stage2_lr_factor if self.in_stage2 else 1.0
         return self.cfg.predictor_lr * factor
 
-    def mean_block_sparsity(self) -> float:
-        vals = [v for v in self.host()["block_sparsity"] if not math.isnan(v)]
-        return sum(vals) / len(vals) if vals else float("nan")
-
     def budgets(self, n_kv: int) -> List[int]:
-        """Per-head number of KV blocks out of n_kv."""
-        lo = max(1, math.ceil(self.cfg.budget_floor * n_kv))
-        hi = max(lo, math.ceil(self.cfg.budget_ceiling * n_kv))
-        out = []
-        for s in self.host()["block_sparsity"]:
-            k = n_kv if math.isnan(s) else math.ceil((1.0 - s) * n_kv - 1e-9)
-            out.append(min(max(k, lo), hi, n_kv))
-        return out
+        """Per-head number of KV blocks out of n_kv, by the budget policy (cached until the state changes)."""
+        return list(self.policy.blocks(self.host(), n_kv))
 
-    def sparse_now(self, n_kv: int) -> bool:
-        """Stage 2, sparse enough a layer, and a budget thin enough that sparse beats dense."""
-        if not self.in_stage2 or not self.mean_block_sparsity() >= self.cfg.layer_sparsity_threshold:
-            return False
-        density = sum(self.budgets(n_kv)) / (self.heads * n_kv)
-        return density <= self.cfg.dense_fallback_density
+    def may_run_sparse(self) -> bool:
+        """Stage 2 and, under the theta rule, a layer sparse enough (cost dispatch decides the rest)."""
+        return self.policy.layer_eligible(self.host())
+
+    def _theta_density(self) -> float:
+        """The theta rule's share of the blocks now (bounded by the floor and ceiling; 1 before any profile)."""
+        lo, hi = block_range(_SWITCH_GRID, self.cfg.budget_floor, self.cfg.budget_ceiling)
+        return sum(theta_blocks(self.host()["block_sparsity"], _SWITCH_GRID, lo, hi)) / (self.heads * _SWITCH_GRID)
+
+    def _start_anneal(self) -> None:
+        h = self._host
+        # The mirror holds what the float32 buffer holds, so a resumed run anneals identically.
+        h["stage2_start"], h["anneal_from"] = h["step"], float(torch.tensor(self._theta_density()).float())
+        self.stage2_start.fill_(h["stage2_start"])
+        self.anneal_from.fill_(h["anneal_from"])
+        self.policy.invalidate()
 
     # ---------------------------------------------------------------- updates
     @torch.no_grad()
@@ -115,17 +132,19 @@ class StageController(Float32State):
 
     @torch.no_grad()
     def record_profile(self, profiled: dict) -> None:
-        """Fold one profile ({name: [heads] tensor} for every name in PER_HEAD_BUFFERS) into the EMAs."""
+        """Fold one profile ({name: tensor} for every name in PROFILED) into the EMAs."""
         a = self.cfg.ema_alpha
-        for name in PER_HEAD_BUFFERS:
+        host = self.host()  # built before the buffers change, so it is not counted twice
+        for name in PROFILED:
             buf = getattr(self, name)
             new = profiled[name].to(buf)
             ema = torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new)
             buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
-        host = self.host()
         host["profiles"] += 1
         host["block_sparsity"] = self.block_sparsity.tolist()
+        host["mass_curve"] = _rows(self.mass_curve)
+        self.policy.invalidate()
 
     @torch.no_grad()
     def end_step(self) -> None:
@@ -139,3 +158,9 @@ class StageController(Float32State):
         if learned or h["step"] >= self.cfg.stage1_max_steps:
             h["stage"] = 2
             self.stage.fill_(2)
+            self._start_anneal()
+
+
+def _rows(t: torch.Tensor) -> tuple:
+    """A [heads, points] tensor as nested tuples: a host copy that compares and hashes by value."""
+    return tuple(map(tuple, t.tolist()))

@@ -31,6 +31,10 @@ def dsv_metrics(model) -> dict:
         "layers": len(layers),
         **{name: _mean(_mean(l[name]) for l in layers) for name in PER_HEAD_BUFFERS},
         "predictor_loss": _mean(l["predictor_loss"] for l in layers),
+        # Mass the budgets hold by the profiled curves, and the share of (query, KV) blocks computed
+        # (a layer running dense counts 1).
+        "held_mass": _mean(_mean(l["held_mass"]) for l in layers),
+        "density": _mean((_mean(l["budget"]) if l["sparse"] else 1.0) for l in layers),
         "selection_ms": sum(l.get("selection_ms", 0.0) for l in layers),
         "attention_ms": sum(l.get("attention_ms", 0.0) for l in layers),
     }
@@ -45,7 +49,7 @@ def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
         tag = f"dsv/layer{pos:02d}"
         scalars[f"{tag}/stage"] = layer["stage"]
         scalars[f"{tag}/predictor_loss"] = layer["predictor_loss"]
-        for key in (*PER_HEAD_BUFFERS, "budget"):
+        for key in (*PER_HEAD_BUFFERS, "budget", "held_mass"):
             scalars[f"{tag}/{key}"] = _mean(layer[key])
     if hasattr(writer, "add_scalar"):
         for key, val in scalars.items():

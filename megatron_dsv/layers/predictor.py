@@ -49,14 +49,25 @@ class LowRankPredictor(Float32State):
             self.register_buffer(f"{name}_exp_avg", torch.zeros_like(getattr(self, name)))
             self.register_buffer(f"{name}_exp_avg_sq", torch.zeros_like(getattr(self, name)))
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.float32, device=device))
+        self._cast = {}  # (which, dtype) -> weights cast to the activations' dtype, until the next update
 
     # ------------------------------------------------------------- projection
     def project(self, x: torch.Tensor, which: str, heads=None) -> torch.Tensor:
         """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype."""
-        w = self.wq if which == "q" else self.wk
+        src = self.wq if which == "q" else self.wk
+        key = (which, x.dtype, x.device)
+        version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
+        cached = self._cast.get(key)
+        if cached is None or cached[0] != version:
+            cached = self._cast[key] = (version, src.detach().to(x.dtype))
+        w = cached[1]
         if heads is not None:
             w = w[list(heads)]
-        return torch.einsum("...hd,hdr->...hr", x, w.to(x.dtype))
+        return torch.einsum("...hd,hdr->...hr", x, w)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cast.clear()  # moved or cast: the cached copies belong to the old tensors
+        return super()._apply(fn, *args, **kwargs)
 
     # --------------------------------------------------------------- training
     @staticmethod

@@ -15,6 +15,9 @@ for the same mass instead of the selection silently missing mass; the oracle blo
 (blocks ranked by their true mass) says how much sparsity a better estimator could add. It
 is per cube because one selection serves all rows of a cube: the union of the rows' own
 critical blocks is what the budget must pay for.
+The mass curve, per head: the mean mass the first k blocks of each cube hold in the estimator's
+ranking, for every k, on the density grid of ``budget.py`` (what the compute-target policy
+spreads blocks by).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .budget import curve_on_grid
 
 TOKEN_ROW_STRIDE = 8
 
@@ -33,13 +38,22 @@ def smallest_cover(mass: torch.Tensor, theta: float) -> torch.Tensor:
     return ((cum < theta).sum(dim=-1) + 1).clamp(max=mass.shape[-1])
 
 
-def recall_budget(mass: torch.Tensor, theta: float, scores: torch.Tensor = None) -> torch.Tensor:
-    """Fewest entries k such that each row's first k entries, taken by descending `scores`
-    (ties to the lower index, as the selection breaks them; default: by mass, the oracle),
-    hold theta of the mass on average over the rows. mass [..., rows, n] (rows sum to 1) -> [...]."""
+def held_curve(mass: torch.Tensor, scores: torch.Tensor = None) -> torch.Tensor:
+    """Mean over the rows of the mass each row's first k + 1 entries hold, taken by descending
+    `scores` (ties to the lower index, as the selection breaks them; default: by mass, the oracle).
+    mass [..., rows, n] (rows sum to 1) -> [..., n]."""
     order = torch.sort(mass if scores is None else scores, dim=-1, descending=True, stable=True).indices
-    held = mass.gather(-1, order).cumsum(dim=-1).mean(dim=-2)  # [..., n]: mean mass held by the first k
-    return ((held < theta).sum(dim=-1) + 1).clamp(max=mass.shape[-1])
+    return mass.gather(-1, order).cumsum(dim=-1).mean(dim=-2)
+
+
+def recall_budget(mass: torch.Tensor, theta: float, scores: torch.Tensor = None) -> torch.Tensor:
+    """Fewest entries k such that each row's first k entries (in the order of `held_curve`) hold theta
+    of the mass on average over the rows. mass [..., rows, n] -> [...]."""
+    return _fewest(held_curve(mass, scores), theta)
+
+
+def _fewest(held: torch.Tensor, theta: float) -> torch.Tensor:
+    return ((held < theta).sum(dim=-1) + 1).clamp(max=held.shape[-1])
 
 
 def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
@@ -53,6 +67,7 @@ class RowProfile(NamedTuple):
     token_sparsity: torch.Tensor          # [h]
     block_sparsity: torch.Tensor          # [h], blocks in the estimator's ranking
     oracle_block_sparsity: torch.Tensor   # [h], blocks in the ranking by true mass
+    mass_curve: torch.Tensor              # [h, CURVE_POINTS + 1], blocks in the estimator's ranking
     block_mass: torch.Tensor              # [b, h, n, n_kv]
 
 
@@ -73,10 +88,11 @@ def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: fl
     cube_mass = torch.zeros(*mass.shape[:2], len(cubes), n_kv, device=mass.device).index_add_(2, group, mass)
     cube_mass /= torch.bincount(group, minlength=len(cubes)).view(1, 1, -1, 1)
     per_head = (lambda t: t.transpose(0, 1).flatten(1, 2))  # [b, h, cubes, n_kv] -> [h, b * cubes, n_kv]
-    oracle = 1.0 - recall_budget(per_head(cube_mass), theta).float() / n_kv
-    blk = oracle if cube_scores is None else 1.0 - recall_budget(per_head(cube_mass), theta,
-                                                                 per_head(cube_scores)).float() / n_kv
-    return RowProfile(tok, blk, oracle, mass)
+    oracle_held = held_curve(per_head(cube_mass))
+    held = oracle_held if cube_scores is None else held_curve(per_head(cube_mass), per_head(cube_scores))
+    oracle = 1.0 - _fewest(oracle_held, theta).float() / n_kv
+    blk = 1.0 - _fewest(held, theta).float() / n_kv
+    return RowProfile(tok, blk, oracle, curve_on_grid(held).float(), mass)
 
 
 def selection_recall(mass: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,215 @@
+"""Where a training step's time goes: the example DiT's step, dense against DSV, part by part.
+
+Builds the example model (default: `small`, 16k tokens, batch 2, bf16 weights with fp32 masters,
+fused tails, as `examples/pretrain_video_dit.py` trains it) and times, with the device synchronised
+around each part, what the example's training loop does every step:
+
+  data      drawing the batch on the host and copying it to the device
+  train     forward + backward + optimizer step (synchronised at the end)
+  metrics   dsv_metrics(model) (the example reads it every step)
+
+for these modes, in one process:
+
+  dense         SDPADotProductAttention
+  dsv-stage1    DSV in stage 1 (dense attention + predictor training every step)
+  dsv-stage2    DSV in stage 2 at --density (uniform budgets), a step that does not profile
+  dsv-profile   the same, at a step that profiles and fine-tunes the predictor
+
+DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs sparse only where
+that measured faster at its shape), except that every head's budget is --density (the theta rule
+fed that sparsity; under the default compute-target policy, the density it anneals to).
+
+Throughput counts every part, and the profile step amortised over profile_interval_stage2 steps.
+With --trace, torch.profiler tables (top host and device ops) of one plain stage-2 step go to
+--out. Prints a table last; --json writes the numbers with the device name.
+
+    python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
+    python bench/step.py --smoke       # CPU, tiny shapes: checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from pretrain_video_dit import generated_dataset  # noqa: E402
+from video_dit import PRESETS, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+from video_dit.precision import MasterWeights  # noqa: E402
+
+from megatron_dsv import DSVConfig  # noqa: E402
+from megatron_dsv.layers import DSVDotProductAttention, dsv_metrics  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def set_state(layers, *, stage: int, step: int, density=None):
+    """Stage, step count and (stage 2) uniform per-head block sparsity 1 - density, via the
+    controllers' state dicts so their host mirrors refresh."""
+    for layer in layers:
+        state = layer.controller.state_dict()
+        state["stage"].fill_(stage)
+        state["step"].fill_(step)
+        if density is not None:
+            state["block_sparsity"].fill_(1.0 - density)
+        layer.controller.load_state_dict(state)
+
+
+class Trainer:
+    def __init__(self, dit, dsv_cfg, args, device):
+        torch.manual_seed(0)
+        self.device, self.args, self.dit = device, args, dit
+        bf16 = device.type == "cuda"
+        self.model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, fused=bf16,
+                                     cube=dsv_cfg.cube if dsv_cfg else tuple(args.cube)).to(device)
+        self.master = MasterWeights(self.model) if bf16 else None
+        params = self.master.master if self.master else [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=1e-5)
+        self.data = generated_dataset(args.data)(dit.latent_channels, dit.latent_shape, seed=0)
+        self.layers = [m for m in self.model.modules() if isinstance(m, DSVDotProductAttention)]
+        self.dsv = dsv_cfg is not None
+        self.n = 0
+
+    def step(self):
+        """One step of the example's loop; returns (data, train, metrics) milliseconds."""
+        dev, args = self.device, self.args
+        sync(dev)
+        t0 = time.perf_counter()
+        x, cap = self.data.batch(self.n * args.micro_batch_size, args.micro_batch_size)
+        x, cap = x.to(dev), cap.to(dev)
+        gen = torch.Generator().manual_seed(self.n)
+        sync(dev)
+        t1 = time.perf_counter()
+        loss = flow_matching_loss(self.model, x, cap, generator=gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.master:
+            self.master.grads_to_master()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        if self.master:
+            self.master.master_to_params()
+        float(loss.detach())
+        t2 = time.perf_counter()
+        if self.dsv:
+            dsv_metrics(self.model)
+        t3 = time.perf_counter()
+        self.n += 1
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+
+    def timed(self, iters, before=None):
+        parts = []
+        for _ in range(iters):
+            if before:
+                before()
+            parts.append(self.step())
+        return [statistics.median(p[i] for p in parts) for i in range(3)]
+
+
+def record(mode, parts, tokens, **extra):
+    data, train, metrics = parts
+    total = data + train + metrics
+    return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": total,
+            "tokens_per_s": tokens / (total * 1e-3), **extra}
+
+
+def trace(trainer, out: Path, before):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    for _ in range(2):
+        before()
+        trainer.step()
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            before()
+            trainer.step()
+    out.mkdir(parents=True, exist_ok=True)
+    avg = prof.key_averages()
+    (out / "host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+    if trainer.device.type == "cuda":
+        (out / "device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", choices=sorted(PRESETS))
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--data", default="images", choices=["shapes", "images"])
+    p.add_argument("--density", type=float, default=0.1, help="stage-2 budget (share of KV blocks) per head")
+    p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of a stage-2 step")
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script only")
+    args = p.parse_args()
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("bench/step.py needs a GPU (use --smoke to check the script on CPU)")
+    dit = PRESETS[args.model]
+    cfg = DSVConfig()
+    if args.smoke:
+        args.model, args.warmup, args.iters, args.data = "tiny", 1, 2, "shapes"
+        dit = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
+        cfg = DSVConfig(block_q=32, block_kv=32, cube=(2, 4, 4))
+        args.cube = list(cfg.cube)
+    init_single_process(device)
+    tokens = dit.num_tokens * args.micro_batch_size
+    # Every head at the given budget: the theta rule fed block sparsity 1 - density, no layer threshold.
+    forced = cfg.replace(budget_policy="theta", layer_sparsity_threshold=0.0, budget_floor=0.0)
+    interval = forced.profile_interval_stage2
+    results = []
+
+    dense = Trainer(dit, None, args, device)
+    dense.timed(args.warmup)
+    results.append(record("dense", dense.timed(args.iters), tokens))
+    del dense
+
+    dsv = Trainer(dit, forced, args, device)
+    stage1 = lambda: set_state(dsv.layers, stage=1, step=1)  # noqa: E731 (step 1: trains, does not profile)
+    plain = lambda: set_state(dsv.layers, stage=2, step=1, density=args.density)  # noqa: E731
+    profiling = lambda: set_state(dsv.layers, stage=2, step=0, density=args.density)  # noqa: E731
+    for name, before in (("dsv-stage1", stage1), ("dsv-stage2", plain), ("dsv-profile", profiling)):
+        dsv.timed(args.warmup, before)
+        results.append(record(name, dsv.timed(args.iters, before), tokens, density=args.density))
+    if args.trace:
+        trace(dsv, Path(args.trace), plain)
+    stage2, prof = results[-2], results[-1]
+    amortised = (stage2["step_ms"] * (interval - 1) + prof["step_ms"]) / interval
+    results.append({"mode": f"dsv-stage2 (1 profile in {interval})", "step_ms": amortised,
+                    "tokens_per_s": tokens / (amortised * 1e-3), "density": args.density})
+
+    dense_tps = results[0]["tokens_per_s"]
+    for r in results:
+        r["speedup_vs_dense"] = r["tokens_per_s"] / dense_tps
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
+    out = {"device": name, "torch": torch.__version__, "model": args.model, "tokens_per_step": tokens,
+           "micro_batch_size": args.micro_batch_size, "data": args.data, "results": results}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of {args.iters}")
+    print(f"{'mode':>34} {'data ms':>8} {'train ms':>9} {'metrics':>8} {'step ms':>8} {'tok/s':>9} {'x dense':>8}")
+    for r in results:
+        f = (lambda k: f"{r[k]:.1f}" if k in r else "-")
+        print(f"{r['mode']:>34} {f('data_ms'):>8} {f('train_ms'):>9} {f('metrics_ms'):>8} {r['step_ms']:>8.1f} "
+              f"{r['tokens_per_s']:>9.0f} {r['speedup_vs_dense']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

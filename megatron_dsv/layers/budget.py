@@ -1,0 +1,158 @@
+"""Budget policies: how many KV blocks each head of a layer attends to in stage 2.
+
+Three policies (``DSVConfig.budget_policy``):
+
+- ``"theta"`` (the DSV paper's rule): head h keeps k_h = ceil((1 - s_h) n_kv) blocks, s_h its
+  profiled block sparsity (the fewest blocks holding ``theta`` of the mass), and a layer runs
+  sparse only when its mean sparsity clears ``layer_sparsity_threshold``. On models whose
+  sparsity exists per token but not per 64x64 block it leaves most layers dense.
+- ``"target"`` (compute target): the layer attends ``target_density`` of its (head, KV block)
+  pairs, spread over the heads to hold the most attention mass. Each head's profiled mass
+  curve (mean mass its first k blocks hold, in the predictor's ranking, as a function of k)
+  says what one more block is worth; taking the best marginal gains over all heads is optimal
+  when the curves are concave, and a curve that is not is flattened to its running minimum of
+  gains (a lower bound), so each head's share stays a prefix of its ranking.
+- ``"uniform"``: every head ``target_density`` of the blocks (VSA's top-k rule), for comparison.
+
+Under the two target policies, stage 2 anneals the layer's density linearly from the theta
+rule's density at the stage switch to ``target_density`` over ``anneal_steps`` steps, so the
+model adapts to the sparser attention; in stage 1 (dense) the budgets, which the recall is
+measured at, are the theta rule's, where stage 2 begins. ``budget_floor`` / ``budget_ceiling`` bound every head.
+
+The curves live in the stage controller (checkpointed, on a fixed grid of densities so one
+curve serves every sequence length); this module only turns state into per-head block counts,
+on the host, cached per (state version, n_kv, total blocks): forwards do no work here unless the
+budgets change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+# A head's mass curve is kept at densities j / CURVE_POINTS, j = 0..CURVE_POINTS.
+CURVE_POINTS = 128
+
+
+def curve_on_grid(held: torch.Tensor) -> torch.Tensor:
+    """held [..., n_kv] (mass of the first k + 1 blocks) -> [..., CURVE_POINTS + 1] at densities
+    j / CURVE_POINTS, linear between block counts (mass 0 at density 0)."""
+    n_kv = held.shape[-1]
+    full = torch.cat([torch.zeros_like(held[..., :1]), held], dim=-1)  # [..., n_kv + 1] by block count
+    return _interp(full, torch.linspace(0.0, n_kv, CURVE_POINTS + 1, dtype=torch.float64, device=held.device))
+
+
+def curve_at_blocks(curve: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """curve [..., CURVE_POINTS + 1] on the density grid -> mass held by k = 0..n_kv blocks [..., n_kv + 1]."""
+    pos = torch.arange(n_kv + 1, dtype=torch.float64, device=curve.device) * (CURVE_POINTS / n_kv)
+    return _interp(curve, pos)
+
+
+def _interp(values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """values sampled at 0, 1, ..., n along the last dim, read at fractional positions pos (linear)."""
+    lo = pos.floor().long().clamp(max=values.shape[-1] - 1)
+    hi = (lo + 1).clamp(max=values.shape[-1] - 1)
+    w = (pos - lo).to(values.dtype)
+    return values[..., lo] * (1 - w) + values[..., hi] * w
+
+
+def block_range(n_kv: int, floor: float, ceiling: float) -> Tuple[int, int]:
+    """[lo, hi] blocks a head may keep: the floor and ceiling fractions, at least one block."""
+    lo = min(n_kv, max(1, math.ceil(floor * n_kv - 1e-9)))
+    return lo, min(n_kv, max(lo, math.ceil(ceiling * n_kv - 1e-9)))
+
+
+def theta_blocks(block_sparsity: Sequence[float], n_kv: int, lo: int, hi: int) -> List[int]:
+    """k_h = ceil((1 - s_h) n_kv) clipped to [lo, hi]; a head not profiled yet keeps every block."""
+    return [n_kv if math.isnan(s) else min(max(math.ceil((1.0 - s) * n_kv - 1e-9), lo), hi)
+            for s in block_sparsity]
+
+
+def total_blocks(density: float, heads: int, n_kv: int, lo: int, hi: int) -> int:
+    """Blocks of the whole layer at `density`, within what the per-head bounds allow."""
+    return min(max(round(density * heads * n_kv), heads * lo), heads * hi)
+
+
+def uniform_blocks(total: int, heads: int, lo: int, hi: int) -> List[int]:
+    """`total` blocks split evenly over the heads (the first heads take the remainder)."""
+    base, extra = divmod(total, heads)
+    return [min(max(base + (h < extra), lo), hi) for h in range(heads)]
+
+
+def mass_optimal_blocks(curve: torch.Tensor, total: int, n_kv: int, lo: int, hi: int) -> List[int]:
+    """Per-head blocks summing to `total` that hold the most mass by the heads' curves
+    [heads, CURVE_POINTS + 1]: the `total` best marginal gains, every head between lo and hi."""
+    heads = curve.shape[0]
+    gain = curve_at_blocks(curve.double(), n_kv).diff(dim=-1)      # [heads, n_kv]: gain of block k + 1
+    gain = torch.cummin(gain, dim=-1).values                        # non-increasing: picks stay prefixes
+    k = torch.arange(1, n_kv + 1)
+    gain = torch.where(k <= lo, math.inf, torch.where(k > hi, -math.inf, gain))
+    # Ties go to the lower block count, then the lower head: a stable sort of the head-major flat order.
+    order = torch.sort(-gain.flatten(), stable=True).indices[:total]
+    return torch.bincount(order // n_kv, minlength=heads).tolist()
+
+
+def held_mass(curve: torch.Tensor, blocks: Sequence[int], n_kv: int) -> List[float]:
+    """The mass each head's curve says its `blocks` hold."""
+    at = curve_at_blocks(curve.double(), n_kv)
+    return [float(at[h, k]) for h, k in enumerate(blocks)]
+
+
+def annealed_density(start: float, target: float, steps: int, anneal_steps: int) -> float:
+    """Density `steps` into stage 2: linear from `start` to `target` over `anneal_steps` steps."""
+    if anneal_steps <= 0 or steps >= anneal_steps or math.isnan(start):
+        return target
+    return start + (target - start) * max(0, steps) / anneal_steps
+
+
+class BudgetPolicy:
+    """Per-head block counts of one layer from its controller's state, cached until it changes."""
+
+    def __init__(self, cfg, heads: int):
+        self.cfg, self.heads = cfg, heads
+        self._cache: dict = {}
+
+    def invalidate(self) -> None:
+        """The profiled state changed (a profile or a checkpoint load): recompute on next use."""
+        self._cache.clear()
+
+    def density(self, host: dict) -> float:
+        """Target share of the layer's blocks at this stage-2 step (target policies)."""
+        cfg = self.cfg
+        return annealed_density(host["anneal_from"], cfg.target_density, host["step"] - host["stage2_start"],
+                                cfg.anneal_steps)
+
+    def blocks(self, host: dict, n_kv: int) -> Tuple[int, ...]:
+        """Per-head KV blocks out of n_kv."""
+        cfg = self.cfg
+        lo, hi = block_range(n_kv, cfg.budget_floor, cfg.budget_ceiling)
+        if cfg.budget_policy == "theta" or host["stage"] != 2:  # stage 1: what stage 2 anneals from
+            key = ("theta", n_kv)
+        else:
+            key = (cfg.budget_policy, n_kv, total_blocks(self.density(host), self.heads, n_kv, lo, hi))
+        if key not in self._cache:
+            if len(self._cache) > 64:  # many sequence lengths (packed clips): keep the cache bounded
+                self._cache.clear()
+            self._cache[key] = tuple(self._compute(key, host, n_kv, lo, hi))
+        return self._cache[key]
+
+    def _compute(self, key, host, n_kv, lo, hi) -> List[int]:
+        if key[0] == "theta":
+            return theta_blocks(host["block_sparsity"], n_kv, lo, hi)
+        total = key[2]
+        curve = torch.tensor(host["mass_curve"], dtype=torch.float64)
+        if key[0] == "uniform" or bool(torch.isnan(curve).any()):  # not profiled yet: no curve to spread by
+            return uniform_blocks(total, self.heads, lo, hi)
+        return mass_optimal_blocks(curve, total, n_kv, lo, hi)
+
+    def layer_eligible(self, host: dict) -> bool:
+        """Whether the layer may run sparse at all (dispatch by cost then decides): in stage 2, and
+        under the theta rule only where the layer's mean sparsity clears the threshold."""
+        if host["stage"] != 2:
+            return False
+        if self.cfg.budget_policy != "theta":
+            return True
+        vals = [v for v in host["block_sparsity"] if not math.isnan(v)]
+        return bool(vals) and sum(vals) / len(vals) >= self.cfg.layer_sparsity_threshold
