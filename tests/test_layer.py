@@ -338,7 +338,7 @@ def test_budgets_grow_at_once_and_shrink_along_the_ema():
 
     def profile(block_sparsity):
         ctl.record_profile({"token_sparsity": ones, "oracle_block_sparsity": ones, "recall": ones,
-                            "block_sparsity": torch.tensor(block_sparsity)})
+                            "block_sparsity": torch.tensor(block_sparsity), "mass_curve": ctl.mass_curve})
         return ctl.block_sparsity.tolist()
 
     assert profile([0.8, 0.8]) == pytest.approx([0.8, 0.8])

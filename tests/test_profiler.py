@@ -21,11 +21,11 @@ def test_block_sparsity_is_per_cube_and_token_sparsity_per_row():
     logits = torch.full((1, 1, 2, s), -1e4)
     logits[0, 0, 0, 3] = 0.0    # row 0 -> key 3 (block 0)
     logits[0, 0, 1, 40] = 0.0   # row 1 -> key 40 (block 2)
-    tok, blk, _, mass = profile_logits(logits, torch.tensor([5, 5]), theta=0.9, block_kv=block_kv)
+    tok, blk, _, _, mass = profile_logits(logits, torch.tensor([5, 5]), theta=0.9, block_kv=block_kv)
     assert math.isclose(float(tok), 1 - 1 / s, rel_tol=1e-6)
     assert math.isclose(float(blk), 1 - 2 / 4, rel_tol=1e-6)
     # In separate cubes each needs one block.
-    _, blk_apart, _, _ = profile_logits(logits, torch.tensor([5, 6]), theta=0.9, block_kv=block_kv)
+    _, blk_apart, _, _, _ = profile_logits(logits, torch.tensor([5, 6]), theta=0.9, block_kv=block_kv)
     assert math.isclose(float(blk_apart), 1 - 1 / 4, rel_tol=1e-6)
     torch.testing.assert_close(mass.sum(-1), torch.ones(1, 1, 2))
 
@@ -65,7 +65,7 @@ def test_recall_budget_holds_theta_on_average_over_cubes():
     assert recall(k) >= theta > recall(k - 1)
     # Through profile_logits: two rows per cube with exactly these block masses.
     logits = torch.log(cube_mass.repeat_interleave(2, dim=2).repeat_interleave(8, dim=-1) / 8 + 1e-30)
-    _, blk, _, _ = profile_logits(logits, torch.tensor([0, 0, 1, 1]), theta=theta, block_kv=8)
+    _, blk, _, _, _ = profile_logits(logits, torch.tensor([0, 0, 1, 1]), theta=theta, block_kv=8)
     assert math.isclose(float(blk), 1 - k / 4, abs_tol=1e-6)
 
 
@@ -75,10 +75,10 @@ def test_block_sparsity_follows_the_estimators_ranking():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 2, 8, 64, generator=gen) * 3
     cubes = torch.tensor([0] * 4 + [1] * 4)
-    _, oracle, also_oracle, mass = profile_logits(logits, cubes, theta=0.9, block_kv=8)
+    _, oracle, also_oracle, _, mass = profile_logits(logits, cubes, theta=0.9, block_kv=8)
     assert torch.equal(oracle, also_oracle)
     cube_mass = mass.view(1, 2, 2, 4, 8).mean(3)
-    _, same, _, _ = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=cube_mass)
+    _, same, _, _, _ = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=cube_mass)
     worse = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=-cube_mass)
     assert torch.allclose(same, oracle) and (worse.block_sparsity < oracle).all()
     # The oracle's sparsity does not depend on the estimator.
