@@ -14,6 +14,7 @@ for these modes, in one process:
   dsv-stage1    DSV in stage 1 (dense attention + predictor training every step)
   dsv-stage2    DSV in stage 2 at --density (uniform budgets), a step that does not profile
   dsv-profile   the same, at a step that profiles and fine-tunes the predictor
+  dsv-stage2, no CUDA graphs   dsv-stage2 with DSVConfig.cuda_graphs off (every launch from the host)
 
 DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs sparse only where
 that measured faster at its shape), except that every head's budget is --density (the theta rule
@@ -187,9 +188,15 @@ def main():
     for name, before in (("dsv-stage1", stage1), ("dsv-stage2", plain), ("dsv-profile", profiling)):
         dsv.timed(args.warmup, before)
         results.append(record(name, dsv.timed(args.iters, before), tokens, density=args.density))
+    eager = Trainer(dit, forced.replace(cuda_graphs=False), args, device)
+    plain_eager = lambda: set_state(eager.layers, stage=2, step=1, density=args.density)  # noqa: E731
+    eager.timed(args.warmup, plain_eager)
+    results.insert(-1, record("dsv-stage2, no CUDA graphs", eager.timed(args.iters, plain_eager), tokens,
+                              density=args.density))
+    del eager
     if args.trace:
         trace(dsv, Path(args.trace), plain)
-    stage2, prof = results[-2], results[-1]
+    stage2, prof = (next(r for r in results if r["mode"] == name) for name in ("dsv-stage2", "dsv-profile"))
     amortised = (stage2["step_ms"] * (interval - 1) + prof["step_ms"]) / interval
     results.append({"mode": f"dsv-stage2 (1 profile in {interval})", "step_ms": amortised,
                     "tokens_per_s": tokens / (amortised * 1e-3), "density": args.density})

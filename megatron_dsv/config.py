@@ -96,6 +96,9 @@ class DSVConfig:
     # Execution.
     backend: str = "auto"
     """Kernel backend: 'auto' (Triton on GPU, reference elsewhere), 'triton' or 'reference'."""
+    cuda_graphs: bool = True
+    """Replay a stage-2 layer's selection + sparse attention (forward and backward) from CUDA graphs when
+    its query holds at most 2**25 elements: short sequences are bound by launch time (layers/graphed.py)."""
     cp_head_parallel_size: Optional[int] = None
     """Context parallel: U ranks for head all-to-all (None: chosen by the planner)."""
     cp_replan_interval: int = 100
@@ -146,6 +149,8 @@ class DSVConfig:
         _float_in("stage2_lr_factor", self.stage2_lr_factor, 0.0, 1.0)
         _float_in("loss_cos_weight", self.loss_cos_weight, 0.0, 1.0)
         _choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"DSVConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if self.cp_head_parallel_size is not None:
             _int_in("cp_head_parallel_size", self.cp_head_parallel_size, 1, 1 << 20)
         _int_in("cp_replan_interval", self.cp_replan_interval, 1, 1 << 30)
@@ -177,6 +182,8 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"))
         elif f.name in _CHOICES:
             group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name])
+        elif f.name == "cuda_graphs":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif f.name == "cp_head_parallel_size":
             group.add_argument(flag, type=int, default=default)
         else:

@@ -346,3 +346,31 @@ def test_budgets_grow_at_once_and_shrink_along_the_ema():
     assert profile([0.9, 0.9]) == pytest.approx([0.54, 0.819])     # fewer blocks: along the EMA
     assert ctl.budgets(10) == [5, 2]
     assert ctl.recall.tolist() == [1.0, 1.0]                       # the other statistics are plain EMAs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
+def test_graphed_sparse_attention_matches_eager(megatron_parallel):
+    """Stage-2 training steps replayed from CUDA graphs give the eager layer's outputs and gradients
+    bit for bit (the kernels are deterministic), also after the predictor is fine-tuned in place."""
+    cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, stage1_min_steps=1, stage1_max_steps=1,
+                    layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0,
+                    profile_interval_stage2=4)
+    layers = [core(c, heads=4, d=64).cuda() for c in (cfg, cfg.replace(cuda_graphs=False))]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda().bfloat16() for _ in range(3))
+        grad = torch.randn(1024, 2, 256, generator=gen).cuda().bfloat16()
+        results = []
+        for layer in layers:
+            if step == 1:  # stage 2 with per-head budgets from a profile
+                state = layer.controller.state_dict()
+                state["block_sparsity"].copy_(torch.tensor([0.5, 0.7, 0.8, 0.9]))
+                layer.controller.load_state_dict(state)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            out = layer(qq, kk, vv, None)
+            out.backward(grad)
+            results.append((out, qq.grad, kk.grad, vv.grad))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), step
+    assert layers[0].last_used_sparse and layers[0].graphed._graphed is not None
+    assert layers[0].predictor.wq.equal(layers[1].predictor.wq)

@@ -28,6 +28,7 @@ from ..ops import block_sparse_attention, dense_attention, select_blocks
 from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
 from .dispatch import CostDispatch, measure_costs
+from .graphed import GraphedSparseAttention
 from .controller import PER_HEAD_BUFFERS, PROFILED, StageController
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .budget import CURVE_POINTS, held_mass
@@ -192,6 +193,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.controller = StageController(self.cfg, self.heads, device=device)
         self.timer = ForwardTimer()
         self.dispatch = CostDispatch(self.cfg)
+        self.graphed = GraphedSparseAttention()
         self.dp_group = (pg_collection.dp_cp if pg_collection is not None and hasattr(pg_collection, "dp_cp")
                          else parallel_state.get_data_parallel_group(with_context_parallel=True)
                          if parallel_state.model_parallel_is_initialized() else None)
@@ -250,6 +252,10 @@ class DSVDotProductAttention(_CoreAttention):
                     learn_inputs = cp.learn_inputs(query, key) if learn else None
                 else:
                     out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
+        elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
+              and self.graphed.fits(query)):
+            with self.timer("attention", query.device):  # selection included: one replay
+                out = self._graphed_sparse(query, key, value, budgets)
         elif sparse:
             with self.timer("selection", query.device):
                 selection = self._select(query.detach(), key.detach(), budgets, segments=segments)
@@ -298,6 +304,19 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_costs = {"dense_ms": costs.dense_ms, "sparse_ms": costs.sparse_ms(density), "density": density}
         return pays
 
+    def _graphed_sparse(self, q, k, v, budgets):
+        """Selection + block-sparse attention replayed from this layer's CUDA graphs (graphed.py)."""
+        cfg, pred = self.cfg, self.predictor
+        key = (tuple(budgets), *(tuple(t.shape) + t.stride() for t in (q, k, v)), q.dtype,
+               pred.wq.data_ptr(), pred.wk.data_ptr())
+
+        def fn(q_, k_, v_):
+            selection = self._select(q_.detach(), k_.detach(), budgets, cached_weights=False)
+            return block_sparse_attention(q_, k_, v_, *selection, block_q=cfg.block_q, block_kv=cfg.block_kv,
+                                          scale=self.softmax_scale, layout="sbhd", backend=cfg.backend)
+
+        return self.graphed(key, fn, q, k, v)
+
     def _clip_budgets(self, segments) -> torch.Tensor:
         """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
         return torch.tensor([self.controller.budgets(n) for n in segments.blocks_per_clip(self.cfg.block_kv)]).T
@@ -308,13 +327,16 @@ class DSVDotProductAttention(_CoreAttention):
         pooled baseline by the block's mean key ("mean")."""
         return "max" if self.cfg.estimator == "lowrank" else "mean"
 
-    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0):
+    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
         with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips; q may
-        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share)."""
+        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share).
+        cached_weights=False casts the predictor's weights in place of reusing a cast copy (inside
+        a CUDA graph, which must read the live parameters)."""
         q_lr, k_lr = q, k
         if self.cfg.estimator == "lowrank":
-            q_lr, k_lr = self.predictor.project(q, "q", heads), self.predictor.project(k, "k", heads)
+            q_lr = self.predictor.project(q, "q", heads, cached=cached_weights)
+            k_lr = self.predictor.project(k, "k", heads, cached=cached_weights)
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.as_tensor(budgets),
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
                              backend=self.cfg.backend, kv_reduce=self._kv_reduce, segments=segments,
@@ -359,6 +381,7 @@ class DSVDotProductAttention(_CoreAttention):
         """Apply the update staged by the last backward: predictor step, profile, step count.
         Runs at the end of the backward pass; also before a state_dict is taken or metrics read."""
         stats, self._pending = self._pending, None
+        self.graphed.in_flight = False  # the backward pass is over: a replayed forward it skipped is dropped
         if stats is None:
             return
         ctl = self.controller
@@ -499,6 +522,14 @@ class DSVDotProductAttention(_CoreAttention):
         )
 
     # ---------------------------------------------------------- observability
+    def _held_mass(self, n_kv: int) -> list:
+        """Mass each head's budget holds by its profiled curve (recomputed when either changes)."""
+        curve, budgets = self.controller.host()["mass_curve"], tuple(self.controller.budgets(n_kv))
+        key = (id(curve), budgets, n_kv)
+        if getattr(self, "_held", (None,))[0] != key:
+            self._held = (key, held_mass(torch.tensor(curve), budgets, n_kv))
+        return self._held[1]
+
     def metrics(self) -> dict:
         """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""
         self.commit()
@@ -519,7 +550,7 @@ class DSVDotProductAttention(_CoreAttention):
             # share of its attention mass those blocks hold by its profiled mass curve.
             "budget_policy": self.cfg.budget_policy,
             "budget": [k / n_kv for k in ctl.budgets(n_kv)] if n_kv else [],
-            "held_mass": held_mass(torch.tensor(host["mass_curve"]), ctl.budgets(n_kv), n_kv) if n_kv else [],
+            "held_mass": self._held_mass(n_kv) if n_kv else [],
             "attention_cost": self.last_costs,
             **{f"{name}_ms": ms for name, ms in self.timer.read().items()},
         }

@@ -52,9 +52,13 @@ class LowRankPredictor(Float32State):
         self._cast = {}  # (which, dtype) -> weights cast to the activations' dtype, until the next update
 
     # ------------------------------------------------------------- projection
-    def project(self, x: torch.Tensor, which: str, heads=None) -> torch.Tensor:
-        """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype."""
+    def project(self, x: torch.Tensor, which: str, heads=None, cached: bool = True) -> torch.Tensor:
+        """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype.
+        The cast weights are kept until the next update (cached=False casts anew)."""
         src = self.wq if which == "q" else self.wk
+        if not cached:
+            w = src.detach().to(x.dtype)
+            return torch.einsum("...hd,hdr->...hr", x, w if heads is None else w[list(heads)])
         key = (which, x.dtype, x.device)
         version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
         cached = self._cast.get(key)
