@@ -29,6 +29,7 @@ from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
+from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILED, StageController
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .budget import CURVE_POINTS, held_mass
@@ -42,6 +43,14 @@ LOGIT_CHUNK_BYTES = 256 << 20
 
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the device: a copy from pageable memory
+    would first synchronise the stream, so it goes through pinned memory."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _CoreAttention(MegatronModule):
@@ -146,28 +155,6 @@ class SDPADotProductAttention(_CoreAttention):
         return self._output(out, fmt)
 
 
-class _LearnInBackward(torch.autograd.Function):
-    """Identity on the attention output whose backward runs the layer's DSV bookkeeping.
-
-    Running it in backward makes it happen exactly once per training step per layer, also
-    under activation recomputation (reentrant: the first, no-grad pass builds no graph and
-    only the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
-    differentiated), and never in evaluation.
-    """
-
-    @staticmethod
-    def forward(ctx, out, learn):
-        ctx.learn = learn
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        with torch.enable_grad():
-            ctx.learn()
-        ctx.learn = None
-        return grad, None
-
-
 class DSVDotProductAttention(_CoreAttention):
     """DSV dynamic sparse self-attention as a Megatron-Core ``core_attention``.
 
@@ -269,7 +256,11 @@ class DSVDotProductAttention(_CoreAttention):
                 out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=segments)
             learn_inputs = (None, query.detach(), key.detach(), None, 0) if learn else None
         if training_step and out.requires_grad:
-            out = _LearnInBackward.apply(out, lambda: self._learn(learn_inputs, segments))
+            # The bookkeeping runs in backward: exactly once per training step per layer, also under
+            # activation recomputation (reentrant: the first, no-grad pass builds no graph and only
+            # the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
+            # differentiated), and never in evaluation.
+            out = OnBackward.apply(out, lambda: self._learn(learn_inputs, segments))
         if packing is not None:
             out = packing.from_blocks(out)
         return self._output(out, fmt)
@@ -407,9 +398,9 @@ class DSVDotProductAttention(_CoreAttention):
         b0 = (first - start) // block_q   # parts start on query-block boundaries
         b1 = math.ceil((first + n - start) / block_q)
         c0 = b0 + (self.controller.host()["step"] - b0) % stride
-        cubes = torch.arange(c0, max(c0, b1), stride, device=device) - b0
-        rows = (cubes[:, None] * block_q + torch.arange(block_q, device=device)).flatten()
-        return rows[rows < n]
+        cubes = torch.arange(c0, max(c0, b1), stride) - b0
+        rows = (cubes[:, None] * block_q + torch.arange(block_q)).flatten()
+        return _to_device(rows[rows < n], device)  # built on the host: no device sync in the backward
 
     def _sampled_rows_step(self, q, k, heads, selection, train, segments=None, q_start=0):
         """True logits of the sampled rows of q against all keys of their sequence (each clip's
@@ -431,7 +422,7 @@ class DSVDotProductAttention(_CoreAttention):
         clips = [(first - q_start, n, start, length) for first, n, start, length in pieces]
         clip_rows = [self._sampled_rows(*piece, device) for piece in pieces]
         total_rows = sum(rows.numel() for rows in clip_rows)
-        idx = torch.tensor(heads, device=device)
+        idx = _to_device(torch.tensor(heads), device)
         wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
         wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
         local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}

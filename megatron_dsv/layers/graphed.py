@@ -23,22 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
+from .on_backward import OnBackward
+
 MAX_ELEMENTS = 1 << 25   # q elements (s x b x heads x d): 16k tokens x batch 2 x 8 heads x 64 is 1 << 24
 STABLE_CALLS = 3
-
-
-class _EndOfFlight(torch.autograd.Function):
-    """Identity whose backward marks the replayed forward as consumed."""
-
-    @staticmethod
-    def forward(ctx, out, owner):
-        ctx.owner = owner
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.owner.in_flight = False
-        return grad, None
 
 
 class GraphedSparseAttention:
@@ -63,4 +51,8 @@ class GraphedSparseAttention:
             samples = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, v))
             self._graphed = torch.cuda.make_graphed_callables(fn, samples)
         self.in_flight = True
-        return _EndOfFlight.apply(self._graphed(q, k, v), self)
+        return OnBackward.apply(self._graphed(q, k, v), self._landed)
+
+    def _landed(self) -> None:
+        """The replayed forward's backward has come: the graphs may replay again."""
+        self.in_flight = False
