@@ -105,15 +105,33 @@ class DSVConfig:
     """Context parallel: re-plan heads and (U, R) every this many steps."""
 
     def __post_init__(self):
-        self.cube = tuple(int(c) for c in self.cube)
+        if (not isinstance(self.cube, (tuple, list)) or len(self.cube) != 3
+                or any(isinstance(c, bool) or not isinstance(c, int) for c in self.cube)):
+            raise ValueError(f"DSVConfig.cube must be three positive ints (t, h, w), got {self.cube!r}")
+        object.__setattr__(self, "cube", tuple(self.cube))
         self.validate()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name, value):
+        """A field set after construction is validated like one given to the constructor."""
+        if not getattr(self, "_checked", False):
+            return object.__setattr__(self, name, value)
+        old = getattr(self, name)
+        object.__setattr__(self, "_checked", False)
+        try:
+            object.__setattr__(self, name, value)
+            self.__post_init__()
+        except Exception:
+            object.__setattr__(self, name, old)
+            object.__setattr__(self, "_checked", True)
+            raise
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         _int_in("rank", self.rank, 1, 256)
         _choice("block_q", self.block_q, BLOCK_SIZES)
         _choice("block_kv", self.block_kv, BLOCK_SIZES)
-        if len(self.cube) != 3 or any(c < 1 for c in self.cube):
+        if any(c < 1 for c in self.cube):
             raise ValueError(f"DSVConfig.cube must be three positive ints (t, h, w), got {self.cube}")
         if math.prod(self.cube) != self.block_q:
             raise ValueError(
@@ -219,5 +237,6 @@ def _open_unit(name, value):
 
 
 def _choice(name, value, choices):
-    if value not in choices:
+    # Types too: 64.0 == 64, but a float block size would crash the first forward.
+    if value not in choices or type(value) is not type(choices[0]):
         raise ValueError(f"DSVConfig.{name}={value!r} is not one of {list(choices)}")

@@ -43,3 +43,29 @@ def test_from_args_round_trip():
     assert DSVConfig.from_args(parser.parse_args([])) == DSVConfig()
     with pytest.raises(ValueError, match="block_q"):
         DSVConfig.from_args(parser.parse_args(["--dsv-block-q", "32"]))  # cube still 4x4x4
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(block_q=64.0), r"block_q=64.0 is not one of"),
+    (dict(cube=(4.5, 4, 4)), "cube must be three positive ints"),
+    (dict(cube="444"), "cube must be three positive ints"),
+    (dict(cube=(True, 8, 8)), "cube must be three positive ints"),
+    (dict(cube=64), "cube must be three positive ints"),
+    (dict(cube=None), "cube must be three positive ints"),
+    (dict(cuda_graphs=1), "cuda_graphs must be a bool"),
+])
+def test_values_of_the_wrong_type_are_not_coerced(changes, match):
+    with pytest.raises(ValueError, match=match):
+        DSVConfig(**changes)
+
+
+def test_fields_set_after_construction_are_validated():
+    cfg = DSVConfig()
+    with pytest.raises(ValueError, match="block_q=48"):
+        cfg.block_q = 48
+    with pytest.raises(ValueError, match="cube"):
+        cfg.cube = (2, 4, 4)  # 32 tokens, block_q 64
+    assert (cfg.block_q, cfg.cube) == (64, (4, 4, 4))  # a rejected value leaves the field as it was
+    cfg.theta = 0.8
+    cfg.cube = [4, 4, 4]
+    assert cfg.theta == 0.8 and cfg.cube == (4, 4, 4) and cfg == DSVConfig(theta=0.8)

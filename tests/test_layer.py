@@ -377,3 +377,10 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
                                             float((got.float() - want.float()).abs().max()))
     assert layers[0].last_used_sparse and layers[0].graphed._graphed is not None
     assert layers[0].predictor.wq.equal(layers[1].predictor.wq)
+
+
+def test_unsupported_head_dim_fails_when_the_layer_is_built(megatron_parallel):
+    """A head dim the Triton kernels lack fails at construction, not at the first stage-2 step."""
+    with pytest.raises(NotImplementedError, match="head dims"):
+        core(DSVConfig(**SMALL, backend="triton"), d=48)
+    assert core(DSVConfig(**SMALL, backend="reference"), d=48).head_dim == 48

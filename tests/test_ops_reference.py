@@ -143,6 +143,10 @@ def test_block_sparse_low_precision_close_to_float64():
     (dict(backend="cuda"), "backend"),
     (dict(kv_lens=torch.full((3,), 16)), "kv_lens must be"),
     (dict(kv_lens=torch.full((4,), 1.0)), "int tensor"),
+    (dict(q=torch.ones(1, 64, 2, 16, dtype=torch.int64), k=torch.ones(1, 64, 2, 16, dtype=torch.int64),
+          v=torch.ones(1, 64, 2, 16, dtype=torch.int64)), "q must be float16"),
+    (dict(q=torch.randn(1, 0, 2, 16), kv_idx=torch.zeros(1, 2, 0, 2, dtype=torch.int32),
+          kv_cnt=torch.zeros(1, 2, 0, dtype=torch.int32)), "at least one batch element, token"),
 ])
 def test_block_sparse_bad_input(bad, match):
     args = dict(q=torch.randn(1, 64, 2, 16), k=torch.randn(1, 64, 2, 16), v=torch.randn(1, 64, 2, 16),
@@ -220,3 +224,61 @@ def test_select_blocks_mean_reduce_matches_pooled():
 def test_select_blocks_bad_budget(topk, match):
     with pytest.raises(ValueError, match=match):
         select_blocks(torch.randn(1, 64, 2, 4), torch.randn(1, 64, 2, 4), topk, block_q=32, block_kv=16)
+
+
+def test_select_blocks_huge_budget_is_clipped_and_bad_inputs_raise():
+    q_lr, k_lr = torch.randn(1, 64, 2, 4), torch.randn(1, 64, 2, 4)
+    kv_idx, kv_cnt = select_blocks(q_lr, k_lr, 2**70, block_q=32, block_kv=16)
+    assert kv_cnt.eq(4).all() and kv_idx.shape[-1] == 4
+    with pytest.raises(ValueError, match="floating point"):
+        select_blocks(q_lr.long(), k_lr.long(), 2, block_q=32, block_kv=16)
+    with pytest.raises(ValueError, match="at least one batch element"):
+        select_blocks(q_lr[:, :0], k_lr, 2, block_q=32, block_kv=16)
+
+
+@pytest.mark.parametrize("q, k, match", [
+    (torch.randn(64, 2, 16), torch.randn(64, 2, 16), "4-D"),
+    (torch.randn(1, 64, 2, 16), torch.randn(1, 64, 1, 16), "grouped-query"),
+    (torch.ones(1, 64, 2, 16, dtype=torch.int32), torch.ones(1, 64, 2, 16, dtype=torch.int32), "q must be float16"),
+    (torch.randn(1, 64, 2, 16), torch.randn(1, 64, 2, 8), "head dim"),
+])
+def test_dense_attention_checks_its_inputs(q, k, match):
+    with pytest.raises(ValueError, match=match):
+        dense_attention(q, k, k, layout="bshd")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_unattended_tokens_never_reach_outputs_or_gradients(poison):
+    """Keys and values of unselected blocks, of slots past the count and masked by kv_lens, and
+    the padding of packed clips may hold NaN or Inf: outputs and gradients equal the clean ones."""
+    from megatron_dsv.ops import Segments
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 32, generator=gen) for _ in range(3))
+    idx = torch.tensor([1, 2, 3, 0]).view(1, 1, 1, 4).expand(1, 2, 4, 4).int()  # block 0 only past the count
+    cnt = torch.full((1, 2, 4), 3).int()
+    lens = torch.tensor([32, 32, 20, 32])  # block 2: keys 84..95 masked
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for t in (dirty_k, dirty_v):
+        t[0, :32] = poison        # block 0: never selected within a count
+        t[0, 84:96] = poison      # masked by kv_lens
+    packed = Segments([40, 50], align=32)  # 128 tokens; padding at 40..63 and 114..127
+    clip_idx = torch.tensor([[0, 1, -1], [0, 1, -1], [2, 3, -1], [2, 3, -1]]).view(1, 1, 4, 3).expand(1, 2, 4, 3)
+    pad = ~packed.token_valid(torch.device("cpu"))
+    padded = [t.clone().masked_fill(pad.view(1, -1, 1, 1), poison) for t in (q, k, v)]
+    cases = [
+        ((q, k, v), (q, dirty_k, dirty_v), idx, cnt, dict(kv_lens=lens)),
+        ((q, k, v), padded, clip_idx.int(), torch.full((1, 2, 4), 2).int(), dict(segments=packed)),
+    ]
+    for clean, dirty, kv_idx, kv_cnt, extra in cases:
+        results = []
+        for tensors in (clean, dirty):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            out = block_sparse_attention(*leaves, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="reference",
+                                         **extra)
+            out.backward(torch.ones_like(out))
+            results.append((out, *(t.grad for t in leaves)))
+        for got, want in zip(results[1], results[0]):
+            assert torch.isfinite(got).all()
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)  # dq

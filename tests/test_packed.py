@@ -267,3 +267,16 @@ def test_cp_layer_plans_once_per_length_in_a_replan_interval(megatron_parallel, 
     for step, tokens in [(0, 4096), (1, 8192), (2, 4096), (9, 8192), (10, 4096), (11, 4096)]:
         cp.plan_for([3] * HEADS, tokens, 1, step)
     assert planned == [4096, 8192, 4096]
+
+
+def test_cu_seqlens_updated_in_place_are_read_again():
+    """A caller that reuses its cu_seqlens buffer, writing new offsets in place, gets the new clips."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_dsv.layers.packing import packed_segments
+
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    assert packed_segments(params, "test")[0].lengths == (40, 60)
+    cu.copy_(torch.tensor([0, 70, 100], dtype=torch.int32))
+    assert packed_segments(params, "test")[0].lengths == (70, 30)

@@ -25,6 +25,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
+from ..ops.triton_attention import HEAD_DIMS
 from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
 from .dispatch import CostDispatch, measure_costs
@@ -174,6 +175,12 @@ class DSVDotProductAttention(_CoreAttention):
         self.cfg = dsv_config if dsv_config is not None else DSVConfig()
         if not isinstance(self.cfg, DSVConfig):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
+        triton_here = self.cfg.backend == "triton" or (self.cfg.backend == "auto" and torch.cuda.is_available())
+        if triton_here and self.head_dim not in HEAD_DIMS:
+            # Checked now, not at the first stage-2 step after up to stage1_max_steps of training.
+            raise NotImplementedError(
+                f"DSVDotProductAttention: the Triton kernels support head dims {HEAD_DIMS}, this layer has "
+                f"{self.head_dim} (kv_channels); use a supported head dim, or backend='reference' (pure torch)")
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.predictor = LowRankPredictor(self.heads, self.head_dim, self.cfg.rank, seed=self.layer_number,
                                           head_offset=self.head_offset, device=device)

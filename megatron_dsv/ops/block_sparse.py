@@ -7,7 +7,7 @@ import os
 import torch
 
 from ..config import BACKENDS, BLOCK_SIZES
-from .layout import LAYOUTS, split_dims
+from .checks import check_qkv
 from .reference import block_sparse_attention_reference
 
 
@@ -100,24 +100,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == kv_idx.device == kv_cnt.device):
+    (b, s_q, h, d), s_kv = check_qkv(q, k, v, layout)
+    if not (q.device == kv_idx.device == kv_cnt.device):
         raise ValueError("q, k, v, kv_idx and kv_cnt must be on one device")
-    b, s_q, h, d = split_dims(q, layout)
-    bk, s_kv, hk, dk = split_dims(k, layout)
-    bv, s_v, hv, _ = split_dims(v, layout)
-    if (bk, hk, dk) != (b, h, d) or (bv, s_v, hv) != (b, s_kv, h):
-        raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree ({layout}): k and v need "
-            "q's batch and heads (grouped-query attention is not supported), k needs q's head dim, "
-            "v needs k's length"
-        )
     check_block_sizes(block_q, block_kv)
     n_q = -(-s_q // block_q)
     check_block_mask(kv_idx, kv_cnt, b, h, n_q)

@@ -7,7 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .layout import LAYOUTS, from_bhsd, seq_dim, to_bhsd
+from .checks import check_qkv
+from .layout import from_bhsd, seq_dim, to_bhsd
 
 try:  # Optional: used when importable, never required.
     import transformer_engine.pytorch as te
@@ -35,8 +36,7 @@ def dense_attention(q, k, v, *, scale=None, layout="bshd", segments=None, kv_seg
     segments / kv_segments: packed sequences (:class:`megatron_dsv.ops.Segments`) of q and of k/v
     (kv_segments defaults to segments): sequence i of q attends to sequence i of k/v only, one
     dense call per sequence; query padding gets zeros."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
+    check_qkv(q, k, v, layout)
     if segments is not None:
         return _dense_packed(q, k, v, scale, layout, segments, kv_segments or segments)
     d = q.shape[-1]

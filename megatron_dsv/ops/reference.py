@@ -63,6 +63,11 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
         key_valid &= torch.arange(block_kv, device=q.device) < lens.view(b, h, n_q, k_max, 1)
     key_valid = key_valid.view(b, h, n_q, 1, k_max * block_kv)
 
+    # Keys and values nobody may attend (past a count, past the sequence, masked by kv_lens) are
+    # replaced, not multiplied by a zero probability: NaN or Inf there must reach neither the output
+    # nor any gradient.
+    k_sel = k_sel.masked_fill(~key_valid.transpose(-1, -2), 0.0)
+    v_sel = v_sel.masked_fill(~key_valid.transpose(-1, -2), 0.0)
     scores = torch.einsum("bhiqd,bhikd->bhiqk", qb, k_sel) * scale
     scores = scores.masked_fill(~key_valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [b, h, n_q, block_q]; -inf where no key is valid

@@ -19,7 +19,9 @@ def normalize_budgets(topk, heads: int, n_kv) -> torch.Tensor:
     if isinstance(topk, bool):
         raise ValueError(f"topk must be an int or an int tensor {expected}, got {topk!r}")
     if isinstance(topk, int):
-        budgets = torch.full((heads,), topk, dtype=torch.int64)
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0, got {topk}")
+        budgets = torch.full((heads,), min(topk, max([n_kv] if isinstance(n_kv, int) else n_kv)), dtype=torch.int64)
     elif isinstance(topk, torch.Tensor) and not topk.is_floating_point() and topk.dtype != torch.bool:
         if tuple(topk.shape) not in shapes:
             raise ValueError(f"topk tensor must have shape {expected} (heads={heads}), got {tuple(topk.shape)}")
@@ -67,6 +69,11 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         raise ValueError(f"k_lr {tuple(k_lr.shape)} must match q_lr {tuple(q_lr.shape)} in batch, heads, rank")
     if q_lr.device != k_lr.device:
         raise ValueError("q_lr and k_lr must be on one device")
+    if not (q_lr.is_floating_point() and k_lr.is_floating_point()):
+        raise ValueError(f"q_lr and k_lr must be floating point, got {q_lr.dtype} and {k_lr.dtype}")
+    if min(b, s_q, h, r, k_lr.shape[1]) < 1:
+        raise ValueError(f"q_lr {tuple(q_lr.shape)} and k_lr {tuple(k_lr.shape)} need at least one batch element, "
+                         "token, head and rank")
     check_block_sizes(block_q, block_kv)
     if kv_reduce not in KV_REDUCES:
         raise ValueError(f"kv_reduce={kv_reduce!r} is not one of {list(KV_REDUCES)}")
