@@ -22,8 +22,13 @@ import math
 import os
 import sys
 import time
+import warnings
+
 import torch
 
+# Megatron-Core warns at import that Transformer Engine and Apex are missing and it falls back to
+# its local implementations; the example needs neither, so the warnings tell its user nothing.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
@@ -105,7 +110,29 @@ def get_args(argv=None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.model == "tiny":
         parser.set_defaults(**TINY_DSV_DEFAULTS, **TINY_DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args) -> None:
+    """Usage errors for values the run could only fail on later (after minutes of set-up or training)."""
+    for name in ("train_iters", "micro_batch_size", "log_interval", "eval_interval", "eval_iters", "exit_interval",
+                 "save_interval", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.dense and args.dsv:
+        parser.error("--dense and --dsv exclude each other (DSV is this script's default)")
+    if args.bf16 and args.fp32:
+        parser.error("--bf16 and --fp32 exclude each other")
+    if not args.dense:
+        try:
+            DSVConfig.from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
 
 
 def dit_config(args):
@@ -204,10 +231,28 @@ def save_checkpoint(path, model, opt, master, step, args):
         f.write(str(step))
 
 
-def load_checkpoint(path, model, opt, master=None):
-    with open(os.path.join(path, "latest")) as f:
+# Saved arguments that must match for a checkpoint to load into this run's model.
+MODEL_ARGS = ("model", "dense", "num_layers", "hidden_size", "num_attention_heads", "latent_shape", "latent_channels",
+              "patch_size", "text_len", "dsv_rank", "dsv_block_q", "dsv_block_kv", "dsv_cube")
+
+
+def load_checkpoint(path, model, opt, master=None, args=None):
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        raise SystemExit(f"--load {path}: no checkpoint there ({latest} is missing; --save writes it)")
+    with open(latest) as f:
         step = int(f.read())
-    state = torch.load(os.path.join(path, f"iter_{step:07d}.pt"), map_location="cpu", weights_only=False)
+    file = os.path.join(path, f"iter_{step:07d}.pt")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise SystemExit(f"--load {path}: cannot read {file} ({type(e).__name__}: {e})") from e
+    if args is not None:
+        saved = state.get("args", {})
+        differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(args, k)!r} here"
+                  for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--load {path}: {file} was saved by a run with another model: " + "; ".join(differ))
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if master is not None:
@@ -240,10 +285,6 @@ def main(argv=None):
                           args.device if args.device != "auto" else "cpu")
     if args.recompute_activations and device.type != "cuda":
         raise ValueError("--recompute-activations needs a GPU (Megatron's checkpointing uses the CUDA RNG tracker)")
-    if args.dense and args.dsv:
-        raise ValueError("--dense and --dsv exclude each other (DSV is this script's default)")
-    if args.bf16 and args.fp32:
-        raise ValueError("--bf16 and --fp32 exclude each other")
     bf16 = args.bf16 or (device.type == "cuda" and not args.fp32)
     init_single_process(device, args.seed)
 
@@ -257,7 +298,7 @@ def main(argv=None):
     params = master.master if master else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
-    start = load_checkpoint(args.load, model, opt, master) if args.load else 0
+    start = load_checkpoint(args.load, model, opt, master, args) if args.load else 0
     train_data, val_data = make_datasets(args, dit)
     if args.pack:
         train_data = PackedBatches(args, dit)
@@ -281,6 +322,9 @@ def main(argv=None):
     t_start = time.time()
     step_times = []
     end = min(args.train_iters, args.exit_interval or args.train_iters)
+    if args.load:
+        print(f"resuming from step {start} of {args.load}" + ("" if start < end else
+              f"; nothing to train: the run ends at step {end} (--train-iters / --exit-interval)"), flush=True)
     for step in range(start, end):
         t0 = time.time()
         x, cap = train_data.batch(step * args.micro_batch_size, args.micro_batch_size)

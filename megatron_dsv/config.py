@@ -8,8 +8,11 @@ by :meth:`DSVConfig.from_args`.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -189,23 +192,38 @@ class DSVConfig:
         return cls(**kwargs)
 
 
+def field_docs() -> dict:
+    """{field: its docstring} of DSVConfig, read from the source (the one place the knobs are described)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(DSVConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, after in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--dsv`` and ``--dsv-<field>`` flags; usable as Megatron's ``extra_args_provider``."""
+    """Add ``--dsv`` and ``--dsv-<field>`` flags; usable as Megatron's ``extra_args_provider``.
+    Each flag's help is its field's docstring, with the default."""
     group = parser.add_argument_group(title="DSV sparse attention")
     group.add_argument("--dsv", action="store_true", help="Use DSV sparse self-attention.")
+    docs = field_docs()
     for f in dataclasses.fields(DSVConfig):
         flag = "--dsv-" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helps = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         if f.name == "cube":
-            group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"))
+            group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"), help=helps)
         elif f.name in _CHOICES:
-            group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name])
+            group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name], help=helps)
         elif f.name == "cuda_graphs":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps)
         elif f.name == "cp_head_parallel_size":
-            group.add_argument(flag, type=int, default=default)
+            group.add_argument(flag, type=int, default=default, help=helps)
         else:
-            group.add_argument(flag, type=type(default), default=default)
+            group.add_argument(flag, type=type(default), default=default, help=helps)
     return parser
 
 

@@ -210,6 +210,7 @@ def test_main_job_reaches_stage2_and_resumes(tmp_path):
     # Resume: continues at step 9 in stage 2 with the saved schedule, and computes exactly what an
     # uninterrupted run computes (model, optimizer, DSV predictor and controller state all restored).
     out2 = _run_job("--train-iters", "10", "--load", str(ckpt))
+    assert "resuming from step 8 of" in out2
     steps2 = _steps(out2)
     assert sorted(steps2) == [9, 10]
     assert "stage 2" in steps2[9] and "sparse layers 2/2" in steps2[9]
@@ -217,6 +218,62 @@ def test_main_job_reaches_stage2_and_resumes(tmp_path):
     for step in (9, 10):
         same = [re.search(r"loss [\d.]+ .*pred-loss [\d.]+", out)[0] for out in (steps2[step], straight[step])]
         assert same[0] == same[1], same
+
+
+def _job_error(*extra):
+    cmd = [sys.executable, str(ROOT / "examples" / "pretrain_video_dit.py"), "--latent-shape", "4", "16", "16", *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
+    code, out = _job_error("--load", str(tmp_path))
+    assert code != 0 and "no checkpoint there" in out and "latest" in out and "Traceback" not in out
+    _run_job("--train-iters", "2", "--save", str(tmp_path / "ckpt"))
+    code, out = _job_error("--dense", "--train-iters", "3", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "another model" in out and "--dense False there, True here" in out
+    out = _run_job("--train-iters", "2", "--load", str(tmp_path / "ckpt"))
+    assert "resuming from step 2" in out and "nothing to train" in out and not _steps(out)
+    (tmp_path / "ckpt" / "iter_0000002.pt").write_bytes(b"not a checkpoint")
+    code, out = _job_error("--train-iters", "3", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "cannot read" in out and "iter_0000002.pt" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-iters", "-5"], "--train-iters must be at least 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+    (["--dsv-block-q", "48"], "DSVConfig.block_q=48 is not one of"),
+    (["--dsv-budget-policy", "target", "--dsv-target-density", "0.01"], "target_density=0.01 must lie in"),
+    (["--dense", "--dsv"], "exclude each other"),
+])
+def test_bad_command_lines_are_usage_errors(argv, message, capsys):
+    import pretrain_video_dit
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_video_dit.get_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_dsv_flag_has_help_with_its_default():
+    import pretrain_video_dit
+
+    parser_help = subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_video_dit.py"), "--help"],
+                                 capture_output=True, text=True, timeout=120,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="400")).stdout
+    import dataclasses
+
+    from megatron_dsv import DSVConfig
+    entries, options = [], parser_help[parser_help.index("\noptions:"):]
+    for line in options.splitlines():  # one entry per option: its line and the indented lines after it
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif entries:
+            entries[-1] += " " + line.strip()
+    for f in dataclasses.fields(DSVConfig):
+        entry = next(e for e in entries if re.match("--dsv-" + f.name.replace("_", "-") + "[ ,]", e))
+        assert "(default: " in entry and len(entry) > 60, entry
+    assert "Warning" not in parser_help and pretrain_video_dit.get_args([]).train_iters == 100
 
 
 def test_main_job_dense_baseline():
