@@ -193,7 +193,6 @@ def main():
     eager.timed(args.warmup, plain_eager)
     results.insert(-1, record("dsv-stage2, no CUDA graphs", eager.timed(args.iters, plain_eager), tokens,
                               density=args.density))
-    del eager
     if args.trace:
         trace(dsv, Path(args.trace), plain)
     stage2, prof = (next(r for r in results if r["mode"] == name) for name in ("dsv-stage2", "dsv-profile"))

@@ -79,6 +79,10 @@ class DSVConfig:
     """Smallest per-head budget (fraction of KV blocks; at least one block)."""
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
+    coarse_remainder: bool = False
+    """Add the unselected KV blocks back as pooled keys and values (one per block, logit offset by the log of
+    its size), merged with the exact selected blocks in one softmax (ops/coarse.py; pure torch, memory
+    [b, heads, S, n_kv]; not with packed clips or context parallelism)."""
     dispatch: str = "auto"
     """When a stage-2 layer runs sparse: 'measured' (selection + sparse attention timed against dense at
     the layer's shape once, on the GPU), 'density' (mean budget at most dense_fallback_density), or
@@ -170,8 +174,9 @@ class DSVConfig:
         _float_in("stage2_lr_factor", self.stage2_lr_factor, 0.0, 1.0)
         _float_in("loss_cos_weight", self.loss_cos_weight, 0.0, 1.0)
         _choice("backend", self.backend, BACKENDS)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"DSVConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "coarse_remainder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DSVConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.cp_head_parallel_size is not None:
             _int_in("cp_head_parallel_size", self.cp_head_parallel_size, 1, 1 << 20)
         _int_in("cp_replan_interval", self.cp_replan_interval, 1, 1 << 30)
@@ -218,7 +223,7 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"), help=helps)
         elif f.name in _CHOICES:
             group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name], help=helps)
-        elif f.name == "cuda_graphs":
+        elif f.name in ("cuda_graphs", "coarse_remainder"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps)
         elif f.name == "cp_head_parallel_size":
             group.add_argument(flag, type=int, default=default, help=helps)

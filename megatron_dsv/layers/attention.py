@@ -25,6 +25,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
+from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
 from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
@@ -192,6 +193,8 @@ class DSVDotProductAttention(_CoreAttention):
                          else parallel_state.get_data_parallel_group(with_context_parallel=True)
                          if parallel_state.model_parallel_is_initialized() else None)
         self.cp = None
+        if config.context_parallel_size > 1 and self.cfg.coarse_remainder:
+            raise NotImplementedError("DSVConfig.coarse_remainder does not support context parallelism")
         if config.context_parallel_size > 1:
             cp_group = (pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp")
                         else parallel_state.get_context_parallel_group())
@@ -254,9 +257,7 @@ class DSVDotProductAttention(_CoreAttention):
             with self.timer("selection", query.device):
                 selection = self._select(query.detach(), key.detach(), budgets, segments=segments)
             with self.timer("attention", query.device):
-                out = block_sparse_attention(query, key, value, *selection, block_q=cfg.block_q,
-                                             block_kv=cfg.block_kv, scale=self.softmax_scale,
-                                             layout="sbhd", backend=cfg.backend, segments=segments)
+                out = self._sparse_attention(query, key, value, selection, segments)
             learn_inputs = (None, query.detach(), key.detach(), selection, 0) if learn else None
         else:
             with self.timer("attention", query.device):
@@ -284,36 +285,43 @@ class DSVDotProductAttention(_CoreAttention):
             return self.dispatch.sparse_pays(density)
         cfg = self.cfg
         s, b, heads, d = q.shape
-        shape = (s, b, heads, d, q.dtype, cfg.block_q, cfg.block_kv, cfg.rank, cfg.estimator)
+        shape = (s, b, heads, d, q.dtype, cfg.block_q, cfg.block_kv, cfg.rank, cfg.estimator, cfg.coarse_remainder)
 
         def select(q_, k_, share):
             return self._select(q_, k_, [max(1, round(share * n_kv))] * heads)
 
-        def attend(q_, k_, v_, selection):
-            return block_sparse_attention(q_, k_, v_, *selection, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                                          scale=self.softmax_scale, layout="sbhd", backend=cfg.backend)
-
         def dense(q_, k_, v_):
             return dense_attention(q_, k_, v_, scale=self.softmax_scale, layout="sbhd")
 
-        pays = self.dispatch.sparse_pays(density, shape, lambda: measure_costs(q, k, v, select=select,
-                                                                                attend=attend, dense=dense))
+        pays = self.dispatch.sparse_pays(density, shape, lambda: measure_costs(
+            q, k, v, select=select, attend=self._sparse_attention, dense=dense))
         costs = self.dispatch.costs(shape)
         self.last_costs = {"dense_ms": costs.dense_ms, "sparse_ms": costs.sparse_ms(density), "density": density}
         return pays
 
     def _graphed_sparse(self, q, k, v, budgets):
         """Selection + block-sparse attention replayed from this layer's CUDA graphs (graphed.py)."""
-        cfg, pred = self.cfg, self.predictor
+        pred = self.predictor
         key = (tuple(budgets), *(tuple(t.shape) + t.stride() for t in (q, k, v)), q.dtype,
                pred.wq.data_ptr(), pred.wk.data_ptr())
 
         def fn(q_, k_, v_):
-            selection = self._select(q_.detach(), k_.detach(), budgets, cached_weights=False)
-            return block_sparse_attention(q_, k_, v_, *selection, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                                          scale=self.softmax_scale, layout="sbhd", backend=cfg.backend)
+            return self._sparse_attention(q_, k_, v_, self._select(q_.detach(), k_.detach(), budgets,
+                                                                   cached_weights=False))
 
         return self.graphed(key, fn, q, k, v)
+
+    def _sparse_attention(self, q, k, v, selection, segments=None):
+        """Block-sparse attention of [s, b, n, d] q, k, v over `selection`, with the unselected blocks
+        added back pooled when cfg.coarse_remainder is set."""
+        cfg = self.cfg
+        opts = dict(block_q=cfg.block_q, block_kv=cfg.block_kv, scale=self.softmax_scale, layout="sbhd")
+        if not cfg.coarse_remainder:
+            return block_sparse_attention(q, k, v, *selection, backend=cfg.backend, segments=segments, **opts)
+        if segments is not None:
+            raise NotImplementedError("DSVConfig.coarse_remainder does not support packed clips (packed_seq_params)")
+        out, lse = block_sparse_attention(q, k, v, *selection, backend=cfg.backend, return_lse=True, **opts)
+        return coarse_remainder(q, k, v, *selection, out, lse, **opts)
 
     def _clip_budgets(self, segments) -> torch.Tensor:
         """Per-(head, clip) budgets [heads, clips] of packed clips: k_h = ceil((1 - s_h) x clip KV blocks)."""
