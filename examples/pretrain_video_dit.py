@@ -1,6 +1,6 @@
 """Pretrain the example video DiT with DSV sparse self-attention (or dense with --dense).
 
-    python examples/pretrain_video_dit.py                 # tiny model, CPU: ~2 min, stage 1 -> stage 2
+    python examples/pretrain_video_dit.py                 # tiny model, CPU: ~4 min, stage 1 -> stage 2
     python examples/pretrain_video_dit.py --dense         # the dense baseline, same seed and data
     python examples/pretrain_video_dit.py --model small --train-iters 2000   # GPU, bf16
     python examples/pretrain_video_dit.py --data images   # camera over photos (needs scikit-image)
@@ -11,7 +11,7 @@ block sparsity, predictor recall (share of true attention mass the selected bloc
 hold, on sampled rows), predictor loss, tokens/s and ETA. Every --dsv-* flag of
 megatron_dsv.config.add_dsv_args is accepted; DSVConfig.from_args builds the config.
 For the tiny preset the script sets shorter stage-1 defaults than DSVConfig's (see
-TINY_DSV_DEFAULTS) so the demo reaches stage 2 within two minutes; flags override them.
+TINY_DSV_DEFAULTS) so the demo reaches stage 2 within a minute; flags override them.
 """
 
 from __future__ import annotations

@@ -41,15 +41,15 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
     k_max = kv_idx.shape[3]
 
     qb = _pad_seq(qh, block_q).to(acc).view(b, h, n_q, block_q, d)
-    kb = _pad_seq(kh, block_kv).to(acc)
-    vb = _pad_seq(vh, block_kv).to(acc)
-    n_kv = kb.shape[2] // block_kv
-    kb = kb.view(b, h, n_kv, block_kv, d)
-    vb = vb.view(b, h, n_kv, block_kv, vb.shape[-1])
+    n_kv = -(-s_kv // block_kv)
+    # One block of zeros past the last: slots past a count gather it, so whatever the unselected
+    # blocks hold (NaN, Inf) reaches neither the output nor any gradient.
+    kb = F.pad(kh.to(acc), (0, 0, 0, (n_kv + 1) * block_kv - s_kv)).view(b, h, n_kv + 1, block_kv, d)
+    vb = F.pad(vh.to(acc), (0, 0, 0, (n_kv + 1) * block_kv - s_kv)).view(b, h, n_kv + 1, block_kv, vh.shape[-1])
 
     # Gather each query block's KV blocks: [b, h, n_q, k_max * block_kv, d].
     slot_valid = torch.arange(k_max, device=q.device) < kv_cnt.unsqueeze(-1).long()
-    idx = torch.where(slot_valid, kv_idx.long(), 0)
+    idx = torch.where(slot_valid, kv_idx.long(), n_kv)
     flat = idx.reshape(b, h, n_q * k_max, 1, 1)
     k_sel = kb.gather(2, flat.expand(-1, -1, -1, block_kv, d)).view(b, h, n_q, k_max * block_kv, d)
     v_sel = vb.gather(2, flat.expand(-1, -1, -1, block_kv, vb.shape[-1]))
@@ -59,15 +59,14 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_
     tok = idx.unsqueeze(-1) * block_kv + torch.arange(block_kv, device=q.device)
     key_valid = slot_valid.unsqueeze(-1) & (tok < s_kv)
     if kv_lens is not None:
-        lens = kv_lens.long().expand(b * h, n_kv).reshape(b, h, n_kv).gather(2, idx.view(b, h, -1))
+        lens = kv_lens.long().expand(b * h, n_kv).reshape(b, h, n_kv)
+        lens = F.pad(lens, (0, 1)).gather(2, idx.view(b, h, -1))
         key_valid &= torch.arange(block_kv, device=q.device) < lens.view(b, h, n_q, k_max, 1)
+        # Keys masked inside selected blocks are replaced, not multiplied by a zero probability.
+        masked = ~key_valid.view(b, h, n_q, k_max * block_kv, 1)
+        k_sel, v_sel = k_sel.masked_fill(masked, 0.0), v_sel.masked_fill(masked, 0.0)
     key_valid = key_valid.view(b, h, n_q, 1, k_max * block_kv)
 
-    # Keys and values nobody may attend (past a count, past the sequence, masked by kv_lens) are
-    # replaced, not multiplied by a zero probability: NaN or Inf there must reach neither the output
-    # nor any gradient.
-    k_sel = k_sel.masked_fill(~key_valid.transpose(-1, -2), 0.0)
-    v_sel = v_sel.masked_fill(~key_valid.transpose(-1, -2), 0.0)
     scores = torch.einsum("bhiqd,bhikd->bhiqk", qb, k_sel) * scale
     scores = scores.masked_fill(~key_valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [b, h, n_q, block_q]; -inf where no key is valid
