@@ -94,3 +94,50 @@ def test_cp_layer_matches_single_process(tmp_path, head_parallel, packed):
         assert e["predictor"] < 1e-4 and e["profile"] < 1e-5, e
         assert e["predictor_end"] < 1e-4 and e["recall_end"] < 1e-5, e
         assert e["stage"] == 2 and e["step"] == STEPS and e["sparse_steps"] == STEPS - 4, e
+
+
+def _fault_worker(rank, world, out_dir, fault):
+    import time
+
+    from megatron.core import parallel_state
+
+    from megatron_dsv import DSVConfig
+
+    # Megatron's CP groups take distributed_timeout_minutes: one minute here, so a stuck rank fails fast.
+    parallel_state.initialize_model_parallel(context_parallel_size=world, distributed_timeout_minutes=1)
+    layer = _layer(world, DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32))
+    s_local = 128 if fault == "stuck" or rank == 0 else 96  # "lengths": rank 1 holds fewer tokens
+    q, k, v = (torch.randn(s_local, B, H, D, requires_grad=True) for _ in range(3))
+    t0 = time.time()
+    if fault == "stuck" and rank == 1:
+        time.sleep(75)  # alive but never reaches the collective (past the one-minute timeout)
+        os._exit(0)
+    try:
+        layer(q, k, v, None)
+        message = "no error"
+    except Exception as e:  # noqa: BLE001 - the test checks what was raised
+        message = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message, "seconds": time.time() - t0}, f)
+    if fault == "stuck":
+        os._exit(0)  # the stuck peer never joins a teardown
+
+
+def test_cp_ranks_with_different_lengths_fail_on_every_rank_naming_the_layer(tmp_path):
+    spawn(_fault_worker, 2, str(tmp_path), "lengths")
+    for rank in range(2):
+        message = json.loads((tmp_path / f"rank{rank}.json").read_text())["message"]
+        assert message.startswith("ValueError") and "layer 1" in message, message
+        assert "rank 0: (128, 1, 2, 16), rank 1: (96, 1, 2, 16)" in message, message
+
+
+def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path), "stuck"))
+    proc.start()
+    proc.join(timeout=110)
+    if proc.is_alive():
+        proc.kill()
+    rec = json.loads((tmp_path / "rank0.json").read_text())
+    assert rec["message"] != "no error" and rec["seconds"] < 75, rec

@@ -73,6 +73,28 @@ class CommRecord:
     received: int
 
 
+_HOST_GROUPS: dict = {}
+
+
+def _host_group(group, ranks: tuple):
+    """A gloo group of the same ranks (the group itself when it is gloo), made once per rank set by its
+    members only, with the CP group's own timeout (Megatron's distributed_timeout_minutes)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    if ranks not in _HOST_GROUPS:
+        _HOST_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", timeout=_timeout(group),
+                                             use_local_synchronization=True)
+    return _HOST_GROUPS[ranks]
+
+
+def _timeout(group):
+    """The collective timeout of a process group (torch keeps it in its backend's options)."""
+    try:
+        return group._get_backend(torch.device("cuda")).options._timeout
+    except Exception:  # noqa: BLE001 - older torch or another backend: torch's default for new groups
+        return None
+
+
 class HybridCPGroup:
     """Megatron-Core's context-parallel ranks, used as a U x R grid.
 
@@ -118,6 +140,18 @@ class HybridCPGroup:
 
     def grid(self, U: int) -> Grid:
         return Grid(self.size, U, self.index)
+
+    def check_same(self, what: str, values: Sequence[int]) -> None:
+        """Raise on every rank, naming `what` and each rank's values, unless all CP ranks pass the same
+        ints. Over gloo on the host (a group of these ranks made once): no device synchronisation, and
+        the check precedes the first collective whose sizes depend on them (a mismatch there aborts in
+        the backend's C++ code or hangs)."""
+        mine = torch.tensor([int(x) for x in values], dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(gathered, mine, group=_host_group(self.group, tuple(self.ranks)))
+        if any(not torch.equal(g, mine) for g in gathered):
+            per_rank = ", ".join(f"rank {r}: {tuple(g.tolist())}" for r, g in zip(self.ranks, gathered))
+            raise ValueError(f"{what} differ across the context-parallel ranks ({per_rank})")
 
     def note(self, name: str, sent: int, received: int) -> None:
         if self.record:

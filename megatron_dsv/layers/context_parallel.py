@@ -45,7 +45,10 @@ class LayerContextParallel:
     def size(self) -> int:
         return self.group.size
 
-    def check_shard(self, s_local: int) -> None:
+    def check_shard(self, q: torch.Tensor, layer: str) -> None:
+        """Every rank's share: the same shape on all CP ranks, whole cubes and blocks."""
+        self.group.check_same(f"{layer}: query shapes [s, b, heads, d]", q.shape)
+        s_local = q.shape[0]
         blk = max(self.cfg.block_q, self.cfg.block_kv)
         if s_local % blk:
             raise ValueError(f"context parallel: each rank must hold whole cubes/blocks; its {s_local} tokens are "
