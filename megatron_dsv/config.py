@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 ESTIMATORS = ("lowrank", "pooled")
 BACKENDS = ("auto", "triton", "reference")
 BUDGET_POLICIES = ("theta", "target", "uniform")
+BUDGET_SCOPES = ("layer", "model")
 DISPATCHES = ("auto", "measured", "density")
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -69,6 +70,9 @@ class DSVConfig:
     """'theta': each head keeps the blocks holding theta of the mass (the paper's rule); 'target': the
     layer attends target_density of its blocks, spread over heads by their profiled mass curves;
     'uniform': every head target_density of the blocks (VSA's top-k)."""
+    budget_scope: str = "layer"
+    """'target': spread each layer's blocks over its own heads ('layer'), or the blocks of all layers built
+    from this config over all their heads ('model': concentrated layers give blocks to spread ones)."""
     target_density: float = 0.1
     """'target'/'uniform': share of the KV blocks the layer attends once annealed."""
     anneal_steps: int = 200
@@ -154,6 +158,10 @@ class DSVConfig:
         _int_in("stage1_max_steps", self.stage1_max_steps, self.stage1_min_steps, 1 << 40,
                 lo_name="stage1_min_steps")
         _choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
+        _choice("budget_scope", self.budget_scope, BUDGET_SCOPES)
+        if self.budget_scope == "model" and self.budget_policy != "target":
+            raise ValueError(f"DSVConfig.budget_scope='model' spreads the 'target' policy's blocks over all layers; "
+                             f"budget_policy={self.budget_policy!r} has nothing to spread (use budget_scope='layer')")
         _float_in("target_density", self.target_density, 0.0, 1.0, lo_open=True)
         _int_in("anneal_steps", self.anneal_steps, 0, 1 << 40)
         _float_in("layer_sparsity_threshold", self.layer_sparsity_threshold, 0.0, 1.0)
@@ -232,7 +240,8 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-_CHOICES = {"estimator": ESTIMATORS, "backend": BACKENDS, "budget_policy": BUDGET_POLICIES, "dispatch": DISPATCHES}
+_CHOICES = {"estimator": ESTIMATORS, "backend": BACKENDS, "budget_policy": BUDGET_POLICIES,
+            "budget_scope": BUDGET_SCOPES, "dispatch": DISPATCHES}
 
 
 # -------------------------------------------------------------------- helpers

@@ -186,3 +186,35 @@ def test_bad_policy_knobs_raise_naming_the_fields(bad, fields):
 
 def test_profiled_names_cover_the_metrics():
     assert set(PER_HEAD_BUFFERS) < set(StageController(DSVConfig(), 1).state_dict())
+
+
+def test_model_scope_moves_blocks_from_concentrated_to_spread_layers():
+    """Two layers built from one config: the one whose mass sits in few blocks gives blocks to the one
+    whose mass is spread; the total stays the target, and more mass is held than per layer."""
+    heads, n_kv = 4, 128
+    cfg = DSVConfig(budget_policy="target", budget_scope="model", target_density=0.1, anneal_steps=0,
+                    budget_floor=0.01, stage1_min_steps=1, stage1_max_steps=1)
+    gen = torch.Generator().manual_seed(5)
+    peaked = torch.rand(heads, 5, n_kv, generator=gen) * 0.01     # two blocks of each cube hold most of the mass
+    peaked[..., :2] += 1.0
+    flat = torch.rand(heads, 5, n_kv, generator=gen) + 0.5        # mass spread over all blocks
+    curves = [curve_on_grid(held_curve(m / m.sum(-1, keepdim=True))) for m in (peaked, flat)]
+    layers = [StageController(cfg, heads) for _ in range(2)]
+    for ctl, curve in zip(layers, curves):
+        _profile(ctl, [0.5] * heads, curve)
+        _run_steps(ctl, 1)
+    concentrated, spread = (ctl.budgets(n_kv) for ctl in layers)
+    assert abs(sum(concentrated) + sum(spread) - round(0.1 * 2 * heads * n_kv)) <= 2 * heads
+    assert sum(concentrated) < round(0.1 * heads * n_kv) < sum(spread)
+    per_layer = [mass_optimal_blocks(c, round(0.1 * heads * n_kv), n_kv, 2, n_kv) for c in curves]
+    held = lambda budgets: sum(sum(held_mass(c, b, n_kv)) for c, b in zip(curves, budgets))  # noqa: E731
+    assert held([concentrated, spread]) > held(per_layer)
+    # A layer still in stage 1 keeps its own (theta) budgets; the others pool without it.
+    late = StageController(cfg, heads)
+    _profile(late, [0.5] * heads, curves[0])
+    assert late.budgets(n_kv) == [64] * heads
+
+
+def test_model_scope_needs_the_target_policy():
+    with pytest.raises(ValueError, match="budget_scope='model'"):
+        DSVConfig(budget_scope="model")

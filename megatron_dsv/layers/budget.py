@@ -14,6 +14,9 @@ Three policies (``DSVConfig.budget_policy``):
   gains (a lower bound), so each head's share stays a prefix of its ranking.
 - ``"uniform"``: every head ``target_density`` of the blocks (VSA's top-k rule), for comparison.
 
+``budget_scope='model'`` spreads the target policy's blocks over the heads of all layers built
+from one DSVConfig instead of within each layer (``ModelBudgetPool``).
+
 Under the two target policies, stage 2 anneals the layer's density linearly from the theta
 rule's density at the stage switch to ``target_density`` over ``anneal_steps`` steps, so the
 model adapts to the sparser attention; in stage 1 (dense) the budgets, which the recall is
@@ -28,7 +31,8 @@ budgets change.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,12 +111,69 @@ def annealed_density(start: float, target: float, steps: int, anneal_steps: int)
     return start + (target - start) * max(0, steps) / anneal_steps
 
 
+class ModelBudgetPool:
+    """``budget_scope='model'``: the layers built from one DSVConfig (``apply_dsv`` hands every layer
+    the same object) spread their blocks together. Each layer's share of its blocks (its annealed
+    density times its heads) goes into one total, which goes to the best marginal gains of all the
+    layers' heads' mass curves, on the curves' density grid; a layer whose attention is concentrated
+    gives blocks to one whose attention is spread. Layers still in stage 1 or without a profiled
+    curve keep their own share. Under pipeline parallelism each stage's layers pool among themselves."""
+
+    _pools: dict = {}
+
+    @classmethod
+    def of(cls, cfg) -> "ModelBudgetPool":
+        pool = cls._pools.get(id(cfg))
+        if pool is None or pool.cfg is not cfg:  # an id reused by a new config object: a new pool
+            pool = cls._pools[id(cfg)] = cls(cfg)
+        return pool
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._members: list = []
+        self._cache = (None, None)
+
+    def add(self, controller) -> None:
+        self._members.append(weakref.ref(controller))
+
+    def shares(self, controller) -> Optional[List[float]]:
+        """Per-head densities of `controller`'s layer, or None where it keeps its own share."""
+        members = [m for m in (ref() for ref in self._members) if m is not None]
+        state = [(m, m.host()) for m in members]
+        key = tuple((id(m), h["stage"], id(h["mass_curve"]), m.policy.density(h) if h["stage"] == 2 else None)
+                    for m, h in state)
+        if self._cache[0] != key:
+            self._cache = (key, self._allocate(state))
+        return self._cache[1].get(id(controller))
+
+    def _allocate(self, state) -> dict:
+        pooled = [(m, h, torch.tensor(h["mass_curve"], dtype=torch.float64)) for m, h in state if h["stage"] == 2]
+        pooled = [(m, h, c) for m, h, c in pooled if not bool(torch.isnan(c).any())]
+        if not pooled:
+            return {}
+        lo, hi = block_range(CURVE_POINTS, self.cfg.budget_floor, self.cfg.budget_ceiling)
+        heads = [c.shape[0] for _, _, c in pooled]
+        units = round(sum(m.policy.density(h) * n * CURVE_POINTS for (m, h, _), n in zip(pooled, heads)))
+        units = min(max(units, sum(heads) * lo), sum(heads) * hi)
+        spread = mass_optimal_blocks(torch.cat([c for _, _, c in pooled]), units, CURVE_POINTS, lo, hi)
+        out, at = {}, 0
+        for (m, _, _), n in zip(pooled, heads):
+            out[id(m)] = [u / CURVE_POINTS for u in spread[at:at + n]]
+            at += n
+        return out
+
+
 class BudgetPolicy:
     """Per-head block counts of one layer from its controller's state, cached until it changes."""
 
-    def __init__(self, cfg, heads: int):
+    def __init__(self, cfg, heads: int, owner=None):
         self.cfg, self.heads = cfg, heads
         self._cache: dict = {}
+        self._owner = self.pool = None
+        if cfg.budget_scope == "model" and owner is not None:  # (a weak reference: no cycle, and only here)
+            self._owner = weakref.ref(owner)
+            self.pool = ModelBudgetPool.of(cfg)
+            self.pool.add(owner)
 
     def invalidate(self) -> None:
         """The profiled state changed (a profile or a checkpoint load): recompute on next use."""
@@ -128,8 +189,11 @@ class BudgetPolicy:
         """Per-head KV blocks out of n_kv."""
         cfg = self.cfg
         lo, hi = block_range(n_kv, cfg.budget_floor, cfg.budget_ceiling)
+        shares = self.pool.shares(self._owner()) if self.pool is not None and host["stage"] == 2 else None
         if cfg.budget_policy == "theta" or host["stage"] != 2:  # stage 1: what stage 2 anneals from
             key = ("theta", n_kv)
+        elif shares is not None:  # the model-wide spread gave this layer its heads' densities
+            return tuple(min(max(round(d * n_kv), lo), hi) for d in shares)
         else:
             key = (cfg.budget_policy, n_kv, total_blocks(self.density(host), self.heads, n_kv, lo, hi))
         if key not in self._cache:

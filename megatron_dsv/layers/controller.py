@@ -51,7 +51,7 @@ class StageController(Float32State):
         # Annealing of the target policies: the step stage 2 began at and the density it began from.
         self.register_buffer("stage2_start", torch.full((), -1, dtype=torch.int64, device=device))
         self.register_buffer("anneal_from", torch.full((), float("nan"), device=device))
-        self.policy = BudgetPolicy(cfg, heads)
+        self.policy = BudgetPolicy(cfg, heads, owner=self)
         self._host: Optional[dict] = None
 
     # ------------------------------------------------------------ host mirror
