@@ -13,7 +13,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "matplotlib", "scikit-image", "av", "tensorboard"],
+        "test": ["pytest", "pytest-timeout", "matplotlib", "scikit-image", "av", "tensorboard", "tqdm"],
         "plot": ["matplotlib"],
     },
 )

@@ -29,6 +29,8 @@ import torch
 # Megatron-Core warns at import that Transformer Engine and Apex are missing and it falls back to
 # its local implementations; the example needs neither, so the warnings tell its user nothing.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+# Megatron-Core 0.16 warns about its own default cuda_graph_scope when a TransformerConfig is built.
+warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
@@ -263,6 +265,18 @@ def load_checkpoint(path, model, opt, master=None, args=None):
     return step
 
 
+def progress_bar(start: int, end: int):
+    """A tqdm bar on a terminal (the progress lines are written above it); None when the output is not
+    a terminal (logs, pipes: plain lines only) or tqdm is not installed."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True)
+
+
 def progress_line(step, args, loss, summary, tok_s, step_s, eta, val=None):
     parts = [f"step {step:5d}/{args.train_iters}", f"loss {loss:.4f}"]
     if summary is not None:
@@ -325,6 +339,7 @@ def main(argv=None):
     if args.load:
         print(f"resuming from step {start} of {args.load}" + ("" if start < end else
               f"; nothing to train: the run ends at step {end} (--train-iters / --exit-interval)"), flush=True)
+    bar = progress_bar(start, end)
     for step in range(start, end):
         t0 = time.time()
         x, cap = train_data.batch(step * args.micro_batch_size, args.micro_batch_size)
@@ -351,21 +366,27 @@ def main(argv=None):
             master.master_to_params()
         loss_value = float(loss.detach())  # syncs the device
         step_s = time.time() - t0
-        step_times.append((step_s, step_tokens))
         done = step + 1
         metrics = dsv_metrics(model) if dsv_cfg else None
+        stage = metrics["summary"]["stage"] if metrics else 0
+        step_times.append((step_s, step_tokens, stage))
         val = None
         if done % args.eval_interval == 0 or done == args.train_iters:
             val = validate(model, val_data, args, device)
             if dsv_cfg:
                 dsv_metrics(model)  # drop validation's forward timings from the next step's
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_value:.4f}" + (f", stage {stage}" if stage else ""))
         if done % args.log_interval == 0 or val is not None:
-            recent = step_times[-10:]
+            # Rates and ETA from the last steps of the current stage only: stage-2 steps cost what
+            # stage-1 steps do not, so a window across the switch would be wrong for both.
+            recent = [(t, n) for t, n, st in step_times[-10:] if st == stage]
             mean_s = sum(t for t, _ in recent) / len(recent)
             tok_s = sum(n for _, n in recent) / sum(t for t, _ in recent)
             summary = metrics["summary"] if metrics else None
-            print(progress_line(done, args, loss_value, summary, tok_s, step_s,
-                                mean_s * (args.train_iters - done), val), flush=True)
+            line = progress_line(done, args, loss_value, summary, tok_s, step_s, mean_s * (end - done), val)
+            bar.write(line) if bar is not None else print(line, flush=True)
             if args.log_json:
                 with open(args.log_json, "a") as f:
                     f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "step_s": step_s,
@@ -381,6 +402,8 @@ def main(argv=None):
             append_jsonl(args.dsv_log, metrics, done)
         if args.save and args.save_interval and done % args.save_interval == 0:
             save_checkpoint(args.save, model, opt, master, done, args)
+    if bar is not None:
+        bar.close()
     if args.save and start < end:
         save_checkpoint(args.save, model, opt, master, end, args)
     if writer is not None:
