@@ -6,9 +6,10 @@
     python examples/pretrain_video_dit.py --data images   # camera over photos (needs scikit-image)
     python examples/pretrain_video_dit.py --data folder --data-path ~/videos   # your files (needs PyAV)
 
-One progress line per step: loss, DSV stage, layers running sparse, mean profiled
-block sparsity, predictor recall (share of true attention mass the selected blocks
-hold, on sampled rows), predictor loss, tokens/s and ETA. Every --dsv-* flag of
+One progress line every --log-interval steps: loss, DSV stage, layers running sparse, mean
+profiled block sparsity, predictor recall (share of true attention mass the selected blocks
+hold, on sampled rows), predictor loss, tokens/s and ETA (from the current stage's steps); on a
+terminal a progress bar (tqdm) runs below the lines. Every --dsv-* flag of
 megatron_dsv.config.add_dsv_args is accepted; DSVConfig.from_args builds the config.
 For the tiny preset the script sets shorter stage-1 defaults than DSVConfig's (see
 TINY_DSV_DEFAULTS) so the demo reaches stage 2 within a minute; flags override them.
