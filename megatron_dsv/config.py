@@ -83,6 +83,10 @@ class DSVConfig:
     """Smallest per-head budget (fraction of KV blocks; at least one block)."""
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
+    deterministic_backward: bool = True
+    """Sparse attention backward: True, atomic-free and bitwise reproducible (P and dP computed twice);
+    False, the one-recompute schedule (dq added with float32 atomics; not yet measured on the GPU).
+    Megatron's deterministic_mode and torch.use_deterministic_algorithms(True) force True."""
     coarse_remainder: bool = False
     """Add the unselected KV blocks back as pooled keys and values (one per block, logit offset by the log of
     its size), merged with the exact selected blocks in one softmax (ops/coarse.py; pure torch, memory
@@ -182,7 +186,7 @@ class DSVConfig:
         _float_in("stage2_lr_factor", self.stage2_lr_factor, 0.0, 1.0)
         _float_in("loss_cos_weight", self.loss_cos_weight, 0.0, 1.0)
         _choice("backend", self.backend, BACKENDS)
-        for name in ("cuda_graphs", "coarse_remainder"):
+        for name in ("cuda_graphs", "coarse_remainder", "deterministic_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DSVConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.cp_head_parallel_size is not None:
@@ -231,7 +235,7 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(flag, type=int, nargs=3, default=list(default), metavar=("T", "H", "W"), help=helps)
         elif f.name in _CHOICES:
             group.add_argument(flag, type=str, default=default, choices=_CHOICES[f.name], help=helps)
-        elif f.name in ("cuda_graphs", "coarse_remainder"):
+        elif f.name in ("cuda_graphs", "coarse_remainder", "deterministic_backward"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps)
         elif f.name == "cp_head_parallel_size":
             group.add_argument(flag, type=int, default=default, help=helps)

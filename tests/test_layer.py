@@ -384,3 +384,19 @@ def test_unsupported_head_dim_fails_when_the_layer_is_built(megatron_parallel):
     with pytest.raises(NotImplementedError, match="head dims"):
         core(DSVConfig(**SMALL, backend="triton"), d=48)
     assert core(DSVConfig(**SMALL, backend="reference"), d=48).head_dim == 48
+
+
+@pytest.mark.parametrize("field, mode, expected", [(True, False, True), (False, False, False), (False, True, True)])
+def test_backward_schedule_follows_config_and_megatron_deterministic_mode(megatron_parallel, monkeypatch, field,
+                                                                           mode, expected):
+    """DSVConfig.deterministic_backward picks the sparse backward; Megatron's deterministic_mode forces the
+    atomic-free one."""
+    import megatron_dsv.layers.attention as attention
+
+    seen = []
+    real = attention.block_sparse_attention
+    monkeypatch.setattr(attention, "block_sparse_attention", lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    layer = core(DSVConfig(**SMALL, deterministic_backward=field), deterministic_mode=mode)
+    q, k, v = (torch.randn(64, 1, 2, 32) for _ in range(3))
+    layer._sparse_attention(q, k, v, layer._select(q, k, [1, 2]))
+    assert seen == [expected]

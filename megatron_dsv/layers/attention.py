@@ -315,12 +315,14 @@ class DSVDotProductAttention(_CoreAttention):
         """Block-sparse attention of [s, b, n, d] q, k, v over `selection`, with the unselected blocks
         added back pooled when cfg.coarse_remainder is set."""
         cfg = self.cfg
+        deterministic = cfg.deterministic_backward or bool(getattr(self.config, "deterministic_mode", False))
         opts = dict(block_q=cfg.block_q, block_kv=cfg.block_kv, scale=self.softmax_scale, layout="sbhd")
+        kernel = dict(backend=cfg.backend, deterministic=deterministic)
         if not cfg.coarse_remainder:
-            return block_sparse_attention(q, k, v, *selection, backend=cfg.backend, segments=segments, **opts)
+            return block_sparse_attention(q, k, v, *selection, segments=segments, **kernel, **opts)
         if segments is not None:
             raise NotImplementedError("DSVConfig.coarse_remainder does not support packed clips (packed_seq_params)")
-        out, lse = block_sparse_attention(q, k, v, *selection, backend=cfg.backend, return_lse=True, **opts)
+        out, lse = block_sparse_attention(q, k, v, *selection, return_lse=True, **kernel, **opts)
         return coarse_remainder(q, k, v, *selection, out, lse, **opts)
 
     def _clip_budgets(self, segments) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -77,7 +78,7 @@ def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
 
 
 def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
-                           backend="auto", return_lse=False, segments=None, kv_lens=None):
+                           backend="auto", return_lse=False, segments=None, kv_lens=None, deterministic=True):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Args:
@@ -97,6 +98,10 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             g exist; the rest are masked (no attention weight, zero dk/dv). For KV buffers that
             hold padded blocks in an order of their own (the CP exchange); packed sequences in their
             own layout pass ``segments`` instead, which implies the lengths.
+        deterministic: the Triton backward's schedule. True (default): atomic-free, bitwise
+            reproducible. False: the one-recompute schedule (dq accumulated with float32 atomics;
+            not reproducible bit for bit); ignored (True) while torch.use_deterministic_algorithms
+            is on. The reference backend is deterministic either way.
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -121,6 +126,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
     else:
-        from .triton_attention import triton_block_sparse_attention as fn
+        from .triton_attention import triton_block_sparse_attention
+
+        deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+        fn = functools.partial(triton_block_sparse_attention, deterministic=deterministic)
     return fn(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=scale, layout=layout,
               return_lse=return_lse, segments=segments, kv_lens=kv_lens)

@@ -1,6 +1,6 @@
 """Block-sparse flash attention in Triton: forward with online softmax, deterministic backward.
 
-Layout of the work (one program = one tile of output, no atomics anywhere):
+Layout of the work (one program = one tile of output; no atomics on the default, deterministic path):
   forward  grid (n_qblocks, b*h): one query block against the KV blocks of its list; several
            small KV blocks (block_kv < BLOCK_N) are gathered into one BLOCK_N-row tile.
   dq       grid (n_qblocks, b*h): the same walk as the forward, also writes delta = rowsum(dO*O)
@@ -8,6 +8,10 @@ Layout of the work (one program = one tile of output, no atomics anywhere):
   dk/dv    grid (n_kvblocks, b*h): one KV block against the query blocks that selected it, read
            from the transposed (KV block -> query blocks) list that `transpose_block_lists` builds
            on the GPU with a sort (no host sync).
+  one-recompute backward (deterministic=False): only the dk/dv walk, whose dS also gives each query
+           sub-tile's share of dq, added in float32 with atomics: P and dP are computed once instead of
+           twice (7 matrix products per tile for forward + backward instead of 9), but the order of
+           the additions, so dq's last bits, varies from run to run.
 Tensors are read through their strides: bshd and sbhd views need no copies; on the GPU whole
 blocks are loaded through TMA tensor descriptors over the [b, s, h, d] view where that measured
 faster. Softmax runs in base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import split_dims
+from .layout import from_bhsd, split_dims, to_bhsd
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)  # the tested ones (interpreter: 32, 64; H100: 32, 64, 128)
@@ -258,17 +262,20 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DODesc,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DODesc,
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
                  sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_bh,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
-                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr):
+                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
     VARLEN: keys past the block's valid length (KvLen) get zero gradients; they are not masked in
-    the loop (their columns do not mix with the others), only when the block is stored."""
+    the loop (their columns do not mix with the others), only when the block is stored.
+    ATOMIC_DQ: the one-recompute schedule: each sub-tile's dS also gives its rows' share of dq,
+    added in float32 to DQ ([b, h, Sq, HEAD_DIM] contiguous) with atomics; keys outside the
+    sequence or the block's valid length take no part in it (there they do mix)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -295,6 +302,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DOD
     else:
         dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    key_ok = n_ok
+    if VARLEN:
+        key_ok = key_ok & (tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb))
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
     # One flat loop over (list entry, BLOCK_M sub-tile): measured 25% faster on H100 than a
     # static inner loop over the sub-tiles (the loads pipeline across sub-tiles).
@@ -315,6 +325,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DOD
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.where(key_ok[None, :], ds, 0.0).to(k.dtype), k, input_precision=PREC)
+                tl.atomic_add(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
+                              mask=m_ok[:, None])
         else:
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
             pt = tl.exp2(st - lse2[None, :])
@@ -322,6 +336,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DOD
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(tl.where(key_ok[:, None], dst, 0.0).to(k.dtype)), k, input_precision=PREC)
+                tl.atomic_add(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
+                              mask=m_ok[:, None])
     if VARLEN:
         keep = tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb)
         if D_MAJOR:
@@ -453,8 +471,9 @@ def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv
     return dq, delta
 
 
-def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout):
-    """dk, dv over each KV block's transposed list (query blocks that selected it)."""
+def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, dq_acc=None):
+    """dk, dv over each KV block's transposed list (query blocks that selected it); with dq_acc
+    (float32 [b, h, Sq, d], zeroed), also dq, added there with atomics."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_kv = -(-s_kv // block_kv)
@@ -463,24 +482,38 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, sca
     cfg = _dkdv_config(block_q, block_kv)
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     _dkdv_kernel[(n_kv, b * h)](
-        q, k, v, do, dk, dv, lse2, delta, q_idx, q_off, q_idx if kv_len is None else kv_len, *descs,
+        q, k, v, do, dk, dv, dk if dq_acc is None else dq_acc, lse2, delta, q_idx, q_off,
+        q_idx if kv_len is None else kv_len, *descs,
         *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
         *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
         h, n_kv, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, **cfg)
+        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, **cfg)
     return dk, dv
 
 
-def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
+def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
+              deterministic=True):
+    """deterministic: dq over each query block's list, then dk/dv over each KV block's (no atomics,
+    bitwise reproducible; P and dP computed twice). Otherwise the one-recompute schedule: one pass
+    over each KV block's list gives dk, dv and dq, dq added in float32 with atomics."""
     do = _unit_last(do)
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
-    dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
     q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
-    dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout)
-    return dq, dk, dv
+    if deterministic:
+        dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
+        dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout)
+        return dq, dk, dv
+    # delta = rowsum(dO * O) - dlse (per natural-log unit), as the dq kernel computes it.
+    delta = (to_bhsd(do, layout).float() * to_bhsd(out, layout).float()).sum(-1)
+    if dlse2 is not None:
+        delta = delta - dlse2.view_as(delta) * LOG2E
+    dq_acc = torch.zeros(delta.shape + (q.shape[-1],), dtype=torch.float32, device=q.device)
+    dk, dv = _dkdv(do, q, k, v, lse2, delta.contiguous(), q_idx, q_off, kv_len, block_q, block_kv, scale, layout,
+                   dq_acc)
+    return from_bhsd(dq_acc, layout).contiguous().to(q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +524,8 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                           kv_cnt: torch.Tensor, block_q: int, block_kv: int, scale: float,
                           layout: str, kv_len: Optional[torch.Tensor] = None,
-                          q_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          q_len: Optional[torch.Tensor] = None,
+                          deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32). kv_len: int32 [1 or b*h, n_kvblocks]
     valid keys at the start of each KV block, shared by all heads or per (batch, head) (None: all).
     q_len: int32 [n_qblocks] valid rows at the start of each query block (None: all); the others get
@@ -500,7 +534,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None, q_len=None):
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None, q_len=None, deterministic=True):
     b, s_q, h, _ = split_dims(q, layout)
     return q.new_empty(q.shape), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -510,22 +544,27 @@ def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           out: torch.Tensor, lse2: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
                           block_q: int, block_kv: int, scale: float, layout: str,
                           dlse2: Optional[torch.Tensor] = None,
-                          kv_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          kv_len: Optional[torch.Tensor] = None,
+                          deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each contiguous in its input's layout. dlse2: gradient of the base-2 lse
-    [b, h, Sq] (None: the lse was not used)."""
-    return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
+    [b, h, Sq] (None: the lse was not used). deterministic=False: the one-recompute schedule (dq by
+    float32 atomics, not bitwise reproducible)."""
+    return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
+                     deterministic)
 
 
 @block_sparse_attn_bwd.register_fake
-def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_len=None):
+def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_len=None,
+      deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, _q_len = inputs
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, _q_len, deterministic = inputs
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_len)
     ctx.args = (block_q, block_kv, scale, layout)
+    ctx.deterministic = deterministic
     # Unused outputs give None instead of a zero tensor: no lse gradient is the common case.
     ctx.set_materialize_grads(False)
 
@@ -534,15 +573,16 @@ def _backward_rule(ctx, dout, dlse2):
     q, k, v, out, lse2, kv_idx, kv_cnt, kv_len = ctx.saved_tensors
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len,
+                                       ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
-                                  return_lse, segments=None, kv_lens=None):
+                                  return_lse, segments=None, kv_lens=None, deterministic=True):
     """Triton backend of :func:`megatron_dsv.ops.block_sparse_attention` (inputs already validated).
 
     kv_idx entries must be valid block ids within each count (not re-checked here: that would
@@ -561,7 +601,7 @@ def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv,
         kv_lens = segments.block_lens(block_kv, q.device).view(1, -1)
         q_lens = segments.block_lens(block_q, q.device)
     out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_lens,
-                                      q_lens)
+                                      q_lens, deterministic)
     if not return_lse:
         return out
     lse = lse2 * math.log(2.0)

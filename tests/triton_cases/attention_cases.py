@@ -60,13 +60,13 @@ def clip_block_mask(b, h, segments, block_q, block_kv, gen):
 
 
 def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
-             packed=False, seed=0, loss="out", clips=None, kv_lens=None):
+             packed=False, seed=0, loss="out", clips=None, kv_lens=None, deterministic=True):
     """loss: "out" (gradient on out only), "out+lse" (also a random gradient on the finite lse
     entries, as the CP ring merge gives) or "lse" (lse only: out unused).
     clips: lengths of clips packed into one sequence (Segments), each starting on a block boundary;
     s_q and s_kv are then ignored and padding holds zeros.
     kv_lens: "shared" ([n_kv]) or "per_head" ([b, h, n_kv]) random valid keys per KV block, 0 and
-    block_kv included."""
+    block_kv included. deterministic=False: the one-recompute backward (dq by atomics)."""
     gen = torch.Generator().manual_seed(seed)
     segments = None
     if clips is not None:
@@ -101,7 +101,7 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kw = dict(block_q=block_q, block_kv=block_kv, layout=layout, segments=segments)
     out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True,
-                                      kv_lens=kv_lens, **kw)
+                                      kv_lens=kv_lens, deterministic=deterministic, **kw)
     if kv_lens is not None:  # the reference takes the checked [1 or b*h, n_kv] form
         kw["kv_lens"] = kv_lens.reshape(-1, n_kv)
     dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE) if loss != "lse" else None
@@ -202,6 +202,21 @@ def test_kv_block_lengths(dtype, block_q, block_kv, layout, kv_lens):
     # Keys past each KV block's valid length are masked, per head or shared (the CP exchange's buffers).
     run_case(b=2, h=2, s_q=100, s_kv=150, d=32, block_q=block_q, block_kv=block_kv, dtype=dtype, layout=layout,
              kv_lens=kv_lens, loss="out+lse", seed=21)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [
+    dict(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, loss="out+lse", seed=30),  # partial tiles
+    dict(b=1, h=2, s_q=200, s_kv=200, d=64, block_q=64, block_kv=16, layout="sbhd", packed=True, seed=31),  # dk^T
+    dict(b=2, h=2, s_q=100, s_kv=150, d=32, block_q=32, block_kv=16, layout="sbhd", kv_lens="shared",
+         loss="out+lse", seed=32),
+    dict(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=64, block_kv=32, clips=[70, 5, 100, 33], loss="out+lse", seed=33),
+], ids=["partial_tiles_lse", "small_kv_blocks_sbhd", "kv_lens", "packed_clips"])
+def test_one_recompute_backward(dtype, case):
+    # dk, dv and dq from one pass over each KV block's list, dq by float32 atomics: the same checks
+    # against the float64 reference as the deterministic backward.
+    run_case(dtype=dtype, deterministic=False, **case)
 
 
 @pytest.mark.usefixtures("poison")
