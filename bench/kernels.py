@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import traceback
@@ -192,7 +191,8 @@ def flex_coarse(q, k, v, do, s, density):
         return {"flex128_error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_flex, dense_out=None):
+def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_flex, dense_out=None,
+                 one_recompute=False):
     n_kv = -(-s // block_kv)
     topk = max(1, round(density * n_kv))
     sel = lambda: select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")  # noqa: E731
@@ -209,6 +209,18 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
     rec["fwd_ms"], rec["fwdbwd_ms"], rec["peak_bytes"] = time_fwd_bwd(fwd, q, k, v, do)
     rec["bwd_ms"] = rec["fwdbwd_ms"] - rec["fwd_ms"]
     rec["total_ms"] = rec["fwdbwd_ms"] + rec["select_ms"]
+    if one_recompute:  # the one-recompute backward (dq by atomics) on the same mask, and its gradients' gap
+        def fwd1(q_, k_, v_):
+            return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
+                                          backend="triton", deterministic=False)
+        _, fb1, _ = time_fwd_bwd(fwd1, q, k, v, do)
+        rec["one_recompute_bwd_ms"] = fb1 - rec["fwd_ms"]
+        grads = []
+        for fn in (fwd, fwd1):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            fn(*leaves).backward(do)
+            grads.append([t.grad for t in leaves])
+        rec["one_recompute_grad_rel_err"] = max(rel_err(a, b) for a, b in zip(*grads))
     f = fwd_flops(s, s, rec["density"])
     rec["fwd_tflops"] = tflops(f, rec["fwd_ms"])
     rec["bwd_tflops"] = tflops(2.5 * f, rec["bwd_ms"])
@@ -378,6 +390,8 @@ def main():
     ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
+    ap.add_argument("--one-recompute", action="store_true",
+                    help="also time the one-recompute backward (deterministic=False) on each sparse point")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
 
@@ -404,8 +418,9 @@ def main():
                 for density in args.densities:
                     try:
                         r = sparse_point(q, k, v, do, q_lr, k_lr, s, args.block_q, block_kv, density,
-                                         with_flex=not args.no_flex, dense_out=dense_out)
-                    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                                         with_flex=not args.no_flex, dense_out=dense_out,
+                                         one_recompute=args.one_recompute)
+                    except Exception:  # noqa: BLE001 - recorded, the sweep goes on
                         r = dict(S=s, block_kv=block_kv, density=density, error=traceback.format_exc()[-800:])
                         print(r["error"], file=sys.stderr)
                     cud = rec.get("cudnn_fwdbwd_ms")
@@ -457,7 +472,9 @@ def main():
         print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.3f} {r['select_ms']:6.2f} {r['fwd_ms']:7.2f} "
               f"{r['bwd_ms']:7.2f} {r['total_ms']:7.2f} {r['fwdbwd_tflops']:5.0f} "
               f"{r.get('speedup_total_vs_cudnn', 0):6.2f} {r.get('flex_fwd_ms', float('nan')):7.2f} "
-              f"{r.get('flex_fwdbwd_ms', float('nan')):7.2f} {r.get('flex128_fwdbwd_ms', float('nan')):7.2f}")
+              f"{r.get('flex_fwdbwd_ms', float('nan')):7.2f} {r.get('flex128_fwdbwd_ms', float('nan')):7.2f}"
+              + (f" bwd1R {r['one_recompute_bwd_ms']:.2f} (err {r['one_recompute_grad_rel_err']:.1e})"
+                 if "one_recompute_bwd_ms" in r else ""))
 
 
 if __name__ == "__main__":
