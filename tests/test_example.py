@@ -338,6 +338,21 @@ def test_e2e_bench_smoke(tmp_path):
     assert res[1]["density"] > res[2]["density"] > 0
 
 
+def test_step_bench_smoke(tmp_path):
+    """bench/step.py runs every mode end to end (CPU, tiny shapes) with its profiler tables; timings mean
+    nothing here."""
+    import json
+
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "step.py"), "--smoke", "--json",
+                           str(out), "--trace", str(tmp_path / "trace")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in res] == ["dense", "dsv-stage1", "dsv-stage2", "dsv-stage2, no CUDA graphs",
+                                        "dsv-profile", "dsv-stage2 (1 profile in 50)"]
+    assert all(r["step_ms"] > 0 for r in res) and (tmp_path / "trace" / "host_ops.txt").stat().st_size > 0
+
+
 def _force_stage2(model, sparsity):
     for layer in (m for m in model.modules() if isinstance(m, DSVDotProductAttention)):
         state = layer.controller.state_dict()
