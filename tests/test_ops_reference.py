@@ -282,3 +282,14 @@ def test_unattended_tokens_never_reach_outputs_or_gradients(poison):
             assert torch.isfinite(got).all()
         torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
         torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)  # dq
+
+
+@pytest.mark.parametrize("topk", [3, [2, 5], (4, 1)])
+def test_select_blocks_compiles_without_graph_breaks(topk):
+    """Int and sequence budgets are checked in Python: torch.compile(fullgraph=True) traces select_blocks
+    whole and gives the eager result."""
+    q_lr, k_lr = torch.randn(1, 256, 2, 8), torch.randn(1, 256, 2, 8)
+    compiled = torch.compile(lambda a, b: select_blocks(a, b, topk, block_q=32, block_kv=32), fullgraph=True,
+                             backend="aot_eager")
+    for got, want in zip(compiled(q_lr, k_lr), select_blocks(q_lr, k_lr, topk, block_q=32, block_kv=32)):
+        assert torch.equal(got, want)

@@ -80,7 +80,9 @@ def measure_costs(q, k, v, *, select: Callable, attend: Callable, dense: Callabl
         for t in leaves:
             t.grad = None
 
-    with torch.enable_grad():
+    # Grad on (the first use may come in a no-grad recomputation pass), and plain saved tensors: under
+    # non-reentrant activation checkpointing the layer's hooks would otherwise take these graphs' tensors.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         dense_ms = _median_ms(lambda: fwd_bwd(dense(*leaves)), reps)
         sparse = []
         for density in PROBE_DENSITIES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from .block_sparse import check_block_sizes, resolve_backend
@@ -10,31 +12,37 @@ from .reference import select_blocks_reference
 KV_REDUCES = ("max", "mean")
 
 
-def normalize_budgets(topk, heads: int, n_kv) -> torch.Tensor:
-    """Budgets as an int64 CPU tensor clipped to [0, n_kv]: [heads] for one sequence (n_kv an
-    int), [heads, clips] for packed clips (n_kv a list: KV blocks of each clip)."""
+def normalize_budgets(topk, heads: int, n_kv) -> Tuple[torch.Tensor, int]:
+    """Budgets as an int64 CPU tensor clipped to [0, n_kv] ([heads] for one sequence, n_kv an int;
+    [heads, clips] for packed clips, n_kv a list of each clip's KV blocks) and k_max = max(budgets, 1).
+    Ints and sequences of ints are checked and clipped in Python, so a compiled caller
+    (torch.compile) traces no data-dependent branch; tensors are read on the host first."""
     clips = None if isinstance(n_kv, int) else len(n_kv)
+    caps = [n_kv] * (clips or 1) if clips is None else list(n_kv)
     shapes = [(heads,)] if clips is None else [(heads,), (heads, clips)]
     expected = " or ".join(f"[{', '.join(map(str, shape))}]" for shape in shapes)
-    if isinstance(topk, bool):
-        raise ValueError(f"topk must be an int or an int tensor {expected}, got {topk!r}")
-    if isinstance(topk, int):
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0, got {topk}")
-        budgets = torch.full((heads,), min(topk, max([n_kv] if isinstance(n_kv, int) else n_kv)), dtype=torch.int64)
-    elif isinstance(topk, torch.Tensor) and not topk.is_floating_point() and topk.dtype != torch.bool:
+    if isinstance(topk, torch.Tensor):
+        if topk.is_floating_point() or topk.dtype == torch.bool:
+            raise ValueError(f"topk must be an int or an int tensor {expected}, got a {topk.dtype} tensor")
         if tuple(topk.shape) not in shapes:
             raise ValueError(f"topk tensor must have shape {expected} (heads={heads}), got {tuple(topk.shape)}")
-        budgets = topk.detach().to("cpu", torch.int64)
+        topk = topk.detach().cpu().tolist()
+    if isinstance(topk, int) and not isinstance(topk, bool):
+        rows = [[topk] * len(caps)] * heads
+    elif isinstance(topk, (list, tuple)) and len(topk) == heads:
+        rows = [[t] * len(caps) if not isinstance(t, (list, tuple)) else list(t) for t in topk]
     else:
-        raise ValueError(f"topk must be an int or an int tensor {expected}, got {type(topk).__name__}")
-    if bool((budgets < 0).any()):
-        raise ValueError(f"topk must be >= 0, got {budgets.tolist()}")
-    if clips is None:
-        return budgets.clamp(max=n_kv)
-    if budgets.dim() == 1:
-        budgets = budgets[:, None].expand(heads, clips)
-    return torch.minimum(budgets, torch.tensor(n_kv, dtype=torch.int64))
+        raise ValueError(f"topk must be an int, a sequence of ints or an int tensor {expected} (heads={heads}), "
+                         f"got {type(topk).__name__}")
+    if any(len(r) != len(caps) for r in rows) or any(isinstance(x, bool) or not isinstance(x, int)
+                                                      for r in rows for x in r):
+        raise ValueError(f"topk must hold ints in shape {expected} (heads={heads}), got {topk!r:.80}")
+    if any(x < 0 for r in rows for x in r):
+        raise ValueError(f"topk must be >= 0, got {topk!r:.80}")
+    rows = [[min(x, cap) for x, cap in zip(r, caps)] for r in rows]
+    k_max = max(1, max(max(r) for r in rows))
+    budgets = torch.tensor([r[0] for r in rows] if clips is None else rows, dtype=torch.int64)
+    return budgets, k_max
 
 
 def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max", segments=None,
@@ -44,7 +52,8 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
     Args:
         q_lr: [b, Sq, h, r] per-token low-rank queries (bshd).
         k_lr: [b, Skv, h, r] per-token low-rank keys.
-        topk: int, or int tensor [h] of per-head budgets; clipped to the number of KV blocks.
+        topk: int, or ints [h] (a sequence or an int tensor) of per-head budgets; clipped to the number
+            of KV blocks. Ints and sequences compile under torch.compile(fullgraph=True) without breaks.
             With segments, also [h, clips] (per head and clip); each clip's budget is clipped to
             its own KV blocks.
         kv_reduce: "max" (default; a KV block scores the max over its tokens of proxy . k_lr)
@@ -86,8 +95,7 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
             raise ValueError(f"q_lr holds tokens [{q_start}, {q_start + s_q}) of the packed sequence of "
                              f"{k_lr.shape[1]} tokens; they must lie in it and start on a query block (block_q={block_q})")
         n_kv = list(segments.blocks_per_clip(block_kv))
-    budgets = normalize_budgets(topk, h, n_kv)
-    k_max = max(int(budgets.max()), 1)
+    budgets, k_max = normalize_budgets(topk, h, n_kv)
 
     backend = resolve_backend(backend, q_lr.device)
     if backend == "reference":
