@@ -345,7 +345,7 @@ class DSVDotProductAttention(_CoreAttention):
         if self.cfg.estimator == "lowrank":
             q_lr = self.predictor.project(q, "q", heads, cached=cached_weights)
             k_lr = self.predictor.project(k, "k", heads, cached=cached_weights)
-        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), torch.as_tensor(budgets),
+        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), budgets,
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
                              backend=self.cfg.backend, kv_reduce=self._kv_reduce, segments=segments,
                              q_start=q_start if segments is not None else 0)
