@@ -387,7 +387,10 @@ def main(argv=None):
             tok_s = sum(n for _, n in recent) / sum(t for t, _ in recent)
             summary = metrics["summary"] if metrics else None
             line = progress_line(done, args, loss_value, summary, tok_s, step_s, mean_s * (end - done), val)
-            bar.write(line) if bar is not None else print(line, flush=True)
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
             if args.log_json:
                 with open(args.log_json, "a") as f:
                     f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "step_s": step_s,

@@ -474,7 +474,7 @@ class DSVDotProductAttention(_CoreAttention):
                     kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
                     kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
                     # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                    for name in ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "mass_curve"):
+                    for name in (n for n in PROFILED if n != "recall"):  # the RowProfile statistics
                         local[name][hs] += getattr(prof, name) * weight
                     local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
                 del target
@@ -533,7 +533,7 @@ class DSVDotProductAttention(_CoreAttention):
     def _held_mass(self, n_kv: int) -> list:
         """Mass each head's budget holds by its profiled curve (recomputed when either changes)."""
         curve, budgets = self.controller.host()["mass_curve"], tuple(self.controller.budgets(n_kv))
-        key = (id(curve), budgets, n_kv)
+        key = (curve, budgets, n_kv)  # the curve is a tuple, compared by value
         if getattr(self, "_held", (None,))[0] != key:
             self._held = (key, held_mass(torch.tensor(curve), budgets, n_kv))
         return self._held[1]

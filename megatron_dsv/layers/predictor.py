@@ -56,15 +56,14 @@ class LowRankPredictor(Float32State):
         """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype.
         The cast weights are kept until the next update (cached=False casts anew)."""
         src = self.wq if which == "q" else self.wk
-        if not cached:
+        if cached:
+            key = (which, x.dtype, x.device)
+            version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
+            if key not in self._cast or self._cast[key][0] != version:
+                self._cast[key] = (version, src.detach().to(x.dtype))
+            w = self._cast[key][1]
+        else:
             w = src.detach().to(x.dtype)
-            return torch.einsum("...hd,hdr->...hr", x, w if heads is None else w[list(heads)])
-        key = (which, x.dtype, x.device)
-        version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
-        cached = self._cast.get(key)
-        if cached is None or cached[0] != version:
-            cached = self._cast[key] = (version, src.detach().to(x.dtype))
-        w = cached[1]
         if heads is not None:
             w = w[list(heads)]
         return torch.einsum("...hd,hdr->...hr", x, w)

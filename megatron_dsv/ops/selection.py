@@ -18,7 +18,7 @@ def normalize_budgets(topk, heads: int, n_kv) -> Tuple[torch.Tensor, int]:
     Ints and sequences of ints are checked and clipped in Python, so a compiled caller
     (torch.compile) traces no data-dependent branch; tensors are read on the host first."""
     clips = None if isinstance(n_kv, int) else len(n_kv)
-    caps = [n_kv] * (clips or 1) if clips is None else list(n_kv)
+    caps = [n_kv] if clips is None else list(n_kv)
     shapes = [(heads,)] if clips is None else [(heads,), (heads, clips)]
     expected = " or ".join(f"[{', '.join(map(str, shape))}]" for shape in shapes)
     if isinstance(topk, torch.Tensor):
