@@ -21,6 +21,7 @@ BACKENDS = ("auto", "triton", "reference")
 BUDGET_POLICIES = ("theta", "target", "uniform")
 BUDGET_SCOPES = ("layer", "model")
 DISPATCHES = ("auto", "measured", "density")
+CP_PLAN_SEARCHES = ("auto", "measured", "model")
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -118,6 +119,10 @@ class DSVConfig:
     """Context parallel: U ranks for head all-to-all (None: chosen by the planner)."""
     cp_replan_interval: int = 100
     """Context parallel: re-plan heads and (U, R) every this many steps."""
+    cp_plan_search: str = "auto"
+    """Context parallel: how (U, schedule) is chosen. 'model': the cost model alone; 'measured': once per shape,
+    the model's best plan of each (U, schedule) is timed on the layer's own inputs and the fastest pair kept
+    (re-plans stay within it; cp/plan_search.py); 'auto': measured on CUDA, model elsewhere."""
 
     def __post_init__(self):
         if (not isinstance(self.cube, (tuple, list)) or len(self.cube) != 3
@@ -192,6 +197,7 @@ class DSVConfig:
         if self.cp_head_parallel_size is not None:
             _int_in("cp_head_parallel_size", self.cp_head_parallel_size, 1, 1 << 20)
         _int_in("cp_replan_interval", self.cp_replan_interval, 1, 1 << 30)
+        _choice("cp_plan_search", self.cp_plan_search, CP_PLAN_SEARCHES)
 
     def replace(self, **changes) -> "DSVConfig":
         """A validated copy with some fields changed."""
@@ -245,7 +251,7 @@ def add_dsv_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 _CHOICES = {"estimator": ESTIMATORS, "backend": BACKENDS, "budget_policy": BUDGET_POLICIES,
-            "budget_scope": BUDGET_SCOPES, "dispatch": DISPATCHES}
+            "budget_scope": BUDGET_SCOPES, "dispatch": DISPATCHES, "cp_plan_search": CP_PLAN_SEARCHES}
 
 
 # -------------------------------------------------------------------- helpers

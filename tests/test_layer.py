@@ -400,3 +400,41 @@ def test_backward_schedule_follows_config_and_megatron_deterministic_mode(megatr
     q, k, v = (torch.randn(64, 1, 2, 32) for _ in range(3))
     layer._sparse_attention(q, k, v, layer._select(q, k, [1, 2]))
     assert seen == [expected]
+
+
+def test_dropped_graphs_are_collected(monkeypatch):
+    """A graph dropped for a new key is freed (its memory pool with it) within COLLECT_EVERY drops, although
+    make_graphed_callables' wrapper is cyclic garbage that reference counting alone never frees."""
+    import gc
+    import weakref
+
+    from megatron_dsv.layers import graphed as graphed_mod
+
+    made = []
+
+    class Cyclic:   # stands in for make_graphed_callables' result: callable, and a reference cycle
+        def __init__(self):
+            self.me = self
+
+        def __call__(self, q, k, v):
+            return q * 1.0
+
+    def fake_make(fn, samples):
+        obj = Cyclic()
+        made.append(weakref.ref(obj))
+        return obj
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make)
+    monkeypatch.setattr(graphed_mod, "_dropped", 0)
+    gc.disable()   # only the forced collections may free them
+    try:
+        runner = graphed_mod.GraphedSparseAttention()
+        q = torch.randn(4, requires_grad=True)
+        for key in range(graphed_mod.COLLECT_EVERY + 1):
+            for _ in range(graphed_mod.STABLE_CALLS):
+                runner(key, lambda q, k, v: q * 1.0, q, q, q).sum().backward()
+        assert len(made) == graphed_mod.COLLECT_EVERY + 1
+        assert all(ref() is None for ref in made[:-1]), "dropped graphs still alive"
+        assert made[-1]() is not None
+    finally:
+        gc.enable()

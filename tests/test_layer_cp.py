@@ -141,3 +141,42 @@ def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):
         proc.kill()
     rec = json.loads((tmp_path / "rank0.json").read_text())
     assert rec["message"] != "no error" and rec["seconds"] < 75, rec
+
+
+def _plan_search_worker(rank, world):
+    from types import SimpleNamespace
+
+    from megatron_dsv import DSVConfig
+    from megatron_dsv.layers import context_parallel as lcp
+
+    cfg = DSVConfig(block_q=16, block_kv=16, cube=(1, 4, 4), rank=4, backend="reference", cp_plan_search="measured",
+                    cp_replan_interval=5)
+    searches = []
+    real = lcp.fastest_plan
+    lcp.fastest_plan = lambda plans, step, group: searches.append(len(plans)) or real(plans, step, group)
+    gen = torch.Generator().manual_seed(3)
+    S, H, d = 128, 4, 8
+    q, k, v = (torch.randn(S, 1, H, d, generator=gen) for _ in range(3))
+    predictor = SimpleNamespace(wq=torch.randn(H, d, 4, generator=gen), wk=torch.randn(H, d, 4, generator=gen))
+    shard = slice(rank * S // world, (rank + 1) * S // world)
+    budgets = [1, 2, 3, 5]
+    outs = {}
+    for mode in ("measured", "model"):
+        cp = lcp.LayerContextParallel(cfg.replace(cp_plan_search=mode), heads=H, head_dim=d, process_group=None,
+                                      ranks=None)
+        outs[mode] = cp.sparse(q[shard], k[shard], v[shard], predictor, budgets, None, step=0)
+        if mode == "measured":
+            pair = cp._pairs[(S, 1)]
+            assert (cp._plans[(S, 1)].U, cp._plans[(S, 1)].schedule) == pair
+            cp.sparse(q[shard], k[shard], v[shard], predictor, budgets, None, step=5)   # a re-plan: no new search
+            assert (cp._plans[(S, 1)].U, cp._plans[(S, 1)].schedule) == pair
+    # U = 1 gather, U = 1 ring, U = 2: timed once, and the measured plan computes the same attention.
+    assert searches == [3], searches
+    torch.testing.assert_close(outs["measured"], outs["model"], rtol=1e-5, atol=1e-5)
+
+
+def test_cp_plan_search_times_the_short_list_once_per_shape():
+    """cp_plan_search='measured': the first stage-2 call at a shape times the cost model's best plan of each
+    (U, schedule) on every rank and keeps the fastest pair; re-plans stay in it; the result is the same
+    attention as under the model's plan."""
+    spawn(_plan_search_worker, 2)

@@ -57,31 +57,52 @@ def all_gather_ints(group: HybridCPGroup, values: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
-def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
-    """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads)."""
-    s, b, _, D = x.shape
-    sends, recv = {}, {}
+def _u_all_to_all(group: HybridCPGroup, grid: Grid, send: torch.Tensor, send_numel, recv_numel) -> torch.Tensor:
+    """All-to-all within my U group of flat buffers laid out peer by peer in u order (the CP order of
+    the U group); send_numel[u2] / recv_numel[u2]: elements to / from U-rank u2. Returns the flat
+    receive buffer, in u order too, so callers view it instead of copying pieces out of it."""
+    send_splits, recv_splits = [0] * group.size, [0] * group.size
     for u2, c in enumerate(grid.u_peers):
-        sends[c] = x.index_select(2, torch.tensor(heads_of[u2], device=x.device))
-        recv[c] = s * b * len(heads_of[grid.u]) * D
-    got = block_all_to_all(group, sends, recv, dtype=x.dtype, device=x.device, name="head_a2a")
-    n_me = len(heads_of[grid.u])
-    return torch.cat([got[c].view(s, b, n_me, D) for c in grid.u_peers], dim=0)
+        send_splits[c], recv_splits[c] = int(send_numel[u2]), int(recv_numel[u2])
+    recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group.group)
+    me, elem = group.index, send.element_size()
+    group.note("head_a2a", elem * (sum(send_splits) - send_splits[me]), elem * (sum(recv_splits) - recv_splits[me]))
+    return recv
+
+
+def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
+    """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads).
+    One copy into the send buffer (each peer's heads gathered in place), none out of the receive buffer."""
+    s, b, _, D = x.shape
+    n_of = [len(hs) for hs in heads_of]
+    unit = s * b * D
+    send = torch.empty(unit * sum(n_of), dtype=x.dtype, device=x.device)
+    off = 0
+    for hs, n in zip(heads_of, n_of):
+        torch.index_select(x, 2, torch.tensor(hs, device=x.device), out=send[off:off + unit * n].view(s, b, n, D))
+        off += unit * n
+    n_me = n_of[grid.u]
+    recv = _u_all_to_all(group, grid, send, [unit * n for n in n_of], [unit * n_me] * grid.U)
+    return recv.view(grid.U * s, b, n_me, D)
 
 
 def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
     """[U * s_local, b, |heads_of[u]|, D] -> [s_local, b, H, D]: the adjoint of _seq_to_head
-    (a head held by several ranks, split along its queries, gets the sum of their parts)."""
+    (a head held by several ranks, split along its queries, gets the sum of their parts). The send
+    buffer is y itself (its U segments are the peers' pieces, in u order)."""
     seg, b, n_me, D = y.shape
     s = seg // grid.U
-    sends, recv = {}, {}
-    for u2, c in enumerate(grid.u_peers):
-        sends[c] = y[u2 * s:(u2 + 1) * s]
-        recv[c] = s * b * len(heads_of[u2]) * D
-    got = block_all_to_all(group, sends, recv, dtype=y.dtype, device=y.device, name="head_a2a")
-    out = y.new_zeros(s, b, H, D)
-    for u2, c in enumerate(grid.u_peers):   # fixed order: deterministic sums
-        out.index_add_(2, torch.tensor(heads_of[u2], device=y.device), got[c].view(s, b, len(heads_of[u2]), D))
+    n_of = [len(hs) for hs in heads_of]
+    unit = s * b * D
+    recv = _u_all_to_all(group, grid, y.contiguous().view(-1), [unit * n_me] * grid.U, [unit * n for n in n_of])
+    partition = sum(n_of) == H
+    out = y.new_empty(s, b, H, D) if partition else y.new_zeros(s, b, H, D)
+    off = 0
+    for hs, n in zip(heads_of, n_of):   # fixed order: deterministic sums
+        piece, idx = recv[off:off + unit * n].view(s, b, n, D), torch.tensor(hs, device=y.device)
+        out.index_copy_(2, idx, piece) if partition else out.index_add_(2, idx, piece)
+        off += unit * n
     return out
 
 
@@ -89,15 +110,17 @@ class _HeadAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, grid, heads_of, H, to_heads):
         ctx.args = (group, grid, heads_of, H, to_heads)
-        if to_heads:
-            return _seq_to_head(x, group, grid, heads_of)
-        return _head_to_seq(x, group, grid, heads_of, H)
+        with group.phase("a2a", x.device):
+            if to_heads:
+                return _seq_to_head(x, group, grid, heads_of)
+            return _head_to_seq(x, group, grid, heads_of, H)
 
     @staticmethod
     def backward(ctx, g):
         group, grid, heads_of, H, to_heads = ctx.args
-        g = g.contiguous()
-        back = _head_to_seq(g, group, grid, heads_of, H) if to_heads else _seq_to_head(g, group, grid, heads_of)
+        with group.phase("a2a_bwd", g.device):
+            g = g.contiguous()
+            back = _head_to_seq(g, group, grid, heads_of, H) if to_heads else _seq_to_head(g, group, grid, heads_of)
         return back, None, None, None, None, None
 
 
@@ -127,6 +150,8 @@ def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torc
         raise ValueError(f"seq_to_head expects [s_local, b, heads, d], got {tuple(x.shape)}")
     H = x.shape[2]
     check_heads_of(heads_of, U, H)
+    if U == 1 and tuple(heads_of[0]) == tuple(range(H)):   # one rank holds every head: nothing moves
+        return x
     return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), H, True)
 
 
@@ -143,6 +168,8 @@ def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of, heads: 
     check_heads_of(heads_of, U, H)
     if y.shape[2] != len(heads_of[grid.u]):
         raise ValueError(f"rank holds {y.shape[2]} heads but the plan gives it {len(heads_of[grid.u])}")
+    if U == 1 and tuple(heads_of[0]) == tuple(range(H)):
+        return y
     return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), H, False)
 
 

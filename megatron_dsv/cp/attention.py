@@ -99,13 +99,16 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
     qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of)
     mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
     with torch.no_grad():
-        q_lr = torch.einsum("sbhd,hdr->bshr", qh, wq_lr.index_select(0, mine).to(qh.dtype))
-        k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
-        k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
-        kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
-                                       backend=backend, segments=segments,
-                                       q_start=grid.j * qh.shape[0] if segments is not None else 0)
-        kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
+        with group.phase("selection", q.device):
+            q_lr = torch.einsum("sbhd,hdr->bshr", qh, wq_lr.index_select(0, mine).to(qh.dtype))
+            k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
+        with group.phase("klr_gather", q.device):
+            k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
+        with group.phase("selection", q.device):
+            kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
+                                           backend=backend, segments=segments,
+                                           q_start=grid.j * qh.shape[0] if segments is not None else 0)
+            kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
     kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
                                 scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens)

@@ -16,6 +16,7 @@ the contiguous segment j of length U * s_local.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -104,6 +105,10 @@ class HybridCPGroup:
         ranks: its global ranks in CP order (``parallel_state.get_context_parallel_global_ranks()``);
             None means ``range(world_size)`` (only valid with the default group).
         record: keep a :class:`CommRecord` per collective in ``self.log`` (tests, benchmarks).
+
+    ``timer``: None, or a region timer (``megatron_dsv.layers.timing.ForwardTimer``) that the CP path
+    times its phases into (all-to-all, selection, K-lowrank gather, exchange, attention; ``_bwd`` for
+    backward): set by benchmarks, read after the step; None costs nothing.
     """
 
     def __init__(self, process_group=None, ranks: Optional[Sequence[int]] = None, *, record: bool = False):
@@ -126,6 +131,7 @@ class HybridCPGroup:
         self.index = self.ranks.index(me)
         self.record = record
         self.log: List[CommRecord] = []
+        self.timer = None
 
     @property
     def size(self) -> int:
@@ -152,6 +158,10 @@ class HybridCPGroup:
         if any(not torch.equal(g, mine) for g in gathered):
             per_rank = ", ".join(f"rank {r}: {tuple(g.tolist())}" for r, g in zip(self.ranks, gathered))
             raise ValueError(f"{what} differ across the context-parallel ranks ({per_rank})")
+
+    def phase(self, name: str, device: torch.device):
+        """Context of one CP phase, timed into ``self.timer`` when one is set."""
+        return self.timer(name, device) if self.timer is not None else nullcontext()
 
     def note(self, name: str, sent: int, received: int) -> None:
         if self.record:

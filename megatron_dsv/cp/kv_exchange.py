@@ -215,7 +215,9 @@ class _SparseKVAttention(torch.autograd.Function):
     def forward(ctx, qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts, kv_lens):
         seg, b, n, d = qh.shape
         block_kv = opts["block_kv"]
-        ex = _Exchange(group, grid, kv_idx, kv_cnt, seg_tokens=seg, block_kv=block_kv, kv_lens=kv_lens)
+        dev = qh.device
+        with group.phase("exchange", dev):
+            ex = _Exchange(group, grid, kv_idx, kv_cnt, seg_tokens=seg, block_kv=block_kv, kv_lens=kv_lens)
         kv_cat = torch.cat([kh, vh], dim=-1).detach()            # [seg, b, n, 2d]
         kvb = kv_cat.permute(1, 2, 0, 3).unflatten(2, (ex.n_seg, block_kv))  # [b, n, n_seg, block_kv, 2d]
         local_hit, local_slot = ex.local_entries()
@@ -231,41 +233,48 @@ class _SparseKVAttention(torch.autograd.Function):
 
             parts, outs, lses = [], [], []
             if schedule == "gather":
-                keys, blocks = ex.gather_blocks(kvb, qh, d, block_kv) if int(ex.matrix.sum()) else (None, None)
-                if keys is None:
-                    keys, blocks = local_slot.new_zeros(0), qh.new_zeros(0)
-                bh, slot, n_slots, hit, rslot = ex.layout(keys)
+                with group.phase("exchange", dev):
+                    keys, blocks = ex.gather_blocks(kvb, qh, d, block_kv) if int(ex.matrix.sum()) else (None, None)
+                    if keys is None:
+                        keys, blocks = local_slot.new_zeros(0), qh.new_zeros(0)
+                    bh, slot, n_slots, hit, rslot = ex.layout(keys)
                 part = _Part(*_remap(local_hit | hit, torch.where(local_hit, local_slot, ex.n_seg + rslot)),
                              bh=bh, slot=slot, n_slots=n_slots)
                 if kv_lens is not None:  # [local segment | received slots], as the buffer
                     received = ex.received_lens(keys, bh, slot, n_slots)
                     part.kv_lens = torch.cat([ex.local_lens().expand(b * n, -1), received], dim=1)
-                buf = torch.cat([kv_leaf, receive(part, blocks)], dim=2)
-                o, lse = _attend(q_bshd, buf, part, d, opts)
+                with group.phase("attention", dev):
+                    buf = torch.cat([kv_leaf, receive(part, blocks)], dim=2)
+                    o, lse = _attend(q_bshd, buf, part, d, opts)
                 parts.append(part)
                 outs.append(o)
                 lses.append(lse)
             else:
-                pending = _post_round(ex, kvb, 1, qh, d, block_kv) if grid.R > 1 else None
-                local = _Part(*_remap(local_hit, local_slot), kv_lens=ex.local_lens())
-                o, lse = _attend(q_bshd, kv_leaf, local, d, opts)  # overlaps round 1's transfer
+                with group.phase("exchange", dev):
+                    pending = _post_round(ex, kvb, 1, qh, d, block_kv) if grid.R > 1 else None
+                with group.phase("attention", dev):
+                    local = _Part(*_remap(local_hit, local_slot), kv_lens=ex.local_lens())
+                    o, lse = _attend(q_bshd, kv_leaf, local, d, opts)  # overlaps round 1's transfer
                 outs.append(o)
                 lses.append(lse)
                 for t in range(1, grid.R):
-                    blocks = _finish(pending)
-                    if t + 1 < grid.R:   # round t+1 in flight while round t is attended
-                        pending = _post_round(ex, kvb, t + 1, qh, d, block_kv)
-                    keys = ex.requests[(grid.j - t) % grid.R]
-                    bh, slot, n_slots, hit, rslot = ex.layout(keys)
-                    part = _Part(*_remap(hit, rslot), bh=bh, slot=slot, n_slots=n_slots,
-                                 kv_lens=ex.received_lens(keys, bh, slot, n_slots))
-                    buf = receive(part, blocks if blocks is not None else qh.new_zeros(0))
-                    parts.append(part)
-                    if keys.numel():
-                        o, lse = _attend(q_bshd, buf, part, d, opts)
-                        outs.append(o)
-                        lses.append(lse)
-            out = _merge(outs, lses).transpose(0, 1)                # [seg, b, n, d]
+                    with group.phase("exchange", dev):
+                        blocks = _finish(pending)
+                        if t + 1 < grid.R:   # round t+1 in flight while round t is attended
+                            pending = _post_round(ex, kvb, t + 1, qh, d, block_kv)
+                    with group.phase("attention", dev):
+                        keys = ex.requests[(grid.j - t) % grid.R]
+                        bh, slot, n_slots, hit, rslot = ex.layout(keys)
+                        part = _Part(*_remap(hit, rslot), bh=bh, slot=slot, n_slots=n_slots,
+                                     kv_lens=ex.received_lens(keys, bh, slot, n_slots))
+                        buf = receive(part, blocks if blocks is not None else qh.new_zeros(0))
+                        parts.append(part)
+                        if keys.numel():
+                            o, lse = _attend(q_bshd, buf, part, d, opts)
+                            outs.append(o)
+                            lses.append(lse)
+            with group.phase("attention", dev):
+                out = _merge(outs, lses).transpose(0, 1)                # [seg, b, n, d]
         ctx.state = (ex, parts, q_leaf, kv_leaf, out, schedule, d, block_kv)
         return out.detach()
 
@@ -275,19 +284,22 @@ class _SparseKVAttention(torch.autograd.Function):
         del ctx.state
         grid = ex.grid
         inputs = [q_leaf, kv_leaf] + [p.recv for p in parts]
-        grads = torch.autograd.grad(out, inputs, dout, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        dq, dkv, drecv = grads[0], grads[1].contiguous(), grads[2:]
+        dev = dout.device
+        with ex.group.phase("attention_bwd", dev):
+            grads = torch.autograd.grad(out, inputs, dout, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            dq, dkv, drecv = grads[0], grads[1].contiguous(), grads[2:]
         dkvb = dkv.unflatten(2, (ex.n_seg, block_kv))     # view of dkv: owners add returned gradients here
-        if schedule == "gather":
-            if int(ex.matrix.sum()):
-                ex.return_gradients(drecv[0], dkvb, dout, d, block_kv)
-        else:
-            for t in range(1, grid.R):
-                got = _finish(_post_round_back(ex, drecv[t - 1], t, dout, d, block_kv))
-                if got is not None:
-                    requester = ex.owner_c((grid.j + t) % grid.R)
-                    ex.accumulate(dkvb, requester, got.view(-1, block_kv, 2 * d))
+        with ex.group.phase("exchange_bwd", dev):
+            if schedule == "gather":
+                if int(ex.matrix.sum()):
+                    ex.return_gradients(drecv[0], dkvb, dout, d, block_kv)
+            else:
+                for t in range(1, grid.R):
+                    got = _finish(_post_round_back(ex, drecv[t - 1], t, dout, d, block_kv))
+                    if got is not None:
+                        requester = ex.owner_c((grid.j + t) % grid.R)
+                        ex.accumulate(dkvb, requester, got.view(-1, block_kv, 2 * d))
         dkv_sbhd = dkv.permute(2, 0, 1, 3)                # [seg, b, n, 2d]
         return dq, dkv_sbhd[..., :d], dkv_sbhd[..., d:], None, None, None, None, None, None, None
 
@@ -370,4 +382,7 @@ def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int
         raise ValueError(f"kv_lens must be [{seg * grid.R // block_kv}] (all KV blocks of the sequence), "
                          f"got {tuple(kv_lens.shape)}")
     opts = dict(block_q=block_q, block_kv=block_kv, scale=scale, backend=backend)
+    if grid.R == 1:   # the segment is the whole sequence: every selected block is local, nothing to exchange
+        with group.phase("attention", qh.device):
+            return block_sparse_attention(qh, kh, vh, kv_idx, kv_cnt, layout="sbhd", kv_lens=kv_lens, **opts)
     return _SparseKVAttention.apply(qh, kh, vh, kv_idx, kv_cnt, group, grid, schedule, opts, kv_lens)

@@ -33,7 +33,7 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -634,6 +634,23 @@ def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_cand
     if choice.fastest is None:
         raise ValueError(f"no plan fits the memory limit of {cost.memory_limit_gib} GiB")
     return choice.best()
+
+
+def candidate_plans(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(),
+                    U_candidates: Optional[Sequence[int]] = None, schedules: Sequence[str] = SCHEDULES,
+                    max_U: Optional[int] = None, **plan_kwargs) -> List[CPPlan]:
+    """The model's plan (:func:`plan`) for each (U, schedule), fastest predicted first: the short list that
+    :func:`megatron_dsv.cp.plan_search.measure_plans` times when the model's absolute times are not to be
+    trusted (the ring's merge, the exchange's index work and host gaps are not in it). A schedule only
+    differs where R > 1, so U = P is listed once."""
+    max_U = cost.gpus_per_node if max_U is None else max_U
+    Us = U_candidates if U_candidates is not None else [U for U in _divisors(P) if U <= min(shape.heads, max_U)]
+    out = []
+    for U in Us:
+        for schedule in (schedules if P // U > 1 else schedules[:1]):
+            out.append(plan(budgets, shape=shape, P=P, cost=cost, U_candidates=[U], schedules=[schedule],
+                            **plan_kwargs))
+    return sorted(out, key=lambda p: p.predicted_s)
 
 
 class _Choice:

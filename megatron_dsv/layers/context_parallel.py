@@ -2,7 +2,8 @@
 
 Wraps megatron_dsv.cp for DSVDotProductAttention: the hybrid group built from Megatron's
 CP ranks, the layer's plan (re-planned every ``cp_replan_interval`` steps from the budgets,
-identical on every rank because the budgets are), and the two paths:
+identical on every rank because the budgets are; the (U, schedule) pair chosen once per shape
+by timing the model's short list, ``cp_plan_search``), and the two paths:
 
 - dense (stage 1, or a layer that stays dense): head all-to-all + K/V all-gather over the
   sequence-parallel ranks (``dense_cp_attention``);
@@ -19,7 +20,8 @@ import math
 
 import torch
 
-from ..cp import HybridCPGroup, Shape, dense_cp_attention, dsv_cp_attention, gather_segments, plan, seq_to_head
+from ..cp import (HybridCPGroup, Shape, candidate_plans, dense_cp_attention, dsv_cp_attention, fastest_plan,
+                  gather_segments, plan, seq_to_head)
 
 
 def _default_head_parallel(P: int, heads: int, max_u: int = 8) -> int:
@@ -40,6 +42,7 @@ class LayerContextParallel:
         self.dense_heads_of = tuple(tuple(h for h in range(heads) if h * self.dense_U // heads == u)
                                     for u in range(self.dense_U))
         self._plans, self._plan_interval = {}, None
+        self._pairs = {}   # (seq_len, batch) -> the measured (U, schedule), kept across re-plans
 
     @property
     def size(self) -> int:
@@ -74,9 +77,12 @@ class LayerContextParallel:
         out, (heads, q_seg, k_full) = dense_cp_attention(q, k, v, return_heads=True, **opts)
         return out, self._learn_view(heads, q_seg, k_full)
 
-    def plan_for(self, budgets, seq_len: int, batch: int, step: int):
+    def plan_for(self, budgets, seq_len: int, batch: int, step: int, measure=None):
         """The plan of this replan interval for a sequence of seq_len tokens (one per length and batch
-        met in the interval: packed batches vary in length, and planning takes tens of milliseconds)."""
+        met in the interval: packed batches vary in length, and planning takes tens of milliseconds).
+        measure: None, or step(plan) running the layer's attention forward + backward under a plan: the
+        first time a shape is met, the model's best plan of each (U, schedule) is timed with it and the
+        fastest pair is kept for every later re-plan of that shape."""
         interval = step // self.cfg.cp_replan_interval
         if interval != self._plan_interval:
             self._plans, self._plan_interval = {}, interval
@@ -85,17 +91,44 @@ class LayerContextParallel:
             shape = Shape(seq_len, self.heads, self.head_dim, batch=batch, block_q=self.cfg.block_q,
                           block_kv=self.cfg.block_kv, lr_rank=self.cfg.rank)
             U = [self.cfg.cp_head_parallel_size] if self.cfg.cp_head_parallel_size else None
-            self._plans[key] = plan(list(budgets), shape=shape, P=self.size, U_candidates=U)
+            if key not in self._pairs and measure is not None:
+                cands = candidate_plans(list(budgets), shape=shape, P=self.size, U_candidates=U)
+                best, times = fastest_plan(cands, measure, self.group)
+                self._pairs[key] = (best.U, best.schedule)
+                if self.group.index == 0:
+                    print(f"megatron_dsv: context-parallel plan for {seq_len} tokens x batch {batch} on {self.size} "
+                          "ranks, measured fwd+bwd: " + ", ".join(
+                              f"U={p.U} {p.schedule} {t:.1f} ms" for p, t in zip(cands, times))
+                          + f" -> U={best.U} {best.schedule}", flush=True)
+            if key in self._pairs:
+                U_pair, schedule = self._pairs[key]
+                self._plans[key] = plan(list(budgets), shape=shape, P=self.size, U_candidates=[U_pair],
+                                        schedules=[schedule])
+            else:
+                self._plans[key] = plan(list(budgets), shape=shape, P=self.size, U_candidates=U)
         return self._plans[key]
+
+    def _search(self, q) -> bool:
+        mode = self.cfg.cp_plan_search
+        return mode == "measured" or (mode == "auto" and q.is_cuda)
 
     def sparse(self, q, k, v, predictor, budgets, scale, step: int, segments=None):
         """Stage-2 attention. budgets: per-head ints, or an int tensor [heads, clips] for packed clips."""
         s_local, b = q.shape[:2]
         plan_budgets = budgets if segments is None else _work_budgets(budgets, segments, self.cfg)
-        cp_plan = self.plan_for(plan_budgets, s_local * self.size, b, step)
-        return dsv_cp_attention(q, k, v, predictor.wq, predictor.wk, torch.as_tensor(budgets), group=self.group,
-                                plan=cp_plan, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv, scale=scale,
-                                backend=self.cfg.backend, segments=segments)
+        opts = dict(group=self.group, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv, scale=scale,
+                    backend=self.cfg.backend, segments=segments)
+
+        def measure(p):   # the layer's attention under plan p, forward + backward, on detached copies
+            with torch.enable_grad():
+                qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                out = dsv_cp_attention(qq, kk, vv, predictor.wq.detach(), predictor.wk.detach(),
+                                       torch.as_tensor(budgets), plan=p, **opts)
+                out.backward(torch.ones_like(out))
+
+        cp_plan = self.plan_for(plan_budgets, s_local * self.size, b, step,
+                                measure=measure if self._search(q) else None)
+        return dsv_cp_attention(q, k, v, predictor.wq, predictor.wk, torch.as_tensor(budgets), plan=cp_plan, **opts)
 
 
 def _work_budgets(budgets: torch.Tensor, segments, cfg) -> list:
