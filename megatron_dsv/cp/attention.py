@@ -96,56 +96,24 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             raise ValueError("with segments, budgets must be int block counts ([H] or [H, clips])")
     if blocks.shape[0] != H:
         raise ValueError(f"budgets for {blocks.shape[0]} heads, the tensors have {H}")
-    mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long)
-    r = wq_lr.shape[-1]
-    with torch.no_grad():
-        # The predictor's low-rank q and k are projected here, on the local shard, and cross the head
-        # all-to-all on their own (r channels against 3d for q|k|v): the selection then runs on a side
-        # stream while q|k|v are in flight, instead of after them.
-        with group.phase("selection", q.device):
-            lr = torch.cat([torch.einsum("sbhd,hdr->sbhr", q, wq_lr.to(q.dtype)),
-                            torch.einsum("sbhd,hdr->sbhr", k, wk_lr.to(k.dtype))], dim=-1)
-        lr = seq_to_head(lr, group, plan.U, plan.heads_of)                            # [seg, b, n, 2r]
-        with group.phase("klr_gather", q.device):
-            k_lr = gather_segments(lr[..., r:].contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
-
-        def select():
-            with group.phase("selection", q.device):
-                idx, cnt = select_blocks(lr[..., :r].transpose(0, 1), k_lr, blocks[mine], block_q=block_q,
-                                         block_kv=block_kv, backend=backend, segments=segments,
-                                         q_start=grid.j * lr.shape[0] if segments is not None else 0)
-                return _keep_share(idx, cnt, plan, grid.u)
-
-        (kv_idx, kv_cnt), join = _beside(select, q.device)
     qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of)
-    join()
+    mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
+    with torch.no_grad():
+        with group.phase("selection", q.device):
+            q_lr = torch.einsum("sbhd,hdr->bshr", qh, wq_lr.index_select(0, mine).to(qh.dtype))
+            k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
+        with group.phase("klr_gather", q.device):
+            k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
+        with group.phase("selection", q.device):
+            kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
+                                           backend=backend, segments=segments,
+                                           q_start=grid.j * qh.shape[0] if segments is not None else 0)
+            kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
     kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
                                 scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens)
     out = _zero_padding(head_to_seq(out_h, group, plan.U, plan.heads_of, H), segments, group)
     return (out, (kv_idx, kv_cnt)) if return_selection else out
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _beside(fn, device):
-    """(fn()'s tensors, join): on CUDA fn runs on a side stream that starts after the work queued so far,
-    so that what the caller queues next (a collective) overlaps it; join() makes the current stream wait
-    for it. Elsewhere fn runs in order and join does nothing."""
-    if device.type != "cuda":
-        return fn(), lambda: None
-    main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        out = fn()
-
-    def join():
-        main.wait_stream(side)
-        for t in out:   # allocated on the side stream, used on the main one
-            t.record_stream(main)
-    return out, join
 
 
 def _keep_share(kv_idx, kv_cnt, plan: CPPlan, u: int):
