@@ -86,7 +86,8 @@ class DSVConfig:
     """Largest per-head budget (fraction of KV blocks)."""
     deterministic_backward: bool = True
     """Sparse attention backward: True, atomic-free and bitwise reproducible (P and dP computed twice);
-    False, the one-recompute schedule (dq added with float32 atomics; not yet measured on the GPU).
+    False, the one-recompute schedule (dq added with float32 atomics; measured 7.5x slower on an H200 with
+    acquire-release atomics, now relaxed and not yet re-timed: bench/NOTES_kernels.md).
     Megatron's deterministic_mode and torch.use_deterministic_algorithms(True) force True."""
     coarse_remainder: bool = False
     """Add the unselected KV blocks back as pooled keys and values (one per block, logit offset by the log of
