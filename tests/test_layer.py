@@ -438,3 +438,50 @@ def test_dropped_graphs_are_collected(monkeypatch):
         assert made[-1]() is not None
     finally:
         gc.enable()
+
+
+def _stage2_layer():
+    torch.manual_seed(0)   # the predictor's initial weights: every call builds the same layer
+    cfg = DSVConfig(**SMALL, stage1_min_steps=1, stage1_max_steps=1, layer_sparsity_threshold=0.0, budget_floor=0.0,
+                    dense_fallback_density=1.0, backend="reference")
+    layer = core(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [tuple(torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(3)]
+    train_steps(layer, batches)
+    assert layer.controller.host()["stage"] == 2
+    return layer, batches[0]
+
+
+def test_stage2_forward_compiles_fullgraph(megatron_parallel):
+    """Evaluation in stage 2 (selection + sparse attention) traces whole under torch.compile(fullgraph=True):
+    the forward timer, the predictor's cast cache and the reference op's value checks stay out of traced
+    code, and the compiled layer gives the eager result."""
+    torch._dynamo.reset()
+    layer, (q, k, v) = _stage2_layer()
+    layer.eval()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(q, k, v, None)
+        assert layer.last_used_sparse
+        want = layer(q, k, v, None)
+    assert torch.equal(got, want)
+
+
+def test_stage2_training_step_compiles_with_one_break(megatron_parallel):
+    """A stage-2 training step under torch.compile: selection and attention in one graph, one break at the
+    once-per-backward bookkeeping (a host callback, traceable only under compiled autograd); outputs and
+    gradients equal eager."""
+    torch._dynamo.reset()
+    layer, (q, k, v) = _stage2_layer()
+    explained = torch._dynamo.explain(layer)(*(t.clone().requires_grad_() for t in (q, k, v)), None)
+    # (10 breaks before: the forward timer's clock, the cast cache's pointer check, the op's value checks)
+    assert explained.graph_break_count <= 2, explained.graph_break_count
+    compiled = torch.compile(_stage2_layer()[0], backend="aot_eager")
+    results = []
+    for fn in (compiled, _stage2_layer()[0]):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv, None)
+        out.square().mean().backward()
+        results.append((out, qq.grad, kk.grad, vv.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

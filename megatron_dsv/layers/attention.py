@@ -250,7 +250,7 @@ class DSVDotProductAttention(_CoreAttention):
                 else:
                     out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
-              and self.graphed.fits(query)):
+              and self.graphed.fits(query) and not torch.compiler.is_compiling()):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
                 out = self._graphed_sparse(query, key, value, budgets)
         elif sparse:

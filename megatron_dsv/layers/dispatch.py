@@ -125,6 +125,8 @@ class CostDispatch:
                    f"{self.cfg.dense_fallback_density}")
             return density <= self.cfg.dense_fallback_density
         costs = self._MEASURED.get(key)
+        if costs is None and torch.compiler.is_compiling():   # no timing inside a traced graph: the density
+            return density <= self.cfg.dense_fallback_density  # rule, until an eager call has measured this shape
         if costs is None:
             costs = self._MEASURED[key] = measure()
             notice(f"attention at {_describe(key)}: dense fwd+bwd {costs.dense_ms:.2f} ms, selection + sparse "

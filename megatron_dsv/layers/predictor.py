@@ -56,7 +56,7 @@ class LowRankPredictor(Float32State):
         """[..., n, d] -> [..., n, r] with Wq ("q") or Wk ("k") of `heads` (default: all), in x's dtype.
         The cast weights are kept until the next update (cached=False casts anew)."""
         src = self.wq if which == "q" else self.wk
-        if cached:
+        if cached and not torch.compiler.is_compiling():   # (a compiled graph fuses the cast into its use)
             key = (which, x.dtype, x.device)
             version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
             if key not in self._cast or self._cast[key][0] != version:

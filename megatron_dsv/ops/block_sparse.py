@@ -123,7 +123,8 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
 
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
-        check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
+        if not torch.compiler.is_compiling():   # host checks of device values: kept out of compiled graphs
+            check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
     else:
         from .triton_attention import triton_block_sparse_attention
