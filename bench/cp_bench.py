@@ -224,8 +224,8 @@ def _asdict(cost):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cost).items()}
 
 
-def table(results, P) -> str:
-    lines = [f"| tokens | variant | ms | x one GPU | predicted ms (default / calibrated) |", "|---|---|---|---|---|"]
+def table(results) -> str:
+    lines = ["| tokens | variant | ms | x one GPU | predicted ms (default / calibrated) |", "|---|---|---|---|---|"]
     for res in results:
         S = res["summary"]["tokens"]
         for r in res["rows"]:
@@ -268,7 +268,7 @@ def main():
     results = [run_length(args, S, group, device, dtype, rank0) for S in args.tokens]
     if rank0:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
-        print(table(results, group.size))
+        print(table(results))
         for res in results:
             s = res["summary"]
             print(f"{s['tokens'] // 1024}k: best fixed {s['best_fixed']} {s['best_fixed_ms']:.1f} ms "

@@ -16,19 +16,18 @@ uses with a measurement over the CP group and on the local GPU:
   computed blocks, selection included.
 
 Rates are measured at the shape the planner will see, because both kernels' rates depend on the
-sequence length and the head count; the results are cached per (device, P, shape) as JSON
-(:func:`cached_cost_model`), so a training run measures once.
+sequence length and the head count. bench/cp_bench.py runs it and compares the calibrated model's
+predictions with every plan's measured time. A layer does not: it times its short list of plans
+instead (plan_search.py), because the model, even calibrated, misjudges plans that split the
+sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -195,26 +194,3 @@ def measure_cost_model(group: HybridCPGroup, shape: Shape, *, base: CostModel = 
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def cached_cost_model(group: HybridCPGroup, shape: Shape, *, cache_dir: Optional[str] = None, **kwargs) -> CostModel:
-    """measure_cost_model, once per (device, P, shape) on this machine: later calls read the JSON that each
-    rank wrote under cache_dir (default $MEGATRON_DSV_CACHE or ~/.cache/megatron_dsv). The model is the
-    same on every rank; the ranks measure again together unless every one of them finds its file."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    root = Path(cache_dir or os.environ.get("MEGATRON_DSV_CACHE") or Path.home() / ".cache" / "megatron_dsv")
-    name = (f"cp_cost_{_device_name(device)}_P{group.size}_S{shape.seq_len}_H{shape.heads}_d{shape.head_dim}"
-            f"_b{shape.batch}_q{shape.block_q}_kv{shape.block_kv}_r{shape.lr_rank}.json").replace(" ", "_")
-    path = root / name
-    found = torch.tensor([1 if path.is_file() else 0], device=group.device)
-    dist.all_reduce(found, op=dist.ReduceOp.MIN, group=group.group)
-    if int(found.item()):
-        fields = json.loads(path.read_text())["cost"]
-        fields["sparse_curve"] = tuple(tuple(p) for p in fields["sparse_curve"])
-        return CostModel(**fields)
-    cost, facts = measure_cost_model(group, shape, **kwargs)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # ranks sharing a file system write the same content
-    tmp.write_text(json.dumps(dict(cost=dataclasses.asdict(cost), measured=facts), default=str, indent=1))
-    tmp.replace(path)
-    return cost
