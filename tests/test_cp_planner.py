@@ -299,3 +299,32 @@ def test_simulation_targets():
     assert dense / t_plan >= 1.3
     assert t_naive / t_plan >= 1.2
     assert max(p.imbalance for p in plans) <= 1.05 + 1e-9
+
+
+def test_candidate_plans_one_per_head_parallel_size_and_schedule():
+    """The short list that the layer times: the model's plan for each (U, schedule), a schedule listed only
+    where the sequence is split (R > 1), fastest predicted first, each the plan() of its pair."""
+    from megatron_dsv.cp import candidate_plans
+
+    shape = Shape(seq_len=64 * 1024, heads=8, head_dim=128)
+    dens = [0.05, 0.3, 0.1, 0.02, 0.2, 0.08, 0.15, 0.04]
+    cands = candidate_plans(dens, shape=shape, P=4)
+    assert sorted((p.U, p.schedule) for p in cands) == [(1, "gather"), (1, "ring"), (2, "gather"), (2, "ring"),
+                                                         (4, "gather")]
+    assert [p.predicted_s for p in cands] == sorted(p.predicted_s for p in cands)
+    for p in cands:
+        assert p == plan(dens, shape=shape, P=4, U_candidates=[p.U], schedules=[p.schedule])
+
+
+def test_kv_union_of_a_selection():
+    """kv_union: the blocks a sequence segment selects (deduplicated per head) over one query block's budget."""
+    from megatron_dsv.cp.calibration import kv_union
+
+    n_q, n_kv = 8, 16
+    same = torch.zeros(1, 2, n_q, 2, dtype=torch.long)
+    same[..., 1] = 1                                   # every query block selects blocks 0 and 1
+    cnt = torch.full((1, 2, n_q), 2)
+    assert kv_union(same, cnt, n_kv, R=2) == 1.0
+    spread = torch.stack([torch.arange(n_q) * 2, torch.arange(n_q) * 2 + 1], -1).view(1, 1, n_q, 2).expand(1, 2, n_q, 2)
+    assert kv_union(spread, cnt, n_kv, R=2) == 4.0     # a segment of 4 query blocks touches 8 distinct blocks
+    assert kv_union(spread, cnt, n_kv, R=1) == 8.0
