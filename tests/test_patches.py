@@ -140,8 +140,8 @@ MB_SOURCES = ("megatron/bridge/diffusion/models/common/", "megatron/bridge/diffu
               "megatron/bridge/diffusion/models/flux/")
 
 
-def run_patched(kind, released_wheel, tmp_path):
-    """Extract the released model code, apply the patch, run ``_worker_<kind>``; its JSON result."""
+def run_patched(kind, released_wheel, tmp_path, worker=None):
+    """Extract the released model code, apply the patch, run ``_worker_<worker or kind>``; its JSON result."""
     diff = MB_DIFFS[kind]
     package, version, _, _ = parse(diff)
     with zipfile.ZipFile(released_wheel(package, version)) as zf:
@@ -154,7 +154,7 @@ def run_patched(kind, released_wheel, tmp_path):
         port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHDYNAMO_DISABLE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port))
-    proc = subprocess.run([sys.executable, __file__, kind, str(tmp_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, worker or kind, str(tmp_path)], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,6 +171,18 @@ def test_patched_wan_runs_and_matches_stock_wan(released_wheel, tmp_path):
     assert result["core_from_mapping"] == "DSVDotProductAttention"
 
 
+def test_patched_wan_with_context_parallelism_equals_one_rank(released_wheel, tmp_path):
+    """WAN with DSV at context parallel size 2: each rank holds a contiguous share of the cube-ordered video
+    (padded when the tokens do not fill whole blocks on every rank); outputs and gradients equal one rank's,
+    in stage 1 and stage 2."""
+    errors = run_patched("wan", released_wheel, tmp_path, worker="wan_cp")
+    assert set(errors) == {f"{grid}-{stage}" for grid, stage in WAN_CP_CASES}
+    assert errors["(3, 4, 8)-1"][2] == 128 and errors["(4, 4, 8)-1"][2] == 128   # 96 tokens padded to 2 x 64
+    for case, (out_err, grad_err, _, sparse) in errors.items():
+        assert out_err < 1e-5 and grad_err < 1e-4, (case, out_err, grad_err)
+        assert sparse == case.endswith("-2"), case   # stage 2 ran DSV's sparse CP path, stage 1 dense
+
+
 def test_patched_flux_runs_and_matches_stock_flux(released_wheel, tmp_path):
     result = run_patched("flux", released_wheel, tmp_path)
     assert result["core"] == ["DSVDotProductAttention", "DSVDotProductAttention"]  # double, single block
@@ -179,8 +191,9 @@ def test_patched_flux_runs_and_matches_stock_flux(released_wheel, tmp_path):
     assert result["grad_rel_err"] < 1e-4, result
 
 
-def _install_stand_ins(root: str):
-    """Make the extracted Bridge model files importable on a CPU without TE, diffusers or Bridge's deps."""
+def _install_stand_ins(root: str, rank: int = 0, world: int = 1, init_method: str = "env://"):
+    """Make the extracted Bridge model files importable on a CPU without TE, diffusers or Bridge's deps;
+    one gloo process group of `world` ranks, all of them context-parallel."""
     import sys
     import types
     from typing import Generic, TypeVar
@@ -264,8 +277,8 @@ def _install_stand_ins(root: str):
     module("megatron.bridge.models.model_provider", ModelProviderMixin=ModelProviderMixin)
     module("megatron.bridge.models.transformer_config", TransformerConfig=TransformerConfig)
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=init_method)
+    parallel_state.initialize_model_parallel(context_parallel_size=world)
 
 
 def _compare(stock, dsv, run):
@@ -287,6 +300,12 @@ def _compare(stock, dsv, run):
             "grad_rel_err": float((grads[1] - grads[0]).norm() / grads[0].norm())}
 
 
+WAN_SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, crossattn_emb_size=64,
+                 text_dim=32, freq_dim=16, in_channels=4, out_channels=4, patch_spatial=1, patch_temporal=1,
+                 use_cpu_initialization=True, apply_rope_fusion=False)
+WAN_DSV = dict(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
+
+
 def _worker_wan(root: str):
     """Stock and DSV WAN built through the patched provider, on one video; print one JSON line."""
     _install_stand_ins(root)
@@ -296,13 +315,10 @@ def _worker_wan(root: str):
     from megatron.bridge.diffusion.models.wan.wan_provider import WanModelProvider
     from megatron_dsv import DSVConfig
 
-    shape = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, crossattn_emb_size=64,
-                 text_dim=32, freq_dim=16, in_channels=4, out_channels=4, patch_spatial=1, patch_temporal=1,
-                 use_cpu_initialization=True, apply_rope_fusion=False)
+    shape = WAN_SHAPE
     torch.manual_seed(0)
     stock = WanModelProvider(**shape).provide()
-    dsv = WanModelProvider(**shape, dsv=DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32,
-                                                  sample_stride=4)).provide()
+    dsv = WanModelProvider(**shape, dsv=DSVConfig(**WAN_DSV)).provide()
 
     grid, text_len = (4, 4, 8), 7
     s = grid[0] * grid[1] * grid[2]
@@ -338,6 +354,93 @@ def _worker_wan(root: str):
     print(json.dumps(result))
 
 
+WAN_CP_CASES = [((4, 4, 8), 1), ((4, 4, 8), 2), ((3, 4, 8), 1), ((3, 4, 8), 2)]  # (grid, stage); 96 tokens: padded
+
+
+def _wan_cp_run(provider_kwargs, grid, stage, shard=None):
+    """One forward + backward of the DSV WAN on one video of `grid` (every rank builds the same model and data);
+    with `shard` (megatron_dsv.video.CPShard) the rank feeds its share. Returns (out, parameter grads)."""
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron.bridge.diffusion.models.wan.wan_provider import WanModelProvider
+
+    torch.manual_seed(0)
+    model = WanModelProvider(**provider_kwargs).provide()
+    with torch.no_grad():   # WAN zero-initialises its head: give it weights so the output shows the attention
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    if stage == 2:   # per-head budgets given, as a profile would: block sparsity 0.5 and 0.75
+        for layer in model.decoder.layers:
+            ctl = layer.full_self_attention.core_attention.controller
+            state = ctl.state_dict()
+            state["stage"].fill_(2)
+            state["block_sparsity"].copy_(torch.tensor([0.5, 0.75]))
+            ctl.load_state_dict(state)
+    gen = torch.Generator().manual_seed(sum(grid) + stage)
+    s, text_len = grid[0] * grid[1] * grid[2], 7
+    x, probe = torch.randn(s, 1, 4, generator=gen), torch.randn(s, 1, 4, generator=gen)
+    t, context = torch.tensor([0.3]), torch.randn(text_len, 1, 32, generator=gen)
+    cu, cu_kv = torch.tensor([0, s], dtype=torch.int32), torch.tensor([0, text_len], dtype=torch.int32)
+    params = {"self_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu,
+                                                cu_seqlens_kv_padded=cu, qkv_format="thd"),
+              "cross_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu_kv,
+                                                 cu_seqlens_kv_padded=cu_kv, qkv_format="thd")}
+    if shard is not None:
+        x, probe = shard.shard(x), shard.shard(probe)
+    model.train()
+    out = model(x, grid_sizes=torch.tensor([grid]), t=t, context=context, packed_seq_params=params)
+    (out * probe).sum().backward()
+    sparse = all(layer.full_self_attention.core_attention.last_used_sparse for layer in model.decoder.layers)
+    return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), sparse
+
+
+def _wan_cp_rank(rank, world, root, port, ref_path, out_path):
+    import torch
+    import torch.distributed as dist
+
+    _install_stand_ins(root, rank=rank, world=world, init_method=f"tcp://127.0.0.1:{port}")
+    from megatron_dsv.video import CPShard
+
+    refs, errors = torch.load(ref_path), {}
+    for grid, stage in WAN_CP_CASES:
+        shard = CPShard(grid, WAN_DSV["cube"], world, rank, WAN_DSV["block_q"])
+        out, grads, sparse = _wan_cp_run(dict(WAN_SHAPE, context_parallel_size=world, dsv=WAN_DSV), grid, stage,
+                                         shard)
+        dist.all_reduce(grads)   # replicated parameters: their gradients are the sum over the ranks' tokens
+        ref_out, ref_grads, ref_sparse = refs[f"{grid}-{stage}"]
+        ref_out = shard.shard(ref_out)   # the one-rank model returns raster order
+        valid = torch.arange(shard.s_local) + rank * shard.s_local < shard.num_tokens   # not DSV's padding
+        errors[f"{grid}-{stage}"] = [float((out - ref_out)[valid].norm() / ref_out[valid].norm()),
+                                     float((grads - ref_grads).norm() / ref_grads.norm()), shard.total,
+                                     sparse and ref_sparse]
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(errors, f)
+
+
+def _worker_wan_cp(root: str):
+    """The DSV WAN with context parallelism 2 (two gloo ranks) against one rank: outputs and parameter gradients,
+    stage 1 (dense CP attention) and stage 2 (sparse), a grid that fills whole blocks and one that is padded."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    _install_stand_ins(root)
+    tmp = tempfile.mkdtemp()
+    ref_path, out_path = os.path.join(tmp, "ref.pt"), os.path.join(tmp, "errors.json")
+    torch.save({f"{grid}-{stage}": _wan_cp_run(dict(WAN_SHAPE, dsv=WAN_DSV), grid, stage)
+                for grid, stage in WAN_CP_CASES}, ref_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_wan_cp_rank, args=(2, root, port, ref_path, out_path), nprocs=2, join=True)
+    with open(out_path) as f:
+        print(json.dumps(json.load(f)))
+
+
 def _worker_flux(root: str):
     """Stock and DSV Flux built through the patched provider; print one JSON line."""
     _install_stand_ins(root)
@@ -371,4 +474,4 @@ def _worker_flux(root: str):
 
 
 if __name__ == "__main__":
-    {"wan": _worker_wan, "flux": _worker_flux}[sys.argv[1]](sys.argv[2])
+    {"wan": _worker_wan, "wan_cp": _worker_wan_cp, "flux": _worker_flux}[sys.argv[1]](sys.argv[2])

@@ -131,3 +131,27 @@ def test_bad_input():
     layout = CubeLayout((2, 4, 4), (2, 2, 2))
     with pytest.raises(ValueError, match="32 tokens"):
         layout.to_cube(torch.zeros(31, 1))
+
+
+@pytest.mark.parametrize("grid,P,align", [((4, 4, 8), 2, 32), ((3, 5, 7), 4, 16), ((2, 4, 4), 1, 32)])
+def test_cp_shards_tile_the_padded_cube_order(grid, P, align):
+    """The P shares, in rank order, are the cube-ordered video zero-padded to a multiple of P x align; the
+    packed_seq_params describe that padding (None when there is none); extra raster padding is ignored."""
+    from megatron_dsv.video import CPShard
+
+    n = grid[0] * grid[1] * grid[2]
+    x = torch.randn(n + 5, 2, 3)   # 5 tokens of the data step's own padding after the video
+    shards = [CPShard(grid, (2, 4, 4), P, c, align) for c in range(P)]
+    total = shards[0].total
+    assert total % (P * align) == 0 and total - n < P * align
+    want = torch.zeros(total, 2, 3)
+    want[:n] = CubeLayout(grid, (2, 4, 4)).to_cube_sbh(x[:n])
+    assert torch.equal(torch.cat([s.shard(x) for s in shards]), want)
+    params = shards[0].packed_seq_params()
+    if total == n:
+        assert params is None
+    else:
+        assert params.qkv_format == "sbhd" and params.cu_seqlens_q.tolist() == [0, n]
+        assert params.cu_seqlens_q_padded.tolist() == [0, total]
+    with pytest.raises(ValueError, match="at least"):
+        shards[0].shard(x[: n - 1])
