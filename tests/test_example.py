@@ -360,6 +360,29 @@ def test_step_bench_smoke(tmp_path):
     assert all(r["step_ms"] > 0 for r in res) and (tmp_path / "trace" / "host_ops.txt").stat().st_size > 0
 
 
+def test_cp_bench_smoke(tmp_path):
+    """bench/cp_bench.py runs every plan on 2 gloo processes (CPU, reference kernels) and writes its JSON: one
+    row per (U, assignment, schedule), the three planner rows, phases and predictions; timings mean nothing."""
+    import json
+    import os
+
+    out = tmp_path / "cp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(ROOT / "bench" / "cp_bench.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"][0]
+    dsv = [r for r in res["rows"] if r["name"].startswith("dsv")]
+    assert sorted((r["U"], r["assignment"], r["schedule"]) for r in dsv if r["kind"] == "fixed") == [
+        (1, "naive", "gather"), (1, "naive", "ring"), (2, "capped", "gather"), (2, "lpt", "gather"),
+        (2, "naive", "gather"), (2, "split", "gather")]
+    assert {r["kind"] for r in dsv} == {"fixed", "planner (default cost)", "planner (calibrated cost)",
+                                        "planner (measured pairs)"}
+    assert all(r["predicted_calibrated_ms"] > 0 and r["phases_ms"]["selection"] > 0 for r in dsv)
+    assert set(res["summary"]) >= {"planner_default", "planner_calibrated", "planner_measured"}
+
+
 def _force_stage2(model, sparsity):
     for layer in (m for m in model.modules() if isinstance(m, DSVDotProductAttention)):
         state = layer.controller.state_dict()
