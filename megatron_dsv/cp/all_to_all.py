@@ -101,7 +101,10 @@ def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
     off = 0
     for hs, n in zip(heads_of, n_of):   # fixed order: deterministic sums
         piece, idx = recv[off:off + unit * n].view(s, b, n, D), torch.tensor(hs, device=y.device)
-        out.index_copy_(2, idx, piece) if partition else out.index_add_(2, idx, piece)
+        if partition:
+            out.index_copy_(2, idx, piece)
+        else:
+            out.index_add_(2, idx, piece)
         off += unit * n
     return out
 
