@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_dsv.cp import (CostModel, HybridCPGroup, Shape, candidate_plans, dense_cp_attention,  # noqa: E402
                              dsv_cp_attention, estimate, fastest_plan, fixed_plan, plan)
-from megatron_dsv.cp.calibration import kv_union, measure_cost_model, time_ms  # noqa: E402
+from megatron_dsv.cp.calibration import kv_union, measure_cost_model, slowest, time_ms  # noqa: E402
 from megatron_dsv.cp.planner import densities as to_densities, head_compute_s  # noqa: E402
 from megatron_dsv.layers.timing import ForwardTimer  # noqa: E402
 from megatron_dsv.ops import block_sparse_attention, select_blocks  # noqa: E402
@@ -105,12 +105,6 @@ class Layer:
         kv_idx, kv_cnt = self.selection(q, k)
         block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=b.block_q, block_kv=b.block_kv, layout="sbhd",
                                backend=self.backend).backward(do)
-
-
-def slowest(group, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=group.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group.group)
-    return float(t.item())
 
 
 def timed(group, fn, device, args) -> float:

@@ -60,7 +60,7 @@ def time_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 2, it
     return statistics.median(times)
 
 
-def _slowest(group: HybridCPGroup, ms: float) -> float:
+def slowest(group: HybridCPGroup, ms: float) -> float:
     """The largest value over the CP ranks (the slowest rank sets the step)."""
     t = torch.tensor([ms], dtype=torch.float64, device=group.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group.group)
@@ -92,9 +92,9 @@ def measure_links(group: HybridCPGroup, *, nbytes: int = 64 << 20, dtype=torch.b
         return run
 
     big = nbytes // max(1, P - 1)
-    raw_ms = _slowest(group, time_ms(a2a(big), device, iters=iters))
-    p2p_ms = _slowest(group, time_ms(ring(nbytes), device, iters=iters))
-    small_ms = _slowest(group, time_ms(a2a(4096), device, iters=iters))
+    raw_ms = slowest(group, time_ms(a2a(big), device, iters=iters))
+    p2p_ms = slowest(group, time_ms(ring(nbytes), device, iters=iters))
+    small_ms = slowest(group, time_ms(a2a(4096), device, iters=iters))
     return dict(raw_a2a_gbps=big * (P - 1) / (raw_ms * 1e-3) / 1e9, p2p_gbps=nbytes / (p2p_ms * 1e-3) / 1e9,
                 latency_s=small_ms * 1e-3 / max(1, P - 1), raw_a2a_ms=raw_ms, p2p_ms=p2p_ms, small_a2a_ms=small_ms,
                 bytes_per_peer=big)
@@ -109,7 +109,7 @@ def measure_head_all_to_all(group: HybridCPGroup, shape: Shape, *, dtype=torch.b
         return dict(head_a2a_gbps=None, head_a2a_ms=0.0, U=1)
     x = torch.empty(shape.seq_len // P, shape.batch, shape.heads, 3 * shape.head_dim, dtype=dtype, device=device)
     heads_of = tuple(tuple(h for h in range(shape.heads) if h * U // shape.heads == u) for u in range(U))
-    ms = _slowest(group, time_ms(lambda: seq_to_head(x, group, U, heads_of), device, iters=iters))
+    ms = slowest(group, time_ms(lambda: seq_to_head(x, group, U, heads_of), device, iters=iters))
     sent = x.numel() * x.element_size() * (U - 1) / U
     return dict(head_a2a_gbps=sent / (ms * 1e-3) / 1e9, head_a2a_ms=ms, U=U)
 
