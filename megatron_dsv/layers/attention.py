@@ -226,18 +226,12 @@ class DSVDotProductAttention(_CoreAttention):
                                  f"and cannot realign them; got starts {list(q_seg.starts)}")
             query, key, value = (packing.to_blocks(t) for t in (query, key, value))
             segments = packing.dst
-        s, b = query.shape[:2]
-        if segments is None:
-            n_kv = math.ceil(s * (cp.size if cp else 1) / cfg.block_kv)
-            budgets = ctl.budgets(n_kv)
-        else:
-            n_kv = work_weighted_blocks(segments, cfg.block_kv)
-            budgets = self._clip_budgets(segments)
-        self.last_n_kv = n_kv
-        sparse = self.last_used_sparse = self._sparse_now(query, key, value, n_kv, segments)
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
-        learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now())
-                                   or ctl.profile_now())
+        # In training the decisions follow the step counter: made in traced code, torch.compile would guard on
+        # the counter and recompile every step, so there they are made outside the graph (one graph break).
+        decide = self._decide_outside_graph if training_step else self._decide
+        n_kv, budgets, sparse, learn = decide(query, key, value, segments, training_step)
+        self.last_n_kv, self.last_used_sparse = n_kv, sparse
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
@@ -272,6 +266,24 @@ class DSVDotProductAttention(_CoreAttention):
         if packing is not None:
             out = packing.from_blocks(out)
         return self._output(out, fmt)
+
+    def _decide(self, query, key, value, segments, training_step: bool):
+        """This call's (KV blocks, per-head budgets, whether it runs sparse, whether it trains the predictor
+        or profiles), from the controller's host state."""
+        cfg, ctl, cp = self.cfg, self.controller, self.cp
+        if segments is None:
+            n_kv = math.ceil(query.shape[0] * (cp.size if cp else 1) / cfg.block_kv)
+            budgets = ctl.budgets(n_kv)
+        else:
+            n_kv = work_weighted_blocks(segments, cfg.block_kv)
+            budgets = self._clip_budgets(segments)
+        sparse = self._sparse_now(query, key, value, n_kv, segments)
+        learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now()) or ctl.profile_now())
+        return n_kv, budgets, sparse, learn
+
+    @torch.compiler.disable
+    def _decide_outside_graph(self, query, key, value, segments, training_step: bool):
+        return self._decide(query, key, value, segments, training_step)
 
     def _sparse_now(self, q, k, v, n_kv: int, segments) -> bool:
         """Stage 2, a layer its policy lets run sparse, and sparse predicted faster than dense at this
