@@ -5,8 +5,8 @@ they put the planner's predicted times 1.7-2.3x below the measured ones and made
 1.13-1.24x slower than the best. :func:`measure_cost_model` replaces every assumption the planner
 uses with a measurement over the CP group and on the local GPU:
 
-- head all-to-all bandwidth (``intra_node_gbps``): the head all-to-all itself (``seq_to_head`` of a
-  fused q|k|v shard, U = P), bytes a rank sends to its peers per second, its buffer copies included
+- head all-to-all bandwidth (``intra_node_gbps``): the head all-to-all itself (``seq_to_head`` of the
+  q, k and v shards, U = P), bytes a rank sends to its peers per second, its buffer copies included
   (the raw ``all_to_all_single`` and ring point-to-point rates are reported beside it);
 - per-message latency (``latency_s``): the same collective with 4 KiB per peer;
 - dense rate (``dense_tflops``): dense attention forward + backward of S / P queries over the whole
@@ -101,16 +101,17 @@ def measure_links(group: HybridCPGroup, *, nbytes: int = 64 << 20, dtype=torch.b
 
 
 def measure_head_all_to_all(group: HybridCPGroup, shape: Shape, *, dtype=torch.bfloat16, iters: int = 5) -> dict:
-    """GB/s per GPU of the head all-to-all as the CP path runs it: seq_to_head of this rank's fused q|k|v
-    shard [S / P, b, H, 3d] over U = min(P, heads) ranks, bytes sent to peers per second."""
+    """GB/s per GPU of the head all-to-all as the CP path runs it: seq_to_head of this rank's q, k and v
+    shards [S / P, b, H, d] over U = min(P, heads) ranks, bytes sent to peers per second."""
     P, device = group.size, group.device
     U = max(u for u in range(1, min(P, shape.heads) + 1) if P % u == 0)
     if U == 1:
         return dict(head_a2a_gbps=None, head_a2a_ms=0.0, U=1)
-    x = torch.empty(shape.seq_len // P, shape.batch, shape.heads, 3 * shape.head_dim, dtype=dtype, device=device)
+    qkv = [torch.empty(shape.seq_len // P, shape.batch, shape.heads, shape.head_dim, dtype=dtype, device=device)
+           for _ in range(3)]
     heads_of = tuple(tuple(h for h in range(shape.heads) if h * U // shape.heads == u) for u in range(U))
-    ms = slowest(group, time_ms(lambda: seq_to_head(x, group, U, heads_of), device, iters=iters))
-    sent = x.numel() * x.element_size() * (U - 1) / U
+    ms = slowest(group, time_ms(lambda: [seq_to_head(x, group, U, heads_of) for x in qkv], device, iters=iters))
+    sent = sum(x.numel() * x.element_size() for x in qkv) * (U - 1) / U
     return dict(head_a2a_gbps=sent / (ms * 1e-3) / 1e9, head_a2a_ms=ms, U=U)
 
 
