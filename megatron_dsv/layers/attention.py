@@ -208,7 +208,7 @@ class DSVDotProductAttention(_CoreAttention):
     # ---------------------------------------------------------------- forward
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        cfg, ctl, cp = self.cfg, self.controller, self.cp
+        cfg, cp = self.cfg, self.cp
         query, key, value, fmt, q_seg, kv_seg = self._inputs(query, key, value, attention_mask, attn_mask_type,
                                                              attention_bias, packed_seq_params,
                                                              shards=cp.size if cp else 1)
@@ -230,7 +230,7 @@ class DSVDotProductAttention(_CoreAttention):
         # In training the decisions follow the step counter: made in traced code, torch.compile would guard on
         # the counter and recompile every step, so there they are made outside the graph (one graph break).
         decide = self._decide_outside_graph if training_step else self._decide
-        n_kv, budgets, sparse, learn = decide(query, key, value, segments, training_step)
+        n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
         self.last_n_kv, self.last_used_sparse = n_kv, sparse
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
@@ -239,7 +239,7 @@ class DSVDotProductAttention(_CoreAttention):
             with self.timer("attention", query.device):
                 if sparse:
                     out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
-                                    ctl.host()["step"], segments)
+                                    step, segments)
                     learn_inputs = cp.learn_inputs(query, key) if learn else None
                 else:
                     out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
@@ -269,7 +269,7 @@ class DSVDotProductAttention(_CoreAttention):
 
     def _decide(self, query, key, value, segments, training_step: bool):
         """This call's (KV blocks, per-head budgets, whether it runs sparse, whether it trains the predictor
-        or profiles), from the controller's host state."""
+        or profiles, the step), from the controller's host state."""
         cfg, ctl, cp = self.cfg, self.controller, self.cp
         if segments is None:
             n_kv = math.ceil(query.shape[0] * (cp.size if cp else 1) / cfg.block_kv)
@@ -279,7 +279,7 @@ class DSVDotProductAttention(_CoreAttention):
             budgets = self._clip_budgets(segments)
         sparse = self._sparse_now(query, key, value, n_kv, segments)
         learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now()) or ctl.profile_now())
-        return n_kv, budgets, sparse, learn
+        return n_kv, budgets, sparse, learn, ctl.host()["step"]
 
     @torch.compiler.disable
     def _decide_outside_graph(self, query, key, value, segments, training_step: bool):
