@@ -25,39 +25,18 @@ sequence.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from ..layers.timing import time_ms
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from .all_to_all import seq_to_head
 from .groups import HybridCPGroup
 from .planner import CostModel, Shape
 
 DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.35)
-
-
-def time_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 2, iters: int = 5) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def slowest(group: HybridCPGroup, ms: float) -> float:

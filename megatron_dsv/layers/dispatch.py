@@ -19,11 +19,12 @@ layer's mean budget is at most ``dense_fallback_density``, with a one-line notic
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+
+from .timing import time_ms
 
 # The two densities sparse attention is timed at; the line through them predicts the rest.
 PROBE_DENSITIES = (0.05, 0.3)
@@ -54,19 +55,6 @@ class Costs(NamedTuple):
         return max(0.0, (self.dense_ms - self.fixed_ms) / self.per_density_ms)
 
 
-def _median_ms(fn: Callable[[], None], reps: int) -> float:
-    fn()  # warm-up: compiles kernels, allocates
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure_costs(q, k, v, *, select: Callable, attend: Callable, dense: Callable, reps: int = 3) -> Costs:
     """Time dense and sparse forward + backward on copies of q, k, v [s, b, heads, d] (CUDA).
 
@@ -83,14 +71,14 @@ def measure_costs(q, k, v, *, select: Callable, attend: Callable, dense: Callabl
     # Grad on (the first use may come in a no-grad recomputation pass), and plain saved tensors: under
     # non-reentrant activation checkpointing the layer's hooks would otherwise take these graphs' tensors.
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        dense_ms = _median_ms(lambda: fwd_bwd(dense(*leaves)), reps)
+        dense_ms = time_ms(lambda: fwd_bwd(dense(*leaves)), q.device, warmup=1, iters=reps)
         sparse = []
         for density in PROBE_DENSITIES:
             def step(density=density):
                 with torch.no_grad():
                     selection = select(leaves[0].detach(), leaves[1].detach(), density)
                 fwd_bwd(attend(*leaves, selection))
-            sparse.append(_median_ms(step, reps))
+            sparse.append(time_ms(step, q.device, warmup=1, iters=reps))
     (d0, d1), (t0, t1) = PROBE_DENSITIES, sparse
     slope = (t1 - t0) / (d1 - d0)
     return Costs(dense_ms, t0 - slope * d0, slope)

@@ -1,4 +1,5 @@
-"""Forward-time accounting (selection vs attention) without synchronising the device.
+"""Timing on the device: forward-time accounting (selection vs attention) without synchronising the
+device, and the median time of a callable (dispatch by cost, CP calibration).
 
 On CUDA, regions are bracketed by events that are only read when the totals are asked
 for; on CPU a wall clock is used. Under torch.compile the regions are not timed: time the
@@ -7,9 +8,11 @@ compiled call from outside it.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -51,3 +54,23 @@ class ForwardTimer:
         totals = dict(self._total_ms)
         self._total_ms.clear()
         return totals
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 2, iters: int = 5) -> float:
+    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

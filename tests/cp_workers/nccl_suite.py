@@ -17,8 +17,6 @@ A failed check exits non-zero with the rank and the case; NCCL's NVLink multicas
 
 import datetime
 import os
-import sys
-import traceback
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
@@ -28,6 +26,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_dsv.cp import HybridCPGroup, dense_cp_attention, dsv_cp_attention, fixed_plan  # noqa: E402
 from megatron_dsv.ops import block_sparse_attention  # noqa: E402
 from megatron_dsv.ops.reference import dense_attention_reference  # noqa: E402
+from worker import run_checks  # noqa: E402  (tests/cp_workers: this script's directory)
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}   # relative (Frobenius) error against float64
 
@@ -103,20 +102,16 @@ def check_dense(g, dtype, *, s_local=256, b=1, H=4, d=64):
 def main():
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=2))
-    try:
-        g = HybridCPGroup()
+    g = HybridCPGroup()
+
+    def checks():
         for dtype in (torch.float32, torch.bfloat16):
             check_sparse(g, dtype)
             check_dense(g, dtype)
-        dist.barrier()
-        if g.index == 0:
-            print(f"nccl suite passed on {g.size} GPUs ({torch.cuda.get_device_name()})", flush=True)
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)   # do not wait for peers that may be stuck
-    dist.destroy_process_group()
+
+    run_checks(checks)
+    if g.index == 0:
+        print(f"nccl suite passed on {g.size} GPUs ({torch.cuda.get_device_name()})", flush=True)
 
 
 if __name__ == "__main__":

@@ -528,21 +528,26 @@ def suite(name, world):
         raise ValueError(name)
 
 
-def main():
-    name, world, rank, init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank,
-                            timeout=timedelta(seconds=60))
+def run_checks(checks) -> None:
+    """checks() on this rank, then a barrier. A failure prints its traceback and exits with status 1 at once:
+    waiting for peers that may be stuck would hang instead of failing."""
     try:
-        for part in name.split("+"):
-            suite(part, world)
+        checks()
         dist.barrier()
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)   # do not wait for peers that may be stuck
+        os._exit(1)
     dist.destroy_process_group()
+
+
+def main():
+    name, world, rank, init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", world_size=world, rank=rank,
+                            timeout=timedelta(seconds=60))
+    run_checks(lambda: [suite(part, world) for part in name.split("+")])
     # Every check passed. Leave without running C++ static destructors: under load a library thread
     # still joinable at interpreter teardown aborts the process ("terminate called without an
     # active exception") after the work is done.
