@@ -61,7 +61,7 @@ def _remap(in_part, slot_of_entry):
 
 
 class _Exchange:
-    """Who requested which blocks from whom; shared by forward and backward."""
+    """Who requested which blocks from whom (R > 1); shared by forward and backward."""
 
     def __init__(self, group: HybridCPGroup, grid: Grid, kv_idx, kv_cnt, *, seg_tokens, block_kv, kv_lens=None):
         self.group, self.grid = group, grid
@@ -82,9 +82,6 @@ class _Exchange:
         owner = (uniq % self.n_kv_total) // self.n_seg
         self.requests = {jo: uniq[owner == jo] for jo in range(grid.R) if jo != grid.j}
         self.served = {}                                  # requester CP index -> keys it asked me for
-        self.matrix = torch.zeros(group.size, group.size, dtype=torch.int64)
-        if grid.R == 1:   # known on every rank: nothing to exchange
-            return
         counts = torch.zeros(group.size, dtype=torch.int64)
         for jo, keys in self.requests.items():
             counts[grid.at(grid.u, jo)] = keys.numel()
@@ -251,7 +248,7 @@ class _SparseKVAttention(torch.autograd.Function):
                 lses.append(lse)
             else:
                 with group.phase("exchange", dev):
-                    pending = _post_round(ex, kvb, 1, qh, d, block_kv) if grid.R > 1 else None
+                    pending = _post_round(ex, kvb, 1, qh, d, block_kv)
                 with group.phase("attention", dev):
                     local = _Part(*_remap(local_hit, local_slot), kv_lens=ex.local_lens())
                     o, lse = _attend(q_bshd, kv_leaf, local, d, opts)  # overlaps round 1's transfer

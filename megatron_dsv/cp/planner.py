@@ -568,6 +568,17 @@ def _divisors(P: int):
     return [U for U in range(1, P + 1) if P % U == 0]
 
 
+def _head_parallel_sizes(shape: Shape, P: int, cost: CostModel, U_candidates, max_U) -> List[int]:
+    """The U to try: U_candidates (default: divisors of P up to min(heads, max_U); max_U defaults to a node's
+    GPUs), those that divide P and are at most the heads."""
+    max_U = cost.gpus_per_node if max_U is None else max_U
+    cands = U_candidates if U_candidates is not None else [U for U in _divisors(P) if U <= min(shape.heads, max_U)]
+    cands = [U for U in cands if P % U == 0 and 1 <= U <= shape.heads]
+    if not cands:
+        raise ValueError(f"no head-parallel size U fits P={P}, heads={shape.heads} (U must divide P, U <= heads)")
+    return cands
+
+
 def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_candidates: Optional[Sequence[int]] = None,
          schedules: Sequence[str] = SCHEDULES, assignments: Sequence[str] = ("lpt", "capped", "split"),
          max_U: Optional[int] = None, max_imbalance: float = 1.05, balance_slack: float = 0.1) -> CPPlan:
@@ -597,11 +608,7 @@ def plan(budgets, *, shape: Shape, P: int, cost: CostModel = CostModel(), U_cand
     searches after all others), so the result is a pure function of the inputs.
     """
     dens = densities(budgets, shape)
-    max_U = cost.gpus_per_node if max_U is None else max_U
-    cands = U_candidates if U_candidates is not None else [U for U in _divisors(P) if U <= min(shape.heads, max_U)]
-    cands = [U for U in cands if P % U == 0 and 1 <= U <= shape.heads]
-    if not cands:
-        raise ValueError(f"no head-parallel size U fits P={P}, heads={shape.heads} (U must divide P, U <= heads)")
+    cands = _head_parallel_sizes(shape, P, cost, U_candidates, max_U)
     for s in schedules:
         if s not in SCHEDULES:
             raise ValueError(f"schedule {s!r} is not one of {list(SCHEDULES)}")
@@ -643,10 +650,8 @@ def candidate_plans(budgets, *, shape: Shape, P: int, cost: CostModel = CostMode
     :func:`megatron_dsv.cp.plan_search.measure_plans` times when the model's absolute times are not to be
     trusted (the ring's merge, the exchange's index work and host gaps are not in it). A schedule only
     differs where R > 1, so U = P is listed once."""
-    max_U = cost.gpus_per_node if max_U is None else max_U
-    Us = U_candidates if U_candidates is not None else [U for U in _divisors(P) if U <= min(shape.heads, max_U)]
     out = []
-    for U in Us:
+    for U in _head_parallel_sizes(shape, P, cost, U_candidates, max_U):
         for schedule in (schedules if P // U > 1 else schedules[:1]):
             out.append(plan(budgets, shape=shape, P=P, cost=cost, U_candidates=[U], schedules=[schedule],
                             **plan_kwargs))
