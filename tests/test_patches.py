@@ -306,11 +306,23 @@ WAN_SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attentio
 WAN_DSV = dict(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
 
 
+def _wan_packed(lengths, text_len: int):
+    """WAN's packed_seq_params (THD) for videos of `lengths` tokens and one caption of text_len tokens."""
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu_kv = torch.tensor([0, text_len], dtype=torch.int32)
+    return {"self_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu,
+                                              cu_seqlens_kv_padded=cu, qkv_format="thd"),
+            "cross_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu_kv,
+                                               cu_seqlens_kv_padded=cu_kv, qkv_format="thd")}
+
+
 def _worker_wan(root: str):
     """Stock and DSV WAN built through the patched provider, on one video; print one JSON line."""
     _install_stand_ins(root)
     import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron.bridge.diffusion.models.wan.wan_provider import WanModelProvider
     from megatron_dsv import DSVConfig
@@ -325,22 +337,14 @@ def _worker_wan(root: str):
     x, t, context = torch.randn(s, 1, 4), torch.tensor([0.3]), torch.randn(text_len, 1, 32)
     probe = torch.randn(s, 1, 4)  # a loss that depends on token order
 
-    def packed(lengths):
-        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-        cu_kv = torch.tensor([0, text_len], dtype=torch.int32)
-        return {"self_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu,
-                                                  cu_seqlens_kv_padded=cu, qkv_format="thd"),
-                "cross_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu_kv,
-                                                   cu_seqlens_kv_padded=cu_kv, qkv_format="thd")}
-
     def run(model):
-        out = model(x, grid_sizes=torch.tensor([grid]), t=t, context=context, packed_seq_params=packed([s]))
+        out = model(x, grid_sizes=torch.tensor([grid]), t=t, context=context, packed_seq_params=_wan_packed([s], text_len))
         return out, (out * probe).sum()
 
     result = _compare(stock, dsv, run)
     try:
         dsv(torch.randn(2 * s, 1, 4), grid_sizes=torch.tensor([grid, grid]), t=t, context=context,
-            packed_seq_params=packed([s, s]))
+            packed_seq_params=_wan_packed([s, s], text_len))
         result["packed_error"] = ""
     except NotImplementedError as e:
         result["packed_error"] = str(e)
@@ -361,7 +365,6 @@ def _wan_cp_run(provider_kwargs, grid, stage, shard=None):
     """One forward + backward of the DSV WAN on one video of `grid` (every rank builds the same model and data);
     with `shard` (megatron_dsv.video.CPShard) the rank feeds its share. Returns (out, parameter grads)."""
     import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron.bridge.diffusion.models.wan.wan_provider import WanModelProvider
 
@@ -382,11 +385,7 @@ def _wan_cp_run(provider_kwargs, grid, stage, shard=None):
     s, text_len = grid[0] * grid[1] * grid[2], 7
     x, probe = torch.randn(s, 1, 4, generator=gen), torch.randn(s, 1, 4, generator=gen)
     t, context = torch.tensor([0.3]), torch.randn(text_len, 1, 32, generator=gen)
-    cu, cu_kv = torch.tensor([0, s], dtype=torch.int32), torch.tensor([0, text_len], dtype=torch.int32)
-    params = {"self_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu,
-                                                cu_seqlens_kv_padded=cu, qkv_format="thd"),
-              "cross_attention": PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv=cu_kv,
-                                                 cu_seqlens_kv_padded=cu_kv, qkv_format="thd")}
+    params = _wan_packed([s], text_len)
     if shard is not None:
         x, probe = shard.shard(x), shard.shard(probe)
     model.train()
