@@ -15,13 +15,15 @@ for these modes, in one process:
   dsv-stage2    DSV in stage 2 at --density (uniform budgets), a step that does not profile
   dsv-profile   the same, at a step that profiles and fine-tunes the predictor
   dsv-stage2, no CUDA graphs   dsv-stage2 with DSVConfig.cuda_graphs off (every launch from the host)
+  dense / dsv-stage2, step graph   with --step-graph: the step's forward + backward replayed from one
+                CUDA graph (the example's --cuda-graph-step); the optimizer step stays eager
 
 DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs sparse only where
 that measured faster at its shape), except that every head's budget is --density (the theta rule
 fed that sparsity; under the default compute-target policy, the density it anneals to).
 
 Throughput counts every part, and the profile step amortised over profile_interval_stage2 steps.
-With --trace, torch.profiler tables (top host and device ops) of one plain stage-2 step go to
+With --trace, torch.profiler tables (top host and device ops) of three dense and three plain stage-2 steps go to
 --out. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
@@ -45,7 +47,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from pretrain_video_dit import generated_dataset  # noqa: E402
 from video_dit import PRESETS, build_video_dit, flow_matching_loss, init_single_process  # noqa: E402
+from video_dit.flow import sample_times  # noqa: E402
 from video_dit.precision import MasterWeights  # noqa: E402
+from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.layers import DSVDotProductAttention, dsv_metrics  # noqa: E402
@@ -69,7 +73,7 @@ def set_state(layers, *, stage: int, step: int, density=None):
 
 
 class Trainer:
-    def __init__(self, dit, dsv_cfg, args, device):
+    def __init__(self, dit, dsv_cfg, args, device, step_graph=False):
         torch.manual_seed(0)
         self.device, self.args, self.dit = device, args, dit
         bf16 = device.type == "cuda"
@@ -81,6 +85,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=1e-5)
         self.data = generated_dataset(args.data)(dit.latent_channels, dit.latent_shape, seed=0)
         self.layers = [m for m in self.model.modules() if isinstance(m, DSVDotProductAttention)]
+        self.captured = (CapturedTrainStep(self.model, self.master.params if self.master else params)
+                         if step_graph else None)
         self.dsv = dsv_cfg is not None
         self.n = 0
 
@@ -92,11 +98,16 @@ class Trainer:
         x, cap = self.data.batch(self.n * args.micro_batch_size, args.micro_batch_size)
         x, cap = x.to(dev), cap.to(dev)
         gen = torch.Generator().manual_seed(self.n)
+        t = sample_times(x.shape[0], gen, dev)
+        noise = torch.randn(x.shape, generator=gen).to(dev)
         sync(dev)
         t1 = time.perf_counter()
-        loss = flow_matching_loss(self.model, x, cap, generator=gen)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.captured is not None:
+            loss = self.captured(x, cap, t, noise)
+        else:
+            loss = flow_matching_loss(self.model, x, cap, t=t, noise=noise)
+            loss.backward()
         if self.master:
             self.master.grads_to_master()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -127,22 +138,23 @@ def record(mode, parts, tokens, **extra):
             "tokens_per_s": tokens / (total * 1e-3), **extra}
 
 
-def trace(trainer, out: Path, before):
+def trace(trainer, out: Path, before=None, name="dsv"):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-    for _ in range(2):
-        before()
-        trainer.step()
-    with profile(activities=acts) as prof:
-        for _ in range(3):
+    for i in range(5):
+        if before:
             before()
-            trainer.step()
+        if i == 2:
+            prof = profile(activities=acts)
+            prof.start()
+        trainer.step()
+    prof.stop()
     out.mkdir(parents=True, exist_ok=True)
     avg = prof.key_averages()
-    (out / "host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+    (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
     if trainer.device.type == "cuda":
-        (out / "device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
+        (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
 
 
 def main():
@@ -154,7 +166,10 @@ def main():
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of a stage-2 step")
+    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of dense and stage-2 steps")
+    p.add_argument("--step-graph", action="store_true",
+                   help="also time dense and DSV stage 2 with the step's forward + backward replayed from one "
+                   "CUDA graph (examples/video_dit/step_graph.py; the example's --cuda-graph-step)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script only")
     args = p.parse_args()
@@ -162,6 +177,8 @@ def main():
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("bench/step.py needs a GPU (use --smoke to check the script on CPU)")
+    if device.type != "cuda" and args.step_graph:
+        raise SystemExit("--step-graph needs a GPU")
     dit = PRESETS[args.model]
     cfg = DSVConfig()
     if args.smoke:
@@ -179,7 +196,14 @@ def main():
     dense = Trainer(dit, None, args, device)
     dense.timed(args.warmup)
     results.append(record("dense", dense.timed(args.iters), tokens))
+    if args.trace:
+        trace(dense, Path(args.trace), name="dense")
     del dense
+    if args.step_graph:
+        dense = Trainer(dit, None, args, device, step_graph=True)
+        dense.timed(args.warmup)
+        results.append(record("dense, step graph", dense.timed(args.iters), tokens))
+        del dense
 
     dsv = Trainer(dit, forced, args, device)
     stage1 = lambda: set_state(dsv.layers, stage=1, step=1)  # noqa: E731 (step 1: trains, does not profile)
@@ -195,14 +219,28 @@ def main():
                               density=args.density))
     if args.trace:
         trace(dsv, Path(args.trace), plain)
-    stage2, prof = (next(r for r in results if r["mode"] == name) for name in ("dsv-stage2", "dsv-profile"))
-    amortised = (stage2["step_ms"] * (interval - 1) + prof["step_ms"]) / interval
-    results.append({"mode": f"dsv-stage2 (1 profile in {interval})", "step_ms": amortised,
-                    "tokens_per_s": tokens / (amortised * 1e-3), "density": args.density})
+    del dsv, eager
+    if args.step_graph:
+        graphed = Trainer(dit, forced, args, device, step_graph=True)
+        plain_graphed = lambda: set_state(graphed.layers, stage=2, step=1, density=args.density)  # noqa: E731
+        graphed.timed(args.warmup, plain_graphed)
+        results.append(record("dsv-stage2, step graph", graphed.timed(args.iters, plain_graphed), tokens,
+                              density=args.density, replays=graphed.captured.replays))
+        del graphed
+    prof = next(r for r in results if r["mode"] == "dsv-profile")
+    for name in ("dsv-stage2", "dsv-stage2, step graph"):   # a profile step runs eagerly either way
+        stage2 = next((r for r in results if r["mode"] == name), None)
+        if stage2 is not None:
+            amortised = (stage2["step_ms"] * (interval - 1) + prof["step_ms"]) / interval
+            results.append({"mode": f"{name} (1 profile in {interval})", "step_ms": amortised,
+                            "tokens_per_s": tokens / (amortised * 1e-3), "density": args.density})
 
     dense_tps = results[0]["tokens_per_s"]
+    graphed_dense = next((r["tokens_per_s"] for r in results if r["mode"] == "dense, step graph"), None)
     for r in results:
         r["speedup_vs_dense"] = r["tokens_per_s"] / dense_tps
+        if graphed_dense:
+            r["speedup_vs_dense_step_graph"] = r["tokens_per_s"] / graphed_dense
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     out = {"device": name, "torch": torch.__version__, "model": args.model, "tokens_per_step": tokens,
            "micro_batch_size": args.micro_batch_size, "data": args.data, "results": results}
@@ -210,11 +248,12 @@ def main():
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of {args.iters}")
-    print(f"{'mode':>34} {'data ms':>8} {'train ms':>9} {'metrics':>8} {'step ms':>8} {'tok/s':>9} {'x dense':>8}")
+    print(f"{'mode':>44} {'data ms':>8} {'train ms':>9} {'metrics':>8} {'step ms':>8} {'tok/s':>9} {'x dense':>8}"
+          f" {'x graphed dense':>15}")
     for r in results:
-        f = (lambda k: f"{r[k]:.1f}" if k in r else "-")
-        print(f"{r['mode']:>34} {f('data_ms'):>8} {f('train_ms'):>9} {f('metrics_ms'):>8} {r['step_ms']:>8.1f} "
-              f"{r['tokens_per_s']:>9.0f} {r['speedup_vs_dense']:>8.2f}")
+        f = (lambda k, fmt=".1f": f"{r[k]:{fmt}}" if k in r else "-")
+        print(f"{r['mode']:>44} {f('data_ms'):>8} {f('train_ms'):>9} {f('metrics_ms'):>8} {r['step_ms']:>8.1f} "
+              f"{r['tokens_per_s']:>9.0f} {r['speedup_vs_dense']:>8.2f} {f('speedup_vs_dense_step_graph', '.2f'):>15}")
 
 
 if __name__ == "__main__":

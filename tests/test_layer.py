@@ -210,7 +210,8 @@ def test_checkpoint_round_trip_resumes_stage_and_selection(megatron_parallel):
     older.load_state_dict({key: t for key, t in state.items() if not key.endswith("oracle_block_sparsity")})
     full.load_state_dict(state)
     assert older.controller.oracle_block_sparsity.isnan().all()
-    assert older.controller.host() == full.controller.host()
+    without = (lambda host: {k: v for k, v in host.items() if k != "oracle_block_sparsity"})  # noqa: E731
+    assert without(older.controller.host()) == without(full.controller.host())
 
 
 # -------------------------------------------------------------- stage-2 computation

@@ -71,6 +71,24 @@ def _u_all_to_all(group: HybridCPGroup, grid: Grid, send: torch.Tensor, send_num
     return recv
 
 
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """t viewed with 8-byte elements where its rows allow it: a copy kernel then moves a quarter as
+    many (bf16) elements, each as one 8-byte access."""
+    width = t.shape[-1] * t.element_size()
+    ok = width % 8 == 0 and t.stride(-1) == 1 and (t.storage_offset() * t.element_size()) % 8 == 0 and all(
+        (st * t.element_size()) % 8 == 0 for st in t.stride()[:-1])
+    return t.view(torch.int64) if ok else t
+
+
+def _copy_heads(dst: torch.Tensor, dst_heads, src: torch.Tensor, src_heads) -> None:
+    """dst[:, :, dst_heads[i]] = src[:, :, src_heads[i]] for [s, b, heads, D] tensors, one strided copy
+    per head: index_select / index_copy_ along the head dim compute every 2-byte element's offset
+    and measured several times slower than these copies on H200 (bench/results/cp_h200x2/)."""
+    dst, src = _words(dst), _words(src)
+    for i, j in zip(dst_heads, src_heads):
+        dst[:, :, i].copy_(src[:, :, j])
+
+
 def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
     """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads).
     One copy into the send buffer (each peer's heads gathered in place), none out of the receive buffer."""
@@ -80,7 +98,7 @@ def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
     send = torch.empty(unit * sum(n_of), dtype=x.dtype, device=x.device)
     off = 0
     for hs, n in zip(heads_of, n_of):
-        torch.index_select(x, 2, torch.tensor(hs, device=x.device), out=send[off:off + unit * n].view(s, b, n, D))
+        _copy_heads(send[off:off + unit * n].view(s, b, n, D), range(n), x, hs)
         off += unit * n
     n_me = n_of[grid.u]
     recv = _u_all_to_all(group, grid, send, [unit * n for n in n_of], [unit * n_me] * grid.U)
@@ -100,11 +118,12 @@ def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
     out = y.new_empty(s, b, H, D) if partition else y.new_zeros(s, b, H, D)
     off = 0
     for hs, n in zip(heads_of, n_of):   # fixed order: deterministic sums
-        piece, idx = recv[off:off + unit * n].view(s, b, n, D), torch.tensor(hs, device=y.device)
+        piece = recv[off:off + unit * n].view(s, b, n, D)
         if partition:
-            out.index_copy_(2, idx, piece)
+            _copy_heads(out, hs, piece, range(n))
         else:
-            out.index_add_(2, idx, piece)
+            for i, h in enumerate(hs):
+                out[:, :, h] += piece[:, :, i]
         off += unit * n
     return out
 

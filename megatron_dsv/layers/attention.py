@@ -202,6 +202,8 @@ class DSVDotProductAttention(_CoreAttention):
                                            dist.get_process_group_ranks(cp_group))
         self.last_used_sparse = False
         self.last_n_kv = None
+        self.last_packed = False
+        self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
 
@@ -231,7 +233,10 @@ class DSVDotProductAttention(_CoreAttention):
         # the counter and recompile every step, so there they are made outside the graph (one graph break).
         decide = self._decide_outside_graph if training_step else self._decide
         n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
-        self.last_n_kv, self.last_used_sparse = n_kv, sparse
+        self.last_n_kv, self.last_used_sparse, self.last_packed = n_kv, sparse, segments is not None
+        if learn and self.in_step_graph:
+            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that trains or profiles "
+                               f"the predictor cannot be captured (step_graph.replay_key is None for it)")
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
@@ -244,12 +249,13 @@ class DSVDotProductAttention(_CoreAttention):
                 else:
                     out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
-              and self.graphed.fits(query) and not torch.compiler.is_compiling()):   # (compile: mode="reduce-overhead")
+              and self.graphed.fits(query) and not torch.compiler.is_compiling() and not self.in_step_graph):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
                 out = self._graphed_sparse(query, key, value, budgets)
         elif sparse:
             with self.timer("selection", query.device):
-                selection = self._select(query.detach(), key.detach(), budgets, segments=segments)
+                selection = self._select(query.detach(), key.detach(), budgets, segments=segments,
+                                         cached_weights=not self.in_step_graph)
             with self.timer("attention", query.device):
                 out = self._sparse_attention(query, key, value, selection, segments)
             learn_inputs = (None, query.detach(), key.detach(), selection, 0) if learn else None
@@ -257,7 +263,7 @@ class DSVDotProductAttention(_CoreAttention):
             with self.timer("attention", query.device):
                 out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=segments)
             learn_inputs = (None, query.detach(), key.detach(), None, 0) if learn else None
-        if training_step and out.requires_grad:
+        if training_step and out.requires_grad and not self.in_step_graph:
             # The bookkeeping runs in backward: exactly once per training step per layer, also under
             # activation recomputation (reentrant: the first, no-grad pass builds no graph and only
             # the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
@@ -562,10 +568,8 @@ class DSVDotProductAttention(_CoreAttention):
             "step": host["step"],
             "sparse": self.last_used_sparse,
             "predictor_loss": host["loss_ema"],
-            "token_sparsity": ctl.token_sparsity.tolist(),
-            "block_sparsity": host["block_sparsity"],
-            "oracle_block_sparsity": ctl.oracle_block_sparsity.tolist(),
-            "recall": ctl.recall.tolist(),
+            # From the host mirror: reading the metrics every step costs no device syncs.
+            **{name: host[name] for name in PER_HEAD_BUFFERS},
             # Share of KV blocks each head attends to in stage 2 (after floor and ceiling), and the
             # share of its attention mass those blocks hold by its profiled mass curve.
             "budget_policy": self.cfg.budget_policy,

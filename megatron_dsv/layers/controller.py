@@ -61,7 +61,7 @@ class StageController(Float32State):
             self._host = {
                 "step": int(self.step), "stage": int(self.stage), "loss_ema": float(self.loss_ema),
                 "profiles": int(self.profiles),
-                "block_sparsity": self.block_sparsity.tolist(),
+                **{name: getattr(self, name).tolist() for name in PER_HEAD_BUFFERS},
                 "mass_curve": _rows(self.mass_curve),
                 "stage2_start": int(self.stage2_start), "anneal_from": float(self.anneal_from),
             }
@@ -142,7 +142,7 @@ class StageController(Float32State):
             buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
         host["profiles"] += 1
-        host["block_sparsity"] = self.block_sparsity.tolist()
+        host.update({name: getattr(self, name).tolist() for name in PER_HEAD_BUFFERS})
         host["mass_curve"] = _rows(self.mass_curve)
         self.policy.invalidate()
 

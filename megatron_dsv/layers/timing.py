@@ -2,8 +2,8 @@
 device, and the median time of a callable (dispatch by cost, CP calibration).
 
 On CUDA, regions are bracketed by events that are only read when the totals are asked
-for; on CPU a wall clock is used. Under torch.compile the regions are not timed: time the
-compiled call from outside it.
+for; on CPU a wall clock is used. Under torch.compile or CUDA-graph capture the regions are not
+timed: time the compiled call or the replay from outside it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class ForwardTimer:
 
     @contextmanager
     def __call__(self, name: str, device: torch.device):
-        if torch.compiler.is_compiling():   # a traced region is not timed (a graph holds no clocks or events)
-            yield
+        if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            yield   # a traced or captured region is not timed (a graph holds no clocks or host events)
         elif device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -64,12 +64,14 @@ def _dq_config(block_q, block_kv):
     return cfg
 
 
-def _dkdv_config(block_q, block_kv):
+def _dkdv_config(block_q, block_kv, atomic_dq=False):
     # KV blocks under 64 rows: dk^T/dv^T accumulators (D_MAJOR) keep every product's M >= 64
     # (33.1 vs 37.4 ms at block_kv 16), and pointer loads beat TMA there (33.1 vs 39.5 ms).
+    # The one-recompute kernel (atomic_dq) also holds each sub-tile's dq: its own override key,
+    # since the register budget that suits dk/dv alone need not suit it.
     cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2,
                tma=block_kv >= 64, D_MAJOR=block_kv < 64)
-    cfg.update(CONFIG_OVERRIDE.get("dkdv", {}))
+    cfg.update(CONFIG_OVERRIDE.get("dkdv_atomic" if atomic_dq else "dkdv", {}))
     return cfg
 
 
@@ -481,7 +483,7 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, sca
     n_kv = -(-s_kv // block_kv)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    cfg = _dkdv_config(block_q, block_kv)
+    cfg = _dkdv_config(block_q, block_kv, atomic_dq=dq_acc is not None)
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     _dkdv_kernel[(n_kv, b * h)](
         q, k, v, do, dk, dv, dk if dq_acc is None else dq_acc, lse2, delta, q_idx, q_off,

@@ -1,0 +1,76 @@
+"""What a caller that captures a whole training step in a CUDA graph needs from the DSV layers.
+
+A small model's step is bound by host time: at 16k tokens the GPU work of a stage-2 step is about
+half of the step's Python and launches (bench/step.py). Capturing the forward and backward once
+and replaying them removes that host time for every layer, dense or DSV. A replay runs the kernels
+the capture launched and none of the layers' Python, so
+
+- the decisions the layers made at capture (stage, per-head budgets, sparse or dense) are frozen
+  into the graph: `replay_key(model)` gives them, as the layers will make them at the next
+  training step, and a graph captured under key K may replay any step whose key is K; it is None
+  where the next step cannot be replayed (stage 1, a step that profiles or fine-tunes the
+  predictor, a layer that has not run, context parallelism), which then runs eagerly;
+- the capture and its warm-up run inside `capturing(model)`: the layers launch plain kernels (no
+  CUDA graphs of their own, no timing events, the predictor's weights cast inside the graph so
+  that fine-tuning them in place needs no recapture), and skip the bookkeeping a training step's
+  backward does, since neither is a training step;
+- after each replay, `replayed(model)` does that bookkeeping (each layer counts the step, which
+  may start an anneal or a profile: the next key says so).
+
+Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+from .attention import DSVDotProductAttention
+
+
+def dsv_layers(model) -> List[DSVDotProductAttention]:
+    """The DSV core-attention modules of a module or a list of model chunks."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DSVDotProductAttention)]
+
+
+def _layer_key(layer: DSVDotProductAttention) -> Optional[tuple]:
+    ctl, n_kv = layer.controller, layer.last_n_kv
+    if layer.cp is not None or n_kv is None or layer.last_packed:
+        return None
+    if ctl.profile_now() or (layer.cfg.estimator == "lowrank" and ctl.train_predictor_now()):
+        return None
+    # The sparse-or-dense choice is a function of these at a shape the layer has already run
+    # (dispatch measures once per shape), so it needs no place in the key.
+    return n_kv, ctl.host()["stage"], ctl.may_run_sparse(), tuple(ctl.budgets(n_kv))
+
+
+def replay_key(model) -> Optional[tuple]:
+    """The decisions of every DSV layer at the next training step (at the shapes they last ran), or
+    None where that step must run eagerly. () for a model without DSV layers."""
+    keys = tuple(_layer_key(layer) for layer in dsv_layers(model))
+    return None if any(k is None for k in keys) else keys
+
+
+@contextmanager
+def capturing(model) -> Iterator[None]:
+    """Forwards and backwards inside run as a captured step must: see the module docstring."""
+    layers = dsv_layers(model)
+    for layer in layers:
+        if layer.cp is not None:
+            raise NotImplementedError("step capture: DSV layers under context parallelism plan and exchange per "
+                                      "step on the host; run those steps eagerly")
+        layer.commit()
+        layer.in_step_graph = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.in_step_graph = False
+
+
+def replayed(model) -> None:
+    """The bookkeeping of one replayed training step (what each layer's backward would have staged)."""
+    for layer in dsv_layers(model):
+        layer.commit()
+        layer.controller.end_step()

@@ -1,0 +1,96 @@
+"""Whole-step CUDA-graph support of the DSV layers (megatron_dsv.layers.step_graph).
+
+On CPU a "replay" is simulated by running the step's forward and backward inside capturing() and
+then calling replayed(): what a real replay does, except that the kernels are launched by the
+host. Such steps must equal eager training steps in outputs, gradients and every piece of DSV
+state, and replay_key must say None exactly for the steps a graph cannot replay. The real capture
+(examples/video_dit/step_graph.py) is checked against eager steps on the GPU in test_example.py.
+"""
+
+import pytest
+import torch
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_dsv import DSVConfig
+from megatron_dsv.layers import get_dsv_layer_spec
+from megatron_dsv.layers.step_graph import capturing, dsv_layers, replay_key, replayed
+from test_layer import SMALL, tconfig
+
+CFG = DSVConfig(**SMALL, stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=3,
+                layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0)
+
+
+def block():
+    torch.manual_seed(0)
+    return TransformerBlock(tconfig(), get_dsv_layer_spec(CFG))
+
+
+def step(model, x, as_replay: bool):
+    x = x.clone().requires_grad_()
+    if as_replay:
+        with capturing(model):
+            out = model(x, attention_mask=None)
+            out.square().mean().backward()
+        replayed(model)
+    else:
+        out = model(x, attention_mask=None)
+        out.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+def test_replayed_steps_equal_eager_steps(megatron_parallel):
+    eager, graphed = block(), block()
+    gen = torch.Generator().manual_seed(1)
+    keys = []
+    for i in range(9):
+        x = torch.randn(128, 1, 64, generator=gen)
+        key = replay_key(graphed)
+        keys.append(key)
+        want = step(eager, x, as_replay=False)
+        got = step(graphed, x, as_replay=key is not None)
+        for a, b in zip(want, got):
+            if isinstance(a, list):
+                assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), i
+            else:
+                assert torch.equal(a, b), i
+        for la, lb in zip(dsv_layers(eager), dsv_layers(graphed)):
+            assert repr(la.controller.host()) == repr(lb.controller.host()), i   # repr: NaN equals NaN
+            assert la.predictor.wq.equal(lb.predictor.wq) and la.last_used_sparse == lb.last_used_sparse, i
+    steps = [la.controller.host()["step"] for la in dsv_layers(graphed)]
+    assert steps == [9, 9]
+    # Stage 1 (steps 0, 1) trains the predictor; stage 2 profiles at steps 3 and 6 (every 3rd).
+    replayable = [k is not None for k in keys]
+    assert replayable == [False, False, True, False, True, True, False, True, True], replayable
+    assert dsv_layers(graphed)[0].last_used_sparse
+
+
+def test_key_follows_budgets_and_a_learning_step_cannot_be_captured(megatron_parallel):
+    model = block()
+    x = torch.randn(128, 1, 64)
+    for _ in range(4):   # stage 1 (2 steps), a plain stage-2 step, a profile (step 3)
+        step(model, x, as_replay=False)
+    key = replay_key(model)
+    assert key is not None and key == replay_key(model)
+    layer = dsv_layers(model)[0]
+    state = layer.controller.state_dict()
+    state["block_sparsity"].fill_(0.25)
+    layer.controller.load_state_dict(state)
+    assert replay_key(model) not in (None, key)
+    for _ in range(2):   # on to the next profile step (step 6)
+        step(model, x, as_replay=replay_key(model) is not None)
+    assert replay_key(model) is None
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        step(model, x, as_replay=True)
+
+
+def test_capturing_refuses_context_parallel_layers(megatron_parallel):
+    model = block()
+    layer = dsv_layers(model)[0]
+    layer.cp = object()
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        with capturing(model):
+            pass
+    assert replay_key(model) is None
+    assert not layer.in_step_graph
