@@ -67,10 +67,11 @@ def _dq_config(block_q, block_kv):
 def _dkdv_config(block_q, block_kv, atomic_dq=False):
     # KV blocks under 64 rows: dk^T/dv^T accumulators (D_MAJOR) keep every product's M >= 64
     # (33.1 vs 37.4 ms at block_kv 16), and pointer loads beat TMA there (33.1 vs 39.5 ms).
-    # The one-recompute kernel (atomic_dq) also holds each sub-tile's dq: its own override key,
-    # since the register budget that suits dk/dv alone need not suit it.
+    # The one-recompute kernel (atomic_dq) also holds each sub-tile's dq: its own config and override
+    # key. Of 12 variants on H200 (64k, 64x64, density 0.1) dk^T/dv^T accumulators with pointer loads
+    # were fastest, 39.3 ms against 48.8 ms for the dk/dv kernel's config (which alone takes 13.0 ms).
     cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2,
-               tma=block_kv >= 64, D_MAJOR=block_kv < 64)
+               tma=block_kv >= 64 and not atomic_dq, D_MAJOR=block_kv < 64 or atomic_dq)
     cfg.update(CONFIG_OVERRIDE.get("dkdv_atomic" if atomic_dq else "dkdv", {}))
     return cfg
 

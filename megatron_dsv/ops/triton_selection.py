@@ -5,8 +5,8 @@ block's q_lr, computed exactly as the reference does) and streams all of k_lr th
 tokens at a time; the [proxies x tokens] products are reduced to a max per KV block in registers,
 so only the [n_q, n_kv] block scores reach memory, never [n_q, S_kv] or [S, S].
 The kernel stores each score as an int64 key (order-preserving float bits << 32 | (n_kv-1-id)),
-so one torch.topk over unique keys gives the reference's order, ties going to the lower id,
-with no sort of the full row and no host sync.
+so the top-k over unique keys (each row sorted once in registers, _top_blocks_kernel) gives the
+reference's order, ties going to the lower id, with no host sync.
 kv_reduce="mean" scores proxy . mean(k_lr) per block: one small batched matmul, O(n_q x n_kv).
 Packed clips (segments): proxies average only a block's valid rows, each query block scores only
 the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and a row
@@ -93,6 +93,59 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
         key = (ordered.to(tl.int64) << 32) | (N_KV - 1 - blk)[None, :].to(tl.int64)
         col = blk[None, :] - first[:, None]
         tl.store(key_base + col, key, mask=i_ok[:, None] & (blk < N_KV)[None, :] & (col >= 0) & (col < W))
+
+
+@triton.jit
+def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, K_MAX, PAD_KEY, TOP_KEY,
+                       W_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """One row of keys (a query block of one head) -> the ids of its `count` largest keys, ascending,
+    then -1 up to K_MAX. The row is sorted once in registers to find the count-th largest key (keys
+    are unique); the ids are then written in row order, which is ascending block order, by a prefix
+    sum, so neither a top-k nor a sort of the picked ids goes through memory."""
+    row = tl.program_id(0).to(tl.int64)
+    q = row % N_Q
+    h = (row // N_Q) % H
+    cnt = tl.load(Counts + h * sc_h + q * sc_q).to(tl.int32)
+    offs = tl.arange(0, W_PAD)
+    in_row = offs < W
+    keys = tl.load(Keys + row * W + offs, mask=in_row, other=0)
+    keys = tl.where(in_row, keys, PAD_KEY)
+    ranked = tl.sort(keys, descending=True)
+    kth = tl.max(tl.where(offs == cnt - 1, ranked, PAD_KEY), 0)
+    kth = tl.where(cnt > 0, kth, TOP_KEY)   # a row of padding (count 0) takes nothing
+    take = in_row & (keys >= kth)
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    ids = (N_KV - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
+    out = KvIdx + row * K_MAX
+    tl.store(out + pos, ids, mask=take)
+    slots = tl.arange(0, K_PAD)
+    tl.store(out + slots, tl.full([K_PAD], -1, tl.int32), mask=(slots >= cnt) & (slots < K_MAX))
+    tl.store(KvCnt + row, cnt)
+
+
+# Rows longer than this (KV blocks; 1M tokens at block_kv 64) go through torch.topk and a sort.
+TOP_BLOCKS_MAX_WIDTH = 16384
+
+
+def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int):
+    """kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32 of
+    keys [b, h, n_q, W] and counts [h, 1] or [h, n_q]."""
+    b, h, n_q, w = keys.shape
+    kv_cnt = counts.unsqueeze(0).expand(b, h, n_q)
+    if w > TOP_BLOCKS_MAX_WIDTH or not keys.is_contiguous():
+        top = torch.topk(keys, k_max, dim=-1).values  # descending, keys are unique
+        ids = n_kv - 1 - (top & 0xFFFFFFFF)
+        keep = torch.arange(k_max, device=keys.device) < kv_cnt.unsqueeze(-1)
+        ids = torch.where(keep, ids, n_kv).sort(dim=-1).values
+        return torch.where(ids < n_kv, ids, -1).to(torch.int32), kv_cnt.to(torch.int32).contiguous()
+    kv_idx = _empty((b, h, n_q, k_max), torch.int32, keys.device)
+    kv_cnt = _empty((b, h, n_q), torch.int32, keys.device)
+    w_pad = max(16, triton.next_power_of_2(w))
+    _top_blocks_kernel[(b * h * n_q,)](
+        keys, counts, kv_idx, kv_cnt, counts.stride(0), counts.stride(1) if counts.shape[1] > 1 else 0,
+        h, n_q, w, n_kv, k_max, -(2 ** 63), 2 ** 63 - 1, W_PAD=w_pad, K_PAD=max(16, triton.next_power_of_2(k_max)),
+        num_warps=4 if w_pad <= 2048 else 8)
+    return kv_idx, kv_cnt
 
 
 def _block_counts(s: int, block: int, valid: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -194,13 +247,7 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
         keys = _score_keys_max(proxy, k_lr, block_kv, kv_range, clip_blocks)
     else:
         keys = _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_valid, clip_blocks)
-    top = torch.topk(keys, k_max, dim=-1).values  # descending, keys are unique
-    ids = n_kv - 1 - (top & 0xFFFFFFFF)
-    kv_cnt = counts.unsqueeze(0).expand(b, h, proxy.shape[2])
-    keep = torch.arange(k_max, device=q_lr.device) < kv_cnt.unsqueeze(-1)
-    ids = torch.where(keep, ids, n_kv).sort(dim=-1).values
-    kv_idx = torch.where(ids < n_kv, ids, -1).to(torch.int32)
-    return kv_idx, kv_cnt.to(torch.int32).contiguous()
+    return _top_blocks(keys, counts, k_max, n_kv)
 
 
 @select_blocks_op.register_fake

@@ -14,11 +14,12 @@ from megatron_dsv.ops.reference import block_scores_reference, select_blocks_ref
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Unwritten score keys would hold the largest key and be selected first: the test then fails."""
+    """Unwritten score keys would hold the largest key and be selected first, unwritten ids and counts
+    an out-of-range block: the tests then fail."""
     from megatron_dsv.ops import triton_selection
 
     def poisoned(shape, dtype, device):
-        return torch.full(shape, 2 ** 62, dtype=dtype, device=device)
+        return torch.full(shape, 2 ** 62 if dtype == torch.int64 else 2 ** 30, dtype=dtype, device=device)
 
     monkeypatch.setattr(triton_selection, "_empty", poisoned)
 
@@ -148,3 +149,26 @@ def test_packed_query_window_is_a_slice_of_the_whole(kv_reduce):
             assert torch.equal(kv_cnt.cpu(), whole[1][:, :, window].cpu())
             k = int(kv_cnt.max()) if kv_cnt.numel() else 0
             assert torch.equal(kv_idx[..., :k].cpu(), whole[0][:, :, window, :k].cpu())
+
+
+@pytest.mark.parametrize("width, k_max", [(7, 3), (40, 17), (16, 16), (100, 1)])
+def test_top_blocks_kernel_equals_topk_and_sort(monkeypatch, width, k_max):
+    """The register-sort top-k (_top_blocks_kernel) against torch.topk + sort on the same keys: per-head
+    counts, per-(head, query block) counts with rows of count 0 (packed padding), -inf entries."""
+    from megatron_dsv.ops import triton_selection as ts
+
+    gen = torch.Generator().manual_seed(width)
+    b, h, n_q = 2, 3, 5
+    keys = ts._order_keys(torch.randn(b, h, n_q, width, generator=gen)).to(DEVICE)
+    keys[..., -1] = ts._NEG_INF_KEY
+    per_head = torch.randint(1, k_max + 1, (h, 1), generator=gen)
+    per_head[0] = k_max
+    per_block = torch.randint(0, k_max + 1, (h, n_q), generator=gen)
+    per_block[0, 0] = 0
+    for counts in (per_head, per_block.clamp(max=width - 1)):
+        counts = counts.to(DEVICE)
+        got = ts._top_blocks(keys, counts, k_max, width)
+        monkeypatch.setattr(ts, "TOP_BLOCKS_MAX_WIDTH", 0)
+        want = ts._top_blocks(keys, counts, k_max, width)
+        monkeypatch.setattr(ts, "TOP_BLOCKS_MAX_WIDTH", 16384)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
