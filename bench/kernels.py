@@ -257,16 +257,29 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
     proxy = tsel._proxies(q_lr, block_q)
     recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._proxies(q_lr, block_q))))
     picks = {}
+    default_precision = tsel.SCORE_PRECISION
     for prec in ("ieee", "tf32x3", "tf32"):
         tsel.SCORE_PRECISION = prec
         try:
-            keys = tsel._score_keys_max(proxy, k_lr, block_kv, None)
-            recs.append(dict(base, kernel=f"sel_scores_{prec}", ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv, None))))
+            keys = tsel._score_keys_max(proxy, k_lr, block_kv, None, 0)
+            recs.append(dict(base, kernel=f"sel_scores_{prec}",
+                             ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv, None, 0))))
             picks[prec] = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")[0]
         except Exception as e:  # noqa: BLE001
             recs.append(dict(base, kernel=f"sel_scores_{prec}", error=f"{type(e).__name__}: {str(e)[:200]}"))
-    tsel.SCORE_PRECISION = "ieee"
+    tsel.SCORE_PRECISION = default_precision
     recs.append(dict(base, kernel="sel_topk", ms=ms(lambda: torch.topk(keys, topk, dim=-1))))
+    # The per-row top-k into ascending ids: the register-sort kernel at each warp count, and
+    # torch.topk + sort (the path above TOP_BLOCKS_MAX_WIDTH).
+    counts = torch.full((keys.shape[1], 1), topk, dtype=torch.int64, device=keys.device)
+    n_kv = keys.shape[-1]
+    for warps in (1, 2, 4, 8, 16):
+        tsel.CONFIG_OVERRIDE["top_blocks_warps"] = warps
+        recs.append(dict(base, kernel=f"sel_top_blocks_w{warps}", ms=ms(lambda: tsel._top_blocks(keys, counts, topk, n_kv))))
+    tsel.CONFIG_OVERRIDE.clear()
+    width, tsel.TOP_BLOCKS_MAX_WIDTH = tsel.TOP_BLOCKS_MAX_WIDTH, 0
+    recs.append(dict(base, kernel="sel_topk_and_sort", ms=ms(lambda: tsel._top_blocks(keys, counts, topk, n_kv))))
+    tsel.TOP_BLOCKS_MAX_WIDTH = width
     for prec, idx in picks.items():
         same = (idx == picks["ieee"]).all(-1).float().mean().item()
         recs.append(dict(base, kernel=f"sel_rows_equal_ieee_{prec}", ms=0.0, value=same))

@@ -67,7 +67,7 @@ class DSVConfig:
     """... and at the latest after this many steps."""
 
     # Budgets (layers/budget.py) and dispatch (layers/dispatch.py).
-    budget_policy: str = "theta"
+    budget_policy: str = "target"
     """'theta': each head keeps the blocks holding theta of the mass (the paper's rule); 'target': the
     layer attends target_density of its blocks, spread over heads by their profiled mass curves;
     'uniform': every head target_density of the blocks (VSA's top-k)."""

@@ -125,7 +125,8 @@ def test_controller_anneals_from_the_theta_density_to_the_target(policy):
 
 @pytest.mark.parametrize("sparsity, sparse", [([0.3, 0.4], False), ([0.9, 0.9], True)])
 def test_theta_policy_keeps_the_layer_threshold(sparsity, sparse):
-    ctl = StageController(DSVConfig(stage1_min_steps=1, stage1_max_steps=1, layer_sparsity_threshold=0.5), 2)
+    ctl = StageController(DSVConfig(budget_policy="theta", stage1_min_steps=1, stage1_max_steps=1,
+                                    layer_sparsity_threshold=0.5), 2)
     _profile(ctl, sparsity, torch.full((2, CURVE_POINTS + 1), 0.5))
     _run_steps(ctl, 1)
     assert ctl.in_stage2 and ctl.may_run_sparse() == sparse
@@ -217,4 +218,4 @@ def test_model_scope_moves_blocks_from_concentrated_to_spread_layers():
 
 def test_model_scope_needs_the_target_policy():
     with pytest.raises(ValueError, match="budget_scope='model'"):
-        DSVConfig(budget_scope="model")
+        DSVConfig(budget_scope="model", budget_policy="theta")

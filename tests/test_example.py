@@ -395,7 +395,7 @@ def _force_stage2(model, sparsity):
 
 def test_dsv_stage2_through_the_model(megatron_parallel):
     """Stage 2 with every KV block selected equals dense; a real budget changes the output."""
-    cfg = DSV.replace(layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
+    cfg = DSV.replace(budget_policy="theta", layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
     torch.manual_seed(0)
     dense = build_video_dit(SMALL, cube=cfg.cube)
     dsv = build_video_dit(SMALL, dsv_config=cfg)
@@ -503,7 +503,7 @@ def test_packed_forward_equals_each_clip_alone(megatron_parallel, stage):
     """forward_packed on clips of mixed shapes gives each full-shape clip what forward gives it alone
     (stage 1 dense, stage 2 block-sparse with per-clip budgets): packing, per-token conditioning,
     per-clip captions and RoPE positions leak nothing between clips."""
-    cfg = DSV.replace(layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
+    cfg = DSV.replace(budget_policy="theta", layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
     torch.manual_seed(0)
     model = build_video_dit(SMALL, dsv_config=cfg)
     _perturb(model)
@@ -535,7 +535,8 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
     replays, a profile step run eagerly between them, and a budget change that captures anew."""
     from video_dit.step_graph import STABLE_STEPS, CapturedTrainStep
 
-    cfg = DSV.replace(stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=6, layer_sparsity_threshold=0.0,
+    cfg = DSV.replace(budget_policy="theta", stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=6,
+                      layer_sparsity_threshold=0.0,
                       budget_floor=0.0, dispatch="density", dense_fallback_density=1.0)
     models = []
     for _ in range(2):

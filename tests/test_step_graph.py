@@ -16,7 +16,7 @@ from megatron_dsv.layers import get_dsv_layer_spec
 from megatron_dsv.layers.step_graph import capturing, dsv_layers, replay_key, replayed
 from test_layer import SMALL, tconfig
 
-CFG = DSVConfig(**SMALL, stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=3,
+CFG = DSVConfig(**SMALL, budget_policy="theta", stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=3,
                 layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0)
 
 

@@ -80,14 +80,15 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int64) if ok else t
 
 
-def _gather_heads(dst: torch.Tensor, src: torch.Tensor, heads) -> None:
-    """dst[:, :, i] = src[:, :, heads[i]] for [s, b, heads, D] tensors, one strided copy of 8-byte words
-    per head: 0.30 ms against 0.35 ms for index_select along the head dim (which walks 2-byte
-    elements) for a 32k x 16 x 128 bf16 shard on H200 (bench/results/cp_h200x2/a2a_copy_bench.txt;
-    the other way, index_copy_ was the faster, 0.28 ms against 0.30 ms)."""
+def _copy_heads(dst: torch.Tensor, dst_heads, src: torch.Tensor, src_heads) -> None:
+    """dst[:, :, dst_heads[i]] = src[:, :, src_heads[i]] for [s, b, heads, D] tensors, one strided copy
+    of 8-byte words per head. For a 32k x 16 x 128 bf16 shard on H200 (bench/head_copies.py,
+    bench/results/cp_h200x2/head_copies_h200.txt) the gather took 0.18 ms against 0.33 ms for
+    index_select along the head dim, which walks 2-byte elements; copies of 2-byte elements back
+    took 0.22 ms against 0.26 ms for index_copy_."""
     dst, src = _words(dst), _words(src)
-    for i, h in enumerate(heads):
-        dst[:, :, i].copy_(src[:, :, h])
+    for i, j in zip(dst_heads, src_heads):
+        dst[:, :, i].copy_(src[:, :, j])
 
 
 def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
@@ -99,7 +100,7 @@ def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
     send = torch.empty(unit * sum(n_of), dtype=x.dtype, device=x.device)
     off = 0
     for hs, n in zip(heads_of, n_of):
-        _gather_heads(send[off:off + unit * n].view(s, b, n, D), x, hs)
+        _copy_heads(send[off:off + unit * n].view(s, b, n, D), range(n), x, hs)
         off += unit * n
     n_me = n_of[grid.u]
     recv = _u_all_to_all(group, grid, send, [unit * n for n in n_of], [unit * n_me] * grid.U)
@@ -119,11 +120,11 @@ def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
     out = y.new_empty(s, b, H, D) if partition else y.new_zeros(s, b, H, D)
     off = 0
     for hs, n in zip(heads_of, n_of):   # fixed order: deterministic sums
-        piece, idx = recv[off:off + unit * n].view(s, b, n, D), torch.tensor(hs, device=y.device)
+        piece = recv[off:off + unit * n].view(s, b, n, D)
         if partition:
-            out.index_copy_(2, idx, piece)
+            _copy_heads(out, hs, piece, range(n))
         else:
-            out.index_add_(2, idx, piece)
+            out.index_add_(2, torch.tensor(hs, device=y.device), piece)
         off += unit * n
     return out
 

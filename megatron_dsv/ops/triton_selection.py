@@ -34,6 +34,9 @@ _BUDGET_CACHE: dict = {}
 # H100 at 64k tokens and ran 2.4x faster (0.61 vs 1.49 ms); plain "tf32" changed 4-11% of the rows.
 SCORE_PRECISION = "tf32x3"
 
+# Launch-config overrides for bench/kernels.py (keys: "top_blocks_warps").
+CONFIG_OVERRIDE: dict = {}
+
 
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Allocation of every kernel output; tests replace it to poison outputs."""
@@ -127,6 +130,14 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
 TOP_BLOCKS_MAX_WIDTH = 16384
 
 
+def _top_blocks_warps(w_pad: int) -> int:
+    """One warp sorts a row of up to 2048 keys fastest (no shared-memory exchanges between warps): on
+    H200 at 16 heads, 10% of the blocks, 0.76 ms at 1024 keys and 3.9 ms at 2048 against 0.9-1.3 /
+    5.4-8.0 ms with 2-16 warps and 1.4 / 5.3 ms for torch.topk + sort (bench/kernels.py --tune
+    --tune-kernels sel). Longer rows (unmeasured) keep 64 keys per thread."""
+    return max(1, w_pad // 2048)
+
+
 def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int):
     """kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32 of
     keys [b, h, n_q, W] and counts [h, 1] or [h, n_q]."""
@@ -144,7 +155,7 @@ def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int)
     _top_blocks_kernel[(b * h * n_q,)](
         keys, counts, kv_idx, kv_cnt, counts.stride(0), counts.stride(1) if counts.shape[1] > 1 else 0,
         h, n_q, w, n_kv, k_max, -(2 ** 63), 2 ** 63 - 1, W_PAD=w_pad, K_PAD=max(16, triton.next_power_of_2(k_max)),
-        num_warps=4 if w_pad <= 2048 else 8)
+        num_warps=CONFIG_OVERRIDE.get("top_blocks_warps", _top_blocks_warps(w_pad)))
     return kv_idx, kv_cnt
 
 
