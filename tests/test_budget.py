@@ -219,3 +219,25 @@ def test_model_scope_moves_blocks_from_concentrated_to_spread_layers():
 def test_model_scope_needs_the_target_policy():
     with pytest.raises(ValueError, match="budget_scope='model'"):
         DSVConfig(budget_scope="model", budget_policy="theta")
+
+
+def test_loss_ema_folds_each_loss_once_a_step_behind_and_resumes_exactly():
+    """record_loss reads no device value at once: the EMA takes in the previous step's loss. Every loss
+    is folded exactly once, in order, and a controller loaded from a checkpoint taken between two
+    records folds the pending loss as the uninterrupted one does."""
+    cfg = DSVConfig(ema_alpha=0.5)
+    losses = [0.8, 0.4, 0.2, 0.1]
+    ctl = StageController(cfg, heads=2)
+    emas = []
+    for i, loss in enumerate(losses):
+        ctl.record_loss(torch.tensor(loss))
+        emas.append(ctl.host()["loss_ema"])
+        if i == 1:
+            resumed = StageController(cfg, heads=2)
+            resumed.load_state_dict(ctl.state_dict())
+    assert math.isnan(emas[0])
+    assert emas[1:] == pytest.approx([0.8, 0.5 * 0.8 + 0.5 * 0.4, 0.5 * (0.5 * 0.8 + 0.5 * 0.4) + 0.5 * 0.2])
+    for loss in losses[2:]:
+        resumed.record_loss(torch.tensor(loss))
+    assert resumed.host()["loss_ema"] == ctl.host()["loss_ema"]
+    assert torch.equal(resumed.loss_pending, ctl.loss_pending) and float(ctl.loss_pending) == pytest.approx(0.1)

@@ -412,7 +412,7 @@ class DSVDotProductAttention(_CoreAttention):
             return
         ctl = self.controller
         if "grad_q" in stats:
-            ctl.record_loss(float(stats["loss"]))
+            ctl.record_loss(stats["loss"])
             self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
         if "recall" in stats:
             ctl.record_profile(stats)

@@ -44,6 +44,8 @@ class StageController(Float32State):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("stage", torch.ones((), dtype=torch.int64, device=device))
         self.register_buffer("loss_ema", torch.full((), float("nan"), device=device))
+        # The last recorded predictor loss, folded into loss_ema when the next one is recorded (NaN: none).
+        self.register_buffer("loss_pending", torch.full((), float("nan"), device=device))
         self.register_buffer("profiles", torch.zeros((), dtype=torch.int64, device=device))
         for name in PER_HEAD_BUFFERS:
             self.register_buffer(name, torch.full((heads,), float("nan"), device=device))
@@ -53,6 +55,7 @@ class StageController(Float32State):
         self.register_buffer("anneal_from", torch.full((), float("nan"), device=device))
         self.policy = BudgetPolicy(cfg, heads, owner=self)
         self._host: Optional[dict] = None
+        self._pending_copy = None  # (pinned host scalar, CUDA event) of loss_pending's copy to the host
 
     # ------------------------------------------------------------ host mirror
     def host(self) -> dict:
@@ -74,12 +77,13 @@ class StageController(Float32State):
         # Checkpoints from before a statistic existed: it starts unprofiled (NaN), and a run already
         # in stage 2 starts annealing at its first step under this code (host()).
         if prefix + "block_sparsity" in state_dict:
-            for name in ("oracle_block_sparsity", "mass_curve", "anneal_from", "stage2_start"):
+            for name in ("oracle_block_sparsity", "mass_curve", "anneal_from", "stage2_start", "loss_pending"):
                 if prefix + name not in state_dict:
                     buf = getattr(self, name)
                     state_dict[prefix + name] = torch.full_like(buf, -1 if name == "stage2_start" else float("nan"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
+        self._pending_copy = None
 
     # -------------------------------------------------------------- decisions
     @property
@@ -122,7 +126,32 @@ class StageController(Float32State):
 
     # ---------------------------------------------------------------- updates
     @torch.no_grad()
-    def record_loss(self, loss: float) -> None:
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Record this step's predictor loss (a device scalar) without waiting for it: the EMA takes in
+        the previous step's loss, whose copy to the host was started a step ago, and this one's copy
+        starts now. Reading each step's loss at once cost a device sync per layer per stage-1 step,
+        which stopped the host from running ahead of the GPU. So the loss EMA, and the stage switch
+        it decides, run one recorded step behind; a checkpoint holds the pending loss, so a resumed
+        run folds what an uninterrupted one would."""
+        self._fold_pending()
+        self.loss_pending.copy_(loss.detach())
+        if self.loss_pending.is_cuda:
+            host = torch.empty((), dtype=self.loss_pending.dtype, pin_memory=True)
+            host.copy_(self.loss_pending, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending_copy = (host, done)
+
+    def _fold_pending(self) -> None:
+        if self._pending_copy is not None:
+            host, done = self._pending_copy
+            done.synchronize()   # recorded a training step ago: in practice already complete
+            loss = float(host)
+        else:   # on CPU, or the first record after construction or a load
+            loss = float(self.loss_pending)
+        self._pending_copy = None
+        if math.isnan(loss):
+            return
         a = self.cfg.ema_alpha
         old = self.host()["loss_ema"]
         new = loss if math.isnan(old) else a * old + (1 - a) * loss
