@@ -9,7 +9,7 @@ by a decision that every rank takes from the same data.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,15 +57,20 @@ def all_gather_ints(group: HybridCPGroup, values: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
-def _u_all_to_all(group: HybridCPGroup, grid: Grid, send: torch.Tensor, send_numel, recv_numel) -> torch.Tensor:
+def _u_all_to_all(group: HybridCPGroup, grid: Grid, send: torch.Tensor, send_numel, recv_numel,
+                  pending: Optional[List] = None) -> torch.Tensor:
     """All-to-all within my U group of flat buffers laid out peer by peer in u order (the CP order of
     the U group); send_numel[u2] / recv_numel[u2]: elements to / from U-rank u2. Returns the flat
-    receive buffer, in u order too, so callers view it instead of copying pieces out of it."""
+    receive buffer, in u order too, so callers view it instead of copying pieces out of it. With
+    `pending` (a list), the collective is only started and its work handle appended."""
     send_splits, recv_splits = [0] * group.size, [0] * group.size
     for u2, c in enumerate(grid.u_peers):
         send_splits[c], recv_splits[c] = int(send_numel[u2]), int(recv_numel[u2])
     recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group.group)
+    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group.group,
+                                  async_op=pending is not None)
+    if pending is not None:
+        pending.append(work)
     me, elem = group.index, send.element_size()
     group.note("head_a2a", elem * (sum(send_splits) - send_splits[me]), elem * (sum(recv_splits) - recv_splits[me]))
     return recv
@@ -91,7 +96,7 @@ def _copy_heads(dst: torch.Tensor, dst_heads, src: torch.Tensor, src_heads) -> N
         dst[:, :, i].copy_(src[:, :, j])
 
 
-def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
+def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of, pending=None):
     """[s_local, b, H, D] -> [U * s_local, b, |heads_of[u]|, D] (segment of the U group, my heads).
     One copy into the send buffer (each peer's heads gathered in place), none out of the receive buffer."""
     s, b, _, D = x.shape
@@ -103,7 +108,7 @@ def _seq_to_head(x, group: HybridCPGroup, grid: Grid, heads_of):
         _copy_heads(send[off:off + unit * n].view(s, b, n, D), range(n), x, hs)
         off += unit * n
     n_me = n_of[grid.u]
-    recv = _u_all_to_all(group, grid, send, [unit * n for n in n_of], [unit * n_me] * grid.U)
+    recv = _u_all_to_all(group, grid, send, [unit * n for n in n_of], [unit * n_me] * grid.U, pending)
     return recv.view(grid.U * s, b, n_me, D)
 
 
@@ -131,11 +136,11 @@ def _head_to_seq(y, group: HybridCPGroup, grid: Grid, heads_of, H):
 
 class _HeadAllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, grid, heads_of, H, to_heads):
+    def forward(ctx, x, group, grid, heads_of, H, to_heads, pending):
         ctx.args = (group, grid, heads_of, H, to_heads)
         with group.phase("a2a", x.device):
             if to_heads:
-                return _seq_to_head(x, group, grid, heads_of)
+                return _seq_to_head(x, group, grid, heads_of, pending)
             return _head_to_seq(x, group, grid, heads_of, H)
 
     @staticmethod
@@ -144,7 +149,7 @@ class _HeadAllToAll(torch.autograd.Function):
         with group.phase("a2a_bwd", g.device):
             g = g.contiguous()
             back = _head_to_seq(g, group, grid, heads_of, H) if to_heads else _seq_to_head(g, group, grid, heads_of)
-        return back, None, None, None, None, None
+        return back, None, None, None, None, None, None
 
 
 def check_heads_of(heads_of, U: int, H: int, *, partition: bool = False) -> None:
@@ -160,7 +165,7 @@ def check_heads_of(heads_of, U: int, H: int, *, partition: bool = False) -> None
         raise ValueError(f"heads_of must list each of the {H} heads {what}, got {heads_of}")
 
 
-def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torch.Tensor:
+def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of, pending: Optional[List] = None) -> torch.Tensor:
     """Head all-to-all within the U group, differentiable.
 
     x: this rank's sequence shard [s_local, b, H, D] (sbhd). heads_of[u]: the global head ids that
@@ -168,6 +173,9 @@ def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torc
     ranks is sent to each of them, and :func:`head_to_seq` sums their results).
     Returns [U * s_local, b, len(heads_of[u]), D]: the contiguous segment of the U group
     (tokens of U-ranks 0..U-1 in order) for this rank's heads, in heads_of[u] order.
+    pending: a list; when given, the forward all-to-all is only started and its work handle
+    appended (none when nothing moves): the result must not be read before each is waited for.
+    The backward is not affected.
     """
     if x.dim() != 4:
         raise ValueError(f"seq_to_head expects [s_local, b, heads, d], got {tuple(x.shape)}")
@@ -175,7 +183,7 @@ def seq_to_head(x: torch.Tensor, group: HybridCPGroup, U: int, heads_of) -> torc
     check_heads_of(heads_of, U, H)
     if U == 1 and tuple(heads_of[0]) == tuple(range(H)):   # one rank holds every head: nothing moves
         return x
-    return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), H, True)
+    return _HeadAllToAll.apply(x, group, group.grid(U), tuple(map(tuple, heads_of)), H, True, pending)
 
 
 def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of, heads: int = None) -> torch.Tensor:
@@ -193,7 +201,7 @@ def head_to_seq(y: torch.Tensor, group: HybridCPGroup, U: int, heads_of, heads: 
         raise ValueError(f"rank holds {y.shape[2]} heads but the plan gives it {len(heads_of[grid.u])}")
     if U == 1 and tuple(heads_of[0]) == tuple(range(H)):
         return y
-    return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), H, False)
+    return _HeadAllToAll.apply(y, group, grid, tuple(map(tuple, heads_of)), H, False, None)
 
 
 def _gather_segments(x, group: HybridCPGroup, grid: Grid):

@@ -52,11 +52,18 @@ def _check_shard(q, k, v, group, U, block_q=None, block_kv=None):
             raise ValueError(f"s_local={q.shape[0]} must be a multiple of {name}={blk}: ranks hold whole cubes")
 
 
-def _to_heads(q, k, v, group, U, heads_of):
+def _to_heads(q, k, v, group, U, heads_of, pending=None):
     """[s_local, b, H, d] x 3 -> [seg, b, n, d] x 3, one all-to-all each. Not one all-to-all of q|k|v
     concatenated: that costs a concatenation forward, and in backward three full-size zero-filled
-    gradients of the slices, added up, for one collective's latency saved."""
-    return tuple(seq_to_head(t, group, U, heads_of) for t in (q, k, v))
+    gradients of the slices, added up, for one collective's latency saved. With `pending`, v's
+    all-to-all is only started (selection reads q and k alone, so it can run meanwhile)."""
+    return (*(seq_to_head(t, group, U, heads_of) for t in (q, k)), seq_to_head(v, group, U, heads_of, pending))
+
+
+def _wait(pending, group, device) -> None:
+    with group.phase("a2a", device):   # what the overlap did not hide
+        for work in pending:
+            work.wait()
 
 
 def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, plan: CPPlan, block_q: int,
@@ -96,7 +103,8 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             raise ValueError("with segments, budgets must be int block counts ([H] or [H, clips])")
     if blocks.shape[0] != H:
         raise ValueError(f"budgets for {blocks.shape[0]} heads, the tensors have {H}")
-    qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of)
+    pending = []
+    qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of, pending)
     mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
     with torch.no_grad():
         with group.phase("selection", q.device):
@@ -105,11 +113,13 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
         with group.phase("klr_gather", q.device):
             k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
         with group.phase("selection", q.device):
-            kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[mine.cpu()], block_q=block_q, block_kv=block_kv,
-                                           backend=backend, segments=segments,
+            # Budgets indexed by the plan's host-side head list: no device-to-host copy of `mine`.
+            kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[list(plan.heads_of[grid.u])], block_q=block_q,
+                                           block_kv=block_kv, backend=backend, segments=segments,
                                            q_start=grid.j * qh.shape[0] if segments is not None else 0)
             kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
     kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
+    _wait(pending, group, q.device)
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
                                 scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens)
     out = _zero_padding(head_to_seq(out_h, group, plan.U, plan.heads_of, H), segments, group)
