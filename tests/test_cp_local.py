@@ -48,3 +48,15 @@ def test_merge_refuses_partials_without_lse_gradient():
     lse = torch.randn(1, 1, 4)   # as from a backend that marks lse non-differentiable
     with pytest.raises(NotImplementedError, match="lse"):
         _merge([o, o], [lse, lse])
+
+
+def test_head_copies_take_any_alignment():
+    """The head all-to-all's copies move 8-byte words where both sides allow it, and plain elements
+    otherwise (a q/k/v view with an odd storage offset), with the same result."""
+    from megatron_dsv.cp.all_to_all import _copy_heads
+
+    base = torch.randn(6, 2, 3, 9).to(torch.bfloat16)
+    for x in (base[..., 1:], base[..., :8].contiguous()):
+        dst = torch.empty(6, 2, 2, 8, dtype=torch.bfloat16)
+        _copy_heads(dst, range(2), x, [2, 0])
+        assert torch.equal(dst, x[:, :, [2, 0]])

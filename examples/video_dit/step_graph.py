@@ -6,9 +6,14 @@ replay. The optimizer step stays eager (a few multi-tensor launches), so the lea
 change every step.
 
 A graph is captured for a key (input shapes, and the DSV layers' decisions for the step, from
-megatron_dsv.layers.step_graph.replay_key) once the key has been met STABLE_STEPS times in a row,
-and replays every later step with that key; a step whose key is None (stage 1, a step that
-profiles) runs eagerly and keeps the graph, and a new key captures anew once it is stable. The capture is preceded by
+megatron_dsv.layers.step_graph.replay_key) at the STABLE_STEPS-th step with that key (the ones
+before run eagerly), and replays every later step with that key; a step whose key is None (stage
+1, a step that profiles) runs eagerly and keeps the graph, and a new key captures anew. The key
+holds every head's budget, so a budget that moves (each step of the target policy's anneal, a
+profile that shifts one) means eager steps and a new capture: `replays` counts what was replayed.
+The graph's memory pool stays reserved during eager steps, so a step that runs eagerly while a
+graph is held needs the captured step's activations on top of its own (pass
+--no-cuda-graph-step to a run that does not fit). The capture is preceded by
 one warm-up pass on a side stream, as torch.cuda.graph expects; neither counts as a training step
 (step_graph.capturing), and each replay does the DSV bookkeeping of one (step_graph.replayed).
 Gradients come out in static buffers that each replay overwrites: they are handed to the
@@ -38,7 +43,11 @@ class CapturedTrainStep:
         self.replays = 0   # steps replayed so far (the example's closing line reports it)
 
     def __call__(self, x0, caption, t, noise) -> torch.Tensor:
-        """loss of one step, with the parameters' .grad set (they must hold none on entry)."""
+        """loss of one step, with the parameters' .grad set (they must hold none on entry: a replay
+        writes its gradients, it does not add them)."""
+        if any(p.grad is not None for p in self.params):
+            raise RuntimeError("CapturedTrainStep: parameters hold gradients on entry; a replayed step would "
+                               "overwrite them (gradient accumulation over micro-batches is not supported)")
         key = replay_key(self.model)
         key = None if key is None else (tuple(x0.shape), tuple(caption.shape), key)
         if key is not None and key != self.key:
@@ -73,10 +82,11 @@ class CapturedTrainStep:
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
             p.grad = None
-        self.graph = torch.cuda.CUDAGraph()
-        with capturing(self.model), torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with capturing(self.model), torch.cuda.graph(graph):
             self.loss = flow_matching_loss(self.model, *self.inputs[:2], t=self.inputs[2], noise=self.inputs[3])
             self.loss.backward()
+        self.graph = graph   # only a complete capture is kept
         self.grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None

@@ -76,13 +76,11 @@ def _u_all_to_all(group: HybridCPGroup, grid: Grid, send: torch.Tensor, send_num
     return recv
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """t viewed with 8-byte elements where its rows allow it: a copy kernel then moves a quarter as
-    many (bf16) elements, each as one 8-byte access."""
-    width = t.shape[-1] * t.element_size()
-    ok = width % 8 == 0 and t.stride(-1) == 1 and (t.storage_offset() * t.element_size()) % 8 == 0 and all(
-        (st * t.element_size()) % 8 == 0 for st in t.stride()[:-1])
-    return t.view(torch.int64) if ok else t
+def _words_ok(t: torch.Tensor) -> bool:
+    """Whether t can be viewed with 8-byte elements (rows, strides and offset in whole words)."""
+    esz = t.element_size()
+    return ((t.shape[-1] * esz) % 8 == 0 and t.stride(-1) == 1 and (t.storage_offset() * esz) % 8 == 0
+            and all((st * esz) % 8 == 0 for st in t.stride()[:-1]))
 
 
 def _copy_heads(dst: torch.Tensor, dst_heads, src: torch.Tensor, src_heads) -> None:
@@ -91,7 +89,8 @@ def _copy_heads(dst: torch.Tensor, dst_heads, src: torch.Tensor, src_heads) -> N
     bench/results/cp_h200x2/head_copies_h200.txt) the gather took 0.18 ms against 0.33 ms for
     index_select along the head dim, which walks 2-byte elements; copies of 2-byte elements back
     took 0.22 ms against 0.26 ms for index_copy_."""
-    dst, src = _words(dst), _words(src)
+    if _words_ok(dst) and _words_ok(src):   # both or neither: the copies need equal element types
+        dst, src = dst.view(torch.int64), src.view(torch.int64)
     for i, j in zip(dst_heads, src_heads):
         dst[:, :, i].copy_(src[:, :, j])
 

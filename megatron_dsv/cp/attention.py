@@ -56,7 +56,9 @@ def _to_heads(q, k, v, group, U, heads_of, pending=None):
     """[s_local, b, H, d] x 3 -> [seg, b, n, d] x 3, one all-to-all each. Not one all-to-all of q|k|v
     concatenated: that costs a concatenation forward, and in backward three full-size zero-filled
     gradients of the slices, added up, for one collective's latency saved. With `pending`, v's
-    all-to-all is only started (selection reads q and k alone, so it can run meanwhile)."""
+    all-to-all is only started: selection reads q and k alone, so it runs meanwhile. Where the plan
+    splits the sequence (R > 1), the K-lowrank gather queues behind v's transfer on the same
+    communicator, and only the projections before it overlap."""
     return (*(seq_to_head(t, group, U, heads_of) for t in (q, k)), seq_to_head(v, group, U, heads_of, pending))
 
 

@@ -128,11 +128,12 @@ class StageController(Float32State):
     @torch.no_grad()
     def record_loss(self, loss: torch.Tensor) -> None:
         """Record this step's predictor loss (a device scalar) without waiting for it: the EMA takes in
-        the previous step's loss, whose copy to the host was started a step ago, and this one's copy
-        starts now. Reading each step's loss at once cost a device sync per layer per stage-1 step,
-        which stopped the host from running ahead of the GPU. So the loss EMA, and the stage switch
-        it decides, run one recorded step behind; a checkpoint holds the pending loss, so a resumed
-        run folds what an uninterrupted one would."""
+        the previously recorded loss, whose copy to the host started when it was recorded (a step ago
+        in stage 1, a profile interval ago in stage 2), and this one's copy starts now. Reading each
+        loss at once cost a device sync per layer per stage-1 step, which stopped the host from
+        running ahead of the GPU. So the loss EMA, and the stage switch it decides, run one record
+        behind; a checkpoint holds the pending loss, so a resumed run folds what an uninterrupted
+        one would."""
         self._fold_pending()
         self.loss_pending.copy_(loss.detach())
         if self.loss_pending.is_cuda:

@@ -8,11 +8,14 @@ the capture launched and none of the layers' Python, so
 - the decisions the layers made at capture (stage, per-head budgets, sparse or dense) are frozen
   into the graph: `replay_key(model)` gives them, as the layers will make them at the next
   training step, and a graph captured under key K may replay any step whose key is K; it is None
-  where the next step cannot be replayed (stage 1, a step that profiles or fine-tunes the
-  predictor, a layer that has not run, context parallelism), which then runs eagerly;
+  where the next step cannot be replayed (a step that trains the predictor or profiles: all of
+  stage 1 with the learned estimator; a layer that has not run; packed clips; context
+  parallelism), which then runs eagerly. The key is read at the shape each layer last ran,
+  evaluation included: a caller adds its input shapes to its own key (the example does), and an
+  evaluation at another shape changes the key until a training step runs again;
 - the capture and its warm-up run inside `capturing(model)`: the layers launch plain kernels (no
-  CUDA graphs of their own, no timing events, the predictor's weights cast inside the graph so
-  that fine-tuning them in place needs no recapture), and skip the bookkeeping a training step's
+  CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
+  the graph so that fine-tuning them in place needs no recapture), and skip the bookkeeping a training step's
   backward does, since neither is a training step;
 - after each replay, `replayed(model)` does that bookkeeping (each layer counts the step, which
   may start an anneal or a profile: the next key says so).

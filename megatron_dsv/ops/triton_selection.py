@@ -120,7 +120,7 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     ids = (N_KV - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
     out = KvIdx + row * K_MAX
-    tl.store(out + pos, ids, mask=take)
+    tl.store(out + pos, ids, mask=take & (pos < K_MAX))   # keys are unique; the guard keeps rows apart
     slots = tl.arange(0, K_PAD)
     tl.store(out + slots, tl.full([K_PAD], -1, tl.int32), mask=(slots >= cnt) & (slots < K_MAX))
     tl.store(KvCnt + row, cnt)
