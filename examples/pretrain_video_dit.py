@@ -42,6 +42,7 @@ from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
 from megatron_dsv.layers import append_jsonl, dsv_metrics, log_dsv_metrics  # noqa: E402
+from megatron_dsv.layers.graphed import MAX_ELEMENTS as GRAPHED_MAX_ELEMENTS  # noqa: E402
 
 # The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
 # 32-token KV blocks (64 of each), a short stage 1.
@@ -100,7 +101,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="replay each training step's forward + backward from one CUDA graph, captured once the "
                    "step's shapes and DSV decisions repeat (steps that profile run eagerly); removes the host "
                    "time that bounds small models: `small` at 16k tokens steps 1.6x faster with DSV, 1.13x "
-                   "dense (bench/step.py). Default: on with a GPU, except with --pack or --recompute-activations")
+                   "dense (bench/step.py). Default: on with a GPU for micro-batches of at most 2^25 activation "
+                   "elements (tokens x batch x hidden; `small` at 16k x 2 is 2^24), except with --pack or "
+                   "--recompute-activations")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -143,8 +146,8 @@ def check_args(parser, args) -> None:
     if args.cuda_graph_step and (args.pack or args.recompute_activations):
         parser.error("--cuda-graph-step captures fixed shapes without activation recomputation: it excludes "
                      "--pack and --recompute-activations")
-    if args.cuda_graph_step is None:
-        args.cuda_graph_step = on_gpu and not (args.pack or args.recompute_activations)
+    if args.cuda_graph_step is None and (not on_gpu or args.pack or args.recompute_activations):
+        args.cuda_graph_step = False   # otherwise decided by the model's size in main()
     if not args.dense:
         try:
             DSVConfig.from_args(args)
@@ -318,6 +321,11 @@ def main(argv=None):
     init_single_process(device, args.seed)
 
     dit = dit_config(args)
+    if args.cuda_graph_step is None:
+        # On by default where a step is bound by host time: micro-batches up to the size up to which the
+        # DSV layers graph their own attention (16k tokens x batch 2 x hidden 512 for `small`). Longer
+        # steps are bound by the GPU, and a held graph's memory would only add to an eager step's peak.
+        args.cuda_graph_step = args.micro_batch_size * dit.num_tokens * dit.hidden_size <= GRAPHED_MAX_ELEMENTS
     dsv_cfg = None if args.dense else DSVConfig.from_args(args)
     torch.manual_seed(args.seed)
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,
