@@ -46,7 +46,7 @@ from video_dit import PRESETS, build_video_dit, flow_matching_loss, init_single_
 from video_dit.precision import MasterWeights  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
-from megatron_dsv.layers import DSVDotProductAttention, dsv_metrics  # noqa: E402
+from megatron_dsv.layers import dsv_layers, dsv_metrics  # noqa: E402
 from megatron_dsv.ops import dense as dense_ops  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def set_stage2(model, sparsity_per_layer):
     """Put every DSV layer in stage 2 with the given per-head block sparsity (list per layer),
     through the controllers' state dicts (so the host mirrors refresh), at a step that does not
     profile."""
-    layers = [m for m in model.modules() if isinstance(m, DSVDotProductAttention)]
+    layers = dsv_layers(model)
     for i, layer in enumerate(layers):
         ctl = layer.controller
         state = ctl.state_dict()

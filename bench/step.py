@@ -52,7 +52,7 @@ from video_dit.precision import MasterWeights  # noqa: E402
 from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
-from megatron_dsv.layers import DSVDotProductAttention, dsv_metrics  # noqa: E402
+from megatron_dsv.layers import dsv_layers, dsv_metrics  # noqa: E402
 
 
 def sync(device):
@@ -84,7 +84,7 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=1e-5)
         self.data = generated_dataset(args.data)(dit.latent_channels, dit.latent_shape, seed=0)
-        self.layers = [m for m in self.model.modules() if isinstance(m, DSVDotProductAttention)]
+        self.layers = dsv_layers(self.model)
         self.captured = (CapturedTrainStep(self.model, self.master.params if self.master else params)
                          if step_graph else None)
         self.dsv = dsv_cfg is not None

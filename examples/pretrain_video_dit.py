@@ -146,8 +146,6 @@ def check_args(parser, args) -> None:
     if args.cuda_graph_step and (args.pack or args.recompute_activations):
         parser.error("--cuda-graph-step captures fixed shapes without activation recomputation: it excludes "
                      "--pack and --recompute-activations")
-    if args.cuda_graph_step is None and (not on_gpu or args.pack or args.recompute_activations):
-        args.cuda_graph_step = False   # otherwise decided by the model's size in main()
     if not args.dense:
         try:
             DSVConfig.from_args(args)
@@ -325,7 +323,8 @@ def main(argv=None):
         # On by default where a step is bound by host time: micro-batches up to the size up to which the
         # DSV layers graph their own attention (16k tokens x batch 2 x hidden 512 for `small`). Longer
         # steps are bound by the GPU, and a held graph's memory would only add to an eager step's peak.
-        args.cuda_graph_step = args.micro_batch_size * dit.num_tokens * dit.hidden_size <= GRAPHED_MAX_ELEMENTS
+        args.cuda_graph_step = (device.type == "cuda" and not (args.pack or args.recompute_activations)
+                                and args.micro_batch_size * dit.num_tokens * dit.hidden_size <= GRAPHED_MAX_ELEMENTS)
     dsv_cfg = None if args.dense else DSVConfig.from_args(args)
     torch.manual_seed(args.seed)
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,

@@ -1,7 +1,7 @@
 """DSV layers: the core_attention modules, spec helpers, predictor, profiler, schedule, metrics."""
 
 from .attention import DSVDotProductAttention, SDPADotProductAttention
-from .metrics import append_jsonl, dsv_metrics, log_dsv_metrics
+from .metrics import append_jsonl, dsv_layers, dsv_metrics, log_dsv_metrics
 from .spec import apply_dsv, get_dsv_layer_spec
 from ..config import add_dsv_args
 
@@ -11,6 +11,7 @@ __all__ = [
     "apply_dsv",
     "get_dsv_layer_spec",
     "add_dsv_args",
+    "dsv_layers",
     "dsv_metrics",
     "log_dsv_metrics",
     "append_jsonl",

@@ -284,7 +284,7 @@ class DSVDotProductAttention(_CoreAttention):
             n_kv = work_weighted_blocks(segments, cfg.block_kv)
             budgets = self._clip_budgets(segments)
         sparse = self._sparse_now(query, key, value, n_kv, segments)
-        learn = training_step and ((cfg.estimator == "lowrank" and ctl.train_predictor_now()) or ctl.profile_now())
+        learn = training_step and ctl.learns_now()
         return n_kv, budgets, sparse, learn, ctl.host()["step"]
 
     @torch.compiler.disable

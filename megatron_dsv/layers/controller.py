@@ -99,6 +99,11 @@ class StageController(Float32State):
         every = self.cfg.profile_interval_stage1 if h["stage"] == 1 else self.cfg.profile_interval_stage2
         return h["step"] % every == 0
 
+    def learns_now(self) -> bool:
+        """Whether this step's training backward trains the predictor or profiles (a step that reads
+        true attention rows, so it runs eagerly and records statistics)."""
+        return (self.cfg.estimator == "lowrank" and self.train_predictor_now()) or self.profile_now()
+
     def predictor_lr(self) -> float:
         factor = self.cfg.stage2_lr_factor if self.in_stage2 else 1.0
         return self.cfg.predictor_lr * factor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import List
 
 from .attention import DSVDotProductAttention
 from .controller import PER_HEAD_BUFFERS
@@ -20,11 +21,16 @@ def _mean(values):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def dsv_layers(model) -> List[DSVDotProductAttention]:
+    """The DSV core-attention modules of a module or a list of model chunks."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DSVDotProductAttention)]
+
+
 def dsv_metrics(model) -> dict:
     """{"layers": [per-layer dict, ...], "summary": {...}} over every DSV layer of `model`
     (a module or a list of model chunks). Reading it resolves pending CUDA timing events."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    layers = [m.metrics() for chunk in chunks for m in chunk.modules() if isinstance(m, DSVDotProductAttention)]
+    layers = [m.metrics() for m in dsv_layers(model)]
     summary = {
         "stage": min((l["stage"] for l in layers), default=0),
         "sparse_layers": sum(l["sparse"] for l in layers),

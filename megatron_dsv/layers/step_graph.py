@@ -26,22 +26,17 @@ Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps onl
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 from .attention import DSVDotProductAttention
-
-
-def dsv_layers(model) -> List[DSVDotProductAttention]:
-    """The DSV core-attention modules of a module or a list of model chunks."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DSVDotProductAttention)]
+from .metrics import dsv_layers
 
 
 def _layer_key(layer: DSVDotProductAttention) -> Optional[tuple]:
     ctl, n_kv = layer.controller, layer.last_n_kv
     if layer.cp is not None or n_kv is None or layer.last_packed:
         return None
-    if ctl.profile_now() or (layer.cfg.estimator == "lowrank" and ctl.train_predictor_now()):
+    if ctl.learns_now():
         return None
     # The sparse-or-dense choice is a function of these at a shape the layer has already run
     # (dispatch measures once per shape), so it needs no place in the key.
