@@ -10,6 +10,7 @@ Also checks the sparse output against Flex (same mask) and, at density 1, agains
     python bench/kernels.py --seqs 16384 65536 131072 --json bench/results/kernels_h100.json
     python bench/kernels.py --tune   # launch-config variants at the target point
     python bench/kernels.py --seqs 65536 --densities 0.1 --no-flex --resources  # + what each kernel uses
+    python bench/kernels.py --seqs 65536 131072 --densities 0.1 0.05 --block-q 64 --block-kvs 64 --peers
 
 Writes JSON (device name included) and prints a table last. Does not import megatron.
 """
@@ -192,7 +193,7 @@ def flex_coarse(q, k, v, do, s, density):
 
 
 def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_flex, dense_out=None,
-                 one_recompute=False):
+                 one_recompute=False, with_peers=False):
     n_kv = -(-s // block_kv)
     topk = max(1, round(density * n_kv))
     sel = lambda: select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")  # noqa: E731
@@ -226,6 +227,15 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
     rec["bwd_tflops"] = tflops(2.5 * f, rec["bwd_ms"])
     rec["fwdbwd_tflops"] = tflops(3.5 * f, rec["fwdbwd_ms"])
     rec["index_bytes"] = kv_idx.numel() * 4 + kv_cnt.numel() * 4
+    if with_peers and block_q == block_kv:  # the peers take square blocks
+        import peers
+
+        for peer in (peers.cudnn_bsa, peers.vsa):
+            rec.update(peer(q, k, v, do, kv_idx, kv_cnt, block_q, out, time_fwd_bwd, rel_err))
+        for name in ("cudnn_bsa", "vsa"):
+            if f"{name}_fwdbwd_ms" in rec:
+                rec[f"{name}_fwdbwd_tflops"] = tflops(3.5 * fwd_flops(s, s, rec["density"]), rec[f"{name}_fwdbwd_ms"])
+                rec[f"speedup_fwdbwd_vs_{name}"] = rec[f"{name}_fwdbwd_ms"] / rec["fwdbwd_ms"]
     if with_flex:
         rec.update(run_flex(q, k, v, do, kv_idx, kv_cnt, s, block_q, block_kv, out))
         if "flex_fwdbwd_ms" in rec:
@@ -410,6 +420,9 @@ def main():
                     "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--one-recompute", action="store_true",
                     help="also time the one-recompute backward (deterministic=False) on each sparse point")
+    ap.add_argument("--peers", action="store_true",
+                    help="also time cuDNN frontend's block-sparse attention and VSA (fastvideo-kernel) on each "
+                         "square-block sparse point's mask, where installed (bench/peers.py)")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
 
@@ -437,7 +450,7 @@ def main():
                     try:
                         r = sparse_point(q, k, v, do, q_lr, k_lr, s, args.block_q, block_kv, density,
                                          with_flex=not args.no_flex, dense_out=dense_out,
-                                         one_recompute=args.one_recompute)
+                                         one_recompute=args.one_recompute, with_peers=args.peers)
                     except Exception:  # noqa: BLE001 - recorded, the sweep goes on
                         r = dict(S=s, block_kv=block_kv, density=density, error=traceback.format_exc()[-800:])
                         print(r["error"], file=sys.stderr)
@@ -493,6 +506,17 @@ def main():
               f"{r.get('flex_fwdbwd_ms', float('nan')):7.2f} {r.get('flex128_fwdbwd_ms', float('nan')):7.2f}"
               + (f" bwd1R {r['one_recompute_bwd_ms']:.2f} (err {r['one_recompute_grad_rel_err']:.1e})"
                  if "one_recompute_bwd_ms" in r else ""))
+    if args.peers:
+        print(f"\npeers on the same masks, fwd+bwd ms (x = peer time / ours; ours without selection)")
+        print(f"{'S':>7} {'blk':>4} {'dens':>5} {'ours':>7} {'cuDNN-BSA':>9} {'x':>5} {'VSA':>7} {'x':>5}  VSA path")
+        for r in sparse:
+            if "fwdbwd_ms" not in r or r["block_q"] != r["block_kv"]:
+                continue
+            print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.3f} {r['fwdbwd_ms']:7.2f} "
+                  f"{r.get('cudnn_bsa_fwdbwd_ms', float('nan')):9.2f} {r.get('speedup_fwdbwd_vs_cudnn_bsa', 0):5.2f} "
+                  f"{r.get('vsa_fwdbwd_ms', float('nan')):7.2f} {r.get('speedup_fwdbwd_vs_vsa', 0):5.2f}  "
+                  f"{r.get('vsa_path', r.get('vsa_error', ''))[:60]}"
+                  + (f" cuDNN: {r['cudnn_bsa_error'][:80]}" if "cudnn_bsa_error" in r else ""))
 
 
 if __name__ == "__main__":

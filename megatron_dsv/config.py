@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ESTIMATORS = ("lowrank", "pooled")
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "cudnn")
 BUDGET_POLICIES = ("theta", "target", "uniform")
 BUDGET_SCOPES = ("layer", "model")
 DISPATCHES = ("auto", "measured", "density")
@@ -112,7 +112,9 @@ class DSVConfig:
 
     # Execution.
     backend: str = "auto"
-    """Kernel backend: 'auto' (Triton on GPU, reference elsewhere), 'triton' or 'reference'."""
+    """Block-sparse attention kernels: 'auto' (on GPU the faster of Triton and, where installed and able
+    to run the shape, cuDNN frontend's; reference elsewhere), 'triton', 'cudnn' or 'reference'.
+    Selection always runs our kernels (Triton on GPU)."""
     cuda_graphs: bool = True
     """Replay a stage-2 layer's selection + sparse attention (forward and backward) from CUDA graphs when
     its query holds at most 2**25 elements: short sequences are bound by launch time (layers/graphed.py)."""

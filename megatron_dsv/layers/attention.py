@@ -176,7 +176,11 @@ class DSVDotProductAttention(_CoreAttention):
         self.cfg = dsv_config if dsv_config is not None else DSVConfig()
         if not isinstance(self.cfg, DSVConfig):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
-        triton_here = self.cfg.backend == "triton" or (self.cfg.backend == "auto" and torch.cuda.is_available())
+        triton_here = self.cfg.backend in ("triton", "cudnn") or (self.cfg.backend == "auto"
+                                                                  and torch.cuda.is_available())
+        if self.cfg.backend == "cudnn" and self.head_dim != 128:
+            raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
+                                      f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
         if triton_here and self.head_dim not in HEAD_DIMS:
             # Checked now, not at the first stage-2 step after up to stage1_max_steps of training.
             raise NotImplementedError(

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ..config import BACKENDS, BLOCK_SIZES
+from ..config import BLOCK_SIZES
+from . import cudnn_attention
+from .backend_choice import attention_backend
 from .checks import check_qkv
 from .reference import block_sparse_attention_reference
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and not triton_usable(device):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}"
-        )
-    return backend
 
 
 def check_block_sizes(block_q, block_kv):
@@ -88,7 +72,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             block; entries past the count are ignored.
         kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
         scale: softmax scale (default 1/sqrt(d)).
-        backend: "triton", "reference" or "auto" (Triton on CUDA tensors, else reference).
+        backend: "triton", "reference", "cudnn" (cuDNN frontend's block-sparse kernels, where
+            installed and able to run the call, see ops/cudnn_attention.py) or "auto" (on CUDA the
+            faster of Triton and cuDNN, timed once per shape, see ops/backend_choice.py; else reference).
         return_lse: also return the log-sum-exp [b, h, Sq] float32 (-inf for rows with no keys).
         segments: packed clips (:class:`megatron_dsv.ops.Segments`), self-attention only: every
             query block may only list KV blocks of its own clip (not re-checked by the Triton
@@ -101,7 +87,8 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         deterministic: the Triton backward's schedule. True (default): atomic-free, bitwise
             reproducible. False: the one-recompute schedule (dq accumulated with float32 atomics;
             not reproducible bit for bit); ignored (True) while torch.use_deterministic_algorithms
-            is on. The reference backend is deterministic either way.
+            is on. The reference backend is deterministic either way; cuDNN's runs only where
+            allowed by this flag (cudnn_attention.BITWISE_REPRODUCIBLE).
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -121,15 +108,40 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         kv_lens = check_kv_lens(kv_lens, b, h, -(-s_kv // block_kv), block_kv)
     scale = d ** -0.5 if scale is None else float(scale)
 
-    backend = resolve_backend(backend, q.device)
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    call = dict(block_q=block_q, block_kv=block_kv, scale=scale, layout=layout, return_lse=return_lse,
+                segments=segments, kv_lens=kv_lens)
+
+    def cudnn_reason():
+        return cudnn_attention.unsupported(q, s_q, s_kv, d, block_q, block_kv, return_lse=return_lse,
+                                           segments=segments, kv_lens=kv_lens, deterministic=deterministic)
+
+    def runners():
+        from .triton_attention import triton_block_sparse_attention
+
+        grad = torch.randn_like(q)
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fns = {"triton": functools.partial(triton_block_sparse_attention, deterministic=deterministic),
+               "cudnn": cudnn_attention.cudnn_block_sparse_attention}
+
+        def fwd_bwd(fn):
+            # Grad on (the first call may come in a no-grad recomputation pass), and plain saved tensors
+            # (under non-reentrant activation checkpointing its hooks would otherwise take these).
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                fn(*inputs, kv_idx, kv_cnt, **call).backward(grad)
+
+        return {name: functools.partial(fwd_bwd, fn) for name, fn in fns.items()}
+
+    backend = attention_backend(backend, q, s_kv, d, block_q, block_kv, kv_idx.shape[-1], layout,
+                                cudnn_reason=cudnn_reason, runners=runners)
     if backend == "reference":
         if not torch.compiler.is_compiling():   # host checks of device values: kept out of compiled graphs
             check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
+    elif backend == "cudnn":
+        fn = cudnn_attention.cudnn_block_sparse_attention
     else:
         from .triton_attention import triton_block_sparse_attention
 
-        deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
         fn = functools.partial(triton_block_sparse_attention, deterministic=deterministic)
-    return fn(q, k, v, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv, scale=scale, layout=layout,
-              return_lse=return_lse, segments=segments, kv_lens=kv_lens)
+    return fn(q, k, v, kv_idx, kv_cnt, **call)

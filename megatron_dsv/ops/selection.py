@@ -6,7 +6,8 @@ from typing import Tuple
 
 import torch
 
-from .block_sparse import check_block_sizes, resolve_backend
+from .backend_choice import resolve_backend
+from .block_sparse import check_block_sizes
 from .reference import select_blocks_reference
 
 KV_REDUCES = ("max", "mean")

@@ -1,0 +1,117 @@
+"""backend='cudnn' (cuDNN frontend's block-sparse kernels) and backend='auto' choosing between GPU backends.
+
+CPU: the errors and the routing. GPU with nvidia-cudnn-frontend installed: cuDNN's output and
+gradients against the float64 reference on fresh random masks, its run-to-run reproducibility
+against what cudnn_attention.BITWISE_REPRODUCIBLE claims, and auto's timed choice.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from megatron_dsv import DSVConfig
+from megatron_dsv.ops import block_sparse_attention
+from megatron_dsv.ops import backend_choice, cudnn_attention
+from megatron_dsv.ops.reference import block_sparse_attention_reference
+
+HAVE_CUDNN_BSA = torch.cuda.is_available() and cudnn_attention._module()[0] is not None
+gpu = pytest.mark.skipif(not HAVE_CUDNN_BSA, reason="needs CUDA and nvidia-cudnn-frontend's block-sparse attention")
+
+
+def _mask(b, h, n_q, n_kv, gen, device, zero_rows=True):
+    """Random ascending block lists with -1 past each count; some rows empty."""
+    cnt = torch.randint(1, n_kv + 1, (b, h, n_q), generator=gen)
+    if zero_rows:
+        cnt[..., 0] = 0
+    k_max = int(cnt.max())
+    idx = torch.full((b, h, n_q, k_max), -1, dtype=torch.int32)
+    for i in range(b):
+        for j in range(h):
+            for r in range(n_q):
+                c = int(cnt[i, j, r])
+                idx[i, j, r, :c] = torch.randperm(n_kv, generator=gen)[:c].sort().values.to(torch.int32)
+    return idx.to(device), cnt.to(torch.int32).to(device)
+
+
+def test_cudnn_backend_on_cpu_names_why():
+    q = torch.randn(1, 128, 2, 128)
+    idx, cnt = _mask(1, 2, 2, 2, torch.Generator().manual_seed(0), "cpu")
+    with pytest.raises(ValueError, match="backend='cudnn' cannot run this call.*needs CUDA tensors"):
+        block_sparse_attention(q, q, q, idx, cnt, block_q=64, block_kv=64, backend="cudnn")
+    assert DSVConfig(backend="cudnn").backend == "cudnn"
+
+
+def test_auto_and_cudnn_selection_run_our_kernels():
+    # Selection has no cuDNN kernel: 'cudnn' and 'auto' run ours (the reference on CPU).
+    assert backend_choice.resolve_backend("cudnn", torch.device("cpu")) == "reference"
+    assert backend_choice.resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="not one of"):
+        backend_choice.resolve_backend("cudnn9", torch.device("cpu"))
+
+
+@gpu
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("layout", ["bshd", "sbhd"])
+def test_cudnn_matches_reference(block, layout):
+    gen = torch.Generator().manual_seed(block + len(layout))
+    b, s, h, d = 2, 8 * block, 3, 128
+    shape = (b, s, h, d) if layout == "bshd" else (s, b, h, d)
+    q, k, v, dout = (torch.randn(shape, generator=gen).cuda().bfloat16() for _ in range(4))
+    idx, cnt = _mask(b, h, s // block, s // block, gen, "cuda")
+    outs, grads = [], []
+    for backend, dtype in (("cudnn", torch.bfloat16), ("reference", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        fn = block_sparse_attention if backend == "cudnn" else block_sparse_attention_reference
+        kwargs = dict(backend="cudnn", deterministic=False) if backend == "cudnn" else dict(
+            scale=d ** -0.5, return_lse=False, segments=None, kv_lens=None)
+        out = fn(*leaves, idx, cnt, block_q=block, block_kv=block, layout=layout, **kwargs)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, leaves, dout.to(dtype)))
+    def rel(x, ref):
+        return float((x.double() - ref).norm() / ref.norm())
+
+    empty = (cnt == 0).repeat_interleave(block, dim=-1)  # [b, h, s]
+    out_bhs = outs[0].float().transpose(1, 2) if layout == "bshd" else outs[0].float().permute(1, 2, 0, 3)
+    assert torch.isfinite(outs[0]).all()
+    assert out_bhs[empty].abs().max() == 0, "rows with no KV blocks must be 0"
+    assert rel(outs[0], outs[1]) < 1e-2
+    for g, ref, name in zip(grads[0], grads[1], "qkv"):
+        assert torch.isfinite(g).all(), name
+        assert rel(g, ref) < 2e-2, (name, rel(g, ref))
+
+
+@gpu
+def test_cudnn_reproducibility_is_as_declared():
+    gen = torch.Generator().manual_seed(3)
+    b, s, h, d = 1, 4096, 4, 128
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=gen).cuda().bfloat16() for _ in range(4))
+    idx, cnt = _mask(b, h, s // 64, s // 64, gen, "cuda", zero_rows=False)
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = block_sparse_attention(*leaves, idx, cnt, block_q=64, block_kv=64, backend="cudnn",
+                                     deterministic=False)
+        return torch.autograd.grad(out, leaves, dout)
+
+    runs = [grads() for _ in range(3)]
+    same = all(torch.equal(a, b_) for r in runs[1:] for a, b_ in zip(runs[0], r))
+    assert same == cudnn_attention.BITWISE_REPRODUCIBLE, f"cuDNN backward bitwise reproducible: {same}"
+    if not cudnn_attention.BITWISE_REPRODUCIBLE:
+        with pytest.raises(ValueError, match="not bitwise reproducible"):
+            block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, backend="cudnn")
+
+
+@gpu
+def test_auto_times_both_backends_once_per_shape(caplog):
+    gen = torch.Generator().manual_seed(4)
+    b, s, h, d = 1, 8192, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).cuda().bfloat16() for _ in range(3))
+    idx, cnt = _mask(b, h, s // 64, s // 64, gen, "cuda")
+    backend_choice._CHOSEN.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_dsv"):
+        for _ in range(2):
+            block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, deterministic=False)
+    timed = [r.getMessage() for r in caplog.records if "forward + backward" in r.getMessage()]
+    assert len(timed) == 1 and "triton" in timed[0] and "cudnn" in timed[0], timed
+    assert list(backend_choice._CHOSEN.values())[0] in ("triton", "cudnn")
