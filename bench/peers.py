@@ -45,8 +45,11 @@ def cudnn_bsa(q, k, v, do, kv_idx, kv_cnt, block, ours_out, time_fwd_bwd, rel_er
 
 def _vsa_path():
     """('sm90-thunderkittens' or 'triton', why) for the path fastvideo_kernel will take."""
+    import importlib
+
     import torch
-    from fastvideo_kernel import block_sparse_attn as fbsa
+
+    fbsa = importlib.import_module("fastvideo_kernel.block_sparse_attn")  # the package re-exports a function of that name
 
     try:
         from fastvideo_kernel._C import fastvideo_kernel_ops  # noqa: F401

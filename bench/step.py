@@ -23,8 +23,8 @@ that measured faster at its shape), except that every head's budget is --density
 fed that sparsity; under the default compute-target policy, the density it anneals to).
 
 Throughput counts every part, and the profile step amortised over profile_interval_stage2 steps.
-With --trace, torch.profiler tables (top host and device ops) of three dense and three plain stage-2 steps go to
---out. Prints a table last; --json writes the numbers with the device name.
+With --trace, torch.profiler tables (top host and device ops) of three dense, three stage-1 and three
+plain stage-2 steps go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
     python bench/step.py --smoke       # CPU, tiny shapes: checks the script only
@@ -166,7 +166,7 @@ def main():
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of dense and stage-2 steps")
+    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of dense, stage-1 and stage-2 steps")
     p.add_argument("--step-graph", action="store_true",
                    help="also time dense and DSV stage 2 with the step's forward + backward replayed from one "
                    "CUDA graph (examples/video_dit/step_graph.py; the example's --cuda-graph-step)")
@@ -219,6 +219,7 @@ def main():
                               density=args.density))
     if args.trace:
         trace(dsv, Path(args.trace), plain)
+        trace(dsv, Path(args.trace), stage1, name="stage1")
     del dsv, eager
     if args.step_graph:
         graphed = Trainer(dit, forced, args, device, step_graph=True)
