@@ -158,6 +158,28 @@ def test_predictor_loss_is_the_cosine_and_normalised_mse_mix():
         torch.testing.assert_close(grad, grad_mix)
 
 
+def test_predictor_gram_loss_equals_the_loss_of_the_logits():
+    """gram_loss (no logits built) equals loss() of the explicit predicted and true logits, in value and
+    in the gradients of wq and wk, on fresh random rows, keys and weights."""
+    from megatron_dsv.layers.predictor import LowRankPredictor
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    b, n, s, h, d, r, scale = 2, 7, 300, 3, 16, 4, 0.25
+    q = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, s, h, d, generator=gen, dtype=torch.float64) + torch.randn(h, d, generator=gen, dtype=torch.float64)
+    wq, wk = (torch.randn(h, d, r, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    for w in (0.95, 0.3):
+        pred = torch.einsum("bnhr,bshr->bhns", torch.einsum("bnhd,hdr->bnhr", q, wq),
+                            torch.einsum("bshd,hdr->bshr", k, wk))
+        ref = LowRankPredictor.loss(pred, torch.einsum("bnhd,bshd->bhns", q, k) * scale, w)
+        got = LowRankPredictor.gram_loss(q, k, wq, wk, scale, w)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), (wq, wk)), torch.autograd.grad(ref.sum(), (wq, wk)))
+    # float32, as the layer runs it: close to the float64 value
+    got32 = LowRankPredictor.gram_loss(q.float(), k.float(), wq.float(), wk.float(), scale, w)
+    torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_predictor_learns_planted_pattern(megatron_parallel):
     gen = torch.Generator().manual_seed(0)
     cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
@@ -356,7 +378,7 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
     bit for bit (the kernels are deterministic), also after the predictor is fine-tuned in place."""
     cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, stage1_min_steps=1, stage1_max_steps=1,
                     layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0,
-                    profile_interval_stage2=4)
+                    profile_interval_stage2=4, budget_policy="theta")  # budgets from block_sparsity, set below
     layers = [core(c, heads=4, d=64).cuda() for c in (cfg, cfg.replace(cuda_graphs=False))]
     gen = torch.Generator().manual_seed(0)
     for step in range(12):

@@ -442,10 +442,11 @@ class DSVDotProductAttention(_CoreAttention):
         return _to_device(rows[rows < n], device)  # built on the host: no device sync in the backward
 
     def _sampled_rows_step(self, q, k, heads, selection, train, segments=None, q_start=0):
-        """True logits of the sampled rows of q against all keys of their sequence (each clip's
-        own, for packed `segments`, where q holds tokens [q_start, q_start + s)), a few heads at a
-        time (bounded memory; the logits are freed before returning). Every statistic is a mean
-        over the sampled rows of all clips.
+        """The predictor loss (if train) and the profile (if selection is given) of the sampled rows of q
+        against all keys of their sequence (each clip's own, for packed `segments`, where q holds tokens
+        [q_start, q_start + s)). The loss needs no logits (LowRankPredictor.gram_loss); the profile
+        builds the true logits a few heads at a time (bounded memory; freed before returning). Every
+        statistic is a mean over the sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
         `heads`: sums over the sampled rows of the predictor loss and its gradients (if train) and
@@ -472,33 +473,32 @@ class DSVDotProductAttention(_CoreAttention):
             weight = rows.numel()  # per-row means -> sums over rows
             q_rows = q[q0 + rows].transpose(0, 1).float()         # [b, n_rows, n, d]
             k_all = k[k0:k0 + n_k].transpose(0, 1).float()        # [b, S, n, d]
+            if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
+                with torch.enable_grad():
+                    loss = LowRankPredictor.gram_loss(q_rows, k_all, wq, wk, self.softmax_scale,
+                                                      cfg.loss_cos_weight) * weight
+                    (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
+                local["loss"] += loss.detach()
+            if selection is None:
+                continue
             per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * n_k))
-            for h0 in range(0, len(heads), per_chunk):
+            for h0 in range(0, len(heads), per_chunk):  # the profile needs the true logits: a few heads at a time
                 hs = slice(h0, min(len(heads), h0 + per_chunk))
                 target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
-                # What the estimator sees: the predictor's projections (differentiable when training), or
-                # q and k themselves for the pooled estimator.
+                # What the estimator sees: the predictor's projections, or q and k themselves (pooled estimator).
                 q_est, k_est = q_rows[:, :, hs], k_all[:, :, hs]
                 if cfg.estimator == "lowrank":
-                    with torch.set_grad_enabled(train):
-                        q_est = torch.einsum("bnhd,hdr->bnhr", q_est, wq[hs])
-                        k_est = torch.einsum("bshd,hdr->bshr", k_est, wk[hs])
-                if train:
-                    with torch.enable_grad():
-                        pred = torch.einsum("bnhr,bshr->bhns", q_est, k_est)
-                        loss = LowRankPredictor.loss(pred, target, cfg.loss_cos_weight) * weight
-                        (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
-                    local["loss"][hs] += loss.detach()
-                if selection is not None:
-                    prof = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
-                                          cube_scores=self._cube_scores(q_est.detach(), k_est.detach()))
-                    q_blocks = q0 // cfg.block_q + rows // cfg.block_q
-                    kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
-                    kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
-                    # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                    for name in (n for n in PROFILED if n != "recall"):  # the RowProfile statistics
-                        local[name][hs] += getattr(prof, name) * weight
-                    local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
+                    q_est = torch.einsum("bnhd,hdr->bnhr", q_est, wq[hs].detach())
+                    k_est = torch.einsum("bshd,hdr->bshr", k_est, wk[hs].detach())
+                prof = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
+                                      cube_scores=self._cube_scores(q_est, k_est))
+                q_blocks = q0 // cfg.block_q + rows // cfg.block_q
+                kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
+                kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
+                # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
+                for name in (n for n in PROFILED if n != "recall"):  # the RowProfile statistics
+                    local[name][hs] += getattr(prof, name) * weight
+                local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
                 del target
 
         def full(x):

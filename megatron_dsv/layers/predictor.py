@@ -85,6 +85,30 @@ class LowRankPredictor(Float32State):
         cos = F.cosine_similarity(pred, target, dim=-1)
         return ((2.0 - cos_weight) * (1.0 - cos)).mean(dim=(0, 2))
 
+    @staticmethod
+    def gram_loss(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: float,
+                  cos_weight: float) -> torch.Tensor:
+        """:meth:`loss` of the predicted logits (q wq)(k wk)^T against the true ones scale * q k^T, for
+        rows q [b, rows, h, d] and keys k [b, S, h, d] (float32; wq, wk [h, d, r]), without either
+        [b, h, rows, S] tensor.
+
+        The loss needs per row only the dot product of the two logit rows and their norms, and each
+        is a quadratic form in a Gram matrix of the keys: p.t = q_est (K_est^T K) q^T, |p|^2 =
+        q_est (K_est^T K_est) q_est^T, |t|^2 = q (K^T K) q^T. So the cost is O(S d (d + r)) per head,
+        not O(rows S (d + r)) plus a dozen passes over two rows x S tensors, forward and backward
+        (most of a stage-1 step's extra time otherwise)."""
+        k_est = torch.einsum("bshd,hdr->bshr", k, wk)
+        q_est = torch.einsum("bnhd,hdr->bnhr", q, wq)
+        g_pt = torch.einsum("bshr,bshd->bhrd", k_est, k)
+        g_pp = torch.einsum("bshr,bshu->bhru", k_est, k_est)
+        g_tt = torch.einsum("bshd,bshe->bhde", k, k)
+        dot = torch.einsum("bnhr,bhrd,bnhd->bhn", q_est, g_pt, q) * scale
+        pp = torch.einsum("bnhr,bhru,bnhu->bhn", q_est, g_pp, q_est)
+        tt = torch.einsum("bnhd,bhde,bnhe->bhn", q, g_tt, q) * scale ** 2
+        # As F.cosine_similarity: the product of the norms clamped at eps = 1e-8.
+        cos = dot * torch.rsqrt((pp * tt).clamp_min(1e-16))
+        return ((2.0 - cos_weight) * (1.0 - cos)).mean(dim=(0, 2))
+
     @torch.no_grad()
     def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:
         """One Adam step on (wq, wk) with the given gradients."""

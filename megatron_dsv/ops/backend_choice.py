@@ -1,17 +1,19 @@
 """Which kernels run a block_sparse_attention call.
 
-backend='auto' runs the Triton kernels on CUDA tensors and the reference elsewhere. Where cuDNN
-frontend's block-sparse kernels are installed and can run the call, it times both GPU backends once
-per shape (forward + backward on the call's own inputs, cuDNN's compile excluded), keeps the faster
-and logs the times. Inside a CUDA-graph capture or a torch.compile trace nothing is timed: a shape
-seen before keeps its choice, a new one runs Triton.
+backend='auto' runs the reference off the GPU. On the GPU, a deterministic call runs the Triton
+kernels' atomic-free schedule; a call that allows non-reproducible kernels (deterministic=False)
+may also run Triton's one-recompute schedule and, where installed and able to run the call, cuDNN
+frontend's block-sparse kernels: each is timed once per shape (forward + backward on the call's
+own inputs, compiles excluded), the fastest is kept and the times are logged. Inside a CUDA-graph
+capture or a torch.compile trace nothing is timed: a shape seen before keeps its choice, a new
+one runs the first (Triton's atomic-free schedule).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -46,14 +48,15 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]]) -> str:
         except Exception as exc:  # noqa: BLE001 - a backend failing here is reported and not chosen
             log.warning("megatron_dsv: block_sparse_attention backend %r failed at %s (%s: %s); not chosen",
                         name, key, type(exc).__name__, exc)
-    best = min(times, key=times.get) if times else "triton"
+    best = min(times, key=times.get) if times else next(iter(runners))
     log.info("megatron_dsv: block_sparse_attention at %s, forward + backward: %s -> %s", key,
              ", ".join(f"{n} {t:.2f} ms" for n, t in times.items()), best)
     return best
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'reference' for our own kernels (selection, and attention unless cuDNN's runs it)."""
+    """'triton' or 'reference': our own kernels for this device (selection always; attention unless
+    backend='auto' picks another GPU kernel, or backend='cudnn')."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     if backend == "triton" and not triton_usable(device):
@@ -63,27 +66,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def attention_backend(backend: str, q: torch.Tensor, s_kv: int, d: int, block_q: int, block_kv: int, k_max: int,
-                      layout: str, *, cudnn_reason: Callable[[], Optional[str]],
-                      runners: Callable[[], Dict[str, Callable[[], None]]]) -> str:
-    """The backend that runs a block_sparse_attention call: 'reference', 'triton' or 'cudnn'.
-
-    cudnn_reason() says why cuDNN cannot run it (None: it can); runners() gives a forward + backward
-    closure per GPU backend for timing (called only when a choice must be measured).
-    """
-    if backend == "cudnn":
-        reason = cudnn_reason()
-        if reason is not None:
-            raise ValueError(f"backend='cudnn' cannot run this call: cuDNN's block-sparse attention {reason}")
-        return backend
-    ours = resolve_backend(backend, q.device)
-    if backend != "auto" or ours != "triton" or cudnn_reason() is not None:
-        return ours
-    # Work grows with k_max: one choice per power-of-two bucket of it.
-    key = (str(q.device), q.dtype, layout, tuple(q.shape), s_kv, d, block_q, block_kv,
-           1 << max(k_max - 1, 0).bit_length())
+def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[str, Callable[[], None]]]) -> str:
+    """One of `names` (the GPU kernels allowed for a call, in order of preference) for backend='auto':
+    the only one, or the fastest measured at this shape (key) once. runners() gives a forward +
+    backward closure per name for timing (called only when a choice must be measured)."""
+    if len(names) == 1:
+        return names[0]
+    key = (*key, tuple(names))
     if key not in _CHOSEN:
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return "triton"
+            return names[0]
         _CHOSEN[key] = _choose(key, runners())
     return _CHOSEN[key]

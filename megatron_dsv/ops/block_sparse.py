@@ -8,7 +8,7 @@ import torch
 
 from ..config import BLOCK_SIZES
 from . import cudnn_attention
-from .backend_choice import attention_backend
+from .backend_choice import choose_kernel, resolve_backend
 from .checks import check_qkv
 from .reference import block_sparse_attention_reference
 
@@ -61,6 +61,33 @@ def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
     return kv_lens.reshape(-1, n_kv).to(torch.int32).clamp(0, block_kv)
 
 
+def _gpu_kernels(deterministic: bool, cudnn_reason) -> dict:
+    """The GPU kernels a call may run, in order of preference: name -> function(q, k, v, kv_idx, kv_cnt,
+    **call). Reproducible calls run Triton's atomic-free schedule only (and cuDNN's, were it reproducible)."""
+    from .triton_attention import triton_block_sparse_attention
+
+    kernels = {"triton": functools.partial(triton_block_sparse_attention, deterministic=True)}
+    if not deterministic:
+        kernels["triton-one-recompute"] = functools.partial(triton_block_sparse_attention, deterministic=False)
+    if cudnn_reason() is None:
+        kernels["cudnn"] = cudnn_attention.cudnn_block_sparse_attention
+    return kernels
+
+
+def _timing_runs(kernels: dict, q, k, v, kv_idx, kv_cnt, call: dict) -> dict:
+    """A forward + backward closure per kernel, on copies of q, k, v (for backend='auto' to time)."""
+    grad = torch.randn_like(q)
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def fwd_bwd(fn):
+        # Grad on (the first call may come in a no-grad recomputation pass), and plain saved tensors
+        # (under non-reentrant activation checkpointing its hooks would otherwise take these).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            fn(*inputs, kv_idx, kv_cnt, **call).backward(grad)
+
+    return {name: functools.partial(fwd_bwd, fn) for name, fn in kernels.items()}
+
+
 def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
                            backend="auto", return_lse=False, segments=None, kv_lens=None, deterministic=True):
     """Exact softmax attention of each query block over its selected KV blocks.
@@ -73,8 +100,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
         scale: softmax scale (default 1/sqrt(d)).
         backend: "triton", "reference", "cudnn" (cuDNN frontend's block-sparse kernels, where
-            installed and able to run the call, see ops/cudnn_attention.py) or "auto" (on CUDA the
-            faster of Triton and cuDNN, timed once per shape, see ops/backend_choice.py; else reference).
+            installed and able to run the call, see ops/cudnn_attention.py) or "auto" (reference
+            off the GPU; on it, the fastest kernel `deterministic` allows, timed once per shape:
+            ops/backend_choice.py).
         return_lse: also return the log-sum-exp [b, h, Sq] float32 (-inf for rows with no keys).
         segments: packed clips (:class:`megatron_dsv.ops.Segments`), self-attention only: every
             query block may only list KV blocks of its own clip (not re-checked by the Triton
@@ -84,11 +112,11 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             g exist; the rest are masked (no attention weight, zero dk/dv). For KV buffers that
             hold padded blocks in an order of their own (the CP exchange); packed sequences in their
             own layout pass ``segments`` instead, which implies the lengths.
-        deterministic: the Triton backward's schedule. True (default): atomic-free, bitwise
-            reproducible. False: the one-recompute schedule (dq accumulated with float32 atomics;
-            not reproducible bit for bit); ignored (True) while torch.use_deterministic_algorithms
-            is on. The reference backend is deterministic either way; cuDNN's runs only where
-            allowed by this flag (cudnn_attention.BITWISE_REPRODUCIBLE).
+        deterministic: True (default): bitwise reproducible kernels only (Triton's atomic-free
+            schedule). False: also non-reproducible ones: backend="triton" runs the one-recompute
+            schedule (dq accumulated with float32 atomics), "auto" the fastest of those and cuDNN's.
+            Ignored (True) while torch.use_deterministic_algorithms is on. The reference backend is
+            deterministic either way; cuDNN's backward is not (cudnn_attention.BITWISE_REPRODUCIBLE).
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -112,36 +140,25 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     call = dict(block_q=block_q, block_kv=block_kv, scale=scale, layout=layout, return_lse=return_lse,
                 segments=segments, kv_lens=kv_lens)
 
-    def cudnn_reason():
-        return cudnn_attention.unsupported(q, s_q, s_kv, d, block_q, block_kv, return_lse=return_lse,
-                                           segments=segments, kv_lens=kv_lens, deterministic=deterministic)
-
-    def runners():
-        from .triton_attention import triton_block_sparse_attention
-
-        grad = torch.randn_like(q)
-        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        fns = {"triton": functools.partial(triton_block_sparse_attention, deterministic=deterministic),
-               "cudnn": cudnn_attention.cudnn_block_sparse_attention}
-
-        def fwd_bwd(fn):
-            # Grad on (the first call may come in a no-grad recomputation pass), and plain saved tensors
-            # (under non-reentrant activation checkpointing its hooks would otherwise take these).
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                fn(*inputs, kv_idx, kv_cnt, **call).backward(grad)
-
-        return {name: functools.partial(fwd_bwd, fn) for name, fn in fns.items()}
-
-    backend = attention_backend(backend, q, s_kv, d, block_q, block_kv, kv_idx.shape[-1], layout,
-                                cudnn_reason=cudnn_reason, runners=runners)
-    if backend == "reference":
+    cudnn_reason = functools.partial(cudnn_attention.unsupported, q, s_q, s_kv, d, block_q, block_kv,
+                                     return_lse=return_lse, segments=segments, kv_lens=kv_lens,
+                                     deterministic=deterministic)
+    if backend == "cudnn":
+        reason = cudnn_reason()
+        if reason is not None:
+            raise ValueError(f"backend='cudnn' cannot run this call: cuDNN's block-sparse attention {reason}")
+        fn = cudnn_attention.cudnn_block_sparse_attention
+    elif resolve_backend(backend, q.device) == "reference":
         if not torch.compiler.is_compiling():   # host checks of device values: kept out of compiled graphs
             check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
-    elif backend == "cudnn":
-        fn = cudnn_attention.cudnn_block_sparse_attention
-    else:
+    elif backend == "triton":
         from .triton_attention import triton_block_sparse_attention
 
         fn = functools.partial(triton_block_sparse_attention, deterministic=deterministic)
+    else:  # "auto" on the GPU
+        kernels = _gpu_kernels(deterministic, cudnn_reason)
+        key = (str(q.device), q.dtype, layout, tuple(q.shape), s_kv, block_q, block_kv,
+               1 << max(kv_idx.shape[-1] - 1, 0).bit_length())  # work grows with k_max: power-of-two buckets
+        fn = kernels[choose_kernel(key, list(kernels), lambda: _timing_runs(kernels, q, k, v, kv_idx, kv_cnt, call))]
     return fn(q, k, v, kv_idx, kv_cnt, **call)
