@@ -15,5 +15,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "matplotlib", "scikit-image", "av", "tensorboard", "tqdm"],
         "plot": ["matplotlib"],
+        # backend="cudnn" (and a candidate of backend="auto"): cuDNN frontend's block-sparse kernels.
+        "cudnn": ["nvidia-cudnn-frontend>=1.32", "nvidia-cutlass-dsl[cu13]>=4.8"],
     },
 )

@@ -85,10 +85,11 @@ class DSVConfig:
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
     deterministic_backward: bool = True
-    """Sparse attention backward: True, atomic-free and bitwise reproducible (P and dP computed twice);
-    False, the one-recompute schedule (dq added with float32 atomics; measured 7.5x slower on an H200 with
-    acquire-release atomics, now relaxed and not yet re-timed: bench/NOTES_kernels.md).
-    Megatron's deterministic_mode and torch.use_deterministic_algorithms(True) force True."""
+    """True: bitwise reproducible sparse attention (Triton's atomic-free backward, P and dP computed twice).
+    False: non-reproducible kernels allowed too: backend 'triton' runs the one-recompute schedule (dq added
+    with float32 atomics; 39 ms against 23 ms at 64k, 10%, H200: bench/NOTES_kernels.md), 'auto' the
+    fastest measured of both and cuDNN's where installed. Megatron's deterministic_mode and
+    torch.use_deterministic_algorithms(True) force True."""
     coarse_remainder: bool = False
     """Add the unselected KV blocks back as pooled keys and values (one per block, logit offset by the log of
     its size), merged with the exact selected blocks in one softmax (ops/coarse.py; pure torch, memory
