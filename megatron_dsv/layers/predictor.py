@@ -119,5 +119,7 @@ class LowRankPredictor(Float32State):
             steps,
             amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0,
             eps=ADAM_EPS, maximize=False, foreach=False,
+            # On the GPU the step count stays there: otherwise Adam reads it (a device sync per update).
+            capturable=self.wq.is_cuda,
         )
         self.adam_step += 1
