@@ -42,7 +42,6 @@ from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
 from megatron_dsv.layers import append_jsonl, dsv_metrics, log_dsv_metrics  # noqa: E402
-from megatron_dsv.layers.graphed import MAX_ELEMENTS as GRAPHED_MAX_ELEMENTS  # noqa: E402
 
 # The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
 # 32-token KV blocks (64 of each), a short stage 1.
@@ -97,13 +96,13 @@ def get_args(argv=None) -> argparse.Namespace:
                    "torch.compile)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
-    g.add_argument("--cuda-graph-step", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--cuda-graph-step", action="store_true",
                    help="replay each training step's forward + backward from one CUDA graph, captured once the "
-                   "step's shapes and DSV decisions repeat (steps that profile run eagerly); removes the host "
-                   "time that bounds small models: `small` at 16k tokens steps 1.6x faster with DSV, 1.13x "
-                   "dense (bench/step.py). Default: on with a GPU for micro-batches of at most 2^25 activation "
-                   "elements (tokens x batch x hidden; `small` at 16k x 2 is 2^24), except with --pack or "
-                   "--recompute-activations")
+                   "step's shapes and DSV decisions repeat (stage-1 and profile steps run eagerly); removes the "
+                   "host time that bounds small models: `small` at 16k tokens steps 1.7x faster in DSV's stage 2, "
+                   "1.13x dense (bench/step.py). Off by default: in this script's loop the first capture failed "
+                   "on an H200 (cudaErrorStreamCaptureImplicit in the backward, --dense), while bench/step.py's "
+                   "identical step captures; excludes --pack and --recompute-activations")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -319,12 +318,6 @@ def main(argv=None):
     init_single_process(device, args.seed)
 
     dit = dit_config(args)
-    if args.cuda_graph_step is None:
-        # On by default where a step is bound by host time: micro-batches up to the size up to which the
-        # DSV layers graph their own attention (16k tokens x batch 2 x hidden 512 for `small`). Longer
-        # steps are bound by the GPU, and a held graph's memory would only add to an eager step's peak.
-        args.cuda_graph_step = (device.type == "cuda" and not (args.pack or args.recompute_activations)
-                                and args.micro_batch_size * dit.num_tokens * dit.hidden_size <= GRAPHED_MAX_ELEMENTS)
     dsv_cfg = None if args.dense else DSVConfig.from_args(args)
     torch.manual_seed(args.seed)
     model = build_video_dit(dit, dsv_config=dsv_cfg, bf16=bf16, recompute=args.recompute_activations,

@@ -12,8 +12,7 @@ before run eagerly), and replays every later step with that key; a step whose ke
 holds every head's budget, so a budget that moves (each step of the target policy's anneal, a
 profile that shifts one) means eager steps and a new capture: `replays` counts what was replayed.
 The graph's memory pool stays reserved during eager steps, so a step that runs eagerly while a
-graph is held needs the captured step's activations on top of its own (pass
---no-cuda-graph-step to a run that does not fit). The capture is preceded by
+graph is held needs the captured step's activations on top of its own. The capture is preceded by
 one warm-up pass on a side stream, as torch.cuda.graph expects; neither counts as a training step
 (step_graph.capturing), and each replay does the DSV bookkeeping of one (step_graph.replayed).
 Gradients come out in static buffers that each replay overwrites: they are handed to the
@@ -83,9 +82,14 @@ class CapturedTrainStep:
         for p in self.params:
             p.grad = None
         graph = torch.cuda.CUDAGraph()
-        with capturing(self.model), torch.cuda.graph(graph):
-            self.loss = flow_matching_loss(self.model, *self.inputs[:2], t=self.inputs[2], noise=self.inputs[3])
-            self.loss.backward()
+        try:
+            with capturing(self.model), torch.cuda.graph(graph):
+                self.loss = flow_matching_loss(self.model, *self.inputs[:2], t=self.inputs[2], noise=self.inputs[3])
+                self.loss.backward()
+        except RuntimeError as exc:  # torch.AcceleratorError is one
+            raise RuntimeError(f"CapturedTrainStep: capturing the training step as one CUDA graph failed "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0]}); train without "
+                               f"--cuda-graph-step") from exc
         self.graph = graph   # only a complete capture is kept
         self.grads = [p.grad for p in self.params]
         for p in self.params:
