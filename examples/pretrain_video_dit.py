@@ -101,8 +101,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    "step's shapes and DSV decisions repeat (stage-1 and profile steps run eagerly); removes the "
                    "host time that bounds small models: `small` at 16k tokens steps 1.7x faster in DSV's stage 2, "
                    "1.13x dense (bench/step.py). Off by default: in this script's loop the first capture failed "
-                   "on an H200 (cudaErrorStreamCaptureImplicit in the backward, --dense), while bench/step.py's "
-                   "identical step captures; excludes --pack and --recompute-activations")
+                   "on an H200 (cudaErrorStreamCaptureImplicit in the backward, --dense); the likely cause is "
+                   "fixed (examples/README.md) but not yet confirmed on a GPU. Excludes --pack and "
+                   "--recompute-activations")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)

@@ -528,6 +528,20 @@ def test_main_job_packed_clips():
     assert 6 in steps and "stage 2" in steps[6] and "sparse layers 2/2" in steps[6], out[-2000:]
 
 
+def test_captured_train_step_eager_steps_keep_no_autograd_graph(megatron_parallel):
+    """An eager step of CapturedTrainStep returns a loss without its autograd graph: a caller keeping it
+    until the next step would keep the parameters' gradient accumulators alive, which a capture then
+    reuses from the legacy default stream (the failure of the example's first capture on an H200)."""
+    from video_dit.step_graph import CapturedTrainStep
+
+    torch.manual_seed(0)
+    model = build_video_dit(SMALL, dsv_config=DSV, fused=False)   # stage 1: every step eager (CPU)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = CapturedTrainStep(model, params)(*_batch(SMALL))
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert all(p.grad is not None for p in params)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
 def test_captured_train_step_matches_eager_steps(megatron_parallel):
     """examples' CapturedTrainStep: steps replayed from one CUDA graph give the eager steps' losses and

@@ -58,7 +58,12 @@ class CapturedTrainStep:
         if key is None or (self.graph is None and self.seen < STABLE_STEPS):
             loss = flow_matching_loss(self.model, x0, caption, t=t, noise=noise)
             loss.backward()
-            return loss
+            # Detached: a caller holding this loss until the next step would otherwise keep its autograd
+            # graph alive, and with it the parameters' gradient accumulators. A capture reuses live
+            # accumulators, which belong to the stream of the eager forward that made them (the legacy
+            # default stream), and its backward then syncs that stream with the capturing one, which CUDA
+            # refuses (cudaErrorStreamCaptureImplicit).
+            return loss.detach()
         if self.graph is None:
             self._capture(x0, caption, t, noise)
         for buf, value in zip(self.inputs, (x0, caption, t, noise)):
