@@ -52,6 +52,7 @@ TINY_DSV_DEFAULTS = dict(
     dsv_predictor_lr=1e-2,
 )
 TINY_DEFAULTS = dict(train_iters=100, lr=1e-3, micro_batch_size=2, eval_interval=50)
+STAGE1_SHARE = 0.4
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -122,6 +123,11 @@ def get_args(argv=None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.model == "tiny":
         parser.set_defaults(**TINY_DSV_DEFAULTS, **TINY_DEFAULTS)
+    else:
+        # Stage 1 takes at most STAGE1_SHARE of a run (the library's cap, 1000 steps, is for long runs):
+        # the setting of the quality runs in the README (a 1000-step run, stage 1 capped at 400).
+        cap = max(pre.dsv_stage1_min_steps, int(STAGE1_SHARE * pre.train_iters))
+        parser.set_defaults(dsv_stage1_max_steps=min(pre.dsv_stage1_max_steps, cap))
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args

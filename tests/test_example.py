@@ -528,6 +528,18 @@ def test_main_job_packed_clips():
     assert 6 in steps and "stage 2" in steps[6] and "sparse layers 2/2" in steps[6], out[-2000:]
 
 
+def test_stage1_takes_at_most_its_share_of_a_run():
+    """GPU presets cap stage 1 at STAGE1_SHARE of --train-iters (never above the library's cap, never below
+    the stage-1 minimum); an explicit --dsv-stage1-max-steps wins; the tiny CPU demo keeps its own."""
+    from pretrain_video_dit import STAGE1_SHARE, TINY_DSV_DEFAULTS, get_args
+
+    assert get_args(["--model", "small"]).dsv_stage1_max_steps == int(STAGE1_SHARE * 1000)
+    assert get_args(["--model", "small", "--train-iters", "100000"]).dsv_stage1_max_steps == DSVConfig().stage1_max_steps
+    assert get_args(["--model", "small", "--train-iters", "60"]).dsv_stage1_max_steps == DSVConfig().stage1_min_steps
+    assert get_args(["--model", "small", "--dsv-stage1-max-steps", "900"]).dsv_stage1_max_steps == 900
+    assert get_args([]).dsv_stage1_max_steps == TINY_DSV_DEFAULTS["dsv_stage1_max_steps"]
+
+
 def test_captured_train_step_eager_steps_keep_no_autograd_graph(megatron_parallel):
     """An eager step of CapturedTrainStep returns a loss without its autograd graph: a caller keeping it
     until the next step would keep the parameters' gradient accumulators alive, which a capture then
