@@ -63,13 +63,16 @@ def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
 
 def _gpu_kernels(deterministic: bool, cudnn_reason) -> dict:
     """The GPU kernels a call may run, in order of preference: name -> function(q, k, v, kv_idx, kv_cnt,
-    **call). Reproducible calls run Triton's atomic-free schedule only (and cuDNN's, were it reproducible)."""
+    **call). Reproducible calls run Triton's atomic-free schedule only (and cuDNN's, were it reproducible):
+    nothing to time."""
     from .triton_attention import triton_block_sparse_attention
 
     kernels = {"triton": functools.partial(triton_block_sparse_attention, deterministic=True)}
     if not deterministic:
         kernels["triton-one-recompute"] = functools.partial(triton_block_sparse_attention, deterministic=False)
-    if cudnn_reason() is None:
+    # cuDNN's backward is not reproducible; traced code (torch.compile) runs our kernels only.
+    allowed = not deterministic or cudnn_attention.BITWISE_REPRODUCIBLE
+    if allowed and not torch.compiler.is_compiling() and cudnn_reason() is None:
         kernels["cudnn"] = cudnn_attention.cudnn_block_sparse_attention
     return kernels
 
