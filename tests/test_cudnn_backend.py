@@ -42,6 +42,16 @@ def test_cudnn_backend_on_cpu_names_why():
     assert DSVConfig(backend="cudnn").backend == "cudnn"
 
 
+def test_layer_with_cudnn_backend_checks_head_dim_and_determinism_when_built(megatron_parallel):
+    from test_layer import SMALL, core
+
+    with pytest.raises(NotImplementedError, match="head dim 128"):
+        core(DSVConfig(**SMALL, backend="cudnn", deterministic_backward=False), d=64)
+    with pytest.raises(ValueError, match="not bitwise reproducible"):
+        core(DSVConfig(**SMALL, backend="cudnn"), d=128)
+    assert core(DSVConfig(**SMALL, backend="cudnn", deterministic_backward=False), d=128).cfg.backend == "cudnn"
+
+
 def test_auto_times_only_between_several_allowed_kernels():
     runs = []
     assert backend_choice.choose_kernel(("k",), ["triton"], lambda: runs.append(1)) == "triton" and not runs

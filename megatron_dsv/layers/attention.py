@@ -178,9 +178,14 @@ class DSVDotProductAttention(_CoreAttention):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
         triton_here = self.cfg.backend in ("triton", "cudnn") or (self.cfg.backend == "auto"
                                                                   and torch.cuda.is_available())
-        if self.cfg.backend == "cudnn" and self.head_dim != 128:
-            raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
-                                      f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
+        if self.cfg.backend == "cudnn":
+            if self.head_dim != 128:
+                raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
+                                          f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
+            if self.cfg.deterministic_backward or getattr(config, "deterministic_mode", False):
+                raise ValueError("DSVDotProductAttention: backend='cudnn' is not bitwise reproducible; set "
+                                 "DSVConfig.deterministic_backward=False (--no-dsv-deterministic-backward) and "
+                                 "leave Megatron's deterministic_mode off, or use backend='auto'")
         if triton_here and self.head_dim not in HEAD_DIMS:
             # Checked now, not at the first stage-2 step after up to stage1_max_steps of training.
             raise NotImplementedError(
