@@ -12,7 +12,10 @@ for every --seeds value. Arguments after "--" go to every run unchanged. Writes 
                                mean gap and seed-to-seed spread, sparse layers, recall, held mass, density
 
 --parallel N runs N at a time, spread over the visible GPUs: fine for losses, but wall times and
-tokens/s of concurrent runs are not speed measurements (bench/step.py and bench/e2e.py are).
+tokens/s of concurrent runs are not speed measurements (bench/step.py and bench/e2e.py are). With
+--parallel 1 (the default) the runs are sequential and the closing table also gives each run's wall
+time against dense's, its replayed steps and its median step time per DSV stage ("speed" in
+quality.json): the end-to-end view of a training run (log every step for full coverage).
 
     python bench/quality.py --out bench/results/quality_policy_h200 --seeds 7 8 --parallel 6 \\
         --arm target "--dsv-budget-policy target" --arm uniform "--dsv-budget-policy uniform" \\
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -125,6 +129,19 @@ def arm_summary(out: Path, arm: str, seeds, runs: dict) -> dict:
     return rec
 
 
+def speed_summary(out: Path, name: str, recs, wall: float) -> dict:
+    """Whole-run wall time and the median logged step time of each DSV stage (0 = dense), from one
+    run's progress records (every --log-interval-th step) and log (the replayed-step count)."""
+    by_stage = {}
+    for r in recs:
+        by_stage.setdefault((r.get("dsv") or {}).get("stage", 0), []).append(r["step_s"])
+    last = (out / f"{name}.log").read_text().strip().splitlines()[-1]
+    replayed = re.search(r"\((\d+) replayed from CUDA graphs\)", last)
+    return {"wall_s": wall, "step_s_median": {st: statistics.median(v) for st, v in sorted(by_stage.items())},
+            "logged_steps": {st: len(v) for st, v in sorted(by_stage.items())},
+            "replayed_steps": int(replayed.group(1)) if replayed else None}
+
+
 def main():
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -155,6 +172,7 @@ def main():
         "steps": runs[jobs[0][0]][-1]["step"], "parallel": args.parallel,
         "results": {arm: arm_summary(out, arm, args.seeds, runs) for arm, _ in arms},
         "wall_s": wall,
+        "speed": {name: speed_summary(out, name, runs[name], wall[name]) for name, _ in jobs},
     }
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{summary['model_line']}\n{'arm':>10} " + " ".join(f"{'val s' + str(s):>10}" for s in args.seeds)
@@ -168,6 +186,14 @@ def main():
                 else float("nan"))
         print(f"{arm:>10} {vals} {100 * rec['val_gap_rel_mean']:>8.2f}% {100 * rec['val_gap_rel_spread']:>6.2f}% "
               f"{mean(rec['density']):>8.3f} {mean(rec['recall']):>7.3f} {mean(rec['held_mass']):>6.3f}")
+    if args.parallel == 1:   # one run at a time: the wall times are speed measurements
+        print(f"\n{'run':>12} {'wall s':>7} {'x dense':>8} {'replayed':>8}  median step s by stage (logged steps)")
+        for name, sp in summary["speed"].items():
+            dense_wall = wall[f"dense_s{name.rsplit('_s', 1)[1]}"]
+            stages = ", ".join(f"{'dense' if st == 0 else f'stage {st}'} {t:.3f} ({sp['logged_steps'][st]})"
+                               for st, t in sp["step_s_median"].items())
+            print(f"{name:>12} {sp['wall_s']:>7.0f} {dense_wall / sp['wall_s']:>8.2f} "
+                  f"{sp['replayed_steps'] if sp['replayed_steps'] is not None else '-':>8}  {stages}")
 
 
 if __name__ == "__main__":
