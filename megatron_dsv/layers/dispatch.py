@@ -19,25 +19,15 @@ layer's mean budget is at most ``dense_fallback_density``, with a one-line notic
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
+from ..notice import notice
 from .timing import time_ms
 
 # The two densities sparse attention is timed at; the line through them predicts the rest.
 PROBE_DENSITIES = (0.05, 0.3)
-_noticed: set = set()
-
-
-def notice(message: str) -> None:
-    """Print a one-line notice once per process."""
-    if message not in _noticed:
-        _noticed.add(message)
-        print(f"megatron_dsv: {message}", file=sys.stderr, flush=True)
-
-
 class Costs(NamedTuple):
     """Measured milliseconds of one shape: dense fwd+bwd; selection + sparse fwd+bwd = fixed + per_density * density."""
     dense_ms: float

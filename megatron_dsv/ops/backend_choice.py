@@ -4,22 +4,20 @@ backend='auto' runs the reference off the GPU. On the GPU, a deterministic call 
 kernels' atomic-free schedule; a call that allows non-reproducible kernels (deterministic=False)
 may also run Triton's one-recompute schedule and, where installed and able to run the call, cuDNN
 frontend's block-sparse kernels: each is timed once per shape (forward + backward on the call's
-own inputs, compiles excluded), the fastest is kept and the times are logged. Inside a CUDA-graph
+own inputs, compiles excluded), the fastest is kept and a one-line notice gives the times. Inside a CUDA-graph
 capture or a torch.compile trace nothing is timed: a shape seen before keeps its choice, a new
 one runs the first (Triton's atomic-free schedule).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Dict, Sequence
 
 import torch
 
 from ..config import BACKENDS
-
-log = logging.getLogger("megatron_dsv")
+from ..notice import notice
 
 _CHOSEN: Dict[tuple, str] = {}
 
@@ -45,12 +43,12 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]]) -> str:
     for name, run in runners.items():
         try:
             times[name] = _ms(run)
-        except Exception as exc:  # noqa: BLE001 - a backend failing here is reported and not chosen
-            log.warning("megatron_dsv: block_sparse_attention backend %r failed at %s (%s: %s); not chosen",
-                        name, key, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
+            notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
+                   "not chosen")
     best = min(times, key=times.get) if times else next(iter(runners))
-    log.info("megatron_dsv: block_sparse_attention at %s, forward + backward: %s -> %s", key,
-             ", ".join(f"{n} {t:.2f} ms" for n, t in times.items()), best)
+    notice(f"block_sparse_attention at {key}, forward + backward: "
+           + ", ".join(f"{n} {t:.2f} ms" for n, t in times.items()) + f" -> {best}")
     return best
 
 
