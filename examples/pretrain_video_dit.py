@@ -100,7 +100,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="full activation recomputation of every layer (GPU only)")
     g.add_argument("--cuda-graph-step", action="store_true",
                    help="replay each training step's forward + backward from one CUDA graph, captured once the "
-                   "step's shapes and DSV decisions repeat (stage-1 and profile steps run eagerly); removes the "
+                   "step's shapes and DSV decisions repeat (profile steps run eagerly); removes the "
                    "host time that bounds small models: `small` at 16k tokens steps 1.7x faster in DSV's stage 2, "
                    "1.13x dense (bench/step.py). Off by default: in this script's loop the first capture failed "
                    "on an H200 (cudaErrorStreamCaptureImplicit in the backward, --dense); the likely cause is "

@@ -60,13 +60,42 @@ def test_replayed_steps_equal_eager_steps(megatron_parallel):
             assert la.predictor.wq.equal(lb.predictor.wq) and la.last_used_sparse == lb.last_used_sparse, i
     steps = [la.controller.host()["step"] for la in dsv_layers(graphed)]
     assert steps == [9, 9]
-    # Stage 1 (steps 0, 1) trains the predictor; stage 2 profiles at steps 3 and 6 (every 3rd).
+    # Stage 1 (steps 0, 1) trains the predictor and profiles at step 0 (before which the layers had not
+    # run either); stage 2 profiles at steps 3 and 6 (every 3rd).
     replayable = [k is not None for k in keys]
-    assert replayable == [False, False, True, False, True, True, False, True, True], replayable
+    assert replayable == [False, True, True, False, True, True, False, True, True], replayable
     assert dsv_layers(graphed)[0].last_used_sparse
 
 
-def test_key_follows_budgets_and_a_learning_step_cannot_be_captured(megatron_parallel):
+def test_replayed_stage1_steps_train_the_predictor_as_eager_steps(megatron_parallel):
+    """Stage-1 steps that train the predictor (not those that profile) replay: the loss and gradients come
+    from the captured pass on the rows the device's step counter picks, the Adam step follows the
+    replay, and predictor, loss EMA and outputs equal an eager run's bit for bit, step after step."""
+    cfg = CFG.replace(stage1_min_steps=8, stage1_max_steps=8, profile_interval_stage1=4, sample_stride=2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(TransformerBlock(tconfig(), get_dsv_layer_spec(cfg)))
+    eager, graphed = models
+    gen = torch.Generator().manual_seed(2)
+    replays = 0
+    for i in range(8):
+        x = torch.randn(128, 1, 64, generator=gen)
+        as_replay = replay_key(graphed) is not None
+        replays += as_replay
+        for a, b in zip(step(eager, x, as_replay=False), step(graphed, x, as_replay=as_replay)):
+            assert all(torch.equal(u, v) for u, v in zip(a, b)) if isinstance(a, list) else torch.equal(a, b), i
+        for la, lb in zip(dsv_layers(eager), dsv_layers(graphed)):
+            assert la.predictor.wq.equal(lb.predictor.wq) and la.predictor.wk.equal(lb.predictor.wk), i
+            assert repr(la.controller.host()) == repr(lb.controller.host()), i
+    assert replays == 6   # steps 1-3 and 5-7; step 0 (no layer had run) and step 4 (a profile) run eagerly
+    layer = dsv_layers(graphed)[0]
+    # The stage-1 cap (8 steps) switched the layer to stage 2 after a replayed step, as after an eager one.
+    assert layer.controller.host()["stage"] == 2 and layer.controller.host()["step"] == 8
+    assert not layer.predictor.wq.equal(layer.predictor.wk)   # they start equal: the predictor trained
+
+
+def test_key_follows_budgets_and_a_profiling_step_cannot_be_captured(megatron_parallel):
     model = block()
     x = torch.randn(128, 1, 64)
     for _ in range(4):   # stage 1 (2 steps), a plain stage-2 step, a profile (step 3)

@@ -7,8 +7,8 @@ change every step.
 
 A graph is captured for a key (input shapes, and the DSV layers' decisions for the step, from
 megatron_dsv.layers.step_graph.replay_key) at the STABLE_STEPS-th step with that key (the ones
-before run eagerly), and replays every later step with that key; a step whose key is None (stage
-1, a step that profiles) runs eagerly and keeps the graph, and a new key captures anew. The key
+before run eagerly), and replays every later step with that key; a step whose key is None (a step
+that profiles) runs eagerly and keeps the graph, and a new key captures anew. The key
 holds every head's budget, so a budget that moves (each level of the target policy's anneal, a
 profile that shifts one) means eager steps and a new capture: `replays` counts what was replayed.
 The graph's memory pool stays reserved during eager steps, so a step that runs eagerly while a

@@ -213,6 +213,8 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_n_kv = None
         self.last_packed = False
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
+        self.last_tokens = None     # query tokens at the last call (the sampled rows of the next step follow)
+        self.graph_stats = None     # the predictor update a captured step computes, in the graph's tensors
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
 
@@ -243,9 +245,10 @@ class DSVDotProductAttention(_CoreAttention):
         decide = self._decide_outside_graph if training_step else self._decide
         n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
         self.last_n_kv, self.last_used_sparse, self.last_packed = n_kv, sparse, segments is not None
-        if learn and self.in_step_graph:
-            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that trains or profiles "
-                               f"the predictor cannot be captured (step_graph.replay_key is None for it)")
+        self.last_tokens = query.shape[0]
+        if learn and self.in_step_graph and self.controller.profile_now():
+            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that profiles cannot be "
+                               f"captured (step_graph.replay_key is None for it)")
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
@@ -272,11 +275,12 @@ class DSVDotProductAttention(_CoreAttention):
             with self.timer("attention", query.device):
                 out = dense_attention(query, key, value, scale=self.softmax_scale, layout="sbhd", segments=segments)
             learn_inputs = (None, query.detach(), key.detach(), None, 0) if learn else None
-        if training_step and out.requires_grad and not self.in_step_graph:
+        if training_step and out.requires_grad and (learn or not self.in_step_graph):
             # The bookkeeping runs in backward: exactly once per training step per layer, also under
             # activation recomputation (reentrant: the first, no-grad pass builds no graph and only
             # the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
-            # differentiated), and never in evaluation.
+            # differentiated), and never in evaluation. In a captured step only the predictor's
+            # loss and gradients are computed there; step_graph.replayed applies them.
             out = OnBackward.apply(out, lambda: self._learn(learn_inputs, segments))
         if packing is not None:
             out = packing.from_blocks(out)
@@ -391,7 +395,8 @@ class DSVDotProductAttention(_CoreAttention):
         in the same backward (non-reentrant checkpointing) selects exactly the blocks the first
         one did.
         """
-        torch.autograd.Variable._execution_engine.queue_callback(self.commit)
+        if not self.in_step_graph:
+            torch.autograd.Variable._execution_engine.queue_callback(self.commit)
         if learn_inputs is None:
             self._pending = {}
             return
@@ -409,7 +414,10 @@ class DSVDotProductAttention(_CoreAttention):
             selection = self._select(q, k, budgets, heads, segments, q_start)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
-        self._pending = stats
+        if self.in_step_graph:
+            self.graph_stats = stats
+        else:
+            self._pending = stats
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -431,20 +439,33 @@ class DSVDotProductAttention(_CoreAttention):
         self.commit()
         super()._save_to_state_dict(*args, **kwargs)
 
-    def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:
-        """Sampled rows of the queries [first, first + n) of a sequence (clip) at [start, start + length),
-        relative to `first`: every sample_stride-th query block (cube), counted from the sequence start,
-        rotating every step. Whole cubes are sampled: one selection serves all rows of a cube, so the
-        profile that sets its budget must see the cube's rows together. Counting from the sequence
-        start makes CP ranks holding parts of a sequence sample exactly what one process would."""
+    def _sample_plan(self, first: int, n: int, start: int, length: int) -> tuple:
+        """(first sampled cube relative to the part's first cube, sampled cubes, sampled rows) of the queries
+        [first, first + n) of a sequence (clip) at [start, start + length) at this step: every
+        sample_stride-th query block (cube), counted from the sequence start, rotating every step."""
         block_q = self.cfg.block_q
         stride = min(self.cfg.sample_stride, math.ceil(length / block_q))
         b0 = (first - start) // block_q   # parts start on query-block boundaries
         b1 = math.ceil((first + n - start) / block_q)
         c0 = b0 + (self.controller.host()["step"] - b0) % stride
-        cubes = torch.arange(c0, max(c0, b1), stride) - b0
-        rows = (cubes[:, None] * block_q + torch.arange(block_q)).flatten()
-        return _to_device(rows[rows < n], device)  # built on the host: no device sync in the backward
+        cubes = len(range(c0, max(c0, b1), stride))
+        last = c0 - b0 + (cubes - 1) * stride   # the last sampled cube, relative: the only one that may be partial
+        rows = (cubes - 1) * block_q + min(block_q, n - last * block_q) if cubes else 0
+        return stride, b0, cubes, rows
+
+    def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:
+        """Sampled rows of the queries [first, first + n) of a sequence (clip) at [start, start + length),
+        relative to `first` (see _sample_plan). Whole cubes are sampled: one selection serves all rows of
+        a cube, so the profile that sets its budget must see the cube's rows together. Counting from the
+        sequence start makes CP ranks holding parts of a sequence sample exactly what one process would.
+        The host knows how many rows; their values come from the controller's device step counter, so
+        a step replayed from a CUDA graph samples the rows an eager step would (and nothing is copied
+        from the host)."""
+        block_q = self.cfg.block_q
+        stride, b0, cubes, rows = self._sample_plan(first, n, start, length)
+        c0 = torch.remainder(self.controller.step.to(device) - b0, stride)   # first sampled cube, relative
+        offsets = torch.arange(cubes, device=device) * (stride * block_q) + c0 * block_q
+        return (offsets[:, None] + torch.arange(block_q, device=device)).flatten()[:rows]
 
     def _sampled_rows_step(self, q, k, heads, selection, train, segments=None, q_start=0):
         """The predictor loss (if train) and the profile (if selection is given) of the sampled rows of q
@@ -467,9 +488,12 @@ class DSVDotProductAttention(_CoreAttention):
         clips = [(first - q_start, n, start, length) for first, n, start, length in pieces]
         clip_rows = [self._sampled_rows(*piece, device) for piece in pieces]
         total_rows = sum(rows.numel() for rows in clip_rows)
-        idx = _to_device(torch.tensor(heads), device)
-        wq = self.predictor.wq.detach().float()[idx].requires_grad_(train)
-        wk = self.predictor.wk.detach().float()[idx].requires_grad_(train)
+        # All heads (no context parallelism): the weights themselves, no index from the host (a captured
+        # step may hold no host copies).
+        idx = None if heads == list(range(H)) else _to_device(torch.tensor(heads), device)
+        wq, wk = (w.detach().float() if idx is None else w.detach().float()[idx]
+                  for w in (self.predictor.wq, self.predictor.wk))
+        wq, wk = wq.requires_grad_(train), wk.requires_grad_(train)
         local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
         local["mass_curve"] = torch.zeros(len(heads), CURVE_POINTS + 1, device=device)
         for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
@@ -507,6 +531,8 @@ class DSVDotProductAttention(_CoreAttention):
                 del target
 
         def full(x):
+            if idx is None:
+                return x.float()
             out = torch.zeros((H, *x.shape[1:]), device=device, dtype=torch.float32)
             return out.index_copy_(0, idx, x.float())
 

@@ -8,17 +8,19 @@ the capture launched and none of the layers' Python, so
 - the decisions the layers made at capture (stage, per-head budgets, sparse or dense) are frozen
   into the graph: `replay_key(model)` gives them, as the layers will make them at the next
   training step, and a graph captured under key K may replay any step whose key is K; it is None
-  where the next step cannot be replayed (a step that trains the predictor or profiles: all of
-  stage 1 with the learned estimator; a layer that has not run; packed clips; context
-  parallelism), which then runs eagerly. The key is read at the shape each layer last ran,
+  where the next step cannot be replayed (a step that profiles; a layer that has not run; packed
+  clips; context parallelism), which then runs eagerly. A step that trains the predictor (stage
+  1) replays too: its loss and gradients are computed in the graph, on sampled rows that follow
+  the device's step counter, and applied after the replay. The key is read at the shape each layer last ran,
   evaluation included: a caller adds its input shapes to its own key (the example does), and an
   evaluation at another shape changes the key until a training step runs again;
 - the capture and its warm-up run inside `capturing(model)`: the layers launch plain kernels (no
   CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
-  the graph so that fine-tuning them in place needs no recapture), and skip the bookkeeping a training step's
-  backward does, since neither is a training step;
-- after each replay, `replayed(model)` does that bookkeeping (each layer counts the step, which
-  may start an anneal or a profile: the next key says so).
+  the graph so that fine-tuning them in place needs no recapture); a training step's predictor
+  loss and gradients are computed but not applied, since neither is a training step;
+- after each replay, `replayed(model)` does that bookkeeping (the predictor's Adam step from the
+  replay's gradients, each layer counts the step, which may start an anneal or a profile: the
+  next key says so).
 
 Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps only.
 """
@@ -36,11 +38,16 @@ def _layer_key(layer: DSVDotProductAttention) -> Optional[tuple]:
     ctl, n_kv = layer.controller, layer.last_n_kv
     if layer.cp is not None or n_kv is None or layer.last_packed:
         return None
-    if ctl.learns_now():
+    if ctl.learns_now() and ctl.profile_now():
         return None
+    # A step that trains the predictor samples a number of rows that may differ from step to step (their
+    # values follow the device's step counter, see the layer's _sampled_rows).
+    learns = layer._sample_plan(0, layer.last_tokens, 0, layer.last_tokens)[3] if ctl.learns_now() else None
+    if not ctl.may_run_sparse():   # dense attention (stage 1): the budgets play no part in the step
+        return n_kv, ctl.host()["stage"], False, learns
     # The sparse-or-dense choice is a function of these at a shape the layer has already run
     # (dispatch measures once per shape), so it needs no place in the key.
-    return n_kv, ctl.host()["stage"], ctl.may_run_sparse(), tuple(ctl.budgets(n_kv))
+    return n_kv, ctl.host()["stage"], True, learns, tuple(ctl.budgets(n_kv))
 
 
 def replay_key(model) -> Optional[tuple]:
@@ -60,6 +67,7 @@ def capturing(model) -> Iterator[None]:
                                       "step on the host; run those steps eagerly")
         layer.commit()
         layer.in_step_graph = True
+        layer.graph_stats = None
     try:
         yield
     finally:
@@ -68,7 +76,12 @@ def capturing(model) -> Iterator[None]:
 
 
 def replayed(model) -> None:
-    """The bookkeeping of one replayed training step (what each layer's backward would have staged)."""
+    """The bookkeeping of one replayed training step: what each layer's backward would have staged (the
+    predictor's loss and gradients the replay computed, in the graph's tensors) is committed."""
     for layer in dsv_layers(model):
-        layer.commit()
-        layer.controller.end_step()
+        layer.commit()   # anything an eager pass left
+        if layer.graph_stats is None:
+            layer.controller.end_step()
+        else:
+            layer._pending = layer.graph_stats
+            layer.commit()
