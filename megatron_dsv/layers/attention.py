@@ -440,9 +440,9 @@ class DSVDotProductAttention(_CoreAttention):
         super()._save_to_state_dict(*args, **kwargs)
 
     def _sample_plan(self, first: int, n: int, start: int, length: int) -> tuple:
-        """(first sampled cube relative to the part's first cube, sampled cubes, sampled rows) of the queries
-        [first, first + n) of a sequence (clip) at [start, start + length) at this step: every
-        sample_stride-th query block (cube), counted from the sequence start, rotating every step."""
+        """(stride, the part's first cube, sampled cubes, sampled rows) of the queries [first, first + n)
+        of a sequence (clip) at [start, start + length) at this step: every stride-th query block
+        (cube), counted from the sequence start, rotating every step."""
         block_q = self.cfg.block_q
         stride = min(self.cfg.sample_stride, math.ceil(length / block_q))
         b0 = (first - start) // block_q   # parts start on query-block boundaries
@@ -452,6 +452,11 @@ class DSVDotProductAttention(_CoreAttention):
         last = c0 - b0 + (cubes - 1) * stride   # the last sampled cube, relative: the only one that may be partial
         rows = (cubes - 1) * block_q + min(block_q, n - last * block_q) if cubes else 0
         return stride, b0, cubes, rows
+
+    def next_sample_size(self) -> int:
+        """How many rows the next training step samples, at the last call's length (one unpacked
+        sequence, no context parallelism): what a step graph's key holds of the predictor's training."""
+        return self._sample_plan(0, self.last_tokens, 0, self.last_tokens)[3]
 
     def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:
         """Sampled rows of the queries [first, first + n) of a sequence (clip) at [start, start + length),

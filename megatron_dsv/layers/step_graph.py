@@ -38,11 +38,11 @@ def _layer_key(layer: DSVDotProductAttention) -> Optional[tuple]:
     ctl, n_kv = layer.controller, layer.last_n_kv
     if layer.cp is not None or n_kv is None or layer.last_packed:
         return None
-    if ctl.learns_now() and ctl.profile_now():
+    if ctl.profile_now():
         return None
     # A step that trains the predictor samples a number of rows that may differ from step to step (their
-    # values follow the device's step counter, see the layer's _sampled_rows).
-    learns = layer._sample_plan(0, layer.last_tokens, 0, layer.last_tokens)[3] if ctl.learns_now() else None
+    # values follow the device's step counter).
+    learns = layer.next_sample_size() if ctl.learns_now() else None
     if not ctl.may_run_sparse():   # dense attention (stage 1): the budgets play no part in the step
         return n_kv, ctl.host()["stage"], False, learns
     # The sparse-or-dense choice is a function of these at a shape the layer has already run
