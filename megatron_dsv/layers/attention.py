@@ -435,6 +435,13 @@ class DSVDotProductAttention(_CoreAttention):
             ctl.record_profile(stats)
         ctl.end_step()
 
+    def replayed(self) -> None:
+        """The bookkeeping of a training step replayed from a step graph: commit what an eager pass left,
+        then the predictor update the replay computed (graph_stats), or only the step count."""
+        self.commit()
+        self._pending = self.graph_stats if self.graph_stats is not None else {}
+        self.commit()
+
     def _save_to_state_dict(self, *args, **kwargs):
         self.commit()
         super()._save_to_state_dict(*args, **kwargs)

@@ -19,8 +19,9 @@ from one DSVConfig instead of within each layer (``ModelBudgetPool``).
 
 Under the two target policies, stage 2 anneals the layer's density from the theta rule's density
 at the stage switch to ``target_density`` over ``anneal_steps`` steps, along a line in at most
-ANNEAL_LEVELS equal steps (budgets hold in between, so CUDA graphs replay), so the model adapts to the sparser attention; in stage 1 (dense) the budgets, which the recall is
-measured at, are the theta rule's, where stage 2 begins. ``budget_floor`` / ``budget_ceiling`` bound every head.
+ANNEAL_LEVELS equal steps (budgets hold in between, so CUDA graphs replay), so the model adapts
+to the sparser attention; in stage 1 (dense) the budgets, which the recall is measured at, are the
+theta rule's, where stage 2 begins. ``budget_floor`` / ``budget_ceiling`` bound every head.
 
 The curves live in the stage controller (checkpointed, on a fixed grid of densities so one
 curve serves every sequence length); this module only turns state into per-head block counts,

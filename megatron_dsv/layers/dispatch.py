@@ -28,6 +28,8 @@ from .timing import time_ms
 
 # The two densities sparse attention is timed at; the line through them predicts the rest.
 PROBE_DENSITIES = (0.05, 0.3)
+
+
 class Costs(NamedTuple):
     """Measured milliseconds of one shape: dense fwd+bwd; selection + sparse fwd+bwd = fixed + per_density * density."""
     dense_ms: float

@@ -79,9 +79,4 @@ def replayed(model) -> None:
     """The bookkeeping of one replayed training step: what each layer's backward would have staged (the
     predictor's loss and gradients the replay computed, in the graph's tensors) is committed."""
     for layer in dsv_layers(model):
-        layer.commit()   # anything an eager pass left
-        if layer.graph_stats is None:
-            layer.controller.end_step()
-        else:
-            layer._pending = layer.graph_stats
-            layer.commit()
+        layer.replayed()

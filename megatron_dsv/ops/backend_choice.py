@@ -27,22 +27,13 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _ms(fn: Callable[[], None], reps: int = 3) -> float:
-    fn()  # warm-up: compiles and autotunes on first use
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.device) -> str:
+    from ..layers.timing import time_ms   # here, not at import: the layers package imports the ops
 
-
-def _choose(key: tuple, runners: Dict[str, Callable[[], None]]) -> str:
     times = {}
     for name, run in runners.items():
         try:
-            times[name] = _ms(run)
+            times[name] = time_ms(run, device, warmup=1, iters=3)   # the warm-up compiles and autotunes
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
                    "not chosen")
@@ -64,7 +55,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[str, Callable[[], None]]]) -> str:
+def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[str, Callable[[], None]]],
+                  device: torch.device) -> str:
     """One of `names` (the GPU kernels allowed for a call, in order of preference) for backend='auto':
     the only one, or the fastest measured at this shape (key) once. runners() gives a forward +
     backward closure per name for timing (called only when a choice must be measured)."""
@@ -74,5 +66,5 @@ def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[s
     if key not in _CHOSEN:
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return names[0]
-        _CHOSEN[key] = _choose(key, runners())
+        _CHOSEN[key] = _choose(key, runners(), device)
     return _CHOSEN[key]

@@ -163,5 +163,6 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         kernels = _gpu_kernels(deterministic, cudnn_reason)
         key = (str(q.device), q.dtype, layout, tuple(q.shape), s_kv, block_q, block_kv,
                1 << max(kv_idx.shape[-1] - 1, 0).bit_length())  # work grows with k_max: power-of-two buckets
-        fn = kernels[choose_kernel(key, list(kernels), lambda: _timing_runs(kernels, q, k, v, kv_idx, kv_cnt, call))]
+        runs = lambda: _timing_runs(kernels, q, k, v, kv_idx, kv_cnt, call)  # noqa: E731
+        fn = kernels[choose_kernel(key, list(kernels), runs, q.device)]
     return fn(q, k, v, kv_idx, kv_cnt, **call)
