@@ -464,10 +464,10 @@ def test_dropped_graphs_are_collected(monkeypatch):
         gc.enable()
 
 
-def _stage2_layer():
+def _stage2_layer(**overrides):
     torch.manual_seed(0)   # the predictor's initial weights: every call builds the same layer
-    cfg = DSVConfig(**SMALL, stage1_min_steps=1, stage1_max_steps=1, layer_sparsity_threshold=0.0, budget_floor=0.0,
-                    dense_fallback_density=1.0, backend="reference")
+    cfg = DSVConfig(**{**dict(SMALL, stage1_min_steps=1, stage1_max_steps=1, layer_sparsity_threshold=0.0,
+                              budget_floor=0.0, dense_fallback_density=1.0, backend="reference"), **overrides})
     layer = core(cfg)
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(3)]

@@ -110,7 +110,7 @@ def test_key_follows_budgets_and_a_profiling_step_cannot_be_captured(megatron_pa
     for _ in range(2):   # on to the next profile step (step 6)
         step(model, x, as_replay=replay_key(model) is not None)
     assert replay_key(model) is None
-    with pytest.raises(RuntimeError, match="cannot be captured"):
+    with pytest.raises(RuntimeError, match="a step that profiles runs eagerly"):
         step(model, x, as_replay=True)
 
 
@@ -123,3 +123,44 @@ def test_capturing_refuses_context_parallel_layers(megatron_parallel):
             pass
     assert replay_key(model) is None
     assert not layer.in_step_graph
+
+
+def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
+    """A stage-2 training step run inside capturing() reads only the decisions fixed on entry, so
+    torch.compile traces the layer whole (fullgraph=True) with no guard on the step counter: steps
+    with the same budgets reuse one graph, and outputs, gradients and DSV state equal eager steps (a
+    profile step, for which replay_key is None, runs eagerly in both)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from test_layer import _stage2_layer
+
+    torch._dynamo.reset()
+    # a quarter of the blocks from the switch on; a profile (and predictor fine-tuning) every 3 steps
+    fixed = dict(target_density=0.25, anneal_steps=0, profile_interval_stage2=3)
+    (planned, _), (eager, _) = _stage2_layer(**fixed), _stage2_layer(**fixed)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(planned, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(3)
+    keys = set()
+    for i in range(8):
+        qkv = [torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)]
+        key = replay_key(planned)
+        results = []
+        for layer in (planned, eager):
+            q, k, v = (t.clone().requires_grad_() for t in qkv)
+            if layer is planned and key is not None:
+                with capturing(layer):
+                    out = compiled(q, k, v, None)
+                    out.square().mean().backward()
+                replayed(layer)
+            else:
+                out = layer(q, k, v, None)
+                out.square().mean().backward()
+            results.append((out.detach(), q.grad, k.grad, v.grad))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert planned.last_used_sparse == eager.last_used_sparse
+        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
+        keys.add(key)
+    assert planned.last_used_sparse and len(keys - {None}) >= 1
+    assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)

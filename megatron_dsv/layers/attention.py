@@ -213,7 +213,8 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_n_kv = None
         self.last_packed = False
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
-        self.last_tokens = None     # query tokens at the last call (the sampled rows of the next step follow)
+        self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
+        self.last_call = None       # (shape, dtype, device) of the last call's q [s, b, n, d]
         self.graph_stats = None     # the predictor update a captured step computes, in the graph's tensors
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
@@ -240,15 +241,16 @@ class DSVDotProductAttention(_CoreAttention):
             query, key, value = (packing.to_blocks(t) for t in (query, key, value))
             segments = packing.dst
         training_step = self.training and torch.is_grad_enabled() and query.requires_grad
-        # In training the decisions follow the step counter: made in traced code, torch.compile would guard on
-        # the counter and recompile every step, so there they are made outside the graph (one graph break).
-        decide = self._decide_outside_graph if training_step else self._decide
-        n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
+        if self.in_step_graph:
+            n_kv, budgets, sparse, learn, step = self._planned(query, training_step)
+        else:
+            # In training the decisions follow the step counter: made in traced code, torch.compile would
+            # guard on the counter and recompile every step, so there they are made outside the graph (one
+            # graph break; a step run inside step_graph.capturing has none).
+            decide = self._decide_outside_graph if training_step else self._decide
+            n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
         self.last_n_kv, self.last_used_sparse, self.last_packed = n_kv, sparse, segments is not None
-        self.last_tokens = query.shape[0]
-        if learn and self.in_step_graph and self.controller.profile_now():
-            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that profiles cannot be "
-                               f"captured (step_graph.replay_key is None for it)")
+        self.last_call = (tuple(query.shape), query.dtype, query.device)
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
@@ -261,7 +263,7 @@ class DSVDotProductAttention(_CoreAttention):
                 else:
                     out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
-              and self.graphed.fits(query) and not torch.compiler.is_compiling() and not self.in_step_graph):   # (compile: mode="reduce-overhead")
+              and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed.fits(query)):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
                 out = self._graphed_sparse(query, key, value, budgets)
         elif sparse:
@@ -289,34 +291,70 @@ class DSVDotProductAttention(_CoreAttention):
     def _decide(self, query, key, value, segments, training_step: bool):
         """This call's (KV blocks, per-head budgets, whether it runs sparse, whether it trains the predictor
         or profiles, the step), from the controller's host state."""
-        cfg, ctl, cp = self.cfg, self.controller, self.cp
-        if segments is None:
-            n_kv = math.ceil(query.shape[0] * (cp.size if cp else 1) / cfg.block_kv)
-            budgets = ctl.budgets(n_kv)
-        else:
-            n_kv = work_weighted_blocks(segments, cfg.block_kv)
-            budgets = self._clip_budgets(segments)
-        sparse = self._sparse_now(query, key, value, n_kv, segments)
-        learn = training_step and ctl.learns_now()
-        return n_kv, budgets, sparse, learn, ctl.host()["step"]
+        return self._decide_at(tuple(query.shape), query.dtype, query.device, segments, training_step,
+                               lambda: (query, key, value))
 
     @torch.compiler.disable
     def _decide_outside_graph(self, query, key, value, segments, training_step: bool):
         return self._decide(query, key, value, segments, training_step)
 
-    def _sparse_now(self, q, k, v, n_kv: int, segments) -> bool:
+    def _decide_at(self, shape, dtype, device, segments, training_step: bool, tensors):
+        """_decide for q of this shape, dtype and device; tensors() gives q, k, v where a kernel time must
+        be measured."""
+        cfg, ctl, cp = self.cfg, self.controller, self.cp
+        if segments is None:
+            n_kv = math.ceil(shape[0] * (cp.size if cp else 1) / cfg.block_kv)
+            budgets = ctl.budgets(n_kv)
+        else:
+            n_kv = work_weighted_blocks(segments, cfg.block_kv)
+            budgets = self._clip_budgets(segments)
+        sparse = self._sparse_now(shape, dtype, device, n_kv, segments, tensors)
+        learn = training_step and ctl.learns_now()
+        return n_kv, budgets, sparse, learn, ctl.host()["step"]
+
+    def plan_step(self) -> None:
+        """Fix the next training step's decisions, at the shape the layer last ran (step_graph.capturing).
+        A step that runs on them reads nothing of the host state, so torch.compile traces it with no
+        guard on the step counter and no graph break, and a CUDA graph captures it."""
+        if self.last_call is None or self.last_packed or self.cp is not None:
+            raise ValueError(f"DSVDotProductAttention (layer {self.layer_number}): a step is planned at the shape "
+                             f"the layer last ran, one unpacked sequence without context parallelism: run an "
+                             f"eager training step first")
+        shape, dtype, device = self.last_call
+
+        def tensors():   # only where this shape's kernel times are not measured yet: values play no part
+            return tuple(torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+
+        n_kv, budgets, sparse, learn, _ = self._decide_at(shape, dtype, device, None, True, tensors)
+        if learn and self.controller.profile_now():
+            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that profiles runs "
+                               f"eagerly (step_graph.replay_key is None for it)")
+        self.step_plan = (shape, n_kv, tuple(budgets), sparse, learn)
+
+    def _planned(self, query, training_step: bool) -> tuple:
+        """The decisions plan_step fixed, as _decide gives them (no step: context parallelism is excluded)."""
+        plan = self.step_plan
+        if plan is None or plan[0] != tuple(query.shape) or not training_step:
+            raise ValueError(f"DSVDotProductAttention (layer {self.layer_number}): inside step_graph.capturing a "
+                             f"forward is the training step planned on entry, q of shape "
+                             f"{None if plan is None else plan[0]}; got {tuple(query.shape)}"
+                             f"{'' if training_step else ' outside a training step (no grad or eval mode)'}")
+        _, n_kv, budgets, sparse, learn = plan
+        return n_kv, list(budgets), sparse, learn, None
+
+    def _sparse_now(self, shape, dtype, device, n_kv: int, segments, tensors) -> bool:
         """Stage 2, a layer its policy lets run sparse, and sparse predicted faster than dense at this
-        shape and mean budget (measured once per shape on the GPU; packed clips and context parallelism
-        use the density rule)."""
+        shape and mean budget (measured once per shape on the GPU, on tensors() = q, k, v; packed clips
+        and context parallelism use the density rule)."""
         ctl = self.controller
         if not ctl.may_run_sparse():
             return False
         density = sum(ctl.budgets(n_kv)) / (self.heads * n_kv)
-        if segments is not None or not self.dispatch.measured(q.device, self.cp is not None):
+        if segments is not None or not self.dispatch.measured(device, self.cp is not None):
             return self.dispatch.sparse_pays(density)
         cfg = self.cfg
-        s, b, heads, d = q.shape
-        shape = (s, b, heads, d, q.dtype, cfg.block_q, cfg.block_kv, cfg.rank, cfg.estimator, cfg.coarse_remainder)
+        s, b, heads, d = shape
+        shape = (s, b, heads, d, dtype, cfg.block_q, cfg.block_kv, cfg.rank, cfg.estimator, cfg.coarse_remainder)
 
         def select(q_, k_, share):
             return self._select(q_, k_, [max(1, round(share * n_kv))] * heads)
@@ -325,7 +363,7 @@ class DSVDotProductAttention(_CoreAttention):
             return dense_attention(q_, k_, v_, scale=self.softmax_scale, layout="sbhd")
 
         pays = self.dispatch.sparse_pays(density, shape, lambda: measure_costs(
-            q, k, v, select=select, attend=self._sparse_attention, dense=dense))
+            *tensors(), select=select, attend=self._sparse_attention, dense=dense))
         costs = self.dispatch.costs(shape)
         self.last_costs = {"dense_ms": costs.dense_ms, "sparse_ms": costs.sparse_ms(density), "density": density}
         return pays
@@ -463,7 +501,8 @@ class DSVDotProductAttention(_CoreAttention):
     def next_sample_size(self) -> int:
         """How many rows the next training step samples, at the last call's length (one unpacked
         sequence, no context parallelism): what a step graph's key holds of the predictor's training."""
-        return self._sample_plan(0, self.last_tokens, 0, self.last_tokens)[3]
+        tokens = self.last_call[0][0]
+        return self._sample_plan(0, tokens, 0, tokens)[3]
 
     def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:
         """Sampled rows of the queries [first, first + n) of a sequence (clip) at [start, start + length),

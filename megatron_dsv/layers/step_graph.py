@@ -1,4 +1,5 @@
-"""What a caller that captures a whole training step in a CUDA graph needs from the DSV layers.
+"""What a caller that captures a whole training step in a CUDA graph (or traces it whole with
+torch.compile(fullgraph=True)) needs from the DSV layers.
 
 A small model's step is bound by host time: at 16k tokens the GPU work of a stage-2 step is about
 half of the step's Python and launches (bench/step.py). Capturing the forward and backward once
@@ -14,7 +15,9 @@ the capture launched and none of the layers' Python, so
   the device's step counter, and applied after the replay. The key is read at the shape each layer last ran,
   evaluation included: a caller adds its input shapes to its own key (the example does), and an
   evaluation at another shape changes the key until a training step runs again;
-- the capture and its warm-up run inside `capturing(model)`: the layers launch plain kernels (no
+- the capture and its warm-up run inside `capturing(model)`, which fixes each layer's decisions for
+  the step on entry (plan_step): the forward reads no host state, so torch.compile traces a stage-2
+  step whole, with no guard on the step counter. The layers launch plain kernels (no
   CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
   the graph so that fine-tuning them in place needs no recapture); a training step's predictor
   loss and gradients are computed but not applied, since neither is a training step;
@@ -66,6 +69,7 @@ def capturing(model) -> Iterator[None]:
             raise NotImplementedError("step capture: DSV layers under context parallelism plan and exchange per "
                                       "step on the host; run those steps eagerly")
         layer.commit()
+        layer.plan_step()
         layer.in_step_graph = True
         layer.graph_stats = None
     try:
@@ -73,6 +77,7 @@ def capturing(model) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.in_step_graph = False
+            layer.step_plan = None
 
 
 def replayed(model) -> None:
