@@ -135,8 +135,9 @@ def speed_summary(out: Path, name: str, recs, wall: float) -> dict:
     by_stage = {}
     for r in recs:
         by_stage.setdefault((r.get("dsv") or {}).get("stage", 0), []).append(r["step_s"])
-    last = (out / f"{name}.log").read_text().strip().splitlines()[-1]
-    replayed = re.search(r"\((\d+) replayed from CUDA graphs\)", last)
+    # the closing "done: ..." line (not the log's last line: a process-group warning may follow it)
+    replayed = re.search(r"^done: .*\((\d+) replayed from CUDA graphs\)", (out / f"{name}.log").read_text(),
+                         re.MULTILINE)
     return {"wall_s": wall, "step_s_median": {st: statistics.median(v) for st, v in sorted(by_stage.items())},
             "logged_steps": {st: len(v) for st, v in sorted(by_stage.items())},
             "replayed_steps": int(replayed.group(1)) if replayed else None}

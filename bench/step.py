@@ -23,7 +23,8 @@ DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs s
 that measured faster at its shape), except that every head's budget is --density (the theta rule
 fed that sparsity; under the default compute-target policy, the density it anneals to).
 
-Throughput counts every part, and the profile step amortised over profile_interval_stage2 steps.
+Step time and throughput count train and metrics (data is reported, not counted: see record), and the
+profile step amortised over profile_interval_stage2 steps.
 With --trace, torch.profiler tables (top host and device ops) of three dense, three stage-1 and three
 plain stage-2 steps go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
@@ -136,8 +137,11 @@ class Trainer:
 
 
 def record(mode, parts, tokens, **extra):
+    """step ms = train + metrics. The data part (drawing the batch on the host) is the same work in
+    every arm and is left out: on a busy host its median moved between 8 and 217 ms from arm to arm
+    in one run (2026-11-30, H200), more than the differences measured."""
     data, train, metrics = parts
-    total = data + train + metrics
+    total = train + metrics
     return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": total,
             "tokens_per_s": tokens / (total * 1e-3), **extra}
 

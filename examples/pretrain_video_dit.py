@@ -98,14 +98,12 @@ def get_args(argv=None) -> argparse.Namespace:
                    "torch.compile)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
-    g.add_argument("--cuda-graph-step", action="store_true",
+    g.add_argument("--cuda-graph-step", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each training step's forward + backward from one CUDA graph, captured once the "
                    "step's shapes and DSV decisions repeat (profile steps run eagerly); removes the "
-                   "host time that bounds small models: `small` at 16k tokens steps 1.7x faster in DSV's stage 2, "
-                   "1.13x dense (bench/step.py). Off by default: in this script's loop the first capture failed "
-                   "on an H200 (cudaErrorStreamCaptureImplicit in the backward, --dense); the likely cause is "
-                   "fixed (examples/README.md) but not yet confirmed on a GPU. Excludes --pack and "
-                   "--recompute-activations")
+                   "host time that bounds small models: `small` at 16k tokens steps 1.6x faster in DSV's stage 2, "
+                   "1.1x dense (bench/step.py). Default: on with a GPU, except with --pack or "
+                   "--recompute-activations, which it excludes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -153,6 +151,8 @@ def check_args(parser, args) -> None:
     if args.cuda_graph_step and (args.pack or args.recompute_activations):
         parser.error("--cuda-graph-step captures fixed shapes without activation recomputation: it excludes "
                      "--pack and --recompute-activations")
+    if args.cuda_graph_step is None:
+        args.cuda_graph_step = on_gpu and not (args.pack or args.recompute_activations)
     if not args.dense:
         try:
             DSVConfig.from_args(args)

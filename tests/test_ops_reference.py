@@ -226,6 +226,14 @@ def test_select_blocks_bad_budget(topk, match):
         select_blocks(torch.randn(1, 64, 2, 4), torch.randn(1, 64, 2, 4), topk, block_q=32, block_kv=16)
 
 
+@pytest.mark.parametrize("topk, k_max, match", [([1, 2], 4, "int tensor"), (torch.tensor([1.0, 2.0]), 4, "int tensor"),
+                                                (torch.tensor([1, 2, 3]), 4, "int tensor"), (torch.tensor([1, 2]), 5, "k_max"),
+                                                (torch.tensor([1, 2]), True, "k_max")])
+def test_select_blocks_bad_device_budgets(topk, k_max, match):
+    with pytest.raises(ValueError, match=match):
+        select_blocks(torch.randn(1, 64, 2, 4), torch.randn(1, 64, 2, 4), topk, block_q=32, block_kv=16, k_max=k_max)
+
+
 def test_select_blocks_huge_budget_is_clipped_and_bad_inputs_raise():
     q_lr, k_lr = torch.randn(1, 64, 2, 4), torch.randn(1, 64, 2, 4)
     kv_idx, kv_cnt = select_blocks(q_lr, k_lr, 2**70, block_q=32, block_kv=16)

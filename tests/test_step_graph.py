@@ -95,7 +95,9 @@ def test_replayed_stage1_steps_train_the_predictor_as_eager_steps(megatron_paral
     assert not layer.predictor.wq.equal(layer.predictor.wk)   # they start equal: the predictor trained
 
 
-def test_key_follows_budgets_and_a_profiling_step_cannot_be_captured(megatron_parallel):
+def test_key_follows_k_max_not_budgets_and_a_profiling_step_cannot_be_captured(megatron_parallel):
+    """The key holds each layer's k_max (block-list width, a power of two), not its budgets: replay_key
+    places new budgets in the tensor the selection reads, so a graph replays across them."""
     model = block()
     x = torch.randn(128, 1, 64)
     for _ in range(4):   # stage 1 (2 steps), a plain stage-2 step, a profile (step 3)
@@ -103,14 +105,22 @@ def test_key_follows_budgets_and_a_profiling_step_cannot_be_captured(megatron_pa
     key = replay_key(model)
     assert key is not None and key == replay_key(model)
     layer = dsv_layers(model)[0]
-    state = layer.controller.state_dict()
-    state["block_sparsity"].fill_(0.25)
-    layer.controller.load_state_dict(state)
-    assert replay_key(model) not in (None, key)
+
+    def set_sparsity(value):
+        state = layer.controller.state_dict()
+        state["block_sparsity"].fill_(value)
+        layer.controller.load_state_dict(state)
+
+    held = layer.device_budgets.tensor
+    set_sparsity(0.25)   # 3 of the 4 KV blocks: new budgets, k_max still 4
+    assert replay_key(model) == key
+    assert layer.device_budgets.tensor is held and held.tolist() == layer.controller.budgets(4) == [3, 3]
+    set_sparsity(0.75)   # 1 block: k_max 1
+    assert replay_key(model) not in (None, key) and held.tolist() == [1, 1]
     for _ in range(2):   # on to the next profile step (step 6)
         step(model, x, as_replay=replay_key(model) is not None)
     assert replay_key(model) is None
-    with pytest.raises(RuntimeError, match="a step that profiles runs eagerly"):
+    with pytest.raises(RuntimeError, match="replay_key is None"):
         step(model, x, as_replay=True)
 
 

@@ -8,9 +8,10 @@ change every step.
 A graph is captured for a key (input shapes, and the DSV layers' decisions for the step, from
 megatron_dsv.layers.step_graph.replay_key) at the STABLE_STEPS-th step with that key (the ones
 before run eagerly), and replays every later step with that key; a step whose key is None (a step
-that profiles) runs eagerly and keeps the graph, and a new key captures anew. The key
-holds every head's budget, so a budget that moves (each level of the target policy's anneal, a
-profile that shifts one) means eager steps and a new capture: `replays` counts what was replayed.
+that profiles) runs eagerly and keeps the graph, and a new key captures anew. The key holds
+each DSV layer's k_max (the width of its block lists, a power of two), not its budgets, which
+the graph reads from the device: budgets that move (the target policy's anneal, a profile that
+shifts one) replay the same graph until k_max changes. `replays` counts what was replayed.
 The graph's memory pool stays reserved during eager steps, so a step that runs eagerly while a
 graph is held needs the captured step's activations on top of its own. The capture is preceded by
 one warm-up pass on a side stream, as torch.cuda.graph expects; neither counts as a training step

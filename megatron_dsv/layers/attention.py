@@ -29,6 +29,7 @@ from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
 from ..ops.reference import block_scores_reference
 from .context_parallel import LayerContextParallel
+from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
@@ -214,6 +215,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_packed = False
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
         self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
+        self.device_budgets = DeviceBudgets()   # what a training step's selection reads
         self.last_call = None       # (shape, dtype, device) of the last call's q [s, b, n, d]
         self.graph_stats = None     # the predictor update a captured step computes, in the graph's tensors
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
@@ -265,8 +267,10 @@ class DSVDotProductAttention(_CoreAttention):
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
               and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed.fits(query)):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
-                out = self._graphed_sparse(query, key, value, budgets)
+                out = self._graphed_sparse(query, key, value)
         elif sparse:
+            if training_step and segments is None:   # the budgets _decide_at placed on the device
+                budgets = self.device_budgets
             with self.timer("selection", query.device):
                 selection = self._select(query.detach(), key.detach(), budgets, segments=segments,
                                          cached_weights=not self.in_step_graph)
@@ -309,27 +313,37 @@ class DSVDotProductAttention(_CoreAttention):
             n_kv = work_weighted_blocks(segments, cfg.block_kv)
             budgets = self._clip_budgets(segments)
         sparse = self._sparse_now(shape, dtype, device, n_kv, segments, tensors)
+        if sparse and training_step and segments is None and cp is None:
+            self.device_budgets.hold(budgets, n_kv, device)
         learn = training_step and ctl.learns_now()
         return n_kv, budgets, sparse, learn, ctl.host()["step"]
 
-    def plan_step(self) -> None:
-        """Fix the next training step's decisions, at the shape the layer last ran (step_graph.capturing).
-        A step that runs on them reads nothing of the host state, so torch.compile traces it with no
-        guard on the step counter and no graph break, and a CUDA graph captures it."""
+    def plan_step(self) -> Optional[tuple]:
+        """Fix the next training step's decisions, at the shape the layer last ran, and return them: (q's
+        shape, stage, KV blocks, sparse, sampled rows if the step trains the predictor, k_max if sparse).
+        A step that runs on them (step_graph.capturing) reads nothing of the host state: torch.compile
+        traces it with no guard on the step counter and no graph break, and a CUDA graph captures it.
+        The budgets are not in the plan: the selection reads them from the device (device_budgets.py),
+        so a graph replays, and a compiled graph runs, across budget changes of equal k_max.
+        None where the step cannot run planned: a step that profiles; a layer that has not run; packed
+        clips; context parallelism."""
+        self.step_plan = None
         if self.last_call is None or self.last_packed or self.cp is not None:
-            raise ValueError(f"DSVDotProductAttention (layer {self.layer_number}): a step is planned at the shape "
-                             f"the layer last ran, one unpacked sequence without context parallelism: run an "
-                             f"eager training step first")
+            return None
         shape, dtype, device = self.last_call
 
         def tensors():   # only where this shape's kernel times are not measured yet: values play no part
             return tuple(torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
 
-        n_kv, budgets, sparse, learn, _ = self._decide_at(shape, dtype, device, None, True, tensors)
-        if learn and self.controller.profile_now():
-            raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): a step that profiles runs "
-                               f"eagerly (step_graph.replay_key is None for it)")
-        self.step_plan = (shape, n_kv, tuple(budgets), sparse, learn)
+        n_kv, _, sparse, learn, _ = self._decide_at(shape, dtype, device, None, True, tensors)
+        ctl = self.controller
+        if learn and ctl.profile_now():
+            return None
+        # A step that trains the predictor samples a number of rows that may differ from step to step (their
+        # values follow the device's step counter).
+        self.step_plan = (shape, ctl.host()["stage"], n_kv, sparse, self.next_sample_size() if learn else None,
+                          self.device_budgets.k_max if sparse else None)
+        return self.step_plan
 
     def _planned(self, query, training_step: bool) -> tuple:
         """The decisions plan_step fixed, as _decide gives them (no step: context parallelism is excluded)."""
@@ -339,8 +353,8 @@ class DSVDotProductAttention(_CoreAttention):
                              f"forward is the training step planned on entry, q of shape "
                              f"{None if plan is None else plan[0]}; got {tuple(query.shape)}"
                              f"{'' if training_step else ' outside a training step (no grad or eval mode)'}")
-        _, n_kv, budgets, sparse, learn = plan
-        return n_kv, list(budgets), sparse, learn, None
+        _, _, n_kv, sparse, rows, _ = plan
+        return n_kv, self.device_budgets.values, sparse, rows is not None, None
 
     def _sparse_now(self, shape, dtype, device, n_kv: int, segments, tensors) -> bool:
         """Stage 2, a layer its policy lets run sparse, and sparse predicted faster than dense at this
@@ -368,11 +382,12 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_costs = {"dense_ms": costs.dense_ms, "sparse_ms": costs.sparse_ms(density), "density": density}
         return pays
 
-    def _graphed_sparse(self, q, k, v, budgets):
-        """Selection + block-sparse attention replayed from this layer's CUDA graphs (graphed.py)."""
-        pred = self.predictor
-        key = (tuple(budgets), *(tuple(t.shape) + t.stride() for t in (q, k, v)), q.dtype,
-               pred.wq.data_ptr(), pred.wk.data_ptr())
+    def _graphed_sparse(self, q, k, v):
+        """Selection + block-sparse attention replayed from this layer's CUDA graphs (graphed.py), at the
+        budgets device_budgets holds."""
+        pred, budgets = self.predictor, self.device_budgets
+        key = (budgets.k_max, budgets.tensor.data_ptr(), *(tuple(t.shape) + t.stride() for t in (q, k, v)),
+               q.dtype, pred.wq.data_ptr(), pred.wk.data_ptr())
 
         def fn(q_, k_, v_):
             return self._sparse_attention(q_, k_, v_, self._select(q_.detach(), k_.detach(), budgets,
@@ -406,15 +421,18 @@ class DSVDotProductAttention(_CoreAttention):
 
     def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
-        with their budgets (a list of ints, or an int tensor [heads, clips] for packed clips; q may
-        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share).
-        cached_weights=False casts the predictor's weights in place of reusing a cast copy (inside
-        a CUDA graph, which must read the live parameters)."""
+        with their budgets (a list of ints; an int tensor [heads, clips] for packed clips, where q may
+        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share; or the
+        DeviceBudgets of all heads). cached_weights=False casts the predictor's weights in place of
+        reusing a cast copy (inside a CUDA graph, which must read the live parameters)."""
         q_lr, k_lr = q, k
         if self.cfg.estimator == "lowrank":
             q_lr = self.predictor.project(q, "q", heads, cached=cached_weights)
             k_lr = self.predictor.project(k, "k", heads, cached=cached_weights)
-        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), budgets,
+        k_max = None
+        if isinstance(budgets, DeviceBudgets):
+            budgets, k_max = budgets.tensor, budgets.k_max
+        return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), budgets, k_max=k_max,
                              block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
                              backend=self.cfg.backend, kv_reduce=self._kv_reduce, segments=segments,
                              q_start=q_start if segments is not None else 0)

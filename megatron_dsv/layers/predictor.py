@@ -22,6 +22,26 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
+# Token slices whose key Grams key_gram computes side by side before summing them.
+GRAM_SLICES = 32
+
+
+def key_gram(k: torch.Tensor) -> torch.Tensor:
+    """K^T K [b, h, d, d] of keys k [b, S, h, d] per batch element and head. One product over all S
+    tokens has a d x d output and an S-long reduction: a handful of tiles, most of the GPU idle (the
+    float32 Gram products of a stage-1 step took ~16 ms of GPU time per step on an H200 at 16k
+    tokens, bench/results/step_h200/stage1_trace). Split into GRAM_SLICES slices of tokens computed
+    side by side and summed, it fills the GPU."""
+    b, s, h, d = k.shape
+    main = s // GRAM_SLICES * GRAM_SLICES
+    parts = k[:, :main].reshape(b, GRAM_SLICES, main // GRAM_SLICES, h, d)
+    gram = torch.einsum("bcshd,bcshe->bchde", parts, parts).sum(1)
+    if main < s:
+        rest = k[:, main:]
+        gram = gram + torch.einsum("bshd,bshe->bhde", rest, rest)
+    return gram
+
+
 class LowRankPredictor(Float32State):
     """Per-head projections of q and k to rank r, with their own Adam state.
 
@@ -96,12 +116,12 @@ class LowRankPredictor(Float32State):
         is a quadratic form in a Gram matrix of the keys: p.t = q_est (K_est^T K) q^T, |p|^2 =
         q_est (K_est^T K_est) q_est^T, |t|^2 = q (K^T K) q^T. So the cost is O(S d (d + r)) per head,
         not O(rows S (d + r)) plus a dozen passes over two rows x S tensors, forward and backward
-        (most of a stage-1 step's extra time otherwise)."""
-        k_est = torch.einsum("bshd,hdr->bshr", k, wk)
+        (most of a stage-1 step's extra time otherwise). All three Grams come from G = K^T K, the only
+        pass over the keys: K_est^T K = wk^T G and K_est^T K_est = wk^T G wk, d x d x r products."""
         q_est = torch.einsum("bnhd,hdr->bnhr", q, wq)
-        g_pt = torch.einsum("bshr,bshd->bhrd", k_est, k)
-        g_pp = torch.einsum("bshr,bshu->bhru", k_est, k_est)
-        g_tt = torch.einsum("bshd,bshe->bhde", k, k)
+        g_tt = key_gram(k.detach())
+        g_pt = torch.einsum("hdr,bhde->bhre", wk, g_tt)
+        g_pp = torch.einsum("bhrd,hdu->bhru", g_pt, wk)
         dot = torch.einsum("bnhr,bhrd,bnhd->bhn", q_est, g_pt, q) * scale
         pp = torch.einsum("bnhr,bhru,bnhu->bhn", q_est, g_pp, q_est)
         tt = torch.einsum("bnhd,bhde,bnhe->bhn", q, g_tt, q) * scale ** 2

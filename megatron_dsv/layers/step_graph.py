@@ -6,9 +6,12 @@ half of the step's Python and launches (bench/step.py). Capturing the forward an
 and replaying them removes that host time for every layer, dense or DSV. A replay runs the kernels
 the capture launched and none of the layers' Python, so
 
-- the decisions the layers made at capture (stage, per-head budgets, sparse or dense) are frozen
-  into the graph: `replay_key(model)` gives them, as the layers will make them at the next
-  training step, and a graph captured under key K may replay any step whose key is K; it is None
+- the decisions the layers made at capture (stage, sparse or dense, the width k_max of the block
+  lists) are frozen into the graph: `replay_key(model)` fixes them for the next training step
+  (DSVDotProductAttention.plan_step) and returns them, and a graph captured under key K may
+  replay any step whose key is K. The per-head budgets are not frozen: the selection reads them
+  from a tensor on the device that replay_key updates in place (device_budgets.py), so a graph
+  replays across the anneal's levels and the profiles' budget changes of equal k_max. It is None
   where the next step cannot be replayed (a step that profiles; a layer that has not run; packed
   clips; context parallelism), which then runs eagerly. A step that trains the predictor (stage
   1) replays too: its loss and gradients are computed in the graph, on sampled rows that follow
@@ -33,30 +36,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from .attention import DSVDotProductAttention
 from .metrics import dsv_layers
-
-
-def _layer_key(layer: DSVDotProductAttention) -> Optional[tuple]:
-    ctl, n_kv = layer.controller, layer.last_n_kv
-    if layer.cp is not None or n_kv is None or layer.last_packed:
-        return None
-    if ctl.profile_now():
-        return None
-    # A step that trains the predictor samples a number of rows that may differ from step to step (their
-    # values follow the device's step counter).
-    learns = layer.next_sample_size() if ctl.learns_now() else None
-    if not ctl.may_run_sparse():   # dense attention (stage 1): the budgets play no part in the step
-        return n_kv, ctl.host()["stage"], False, learns
-    # The sparse-or-dense choice is a function of these at a shape the layer has already run
-    # (dispatch measures once per shape), so it needs no place in the key.
-    return n_kv, ctl.host()["stage"], True, learns, tuple(ctl.budgets(n_kv))
 
 
 def replay_key(model) -> Optional[tuple]:
     """The decisions of every DSV layer at the next training step (at the shapes they last ran), or
     None where that step must run eagerly. () for a model without DSV layers."""
-    keys = tuple(_layer_key(layer) for layer in dsv_layers(model))
+    keys = tuple(layer.plan_step() for layer in dsv_layers(model))
     return None if any(k is None for k in keys) else keys
 
 
@@ -69,7 +55,10 @@ def capturing(model) -> Iterator[None]:
             raise NotImplementedError("step capture: DSV layers under context parallelism plan and exchange per "
                                       "step on the host; run those steps eagerly")
         layer.commit()
-        layer.plan_step()
+        if layer.plan_step() is None:
+            raise RuntimeError(f"step capture: DSV layer {layer.layer_number} cannot run its next step planned "
+                               f"(a step that profiles, or a layer that has not run): step_graph.replay_key is "
+                               f"None for it; run that step eagerly")
         layer.in_step_graph = True
         layer.graph_stats = None
     try:

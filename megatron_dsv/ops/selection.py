@@ -47,7 +47,7 @@ def normalize_budgets(topk, heads: int, n_kv) -> Tuple[torch.Tensor, int]:
 
 
 def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_reduce="max", segments=None,
-                  q_start=0):
+                  q_start=0, k_max=None):
     """Pick the top-k KV blocks of every query block from low-rank projections.
 
     Args:
@@ -66,6 +66,11 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         q_start: with segments, q_lr may hold only the tokens [q_start, q_start + Sq) of the packed
             sequence (a multiple of block_q; one context-parallel rank's share): the result then has
             the rows of those query blocks.
+        k_max: with topk an int tensor [h] on q_lr's device, the budgets stay there: the host never
+            reads them (no sync), and a CUDA graph or compiled graph that ran this call runs again
+            with whatever values the tensor then holds. k_max (the last dimension of kv_idx) is then
+            given, and the budgets must lie in [0, min(k_max, KV blocks)], which is not checked. Not
+            with segments.
 
     The proxy of a query block is the mean of its tokens' q_lr. Ties go to the lower block id.
 
@@ -96,7 +101,18 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
             raise ValueError(f"q_lr holds tokens [{q_start}, {q_start + s_q}) of the packed sequence of "
                              f"{k_lr.shape[1]} tokens; they must lie in it and start on a query block (block_q={block_q})")
         n_kv = list(segments.blocks_per_clip(block_kv))
-    budgets, k_max = normalize_budgets(topk, h, n_kv)
+    if k_max is None:
+        budgets, k_max = normalize_budgets(topk, h, n_kv)
+    else:
+        budgets = topk
+        if segments is not None:
+            raise ValueError("k_max (budgets kept on the device) is not for packed clips (segments)")
+        if not isinstance(topk, torch.Tensor) or topk.device != q_lr.device or tuple(topk.shape) != (h,) \
+                or topk.is_floating_point() or topk.dtype == torch.bool:
+            raise ValueError(f"with k_max, topk must be an int tensor [{h}] on {q_lr.device}, got "
+                             f"{type(topk).__name__} {getattr(topk, 'dtype', '')} {tuple(getattr(topk, 'shape', ()))}")
+        if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= n_kv:
+            raise ValueError(f"k_max must be an int in [1, KV blocks={n_kv}], got {k_max!r}")
 
     backend = resolve_backend(backend, q_lr.device)
     if backend == "reference":

@@ -229,6 +229,8 @@ def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count, width):
 def _device_counts(budgets: torch.Tensor, segments, block_q: int, device) -> torch.Tensor:
     """Count of each (head, query block) on the device: [h, 1] (one budget per head) or, for packed
     clips, [h, n_q] (its clip's budget; 0 for query blocks of pure padding)."""
+    if budgets.device == device and segments is None:   # budgets the caller keeps on the device
+        return budgets.view(-1, 1)
     key = (tuple(budgets.flatten().tolist()), tuple(budgets.shape), segments, block_q, str(device))
     if key not in _BUDGET_CACHE:
         if segments is None:
@@ -273,9 +275,10 @@ def _(q_lr, k_lr, counts, k_max, block_q, block_kv, kv_reduce, kv_range=None, q_
 def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_reduce, segments=None, q_start=0):
     """Triton backend of :func:`megatron_dsv.ops.select_blocks` (inputs already validated).
 
-    budgets: int64 CPU tensor [h] ([h, clips] with segments), already clipped to the KV blocks;
-    k_max = max(budgets.max(), 1). q_lr holds tokens [q_start, q_start + Sq) of the segments'
-    sequence: the per-query-block tables are cut to its query blocks.
+    budgets: int64 CPU tensor [h] ([h, clips] with segments), already clipped to the KV blocks,
+    k_max = max(budgets.max(), 1); or an int tensor [h] on q_lr's device, k_max at least its largest.
+    q_lr holds tokens [q_start, q_start + Sq) of the segments' sequence: the per-query-block tables
+    are cut to its query blocks.
     Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
     """
     device = q_lr.device

@@ -172,3 +172,20 @@ def test_top_blocks_kernel_equals_topk_and_sort(monkeypatch, width, k_max):
         want = ts._top_blocks(keys, counts, k_max, width)
         monkeypatch.setattr(ts, "TOP_BLOCKS_MAX_WIDTH", 16384)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_budgets_kept_on_the_device_select_as_host_budgets(backend):
+    """Budgets as a device tensor with a wider k_max (what a layer's training steps pass) pick the blocks
+    host budgets pick, with -1 in the extra columns; changed in place, the next call reads them."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, s, r = 2, 3, 320, 8
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    held = torch.tensor([1, 4, 2], device=DEVICE)
+    for budgets in ([1, 4, 2], [3, 0, 5]):
+        held.copy_(torch.tensor(budgets))
+        want_idx, want_cnt = select_blocks(q_lr, k_lr, budgets, block_q=32, block_kv=32, backend=backend)
+        got_idx, got_cnt = select_blocks(q_lr, k_lr, held, block_q=32, block_kv=32, backend=backend, k_max=8)
+        k = want_idx.shape[-1]
+        assert got_idx.shape[-1] == 8 and torch.equal(got_cnt, want_cnt)
+        assert torch.equal(got_idx[..., :k], want_idx) and (got_idx[..., k:] == -1).all()
