@@ -573,7 +573,7 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
     params = [p for p in graphed.parameters() if p.requires_grad]
     runner = CapturedTrainStep(graphed, params)
     for i in range(14):
-        if i == 9:   # new budgets: the old graph no longer fits the step
+        if i == 9:   # new budgets (a new k_max captures anew; an equal one replays with the new budgets)
             for model in models:
                 _force_stage2(model, 0.5)
                 for layer in (m for m in model.modules() if isinstance(m, DSVDotProductAttention)):
@@ -595,7 +595,7 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
                         p.add_(p.grad, alpha=-1e-2)
     # Stage 1: steps 0-1 (eager). Stage 2: 2-3 eager, captured at 4 (STABLE_STEPS = 3), replays 4-5; the
     # profiles at 6 and 12 run eagerly (7-8 and 13 replay unless the profile moved the budgets); new
-    # budgets at 9: eager 9-10, captured anew at 11.
+    # budgets at 9 (if their k_max differs: eager 9-10, captured anew at 11).
     assert STABLE_STEPS == 3 and runner.replays >= 3, runner.replays
     layer = next(m for m in graphed.modules() if isinstance(m, DSVDotProductAttention))
     assert layer.controller.host()["step"] == 14 and layer.last_used_sparse

@@ -378,17 +378,21 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
     bit for bit (the kernels are deterministic), also after the predictor is fine-tuned in place."""
     cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, stage1_min_steps=1, stage1_max_steps=1,
                     layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0,
-                    profile_interval_stage2=4, budget_policy="theta")  # budgets from block_sparsity, set below
+                    profile_interval_stage2=6, budget_policy="theta")  # budgets from block_sparsity, set below
     layers = [core(c, heads=4, d=64).cuda() for c in (cfg, cfg.replace(cuda_graphs=False))]
     gen = torch.Generator().manual_seed(0)
+    graphs = []
     for step in range(12):
         q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda().bfloat16() for _ in range(3))
         grad = torch.randn(1024, 2, 256, generator=gen).cuda().bfloat16()
         results = []
         for layer in layers:
-            if step == 1:  # stage 2 with per-head budgets from a profile
+            # Stage 2 with per-head budgets from a profile (step 1: 8, 5, 4, 2 of 16 blocks; captured at
+            # step 3); at step 4 new budgets of the same k_max (8), which the graphs read from the device.
+            sparsity = {1: [0.5, 0.7, 0.8, 0.9], 4: [0.6, 0.75, 0.85, 0.9]}.get(step)
+            if sparsity is not None:
                 state = layer.controller.state_dict()
-                state["block_sparsity"].copy_(torch.tensor([0.5, 0.7, 0.8, 0.9]))
+                state["block_sparsity"].copy_(torch.tensor(sparsity))
                 layer.controller.load_state_dict(state)
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             out = layer(qq, kk, vv, None)
@@ -399,7 +403,10 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
         for i, (got, want) in enumerate(zip(*results)):
             assert torch.equal(got, want), (step, i, layers[0].graphed._graphed is not None,
                                             float((got.float() - want.float()).abs().max()))
+        graphs.append((layers[0].graphed._graphed, layers[0].device_budgets.values))
     assert layers[0].last_used_sparse and layers[0].graphed._graphed is not None
+    (captured, before), (_, after), (replayed, _) = graphs[2], graphs[3], graphs[4]   # steps 3, 4, 5
+    assert captured is not None and replayed is captured and before == (8, 5, 4, 2) and after == (7, 4, 3, 2)
     assert layers[0].predictor.wq.equal(layers[1].predictor.wq)
 
 
