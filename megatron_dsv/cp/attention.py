@@ -31,7 +31,9 @@ def _check_segments(segments, s_local, group, block_q, block_kv):
 
 
 def _zero_padding(out, segments, group):
-    """Zero the padding rows of this rank's shard [s_local, b, H, d] (their values are unused)."""
+    """Zero the padding rows of this rank's shard [s_local, b, H, d]: of the output, whose values
+    there are unused, and of q before attention: a padding query row takes part in the exchange's
+    attention like any other, and a NaN in it would reach the keys' gradients through 0 x NaN."""
     if segments is None or not segments.is_padded:
         return out
     s_local = out.shape[0]
@@ -105,6 +107,7 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             raise ValueError("with segments, budgets must be int block counts ([H] or [H, clips])")
     if blocks.shape[0] != H:
         raise ValueError(f"budgets for {blocks.shape[0]} heads, the tensors have {H}")
+    q = _zero_padding(q, segments, group)
     pending = []
     qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of, pending)
     mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)

@@ -217,7 +217,9 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
                H, S_Q, S_KV, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
-               HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr):
+               HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr):
+    """Q_VARLEN: padding rows (lse +inf, see _fwd_kernel) read as zero q and dO, so whatever they
+    hold (NaN included) gives them dq 0 and delta 0."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -230,8 +232,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < S_Q
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows * sq_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + rows * sdo_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
+    live = m_ok
+    if Q_VARLEN:
+        live = live & (lse2 != float("inf"))
+    q = tl.load(Q + b * sq_b + h * sq_h + rows * sq_s + offs_d[None, :], mask=live[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows * sdo_s + offs_d[None, :], mask=live[:, None], other=0.0)
     o = tl.load(O + b * so_b + h * so_h + rows * so_s + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
@@ -240,7 +246,6 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
         dlse2 = tl.load(DLse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=0.0)
         delta = delta - dlse2 * 1.4426950408889634
     tl.store(Delta + bh.to(tl.int64) * S_Q + offs_m, delta, mask=m_ok)
-    lse2 = tl.load(Lse2 + bh.to(tl.int64) * S_Q + offs_m, mask=m_ok, other=float("inf"))
 
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -271,16 +276,17 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
-                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_VARLEN: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
-    VARLEN: keys past the block's valid length (KvLen) get zero gradients; they are not masked in
-    the loop (their columns do not mix with the others), only when the block is stored.
+    VARLEN: keys past the block's valid length (KvLen) read as 0 and get zero gradients (they are
+    masked when the block is stored; in the loop their columns mix with the others only in dq).
     ATOMIC_DQ: the one-recompute schedule: each sub-tile's dS also gives its rows' share of dq,
     added in float32 to DQ ([b, h, Sq, HEAD_DIM] contiguous) with atomics; keys outside the
     sequence or the block's valid length take no part in it (there they do mix). The adds are
     relaxed (plain reductions, no ordering with other memory): tl.atomic_add's default acq_rel
-    fences every one, and the backward measured 7.5x slower than the two-kernel schedule with it."""
+    fences every one, and the backward measured 7.5x slower than the two-kernel schedule with it.
+    Q_VARLEN: padding rows (lse +inf) take part with zero q, dO and dS, whatever they hold."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -291,9 +297,13 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
     offs_n = kb * BLOCK_KV + tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < S_KV
+    key_ok = n_ok
+    if VARLEN:
+        key_ok = key_ok & (tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb))
     cols = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + b * sk_b + h * sk_h + cols * sk_s + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + cols * sv_s + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    # Keys past the valid length read as 0: whatever they hold (NaN included) must not reach dq.
+    k = tl.load(K + b * sk_b + h * sk_h + cols * sk_s + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + cols * sv_s + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     q_base = Q + b * sq_b + h * sq_h
     do_base = DO + b * sdo_b + h * sdo_h
     row_base = bh.to(tl.int64) * S_Q
@@ -307,9 +317,6 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
     else:
         dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
-    key_ok = n_ok
-    if VARLEN:
-        key_ok = key_ok & (tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb))
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
     # One flat loop over (list entry, BLOCK_M sub-tile): measured 25% faster on H100 than a
     # static inner loop over the sub-tiles (the loads pipeline across sub-tiles).
@@ -323,6 +330,11 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
         # Rows past S_Q get lse +inf, so their probabilities are 0.
         lse2 = tl.load(Lse2 + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+        if Q_VARLEN:
+            live = lse2 != float("inf")
+            q = tl.where(live[:, None], q, 0.0)
+            do = tl.where(live[:, None], do, 0.0)
+            delta = tl.where(live, delta, 0.0)
         if D_MAJOR:
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
             p = tl.exp2(s - lse2[:, None])
@@ -452,7 +464,7 @@ def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, l
     return out, lse2
 
 
-def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout):
+def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout, q_varlen):
     """dq over each query block's KV list; also returns delta = rowsum(dO * O) - dlse for dk/dv."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
@@ -472,13 +484,14 @@ def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv
         *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
         h, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, **cfg)
+        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, Q_VARLEN=q_varlen, **cfg)
     return dq, delta
 
 
-def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, dq_acc=None):
+def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, q_varlen, dq_acc=None):
     """dk, dv over each KV block's transposed list (query blocks that selected it); with dq_acc
-    (float32 [b, h, Sq, d], zeroed), also dq, added there with atomics."""
+    (float32 [b, h, Sq, d], zeroed), also dq, added there with atomics. q_varlen: rows with lse +inf
+    are padding."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_kv = -(-s_kv // block_kv)
@@ -493,12 +506,13 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, sca
         *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
         h, n_kv, s_q, s_kv, scale * LOG2E, scale,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, **cfg)
+        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, Q_VARLEN=q_varlen,
+        **cfg)
     return dk, dv
 
 
 def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
-              deterministic=True):
+              deterministic=True, q_varlen=False):
     """deterministic: dq over each query block's list, then dk/dv over each KV block's (no atomics,
     bitwise reproducible; P and dP computed twice). Otherwise the one-recompute schedule: one pass
     over each KV block's list gives dk, dv and dq, dq added in float32 with atomics."""
@@ -508,8 +522,9 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
     q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
     if deterministic:
-        dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout)
-        dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout)
+        dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
+                        q_varlen)
+        dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, q_varlen)
         return dq, dk, dv
     # delta = rowsum(dO * O) - dlse (per natural-log unit), as the dq kernel computes it.
     delta = (to_bhsd(do, layout).float() * to_bhsd(out, layout).float()).sum(-1)
@@ -517,7 +532,7 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
         delta = delta - dlse2.view_as(delta) * LOG2E
     dq_acc = torch.zeros(delta.shape + (q.shape[-1],), dtype=torch.float32, device=q.device)
     dk, dv = _dkdv(do, q, k, v, lse2, delta.contiguous(), q_idx, q_off, kv_len, block_q, block_kv, scale, layout,
-                   dq_acc)
+                   q_varlen, dq_acc)
     return from_bhsd(dq_acc, layout).contiguous().to(q.dtype), dk, dv
 
 
@@ -550,26 +565,28 @@ def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           block_q: int, block_kv: int, scale: float, layout: str,
                           dlse2: Optional[torch.Tensor] = None,
                           kv_len: Optional[torch.Tensor] = None,
-                          deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          deterministic: bool = True,
+                          q_varlen: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each contiguous in its input's layout. dlse2: gradient of the base-2 lse
     [b, h, Sq] (None: the lse was not used). deterministic=False: the one-recompute schedule (dq by
-    float32 atomics, not bitwise reproducible)."""
+    float32 atomics, not bitwise reproducible). q_varlen: the forward had padding rows (q_len): they
+    get zero gradients and give none, whatever q and dO hold there."""
     return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
-                     deterministic)
+                     deterministic, q_varlen)
 
 
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_len=None,
-      deterministic=True):
+      deterministic=True, q_varlen=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, _q_len, deterministic = inputs
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, q_len, deterministic = inputs
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_len)
     ctx.args = (block_q, block_kv, scale, layout)
-    ctx.deterministic = deterministic
+    ctx.deterministic, ctx.q_varlen = deterministic, q_len is not None
     # Unused outputs give None instead of a zero tensor: no lse gradient is the common case.
     ctx.set_materialize_grads(False)
 
@@ -579,7 +596,7 @@ def _backward_rule(ctx, dout, dlse2):
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
     dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len,
-                                       ctx.deterministic)
+                                       ctx.deterministic, ctx.q_varlen)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

@@ -349,8 +349,9 @@ def packed_clips(S, align):
 
 def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1, H=6, d=8, r=4, bq=16, bkv=16,
                  seed=13):
-    """dsv_cp_attention and dense_cp_attention on packed clips (padding holding garbage) against one
-    process running the packed reference ops on the whole sequence: selection rows, out, dq, dk, dv."""
+    """dsv_cp_attention and dense_cp_attention on packed clips against one process running the packed
+    reference ops on the whole sequence: selection rows, out, dq, dk, dv. The reference's padding holds
+    random values, the ranks' NaN: neither may reach real tokens, and padding gets zero gradients."""
     P = g.size
     S = s_local * P
     seg = packed_clips(S, max(bq, bkv))
@@ -372,6 +373,10 @@ def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1,
     dref = dense_attention(qd, kd, vd, layout="sbhd", segments=seg)
     (dref * gout).sum().backward()
     sl = slice(g.index * s_local, (g.index + 1) * s_local)
+    pad = ~seg.token_valid(torch.device("cpu"))[sl]
+
+    def local(t):   # this rank's shard, NaN in its padding
+        return t[sl].clone().to(dtype).masked_fill(pad.view(-1, 1, 1, 1), float("nan")).requires_grad_()
 
     def close(a, ref, what):
         if dtype == F64:
@@ -387,7 +392,7 @@ def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1,
         variants = [("gather", "lpt"), ("ring", "lpt")] + ([("ring", "split")] if U > 1 else [])
         for schedule, assignment in variants:
             pl = fixed_plan(P, U, H, schedule=schedule, assignment=assignment, costs=work, n_units=nq)
-            ql, kl, vl = (t[sl].clone().to(dtype).requires_grad_() for t in (q, k, v))
+            ql, kl, vl = (local(t) for t in (q, k, v))
             out, (my_idx, my_cnt) = dsv_cp_attention(ql, kl, vl, wq.to(dtype), wk.to(dtype), budgets, group=g,
                                                      plan=pl, block_q=bq, block_kv=bkv, backend=backend,
                                                      return_selection=True, segments=seg)
@@ -403,7 +408,7 @@ def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1,
             close(ql.grad, qr.grad[sl], what + " dq")
             close(kl.grad, kr.grad[sl], what + " dk")
             close(vl.grad, vr.grad[sl], what + " dv")
-        ql, kl, vl = (t[sl].clone().to(dtype).requires_grad_() for t in (q, k, v))
+        ql, kl, vl = (local(t) for t in (q, k, v))
         out, (mine, q_seg, k_full) = dense_cp_attention(ql, kl, vl, group=g, U=U, return_heads=True, segments=seg)
         (out * gout[sl].to(dtype)).sum().backward()
         what = f"packed dense_cp_attention U={U} rank {g.index}"

@@ -219,6 +219,39 @@ def test_one_recompute_backward(dtype, case):
     run_case(dtype=dtype, deterministic=False, **case)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "one_recompute"])
+@pytest.mark.parametrize("poison_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_padding_of_packed_clips_never_reaches_real_tokens(deterministic, poison_value):
+    """NaN or Inf in the padding of packed clips (q, k or v, and the output gradient there) leaves the
+    output and every gradient of the real tokens as with clean padding, and gives the padding
+    itself zero gradients."""
+    gen = torch.Generator().manual_seed(41)
+    dtype = torch.float32
+    packed = Segments([40, 50], align=32)   # 128 tokens; padding at 40..63 and 114..127
+    pad = ~packed.token_valid(torch.device("cpu"))
+    q, k, v = make_qkv(1, 128, 128, 2, 32, dtype, "bshd", gen, packed=False)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+    kv_idx = torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3]]).view(1, 1, 4, 2).expand(1, 2, 4, 2).int().to(DEVICE)
+    kv_cnt = torch.full((1, 2, 4), 2, dtype=torch.int32, device=DEVICE)
+    mask = pad.view(1, -1, 1, 1).to(DEVICE)
+
+    def run(tensors, grad):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = block_sparse_attention(*leaves, kv_idx, kv_cnt, block_q=32, block_kv=32, segments=packed,
+                                     backend="triton", deterministic=deterministic)
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
+
+    clean = run((q, k, v), dout.masked_fill(mask, 0.0))
+    for which in range(3):
+        dirty = [q, k, v]
+        dirty[which] = dirty[which].masked_fill(mask, poison_value)
+        got = run(dirty, dout.masked_fill(mask, poison_value))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
+            assert torch.isfinite(a).all() and (a.masked_select(mask) == 0).all(), (which, name)
+            torch.testing.assert_close(a, b, rtol=0 if deterministic else 1e-5, atol=0 if deterministic else 1e-6,
+                                       msg=lambda m: f"poisoned {'qkv'[which]}, {name}: {m}")
+
+
 def test_deterministic_backward_is_bitwise_reproducible():
     """The default (atomic-free) backward gives bit-identical gradients run to run, on a mask where many
     query blocks share KV blocks (the case where an atomic dq or dk/dv would reorder sums)."""
