@@ -1,6 +1,6 @@
 """Pretrain the example video DiT with DSV sparse self-attention (or dense with --dense).
 
-    python examples/pretrain_video_dit.py                 # tiny model, CPU: ~4 min, stage 1 -> stage 2
+    python examples/pretrain_video_dit.py                 # tiny model, CPU: ~5.5 min, stage 1 -> stage 2
     python examples/pretrain_video_dit.py --dense         # the dense baseline, same seed and data
     python examples/pretrain_video_dit.py --model small --train-iters 2000   # GPU, bf16
     python examples/pretrain_video_dit.py --data images   # camera over photos (needs scikit-image)
@@ -18,6 +18,7 @@ TINY_DSV_DEFAULTS) so the demo reaches stage 2 within a minute; flags override t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -119,7 +120,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--load", default=None, help="directory to resume from (latest checkpoint)")
     add_dsv_args(parser)
 
-    pre, _ = parser.parse_known_args(argv)
+    # The preset's defaults are set before the full parse, so --help shows them too.
+    pre, _ = parser.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     if pre.model == "tiny":
         parser.set_defaults(**TINY_DSV_DEFAULTS, **TINY_DEFAULTS)
     else:
@@ -153,11 +155,14 @@ def check_args(parser, args) -> None:
                      "--pack and --recompute-activations")
     if args.cuda_graph_step is None:
         args.cuda_graph_step = on_gpu and not (args.pack or args.recompute_activations)
-    if not args.dense:
-        try:
+    if args.data == "folder" and not args.data_path:
+        parser.error("--data folder needs --data-path")
+    try:
+        dit_config(args)
+        if not args.dense:
             DSVConfig.from_args(args)
-        except ValueError as e:
-            parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def dit_config(args):
@@ -177,8 +182,6 @@ def make_datasets(args, dit):
     if args.data == "folder":
         from video_dit.data_folder import VideoFolder
 
-        if not args.data_path:
-            raise ValueError("--data folder needs --data-path")
         kw = dict(frame_stride=args.frame_stride, num_captions=dit.num_captions)
         return (VideoFolder(args.data_path, channels, shape, seed=args.seed, **kw),
                 VideoFolder(args.val_data_path or args.data_path, channels, shape, seed=val_seed, **kw))
@@ -256,9 +259,9 @@ def save_checkpoint(path, model, opt, master, step, args):
         f.write(str(step))
 
 
-# Saved arguments that must match for a checkpoint to load into this run's model.
-MODEL_ARGS = ("model", "dense", "num_layers", "hidden_size", "num_attention_heads", "latent_shape", "latent_channels",
-              "patch_size", "text_len", "dsv_rank", "dsv_block_q", "dsv_block_kv", "dsv_cube")
+# Saved arguments that must match for a checkpoint to load into this run (the model's own sizes are
+# compared as the preset and the flags resolve them: dit_config).
+MODEL_ARGS = ("dense", "dsv_rank", "dsv_block_q", "dsv_block_kv", "dsv_cube")
 
 
 def load_checkpoint(path, model, opt, master=None, args=None):
@@ -266,7 +269,10 @@ def load_checkpoint(path, model, opt, master=None, args=None):
     if not os.path.isfile(latest):
         raise SystemExit(f"--load {path}: no checkpoint there ({latest} is missing; --save writes it)")
     with open(latest) as f:
-        step = int(f.read())
+        text = f.read().strip()
+    if not text.isdigit():
+        raise SystemExit(f"--load {path}: {latest} should hold the step of the last checkpoint, it holds {text[:40]!r}")
+    step = int(text)
     file = os.path.join(path, f"iter_{step:07d}.pt")
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
@@ -276,13 +282,24 @@ def load_checkpoint(path, model, opt, master=None, args=None):
         saved = state.get("args", {})
         differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(args, k)!r} here"
                   for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
+        here = dit_config(args)
+        try:
+            there = dit_config(argparse.Namespace(**{**vars(args), **saved}))
+        except (KeyError, ValueError):   # arguments of another version of this script
+            there = here
+        differ += [f"{f.name} {getattr(there, f.name)!r} there, {getattr(here, f.name)!r} here"
+                   for f in dataclasses.fields(here) if getattr(there, f.name) != getattr(here, f.name)]
         if differ:
             raise SystemExit(f"--load {path}: {file} was saved by a run with another model: " + "; ".join(differ))
+    if master is None and state.get("master") is not None:
+        raise SystemExit(f"--load {path}: {file} was saved by a bf16 run (with fp32 master weights); resume it "
+                         f"with --bf16 on a GPU")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if master is not None:
         if state.get("master") is None:
-            raise ValueError(f"{path}: checkpoint of an fp32 run; resume it with --fp32")
+            raise SystemExit(f"--load {path}: {file} was saved by a run with fp32 weights (no fp32 master copy); "
+                             f"resume it with --fp32")
         master.load_state_dict(state["master"])
     torch.set_rng_state(state["torch_rng"])
     return step
@@ -453,7 +470,7 @@ def main(argv=None):
                   f"attention {layer.get('attention_ms', 0.0):.1f}", flush=True)
         print(closing_summary(dsv_cfg, metrics), flush=True)
     replays = f" ({captured.replays} replayed from CUDA graphs)" if captured is not None else ""
-    print(f"done: {end - start} steps in {_fmt_time(time.time() - t_start)}{replays}", flush=True)
+    print(f"done: {max(0, end - start)} steps in {_fmt_time(time.time() - t_start)}{replays}", flush=True)
 
 
 def policy_text(cfg) -> str:

@@ -240,11 +240,18 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     _run_job("--train-iters", "2", "--save", str(tmp_path / "ckpt"))
     code, out = _job_error("--dense", "--train-iters", "3", "--load", str(tmp_path / "ckpt"))
     assert code != 0 and "another model" in out and "--dense False there, True here" in out
-    out = _run_job("--train-iters", "2", "--load", str(tmp_path / "ckpt"))
-    assert "resuming from step 2" in out and "nothing to train" in out and not _steps(out)
+    # the preset's own hidden size given explicitly is the same model; a run that ends before the checkpoint
+    # trains nothing and says so
+    out = _run_job("--train-iters", "1", "--hidden-size", "128", "--load", str(tmp_path / "ckpt"))
+    assert "resuming from step 2" in out and "nothing to train" in out and not _steps(out) and "done: 0 steps" in out
+    code, out = _job_error("--train-iters", "3", "--hidden-size", "64", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "hidden_size 128 there, 64 here" in out and "Traceback" not in out
     (tmp_path / "ckpt" / "iter_0000002.pt").write_bytes(b"not a checkpoint")
     code, out = _job_error("--train-iters", "3", "--load", str(tmp_path / "ckpt"))
     assert code != 0 and "cannot read" in out and "iter_0000002.pt" in out
+    (tmp_path / "ckpt" / "latest").write_text("abc")
+    code, out = _job_error("--train-iters", "3", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "should hold the step" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -253,6 +260,9 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     (["--dsv-block-q", "48"], "DSVConfig.block_q=48 is not one of"),
     (["--dsv-budget-policy", "target", "--dsv-target-density", "0.01"], "target_density=0.01 must lie in"),
     (["--dense", "--dsv"], "exclude each other"),
+    (["--latent-shape", "0", "16", "16"], "latent T must be at least 1"),
+    (["--num-attention-heads", "3"], "not divisible by num_heads 3"),
+    (["--data", "folder"], "--data folder needs --data-path"),
 ])
 def test_bad_command_lines_are_usage_errors(argv, message, capsys):
     import pretrain_video_dit

@@ -106,8 +106,9 @@ def _fault_worker(rank, world, out_dir, fault):
     # Megatron's CP groups take distributed_timeout_minutes: one minute here, so a stuck rank fails fast.
     parallel_state.initialize_model_parallel(context_parallel_size=world, distributed_timeout_minutes=1)
     layer = _layer(world, DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32))
-    s_local = 128 if fault == "stuck" or rank == 0 else 96  # "lengths": rank 1 holds fewer tokens
-    q, k, v = (torch.randn(s_local, B, H, D, requires_grad=True) for _ in range(3))
+    s_local = 96 if fault == "lengths" and rank == 1 else 128   # "lengths": rank 1 holds fewer tokens
+    dtype = torch.float64 if fault == "dtypes" and rank == 1 else torch.float32   # "dtypes": rank 1 in float64
+    q, k, v = (torch.randn(s_local, B, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
     t0 = time.time()
     if fault == "stuck" and rank == 1:
         time.sleep(75)  # alive but never reaches the collective (past the one-minute timeout)
@@ -123,12 +124,16 @@ def _fault_worker(rank, world, out_dir, fault):
         os._exit(0)  # the stuck peer never joins a teardown
 
 
-def test_cp_ranks_with_different_lengths_fail_on_every_rank_naming_the_layer(tmp_path):
-    spawn(_fault_worker, 2, str(tmp_path), "lengths")
+@pytest.mark.parametrize("fault, ranks", [("lengths", "rank 0: (128, 1, 2, 16, 2, 0), rank 1: (96, 1, 2, 16, 2, 0)"),
+                                          ("dtypes", "rank 0: (128, 1, 2, 16, 2, 0), rank 1: (128, 1, 2, 16, 3, 0)")])
+def test_cp_ranks_with_different_shards_fail_on_every_rank_naming_the_layer(tmp_path, fault, ranks):
+    """Different lengths or dtypes on the CP ranks: a ValueError on every rank naming the layer and each
+    rank's shape, dtype code and packed-clip digest (not an abort in gloo's C++ code)."""
+    spawn(_fault_worker, 2, str(tmp_path), fault)
     for rank in range(2):
         message = json.loads((tmp_path / f"rank{rank}.json").read_text())["message"]
         assert message.startswith("ValueError") and "layer 1" in message, message
-        assert "rank 0: (128, 1, 2, 16), rank 1: (96, 1, 2, 16)" in message, message
+        assert ranks in message, message
 
 
 def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):

@@ -133,6 +133,10 @@ def test_block_sparse_low_precision_close_to_float64():
 @pytest.mark.parametrize("bad, match", [
     (dict(layout="bhsd"), "layout"),
     (dict(block_q=48), "block_q"),
+    (dict(block_q=32.0), "must be ints"),
+    (dict(block_kv=True), "must be ints"),
+    (dict(scale="x"), "scale must be"),
+    (dict(scale=-1.0), "scale must be"),
     (dict(kv_idx=torch.zeros(1, 2, 2, 2, dtype=torch.float32)), "int32 or int64"),
     (dict(kv_idx=torch.zeros(1, 2, 3, 2, dtype=torch.int32)), "kv_idx must be"),
     (dict(kv_cnt=torch.full((1, 2, 3), 2, dtype=torch.int32)), "kv_cnt must be"),

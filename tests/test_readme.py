@@ -28,7 +28,7 @@ def test_ci_runs_the_readme_commands():
 def test_readme_apply_dsv_example_runs(megatron_parallel):
     import torch
 
-    code = re.search(r"## Use it in a Megatron model\n\n```python\n(.*?)```", README, re.S).group(1)
+    code = re.search(r"## Use it in a Megatron model\n\n.*?```python\n(.*?)```", README, re.S).group(1)
     scope = {}
     exec(code, scope)
     block = scope["block"]

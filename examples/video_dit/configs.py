@@ -40,6 +40,14 @@ class DiTConfig:
     through 3D RoPE, nearby positions: the local, content-driven pattern trained video DiTs show."""
 
     def __post_init__(self):
+        sizes = dict(num_layers=self.num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                     latent_channels=self.latent_channels, **{f"latent {n}": v for n, v in zip("THW", self.latent_shape)},
+                     **{f"patch {n}": v for n, v in zip("THW", self.patch)})
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.text_len < 0:
+            raise ValueError(f"text_len must be at least 0, got {self.text_len}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:

@@ -256,7 +256,7 @@ class DSVDotProductAttention(_CoreAttention):
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
-            cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})")
+            cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments)
             with self.timer("attention", query.device):
                 if sparse:
                     out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,

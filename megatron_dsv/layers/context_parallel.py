@@ -29,6 +29,10 @@ def _default_head_parallel(P: int, heads: int, max_u: int = 8) -> int:
     return max(u for u in range(1, P + 1) if P % u == 0 and u <= min(heads, max_u))
 
 
+# Codes of the dtypes check_shard compares across ranks (a mismatch would abort in the backend's C++ code).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class LayerContextParallel:
     def __init__(self, cfg, heads: int, head_dim: int, process_group, ranks):
         self.cfg = cfg
@@ -48,9 +52,12 @@ class LayerContextParallel:
     def size(self) -> int:
         return self.group.size
 
-    def check_shard(self, q: torch.Tensor, layer: str) -> None:
-        """Every rank's share: the same shape on all CP ranks, whole cubes and blocks."""
-        self.group.check_same(f"{layer}: query shapes [s, b, heads, d]", q.shape)
+    def check_shard(self, q: torch.Tensor, layer: str, segments=None) -> None:
+        """Every rank's share: the same shape and dtype on all CP ranks (and the same packed clips, whose
+        boundaries every rank must read alike), whole cubes and blocks."""
+        clips = 0 if segments is None else hash((tuple(segments.starts), tuple(segments.lengths), segments.total))
+        self.group.check_same(f"{layer}: query shapes [s, b, heads, d], dtypes (code) and packed clips (digest)",
+                              (*q.shape, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, clips))
         s_local = q.shape[0]
         blk = max(self.cfg.block_q, self.cfg.block_kv)
         if s_local % blk:

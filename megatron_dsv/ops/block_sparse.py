@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -14,8 +15,9 @@ from .reference import block_sparse_attention_reference
 
 
 def check_block_sizes(block_q, block_kv):
-    if block_q not in BLOCK_SIZES or block_kv not in BLOCK_SIZES:
-        raise ValueError(f"block_q and block_kv must be in {BLOCK_SIZES}, got {block_q}, {block_kv}")
+    # `in` alone would let 64.0 or True through (they compare equal to ints).
+    if any(type(x) is not int or x not in BLOCK_SIZES for x in (block_q, block_kv)):
+        raise ValueError(f"block_q and block_kv must be ints in {BLOCK_SIZES}, got {block_q!r}, {block_kv!r}")
 
 
 def check_block_mask(kv_idx, kv_cnt, b, h, n_q, name_prefix=""):
@@ -137,6 +139,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         if segments is not None:
             raise ValueError("pass segments or kv_lens, not both: segments imply the KV block lengths")
         kv_lens = check_kv_lens(kv_lens, b, h, -(-s_kv // block_kv), block_kv)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number (or None for 1/sqrt(d)), got {scale!r}")
     scale = d ** -0.5 if scale is None else float(scale)
 
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
