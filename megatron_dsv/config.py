@@ -77,8 +77,8 @@ class DSVConfig:
     target_density: float = 0.1
     """'target'/'uniform': share of the KV blocks the layer attends once annealed."""
     anneal_steps: int = 200
-    """'target'/'uniform': stage-2 steps over which the density goes from the theta rule's to target_density
-    (in at most budget.ANNEAL_LEVELS equal steps, so budgets hold in between and CUDA graphs replay)."""
+    """'target'/'uniform': stage-2 steps over which the density goes from the theta rule's to target_density,
+    along a line."""
     layer_sparsity_threshold: float = 0.5
     """'theta': a layer goes sparse in stage 2 only if its mean profiled sparsity is at least this."""
     budget_floor: float = 0.05

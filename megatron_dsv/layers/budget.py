@@ -18,9 +18,9 @@ Three policies (``DSVConfig.budget_policy``):
 from one DSVConfig instead of within each layer (``ModelBudgetPool``).
 
 Under the two target policies, stage 2 anneals the layer's density from the theta rule's density
-at the stage switch to ``target_density`` over ``anneal_steps`` steps, along a line in at most
-ANNEAL_LEVELS equal steps (budgets hold in between, so CUDA graphs replay), so the model adapts
-to the sparser attention; in stage 1 (dense) the budgets, which the recall is measured at, are the
+at the stage switch to ``target_density`` over ``anneal_steps`` steps, along a line (budgets
+move every step or two; the selection reads them from the device, device_budgets.py, so CUDA
+graphs replay across them), so the model adapts to the sparser attention; in stage 1 (dense) the budgets, which the recall is measured at, are the
 theta rule's, where stage 2 begins. ``budget_floor`` / ``budget_ceiling`` bound every head.
 
 The curves live in the stage controller (checkpointed, on a fixed grid of densities so one
@@ -105,19 +105,11 @@ def held_mass(curve: torch.Tensor, blocks: Sequence[int], n_kv: int) -> List[flo
     return [float(at[h, k]) for h, k in enumerate(blocks)]
 
 
-ANNEAL_LEVELS = 20
-"""The anneal moves the density in at most this many equal steps, a staircase along the line. The budgets
-hold between them, so CUDA graphs captured at one level (a layer's, or a whole step's) replay until the
-next; moving every step, the budgets changed every step or two and no graph replayed during the anneal."""
-
-
 def annealed_density(start: float, target: float, steps: int, anneal_steps: int) -> float:
-    """Density `steps` into stage 2: from `start` to `target` over `anneal_steps` steps, along the line in
-    ANNEAL_LEVELS equal steps (every step where anneal_steps <= ANNEAL_LEVELS)."""
+    """Density `steps` into stage 2: from `start` to `target` over `anneal_steps` steps, along a line."""
     if anneal_steps <= 0 or steps >= anneal_steps or math.isnan(start):
         return target
-    hold = max(1, anneal_steps // ANNEAL_LEVELS)
-    return start + (target - start) * (max(0, steps) // hold * hold) / anneal_steps
+    return start + (target - start) * max(0, steps) / anneal_steps
 
 
 class ModelBudgetPool:

@@ -3,11 +3,11 @@
 A step replayed from a CUDA graph (the layer's own graphs, graphed.py, or a whole-step graph,
 step_graph.py) reads the budgets the graph was captured with, and torch.compile guards on Python
 ints: with the budgets as host ints, every change of budgets meant a recapture (three eager steps
-and a capture) or a recompile. The target policy's anneal changes them at each of its 20 levels,
-and every stage-2 profile may move a head's budget by a block. So the selection reads them from
-this tensor, which is updated in place, on the stream, before the step's kernels are queued; a
-graph then depends only on k_max (the width of the block lists), rounded up to a power of two, so
-the anneal from the theta rule's density to 0.1 crosses a few k_max values instead of 20 budgets.
+and a capture) or a recompile. The target policy's anneal changes them every step or two, and
+every stage-2 profile may move a head's budget by a block. So the selection reads them from this
+tensor, which is updated in place, on the stream, before the step's kernels are queued; a graph
+then depends only on k_max (the width of the block lists), rounded up to a power of two, so the
+anneal from the theta rule's density to 0.1 crosses a few k_max values.
 The attention kernels loop over each query block's count, not over k_max, so the rounding costs
 only the -1 padding of the lists.
 """
