@@ -108,13 +108,15 @@ def test_key_follows_k_max_not_budgets_and_a_profiling_step_cannot_be_captured(m
 
     def set_sparsity(value):
         state = layer.controller.state_dict()
-        state["block_sparsity"].fill_(value)
+        state["block_sparsity"].copy_(torch.as_tensor(value))
         layer.controller.load_state_dict(state)
 
+    set_sparsity(0.25)   # 3 of the 4 KV blocks
+    key = replay_key(model)
     held = layer.device_budgets.tensor
-    set_sparsity(0.25)   # 3 of the 4 KV blocks: new budgets, k_max still 4
+    set_sparsity(torch.tensor([0.25, 0.5]))   # new budgets, the same k_max (3, on the GPU rounded up to 4)
     assert replay_key(model) == key
-    assert layer.device_budgets.tensor is held and held.tolist() == layer.controller.budgets(4) == [3, 3]
+    assert layer.device_budgets.tensor is held and held.tolist() == layer.controller.budgets(4) == [3, 2]
     set_sparsity(0.75)   # 1 block: k_max 1
     assert replay_key(model) not in (None, key) and held.tolist() == [1, 1]
     for _ in range(2):   # on to the next profile step (step 6)

@@ -8,8 +8,9 @@ every stage-2 profile may move a head's budget by a block. So the selection read
 tensor, which is updated in place, on the stream, before the step's kernels are queued; a graph
 then depends only on k_max (the width of the block lists), rounded up to a power of two, so the
 anneal from the theta rule's density to 0.1 crosses a few k_max values.
-The attention kernels loop over each query block's count, not over k_max, so the rounding costs
-only the -1 padding of the lists.
+The GPU kernels loop over each query block's count, not over k_max, so the rounding costs only the
+-1 padding of the lists. Off the GPU, k_max is the largest budget: there are no CUDA graphs, and
+the pure-torch reference gathers every slot up to k_max, so a rounded k_max costs it compute.
 """
 
 from __future__ import annotations
@@ -36,4 +37,5 @@ class DeviceBudgets:
         else:   # in place: graphs captured over the tensor read the new values
             self.tensor.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
         self.values = values
-        self.k_max = min(n_kv, 1 << (max(max(values), 1) - 1).bit_length())
+        largest = max(max(values), 1)
+        self.k_max = min(n_kv, 1 << (largest - 1).bit_length()) if device.type == "cuda" else largest
