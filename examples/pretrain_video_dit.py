@@ -8,7 +8,8 @@
 
 One progress line every --log-interval steps: loss, DSV stage, layers running sparse, mean
 profiled block sparsity, predictor recall (share of true attention mass the selected blocks
-hold, on sampled rows), predictor loss, tokens/s and ETA (from the current stage's steps); on a
+hold, on sampled rows), predictor loss, tokens/s and ETA (from the current stage's steps; in stage 1
+it says it assumes stage-1 speed, and by which step stage 2 begins); on a
 terminal a progress bar (tqdm) runs below the lines. Every --dsv-* flag of
 megatron_dsv.config.add_dsv_args is accepted; DSVConfig.from_args builds the config.
 For the tiny preset the script sets shorter stage-1 defaults than DSVConfig's (see
@@ -317,7 +318,7 @@ def progress_bar(start: int, end: int):
     return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True)
 
 
-def progress_line(step, args, loss, summary, tok_s, step_s, eta, val=None):
+def progress_line(step, args, loss, summary, tok_s, step_s, eta, val=None, eta_note=""):
     parts = [f"step {step:5d}/{args.train_iters}", f"loss {loss:.4f}"]
     if summary is not None:
         parts += [f"stage {summary['stage']}", f"sparse layers {summary['sparse_layers']}/{summary['layers']}",
@@ -325,7 +326,7 @@ def progress_line(step, args, loss, summary, tok_s, step_s, eta, val=None):
                   f"pred-loss {summary['predictor_loss']:.3f}"]
     else:
         parts.append("dense")
-    parts += [f"{tok_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"ETA {_fmt_time(eta)}"]
+    parts += [f"{tok_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"ETA {_fmt_time(eta)}{eta_note}"]
     if val is not None:
         parts.append(f"val {val:.4f}")
     return " | ".join(parts)
@@ -433,7 +434,10 @@ def main(argv=None):
             mean_s = sum(t for t, _ in recent) / len(recent)
             tok_s = sum(n for _, n in recent) / sum(t for t, _ in recent)
             summary = metrics["summary"] if metrics else None
-            line = progress_line(done, args, loss_value, summary, tok_s, step_s, mean_s * (end - done), val)
+            # In stage 1 the rate of stage 2 is not known yet: the ETA says which stage's rate it assumes.
+            switch = dsv_cfg.stage1_max_steps if dsv_cfg else end
+            note = f" at stage-1 speed, stage 2 by step {switch}" if stage == 1 and switch < end else ""
+            line = progress_line(done, args, loss_value, summary, tok_s, step_s, mean_s * (end - done), val, note)
             if bar is not None:
                 bar.write(line)
             else:

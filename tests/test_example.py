@@ -208,6 +208,8 @@ def test_main_job_reaches_stage2_and_resumes(tmp_path):
     steps = _steps(out)
     assert sorted(steps) == list(range(1, 9))
     assert "stage 1" in steps[1] and "stage 2" in steps[8]
+    # in stage 1 the ETA says what it assumes (stage 2's speed is unknown until it starts)
+    assert "at stage-1 speed, stage 2 by step 5" in steps[1] and "at stage-1 speed" not in steps[8]
     assert re.search(r"sparse layers 2/2", steps[8]), steps[8]
     assert "val " in steps[6]
     for line in steps.values():

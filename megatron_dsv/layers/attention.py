@@ -256,14 +256,18 @@ class DSVDotProductAttention(_CoreAttention):
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
-            cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments)
-            with self.timer("attention", query.device):
-                if sparse:
-                    out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
-                                    step, segments)
-                    learn_inputs = cp.learn_inputs(query, key) if learn else None
-                else:
-                    out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
+            try:
+                cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments)
+                with self.timer("attention", query.device):
+                    if sparse:
+                        out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
+                                        step, segments)
+                        learn_inputs = cp.learn_inputs(query, key) if learn else None
+                    else:
+                        out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
+            except RuntimeError as e:   # a collective that timed out or lost a peer: say which layer waited
+                raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): context-parallel "
+                                   f"attention failed ({e})") from e
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
               and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed.fits(query)):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
