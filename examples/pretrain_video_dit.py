@@ -44,6 +44,7 @@ from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
 from megatron_dsv.layers import append_jsonl, dsv_metrics, log_dsv_metrics  # noqa: E402
+from megatron_dsv.layers.graphed import MAX_ELEMENTS as GRAPHED_MAX_ELEMENTS  # noqa: E402
 
 # The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
 # 32-token KV blocks (64 of each), a short stage 1.
@@ -71,7 +72,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dense", action="store_true",
                    help="dense SDPA self-attention baseline (default: DSV; --dsv is accepted and changes nothing)")
     g = parser.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=1000, help="length of the run (and of the lr schedule); for the GPU presets stage 1 takes at most "
+    g.add_argument("--train-iters", type=int, default=1000,
+                   help="length of the run (and of the lr schedule); for the GPU presets stage 1 takes at most "
                    "40%% of it unless --dsv-stage1-max-steps is given")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after this step (checkpointing it with --save); resume with --load")
@@ -104,8 +106,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="replay each training step's forward + backward from one CUDA graph, captured once the "
                    "step's shapes and DSV decisions repeat (profile steps run eagerly); removes the "
                    "host time that bounds small models: `small` at 16k tokens steps 1.6x faster in DSV's stage 2, "
-                   "1.1x dense (bench/step.py). Default: on with a GPU, except with --pack or "
-                   "--recompute-activations, which it excludes")
+                   "1.1x dense (bench/step.py). Default: on with a GPU for micro-batches of at most 2^25 "
+                   "activation elements (tokens x batch x hidden; `small` at 16k x 2 is 2^24), except with --pack "
+                   "or --recompute-activations, which it excludes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -154,16 +157,20 @@ def check_args(parser, args) -> None:
     if args.cuda_graph_step and (args.pack or args.recompute_activations):
         parser.error("--cuda-graph-step captures fixed shapes without activation recomputation: it excludes "
                      "--pack and --recompute-activations")
-    if args.cuda_graph_step is None:
-        args.cuda_graph_step = on_gpu and not (args.pack or args.recompute_activations)
     if args.data == "folder" and not args.data_path:
         parser.error("--data folder needs --data-path")
     try:
-        dit_config(args)
+        dit = dit_config(args)
         if not args.dense:
             DSVConfig.from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.cuda_graph_step is None:
+        # On by default where a step is bound by host time: micro-batches up to the size up to which the
+        # DSV layers graph their own attention (16k tokens x batch 2 x hidden 512 for `small`). Longer
+        # steps are bound by the GPU, and a held graph's memory would only add to an eager step's peak.
+        args.cuda_graph_step = (on_gpu and not (args.pack or args.recompute_activations)
+                                and args.micro_batch_size * dit.num_tokens * dit.hidden_size <= GRAPHED_MAX_ELEMENTS)
 
 
 def dit_config(args):
