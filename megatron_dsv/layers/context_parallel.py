@@ -55,7 +55,7 @@ class LayerContextParallel:
     def check_shard(self, q: torch.Tensor, layer: str, segments=None) -> None:
         """Every rank's share: the same shape and dtype on all CP ranks (and the same packed clips, whose
         boundaries every rank must read alike), whole cubes and blocks."""
-        clips = 0 if segments is None else hash((tuple(segments.starts), tuple(segments.lengths), segments.total))
+        clips = 0 if segments is None else hash(segments)   # by value, over ints: the same on every process
         self.group.check_same(f"{layer}: query shapes [s, b, heads, d], dtypes (code) and packed clips (digest)",
                               (*q.shape, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, clips))
         s_local = q.shape[0]

@@ -100,8 +100,8 @@ class LowRankPredictor(Float32State):
         (the paper's 0.95 / 0.05 mix by default).
 
         Unit vectors at cosine c lie 2 (1 - c) apart squared, so the mix is (2 - cos_weight) *
-        (1 - c); it is computed in that form, which never builds the normalised rows (extra
-        passes over the [b, h, rows, S] logits, forward and backward, in every profile step)."""
+        (1 - c). The definition of the loss; training computes it without the logits
+        (:meth:`gram_loss`, tested against this)."""
         cos = F.cosine_similarity(pred, target, dim=-1)
         return ((2.0 - cos_weight) * (1.0 - cos)).mean(dim=(0, 2))
 
