@@ -11,11 +11,14 @@ for every --seeds value. Arguments after "--" go to every run unchanged. Writes 
   quality.json                 per arm: final validation loss per seed, gap to dense of the same seed,
                                mean gap and seed-to-seed spread, sparse layers, recall, held mass, density
 
---parallel N runs N at a time, spread over the visible GPUs: fine for losses, but wall times and
-tokens/s of concurrent runs are not speed measurements (bench/step.py and bench/e2e.py are). With
---parallel 1 (the default) the runs are sequential and the closing table also gives each run's wall
-time against dense's, its replayed steps and its median step time per DSV stage ("speed" in
-quality.json): the end-to-end view of a training run (log every step for full coverage).
+--parallel N runs N at a time, each on the visible GPU with the fewest runs: fine for losses, but wall
+times and tokens/s of runs that share a GPU are not speed measurements (bench/step.py and
+bench/e2e.py are). With --parallel at most the number of GPUs (or 1, the default), every run has a
+GPU to itself (the host's cores are shared) and the closing table also gives each run's wall time
+against dense's, its replayed steps and its median step time per DSV stage ("speed" in
+quality.json): the end-to-end view of a training run (log every step for full coverage). Runs go in
+order dense, then each arm, seed by seed, so with --parallel 2 on two GPUs dense and one arm of a
+seed run side by side.
 
     python bench/quality.py --out bench/results/quality_policy_h200 --seeds 7 8 --parallel 6 \\
         --arm target "--dsv-budget-policy target" --arm uniform "--dsv-budget-policy uniform" \\
@@ -49,21 +52,22 @@ def command(out: Path, name: str, train_args, extra, dense: bool):
     return cmd
 
 
-def run_all(out: Path, jobs, parallel: int) -> dict:
-    """jobs: [(name, cmd)]; runs them `parallel` at a time, round-robin over the visible GPUs."""
-    gpus = _gpu_count()
+def run_all(out: Path, jobs, parallel: int, gpus: int) -> dict:
+    """jobs: [(name, cmd)]; runs them `parallel` at a time, each on the GPU with the fewest runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    pending, running, wall = list(enumerate(jobs)), {}, {}
+    pending, running, wall = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
-            i, (name, cmd) = pending.pop(0)
+            name, cmd = pending.pop(0)
             for suffix in (".jsonl", "_dsv.jsonl"):
                 (out / f"{name}{suffix}").unlink(missing_ok=True)
-            job_env = dict(env, CUDA_VISIBLE_DEVICES=str(i % gpus)) if gpus > 1 else env
+            gpu = min(range(max(gpus, 1)), key=lambda g: sum(r[3] == g for r in running.values()))
+            job_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu)) if gpus > 1 else env
             log = open(out / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env), log, time.time())
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env), log,
+                             time.time(), gpu)
         time.sleep(1)
-        for name, (proc, log, t0) in list(running.items()):
+        for name, (proc, log, t0, _) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 wall[name] = time.time() - t0
@@ -161,7 +165,8 @@ def main():
     jobs = [(f"{arm}_s{seed}", command(out, f"{arm}_s{seed}", [*train_args, "--seed", str(seed)], extra or [],
                                        dense=extra is None))
             for seed in args.seeds for arm, extra in arms]
-    wall = run_all(out, jobs, args.parallel)
+    gpus = _gpu_count()
+    wall = run_all(out, jobs, args.parallel, gpus)
     runs = {name: records(out / f"{name}.jsonl") for name, _ in jobs}
     plot_losses(out, runs)
     for arm, _ in arms[1:]:
@@ -170,7 +175,7 @@ def main():
     summary = {
         "args": train_args, "seeds": args.seeds, "arms": {arm: (extra or []) for arm, extra in arms},
         "model_line": (out / f"{jobs[0][0]}.log").read_text().splitlines()[0],
-        "steps": runs[jobs[0][0]][-1]["step"], "parallel": args.parallel,
+        "steps": runs[jobs[0][0]][-1]["step"], "parallel": args.parallel, "gpus": gpus,
         "results": {arm: arm_summary(out, arm, args.seeds, runs) for arm, _ in arms},
         "wall_s": wall,
         "speed": {name: speed_summary(out, name, runs[name], wall[name]) for name, _ in jobs},
@@ -187,7 +192,7 @@ def main():
                 else float("nan"))
         print(f"{arm:>10} {vals} {100 * rec['val_gap_rel_mean']:>8.2f}% {100 * rec['val_gap_rel_spread']:>6.2f}% "
               f"{mean(rec['density']):>8.3f} {mean(rec['recall']):>7.3f} {mean(rec['held_mass']):>6.3f}")
-    if args.parallel == 1:   # one run at a time: the wall times are speed measurements
+    if args.parallel <= max(gpus, 1):   # a GPU per run: the wall times are speed measurements
         print(f"\n{'run':>12} {'wall s':>7} {'x dense':>8} {'replayed':>8}  median step s by stage (logged steps)")
         for name, sp in summary["speed"].items():
             dense_wall = wall[f"dense_s{name.rsplit('_s', 1)[1]}"]

@@ -10,6 +10,7 @@ from megatron_dsv import DSVConfig
 from megatron_dsv.layers.budget import (CURVE_POINTS, annealed_density, block_range, curve_at_blocks, curve_on_grid,
                                         held_mass, mass_optimal_blocks, total_blocks, uniform_blocks)
 from megatron_dsv.layers.controller import PER_HEAD_BUFFERS, StageController
+from megatron_dsv.layers.device_budgets import DeviceBudgets
 from megatron_dsv.layers.dispatch import CostDispatch, Costs
 from megatron_dsv.layers.profiler import held_curve, profile_logits
 
@@ -94,13 +95,17 @@ def test_controller_anneals_from_the_theta_density_to_the_target(policy):
     curve = curve_on_grid(concave_curves(torch.Generator().manual_seed(3), heads, n_kv))
     _profile(ctl, [0.5, 0.625, 0.75, 0.875], curve)
     assert not ctl.may_run_sparse() and ctl.budgets(n_kv) == [50, 38, 25, 13]  # stage 1: where stage 2 begins
+    assert not ctl.annealing()
     _run_steps(ctl, 2)
-    assert ctl.in_stage2 and ctl.may_run_sparse()
+    assert ctl.in_stage2 and ctl.may_run_sparse() and ctl.annealing()
     assert ctl.host()["anneal_from"] == pytest.approx(0.3125, abs=1e-4)  # the theta rule's mean share
     assert sum(ctl.budgets(n_kv)) == 125
     _run_steps(ctl, 5)
     assert sum(ctl.budgets(n_kv)) == round((0.3125 + (0.1 - 0.3125) * 0.5) * heads * n_kv)
-    _run_steps(ctl, 5)
+    _run_steps(ctl, 4)
+    assert ctl.annealing()   # its last step
+    _run_steps(ctl, 1)
+    assert not ctl.annealing()
     budgets = ctl.budgets(n_kv)
     assert sum(budgets) == 40 and min(budgets) >= 2
     if policy == "uniform":
@@ -243,3 +248,30 @@ def test_loss_ema_folds_each_loss_once_a_step_behind_and_resumes_exactly():
         resumed.record_loss(torch.tensor(loss))
     assert resumed.host()["loss_ema"] == ctl.host()["loss_ema"]
     assert torch.equal(resumed.loss_pending, ctl.loss_pending) and float(ctl.loss_pending) == pytest.approx(0.1)
+
+
+def test_rounded_list_width_grows_while_annealing_and_settles_with_a_margin():
+    """k_max (the block-list width a captured graph is keyed by) is a power of two that only grows while
+    the budgets anneal, settles once at the anneal's end, and afterwards shrinks only when the largest
+    budget is at most 3/4 of the narrower width (a budget moving by a block across a power of two keeps it)."""
+    held = DeviceBudgets(rounded=True)
+    cpu = torch.device("cpu")
+    widths = []
+    for largest in (200, 120, 60, 30):   # the anneal: budgets fall
+        held.hold([largest, 1], 256, cpu, annealing=True)
+        widths.append(held.k_max)
+    assert widths == [256] * 4 and held.tensor.tolist() == [30, 1]
+    held.hold([30, 1], 256, cpu)   # the anneal's end: settles at 32 (30 is within the margin)
+    assert held.k_max == 32
+    held.hold([33, 1], 256, cpu)   # a profile adds a block: grows at once
+    assert held.k_max == 64
+    held.hold([31, 1], 256, cpu)   # and back: 31 > 3/4 x 32, the width stays
+    assert held.k_max == 64
+    held.hold([24, 1], 256, cpu)   # clearly narrower: shrinks
+    assert held.k_max == 32
+    held.hold([250, 1], 256, cpu)   # never wider than the KV blocks
+    assert held.k_max == 256
+    exact = DeviceBudgets(rounded=False)   # off the GPU: the largest budget, anneal or not
+    for largest in (200, 30):
+        exact.hold([largest, 1], 256, cpu, annealing=True)
+        assert exact.k_max == largest

@@ -57,11 +57,9 @@ def _check_shard(q, k, v, group, U, block_q=None, block_kv=None):
 def _to_heads(q, k, v, group, U, heads_of, pending=None):
     """[s_local, b, H, d] x 3 -> [seg, b, n, d] x 3, one all-to-all each. Not one all-to-all of q|k|v
     concatenated: that costs a concatenation forward, and in backward three full-size zero-filled
-    gradients of the slices, added up, for one collective's latency saved. With `pending`, v's
-    all-to-all is only started: selection reads q and k alone, so it runs meanwhile. Where the plan
-    splits the sequence (R > 1), the K-lowrank gather queues behind v's transfer on the same
-    communicator, and only the projections before it overlap."""
-    return (*(seq_to_head(t, group, U, heads_of) for t in (q, k)), seq_to_head(v, group, U, heads_of, pending))
+    gradients of the slices, added up, for one collective's latency saved. With `pending`, the
+    all-to-alls are only started (their handles appended), to run while selection does."""
+    return tuple(seq_to_head(t, group, U, heads_of, pending) for t in (q, k, v))
 
 
 def _wait(pending, group, device) -> None:
@@ -108,21 +106,25 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
     if blocks.shape[0] != H:
         raise ValueError(f"budgets for {blocks.shape[0]} heads, the tensors have {H}")
     q = _zero_padding(q, segments, group)
+    with torch.no_grad():
+        # Selection reads only the rank-r projections. Made here, on this rank's shard and for every
+        # head, they cross the head all-to-all (r/d of q and k's bytes) before q, k and v do, so that
+        # selection runs while q, k and v are in flight.
+        with group.phase("selection", q.device):
+            q_lr = torch.einsum("sbhd,hdr->sbhr", q, wq_lr.to(q.dtype))
+            k_lr = torch.einsum("sbhd,hdr->sbhr", k, wk_lr.to(k.dtype))
+        q_lr, k_lr = (seq_to_head(t, group, plan.U, plan.heads_of) for t in (q_lr, k_lr))   # [seg, b, n, r]
+        with group.phase("klr_gather", q.device):
+            k_lr = gather_segments(k_lr.contiguous(), group, plan.U)   # [S, b, n, r]
     pending = []
     qh, kh, vh = _to_heads(q, k, v, group, plan.U, plan.heads_of, pending)
-    mine = torch.tensor(plan.heads_of[grid.u], dtype=torch.long, device=q.device)
-    with torch.no_grad():
-        with group.phase("selection", q.device):
-            q_lr = torch.einsum("sbhd,hdr->bshr", qh, wq_lr.index_select(0, mine).to(qh.dtype))
-            k_lr = torch.einsum("sbhd,hdr->sbhr", kh, wk_lr.index_select(0, mine).to(kh.dtype))
-        with group.phase("klr_gather", q.device):
-            k_lr = gather_segments(k_lr.contiguous(), group, plan.U).transpose(0, 1)   # [b, S, n, r]
-        with group.phase("selection", q.device):
-            # Budgets indexed by the plan's host-side head list: no device-to-host copy of `mine`.
-            kv_idx, kv_cnt = select_blocks(q_lr, k_lr, blocks[list(plan.heads_of[grid.u])], block_q=block_q,
-                                           block_kv=block_kv, backend=backend, segments=segments,
-                                           q_start=grid.j * qh.shape[0] if segments is not None else 0)
-            kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
+    with torch.no_grad(), group.phase("selection", q.device):
+        # Budgets indexed by the plan's host-side head list: no device-to-host copy.
+        kv_idx, kv_cnt = select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1),
+                                       blocks[list(plan.heads_of[grid.u])], block_q=block_q, block_kv=block_kv,
+                                       backend=backend, segments=segments,
+                                       q_start=grid.j * qh.shape[0] if segments is not None else 0)
+        kv_idx, kv_cnt = _keep_share(kv_idx, kv_cnt, plan, grid.u)
     kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
     _wait(pending, group, q.device)
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,

@@ -318,7 +318,7 @@ class DSVDotProductAttention(_CoreAttention):
             budgets = self._clip_budgets(segments)
         sparse = self._sparse_now(shape, dtype, device, n_kv, segments, tensors)
         if sparse and training_step and segments is None and cp is None:
-            self.device_budgets.hold(budgets, n_kv, device)
+            self.device_budgets.hold(budgets, n_kv, device, annealing=ctl.annealing())
         learn = training_step and ctl.learns_now()
         return n_kv, budgets, sparse, learn, ctl.host()["step"]
 

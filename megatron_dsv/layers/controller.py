@@ -116,6 +116,12 @@ class StageController(Float32State):
         """Stage 2 and, under the theta rule, a layer sparse enough (cost dispatch decides the rest)."""
         return self.policy.layer_eligible(self.host())
 
+    def annealing(self) -> bool:
+        """Whether the budgets are still annealing towards target_density (stage 2, a target policy)."""
+        h = self.host()
+        return (h["stage"] == 2 and self.cfg.budget_policy != "theta"
+                and h["step"] - h["stage2_start"] < self.cfg.anneal_steps)
+
     def _theta_density(self) -> float:
         """The theta rule's share of the blocks now (bounded by the floor and ceiling; 1 before any profile)."""
         lo, hi = block_range(_SWITCH_GRID, self.cfg.budget_floor, self.cfg.budget_ceiling)
