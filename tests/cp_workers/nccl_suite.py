@@ -11,6 +11,7 @@ head-parallel size U dividing the world (U <= heads), both KV schedules and the 
   elsewhere, are summed over the ranks into the whole reference, so heads that a plan splits
   across ranks are covered too.
 - dense_cp_attention against float64 dense attention of the whole sequence, with every gradient.
+- both on packed clips (float32; tests/cp_workers/worker.py's check_packed), NaN in the padding.
 
 A failed check exits non-zero with the rank and the case; NCCL's NVLink multicast stays off.
 """
@@ -26,7 +27,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_dsv.cp import HybridCPGroup, dense_cp_attention, dsv_cp_attention, fixed_plan  # noqa: E402
 from megatron_dsv.ops import block_sparse_attention  # noqa: E402
 from megatron_dsv.ops.reference import dense_attention_reference  # noqa: E402
-from worker import run_checks  # noqa: E402  (tests/cp_workers: this script's directory)
+from worker import check_packed, run_checks  # noqa: E402  (tests/cp_workers: this script's directory)
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}   # relative (Frobenius) error against float64
 
@@ -108,6 +109,10 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             check_sparse(g, dtype)
             check_dense(g, dtype)
+        # Packed clips (float32: selection must match the float64 reference's row for row), NaN in the padding.
+        device = torch.device("cuda", torch.cuda.current_device())
+        check_packed(g, [u for u in range(1, g.size + 1) if g.size % u == 0 and u <= 2], backend="triton",
+                     dtype=torch.float32, H=2, d=32, device=device, tol=TOL[torch.float32])
 
     run_checks(checks)
     if g.index == 0:

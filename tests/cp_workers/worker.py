@@ -348,10 +348,11 @@ def packed_clips(S, align):
 
 
 def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1, H=6, d=8, r=4, bq=16, bkv=16,
-                 seed=13):
+                 seed=13, device=torch.device("cpu"), tol=1e-5):
     """dsv_cp_attention and dense_cp_attention on packed clips against one process running the packed
-    reference ops on the whole sequence: selection rows, out, dq, dk, dv. The reference's padding holds
-    random values, the ranks' NaN: neither may reach real tokens, and padding gets zero gradients."""
+    reference ops on the whole sequence (float64, on the CPU): selection rows, out, dq, dk, dv. The
+    reference's padding holds random values, the ranks' NaN: neither may reach real tokens, and padding
+    gets zero gradients. The ranks' tensors live on `device`; tol: relative error allowed below float64."""
     P = g.size
     S = s_local * P
     seg = packed_clips(S, max(bq, bkv))
@@ -376,14 +377,16 @@ def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1,
     pad = ~seg.token_valid(torch.device("cpu"))[sl]
 
     def local(t):   # this rank's shard, NaN in its padding
-        return t[sl].clone().to(dtype).masked_fill(pad.view(-1, 1, 1, 1), float("nan")).requires_grad_()
+        return t[sl].clone().to(device, dtype).masked_fill(pad.to(device).view(-1, 1, 1, 1),
+                                                          float("nan")).requires_grad_()
 
     def close(a, ref, what):
+        a = a.cpu()
         if dtype == F64:
             assert_close(a, ref, what)
         else:
             err = rel_err(a.double(), ref)
-            assert err < 1e-5, f"{what}: relative error {err:.2e}"
+            assert err < tol, f"{what}: relative error {err:.2e}"
 
     work = (budgets.double() * torch.tensor(seg.blocks_per_clip(bq))).sum(1).tolist()
     for U in configs:
@@ -393,24 +396,25 @@ def check_packed(g, configs, *, backend="reference", dtype=F64, s_local=64, b=1,
         for schedule, assignment in variants:
             pl = fixed_plan(P, U, H, schedule=schedule, assignment=assignment, costs=work, n_units=nq)
             ql, kl, vl = (local(t) for t in (q, k, v))
-            out, (my_idx, my_cnt) = dsv_cp_attention(ql, kl, vl, wq.to(dtype), wk.to(dtype), budgets, group=g,
+            out, (my_idx, my_cnt) = dsv_cp_attention(ql, kl, vl, wq.to(device, dtype), wk.to(device, dtype), budgets,
+                                                     group=g,
                                                      plan=pl, block_q=bq, block_kv=bkv, backend=backend,
                                                      return_selection=True, segments=seg)
             what = f"packed dsv_cp_attention {backend} U={U} {schedule} {assignment} rank {g.index}"
             if assignment == "lpt":  # this rank's rows of the whole sequence's selection
                 hs = torch.tensor(pl.heads_of[grid.u])
                 rows = slice(grid.j * nq, (grid.j + 1) * nq)
-                assert torch.equal(my_cnt, cnt[:, hs, rows]), what + ": selection counts differ"
+                assert torch.equal(my_cnt.cpu(), cnt[:, hs, rows]), what + ": selection counts differ"
                 k_max = my_idx.shape[-1]
-                assert torch.equal(my_idx, idx[:, hs, rows, :k_max]), what + ": selection differs"
-            (out * gout[sl].to(dtype)).sum().backward()
+                assert torch.equal(my_idx.cpu(), idx[:, hs, rows, :k_max]), what + ": selection differs"
+            (out * gout[sl].to(device, dtype)).sum().backward()
             close(out.detach(), ref.detach()[sl], what + " out")
             close(ql.grad, qr.grad[sl], what + " dq")
             close(kl.grad, kr.grad[sl], what + " dk")
             close(vl.grad, vr.grad[sl], what + " dv")
         ql, kl, vl = (local(t) for t in (q, k, v))
         out, (mine, q_seg, k_full) = dense_cp_attention(ql, kl, vl, group=g, U=U, return_heads=True, segments=seg)
-        (out * gout[sl].to(dtype)).sum().backward()
+        (out * gout[sl].to(device, dtype)).sum().backward()
         what = f"packed dense_cp_attention U={U} rank {g.index}"
         close(out.detach(), dref.detach()[sl], what + " out")
         close(ql.grad, qd.grad[sl], what + " dq")
