@@ -46,7 +46,7 @@ from megatron_dsv.cp import (CostModel, HybridCPGroup, Shape, candidate_plans, d
                              dsv_cp_attention, estimate, fastest_plan, fixed_plan, plan)
 from megatron_dsv.cp.calibration import kv_union, measure_cost_model, slowest, time_ms  # noqa: E402
 from megatron_dsv.cp.planner import densities as to_densities, head_compute_s  # noqa: E402
-from megatron_dsv.layers.timing import ForwardTimer  # noqa: E402
+from megatron_dsv.timing import ForwardTimer  # noqa: E402
 from megatron_dsv.ops import block_sparse_attention, select_blocks  # noqa: E402
 
 

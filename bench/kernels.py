@@ -507,7 +507,7 @@ def main():
               + (f" bwd1R {r['one_recompute_bwd_ms']:.2f} (err {r['one_recompute_grad_rel_err']:.1e})"
                  if "one_recompute_bwd_ms" in r else ""))
     if args.peers:
-        print(f"\npeers on the same masks, fwd+bwd ms (x = peer time / ours; ours without selection)")
+        print("\npeers on the same masks, fwd+bwd ms (x = peer time / ours; ours without selection)")
         print(f"{'S':>7} {'blk':>4} {'dens':>5} {'ours':>7} {'cuDNN-BSA':>9} {'x':>5} {'VSA':>7} {'x':>5}  VSA path")
         for r in sparse:
             if "fwdbwd_ms" not in r or r["block_q"] != r["block_kv"]:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..layers.timing import time_ms
+from ..timing import time_ms
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from .all_to_all import seq_to_head
 from .groups import HybridCPGroup

@@ -106,7 +106,7 @@ class HybridCPGroup:
             None means ``range(world_size)`` (only valid with the default group).
         record: keep a :class:`CommRecord` per collective in ``self.log`` (tests, benchmarks).
 
-    ``timer``: None, or a region timer (``megatron_dsv.layers.timing.ForwardTimer``) that the CP path
+    ``timer``: None, or a region timer (``megatron_dsv.timing.ForwardTimer``) that the CP path
     times its phases into (all-to-all, selection, K-lowrank gather, exchange, attention; ``_bwd`` for
     backward): set by benchmarks, read after the step; None costs nothing.
     """

@@ -38,7 +38,7 @@ from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_bloc
 from .budget import CURVE_POINTS, held_mass
 from .predictor import LowRankPredictor
 from .profiler import profile_logits, selection_recall
-from .timing import ForwardTimer
+from ..timing import ForwardTimer
 
 # Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
 LOGIT_CHUNK_BYTES = 256 << 20

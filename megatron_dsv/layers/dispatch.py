@@ -24,7 +24,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 
 from ..notice import notice
-from .timing import time_ms
+from ..timing import time_ms, timing_autograd
 
 # The two densities sparse attention is timed at; the line through them predicts the rest.
 PROBE_DENSITIES = (0.05, 0.3)
@@ -60,9 +60,7 @@ def measure_costs(q, k, v, *, select: Callable, attend: Callable, dense: Callabl
         for t in leaves:
             t.grad = None
 
-    # Grad on (the first use may come in a no-grad recomputation pass), and plain saved tensors: under
-    # non-reentrant activation checkpointing the layer's hooks would otherwise take these graphs' tensors.
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with timing_autograd():
         dense_ms = time_ms(lambda: fwd_bwd(dense(*leaves)), q.device, warmup=1, iters=reps)
         sparse = []
         for density in PROBE_DENSITIES:

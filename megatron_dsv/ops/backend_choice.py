@@ -18,6 +18,7 @@ import torch
 
 from ..config import BACKENDS
 from ..notice import notice
+from ..timing import time_ms
 
 _CHOSEN: Dict[tuple, str] = {}
 
@@ -28,8 +29,6 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.device) -> str:
-    from ..layers.timing import time_ms   # here, not at import: the layers package imports the ops
-
     times = {}
     for name, run in runners.items():
         try:

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..config import BLOCK_SIZES
+from ..timing import timing_autograd
 from . import cudnn_attention
 from .backend_choice import choose_kernel, resolve_backend
 from .checks import check_qkv
@@ -85,9 +86,7 @@ def _timing_runs(kernels: dict, q, k, v, kv_idx, kv_cnt, call: dict) -> dict:
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
     def fwd_bwd(fn):
-        # Grad on (the first call may come in a no-grad recomputation pass), and plain saved tensors
-        # (under non-reentrant activation checkpointing its hooks would otherwise take these).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with timing_autograd():
             fn(*inputs, kv_idx, kv_cnt, **call).backward(grad)
 
     return {name: functools.partial(fwd_bwd, fn) for name, fn in kernels.items()}

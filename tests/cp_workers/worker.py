@@ -138,7 +138,6 @@ def reference(q, k, v, gout, kv_idx, kv_cnt, bq, bkv):
 def closed_form_bytes(kv_idx, kv_cnt, grid, heads_of, seg, bkv, d, elem):
     """Per-rank (sent, received) of block data, from the global selection, with Python sets."""
     n_seg = seg // bkv
-    nq_seg = None
 
     def need(u, j):
         hs = heads_of[u]

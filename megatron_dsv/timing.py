@@ -1,5 +1,5 @@
 """Timing on the device: forward-time accounting (selection vs attention) without synchronising the
-device, and the median time of a callable (dispatch by cost, CP calibration).
+device, and the median time of a callable (dispatch by cost, the choice of kernels, CP calibration).
 
 On CUDA, regions are bracketed by events that are only read when the totals are asked
 for; on CPU a wall clock is used. Under torch.compile or CUDA-graph capture the regions are not
@@ -12,7 +12,7 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,6 +54,15 @@ class ForwardTimer:
         totals = dict(self._total_ms)
         self._total_ms.clear()
         return totals
+
+
+@contextmanager
+def timing_autograd() -> Iterator[None]:
+    """Where a forward + backward is timed on copies of a call's inputs: grad on (the first call of a
+    shape may come in a no-grad recomputation pass), and plain saved tensors (under non-reentrant
+    activation checkpointing the caller's hooks would otherwise take the timed graphs' tensors)."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        yield
 
 
 def time_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 2, iters: int = 5) -> float:
