@@ -176,3 +176,49 @@ def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
         keys.add(key)
     assert planned.last_used_sparse and len(keys - {None}) >= 1
     assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and inductor on the GPU")
+def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_parallel):
+    """On the GPU (Triton kernels, bf16, inductor), as on CPU: stage-2 training steps run inside capturing()
+    compile whole (fullgraph=True), steps with the same k_max reuse one graph, and outputs and gradients
+    match the eager layer's (within bf16 rounding: inductor may place the predictor's casts differently)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from test_layer import core
+
+    torch._dynamo.reset()
+    cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, stage1_min_steps=1, stage1_max_steps=1,
+                    layer_sparsity_threshold=0.0, budget_floor=0.0, dispatch="density", dense_fallback_density=1.0,
+                    target_density=0.25, anneal_steps=0, profile_interval_stage2=4, backend="triton")
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(core(cfg, heads=4, d=64).cuda())
+    planned, eager = layers
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(planned, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(0)
+    keys = set()
+    for i in range(8):
+        q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda().bfloat16() for _ in range(3))
+        grad = torch.randn(1024, 2, 256, generator=gen).cuda().bfloat16()
+        key = replay_key(planned)
+        results = []
+        for layer in (planned, eager):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            if layer is planned and key is not None:
+                with capturing(layer):
+                    out = compiled(qq, kk, vv, None)
+                    out.backward(grad)
+                replayed(layer)
+            else:
+                out = layer(qq, kk, vv, None)
+                out.backward(grad)
+            results.append((out.detach(), qq.grad, kk.grad, vv.grad))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
+        keys.add(key)
+    assert planned.last_used_sparse and len(keys - {None}) >= 1
+    assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
