@@ -76,7 +76,7 @@ class DSVConfig:
     from this config over all their heads ('model': concentrated layers give blocks to spread ones)."""
     target_density: float = 0.12
     """'target'/'uniform': share of the KV blocks the layer attends once annealed. 0.12 is the sparsest
-    setting whose validation gap to dense stayed within 1% (small, 16k tokens, 1000 steps, H200: +0.69%
+    setting whose validation gap to dense stayed within 1% (small, 16k tokens, 1000 steps, H200: +0.68%
     over three seeds; 0.1 gave +1.50%), at about the same speed (README, "Measured results")."""
     anneal_steps: int = 200
     """'target'/'uniform': stage-2 steps over which the density goes from the theta rule's to target_density,
@@ -106,8 +106,8 @@ class DSVConfig:
     profile_interval_stage1: int = 20
     """Profile sparsity every this many steps in stage 1 (the predictor trains every step). The profiles
     only set the budgets stage 2 begins from; a profile step runs eagerly and reads true attention rows
-    (201 ms against 109 ms for a stage-1 step of `small` at 16k, H200), so 5 made stage 1 of a 1000-step
-    run 1.3x slower than dense."""
+    (201 ms against 109 ms for a stage-1 step of `small` at 16k, H200): at 5, stage 1 of a 1000-step run
+    took 1.41x dense's time (75.4 s against 53.6 s, bench/results/real_run_h200/e2e_final)."""
     profile_interval_stage2: int = 50
     """Profile and fine-tune the predictor every this many steps in stage 2."""
     predictor_lr: float = 1e-3

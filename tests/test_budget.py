@@ -261,7 +261,7 @@ def test_rounded_list_width_grows_while_annealing_and_settles_with_a_margin():
         held.hold([largest, 1], 256, cpu, annealing=True)
         widths.append(held.k_max)
     assert widths == [256] * 4 and held.tensor.tolist() == [30, 1]
-    held.hold([30, 1], 256, cpu)   # the anneal's end: settles at 32 (30 is within the margin)
+    held.hold([30, 1], 256, cpu)   # the anneal's end: settles at 32 (the width it ends at, margin or not)
     assert held.k_max == 32
     held.hold([33, 1], 256, cpu)   # a profile adds a block: grows at once
     assert held.k_max == 64
@@ -271,6 +271,12 @@ def test_rounded_list_width_grows_while_annealing_and_settles_with_a_margin():
     assert held.k_max == 32
     held.hold([250, 1], 256, cpu)   # never wider than the KV blocks
     assert held.k_max == 256
+    held.hold([200, 1], 256, cpu, annealing=True)   # a wide width while annealing ...
+    held.hold([3, 1], 4, cpu, annealing=True)   # ... and then a shorter sequence: the width starts afresh
+    assert held.k_max == 4
+    held.hold([3, 1], 4, cpu)
+    held.hold([3, 1], 256, cpu)   # the same budgets at another length
+    assert held.k_max == 4 and held.n_kv == 256
     exact = DeviceBudgets(rounded=False)   # off the GPU: the largest budget, anneal or not
     for largest in (200, 30):
         exact.hold([largest, 1], 256, cpu, annealing=True)

@@ -180,9 +180,10 @@ def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and inductor on the GPU")
 def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_parallel):
-    """On the GPU (Triton kernels, bf16, inductor), as on CPU: stage-2 training steps run inside capturing()
+    """On the GPU (Triton kernels, inductor), as on CPU: stage-2 training steps run inside capturing()
     compile whole (fullgraph=True), steps with the same k_max reuse one graph, and outputs and gradients
-    match the eager layer's (within bf16 rounding: inductor may place the predictor's casts differently)."""
+    match the eager layer's. float32: in bf16 a projection rounded differently by inductor could flip a
+    near-tie in the top-k and move a whole query block's rows."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from test_layer import core
@@ -201,8 +202,8 @@ def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_par
     gen = torch.Generator().manual_seed(0)
     keys = set()
     for i in range(8):
-        q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda().bfloat16() for _ in range(3))
-        grad = torch.randn(1024, 2, 256, generator=gen).cuda().bfloat16()
+        q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda() for _ in range(3))
+        grad = torch.randn(1024, 2, 256, generator=gen).cuda()
         key = replay_key(planned)
         results = []
         for layer in (planned, eager):
@@ -217,7 +218,8 @@ def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_par
                 out.backward(grad)
             results.append((out.detach(), qq.grad, kk.grad, vv.grad))
         for got, want in zip(*results):
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert planned.last_used_sparse == eager.last_used_sparse
         assert repr(planned.controller.host()) == repr(eager.controller.host()), i
         keys.add(key)
     assert planned.last_used_sparse and len(keys - {None}) >= 1

@@ -1,7 +1,9 @@
 """Distributed attention entry points of the hybrid CP scheme (what DSVDotProductAttention calls).
 
-Stage 2 (sparse):  dsv_cp_attention  = head all-to-all -> selection on the full sequence of the
-                   local heads -> sparse KV exchange + block-sparse attention -> reverse all-to-all.
+Stage 2 (sparse):  dsv_cp_attention  = rank-r projections of q, k -> their head all-to-all (and the
+                   low-rank keys' gather) -> q, k, v's head all-to-alls started -> selection on the
+                   full sequence of the local heads meanwhile -> sparse KV exchange + block-sparse
+                   attention -> reverse all-to-all.
 Stage 1 (dense):   dense_cp_attention = head all-to-all -> all-gather K, V over the R group ->
                    dense attention -> reverse all-to-all; hands back the local heads' q, k so the
                    predictor and profiler see whole sequences.

@@ -10,7 +10,8 @@ Cost model (per layer, forward + backward, of the slowest rank):
   compute   sum over its heads of min(sparse, dense) kernel time: 4 b S^2 d (1 + bwd) / R FLOPs
             times the head's density at the sparse rate, or all of it at the dense rate
             (the dispatch never runs sparse when dense is faster);
-  a2a       q, k, v, out forward and their gradients backward, over NVLink when U fits in a node;
+  a2a       q, k, v, out forward and their gradients backward, and the rank-r projections of q and k
+            (forward), over NVLink when U fits in a node;
   klr       the all-gather of the low-rank keys for the selection (forward only);
   exchange  the KV blocks a rank's query blocks select from other segments, forward, and their
             gradients backward; unique blocks per head = min(1, kv_union * density) of the
@@ -483,9 +484,10 @@ class _RankModel:
             shape, cost, U, R = self.shape, self.cost, self.U, self.R
             S, b, d, e = shape.seq_len, shape.batch, shape.head_dim, cost.bytes_per_elem
             # A split head costs each holder whole-head all-to-all and low-rank-key transfers.
-            # Head all-to-all: 4 tensors forward (q, k, v, out) and 4 backward.
-            a2a_bytes = 8 * S / self.P * b * d * e * max(N - n, (U - 1) * n)
-            a2a = link_s(a2a_bytes, self.rf_U, 8 * (U - 1), cost) if U > 1 else 0.0
+            # Head all-to-all: 4 tensors forward (q, k, v, out) and 4 backward, and before them the
+            # rank-r projections of q and k that selection reads (forward only).
+            a2a_bytes = (8 * d + 2 * shape.lr_rank) * S / self.P * b * e * max(N - n, (U - 1) * n)
+            a2a = link_s(a2a_bytes, self.rf_U, 10 * (U - 1), cost) if U > 1 else 0.0
             klr = link_s((R - 1) * S / R * b * n * shape.lr_rank * e, self.rf_R, R - 1, cost) if R > 1 else 0.0
             self._comm[n, N] = (a2a + klr, a2a, klr, a2a_bytes)
         return self._comm[n, N]

@@ -7,8 +7,9 @@ by timing the model's short list, ``cp_plan_search``), and the two paths:
 
 - dense (stage 1, or a layer that stays dense): head all-to-all + K/V all-gather over the
   sequence-parallel ranks (``dense_cp_attention``);
-- sparse (stage 2): ``dsv_cp_attention`` (head all-to-all by the plan, selection on the
-  whole sequence of each rank's heads, sparse KV exchange, reverse all-to-all).
+- sparse (stage 2): ``dsv_cp_attention`` (head all-to-all by the plan, the rank-r projections
+  first so that selection on the whole sequence of each rank's heads runs while q, k and v
+  cross, sparse KV exchange, reverse all-to-all).
 
 Both can also hand back what the predictor and profiler learn from: this rank's heads,
 the queries of its sequence segment and the keys of the whole sequence (detached).
