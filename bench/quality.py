@@ -15,8 +15,9 @@ for every --seeds value. Arguments after "--" go to every run unchanged. Writes 
 times and tokens/s of runs that share a GPU are not speed measurements (bench/step.py and
 bench/e2e.py are). With --parallel at most the number of GPUs (or 1, the default), every run has a
 GPU to itself (the host's cores are shared) and the closing table also gives each run's wall time
-against dense's, its replayed steps and its median step time per DSV stage ("speed" in
-quality.json): the end-to-end view of a training run (log every step for full coverage). Runs go in
+against dense's, its replayed steps, its median step time per DSV stage and each stage's training
+time against dense's over the same steps ("speed" in quality.json, from the train_s the runs log):
+the end-to-end view of a training run (log every step for full coverage). Runs go in
 order dense, then each arm, seed by seed, so with --parallel 2 on two GPUs dense and one arm of a
 seed run side by side.
 
@@ -134,17 +135,45 @@ def arm_summary(out: Path, arm: str, seeds, runs: dict) -> dict:
 
 
 def speed_summary(out: Path, name: str, recs, wall: float) -> dict:
-    """Whole-run wall time and the median logged step time of each DSV stage (0 = dense), from one
-    run's progress records (every --log-interval-th step) and log (the replayed-step count)."""
-    by_stage = {}
+    """Whole-run wall time, the median logged step time of each DSV stage (0 = dense) and the steps each
+    stage spans (logged steps), from one run's progress records (every --log-interval-th step) and
+    log (the replayed-step count)."""
+    by_stage, spans = {}, {}
     for r in recs:
-        by_stage.setdefault((r.get("dsv") or {}).get("stage", 0), []).append(r["step_s"])
+        stage = (r.get("dsv") or {}).get("stage", 0)
+        by_stage.setdefault(stage, []).append(r["step_s"])
+        spans.setdefault(stage, [r["step"], r["step"]])[1] = r["step"]
     # the closing "done: ..." line (not the log's last line: a process-group warning may follow it)
     replayed = re.search(r"^done: .*\((\d+) replayed from CUDA graphs\)", (out / f"{name}.log").read_text(),
                          re.MULTILINE)
     return {"wall_s": wall, "step_s_median": {st: statistics.median(v) for st, v in sorted(by_stage.items())},
             "logged_steps": {st: len(v) for st, v in sorted(by_stage.items())},
+            "last_logged_step": {st: hi for st, (_, hi) in sorted(spans.items())},
             "replayed_steps": int(replayed.group(1)) if replayed else None}
+
+
+def train_s_between(recs, first: int, last: int) -> float:
+    """Training time of steps first+1 .. last from the cumulative train_s of the records logged at those
+    steps (step 0: none yet)."""
+    at = {0: 0.0, **{r["step"]: r["train_s"] for r in recs}}
+    return at[last] - at[first]
+
+
+def stage_speedups(recs, dense_recs) -> dict:
+    """Per DSV stage: dense's training time over the same steps / this run's (the steps between the last
+    logged step of the previous stage and of this one; the switch falls within one log interval)."""
+    if not recs or "train_s" not in recs[0]:
+        return {}
+    ends, prev, out = {}, 0, {}
+    for r in recs:
+        ends[(r.get("dsv") or {}).get("stage", 0)] = r["step"]
+    for stage, last in sorted(ends.items(), key=lambda kv: kv[1]):
+        try:
+            out[stage] = train_s_between(dense_recs, prev, last) / train_s_between(recs, prev, last)
+        except (KeyError, ZeroDivisionError):   # dense logged at other steps
+            pass
+        prev = last
+    return out
 
 
 def main():
@@ -180,6 +209,8 @@ def main():
         "wall_s": wall,
         "speed": {name: speed_summary(out, name, runs[name], wall[name]) for name, _ in jobs},
     }
+    for name, _ in jobs:   # each stage's training time against dense's over the same steps
+        summary["speed"][name]["stage_x_dense"] = stage_speedups(runs[name], runs[f"dense_s{name.rsplit('_s', 1)[1]}"])
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{summary['model_line']}\n{'arm':>10} " + " ".join(f"{'val s' + str(s):>10}" for s in args.seeds)
           + f" {'gap mean':>9} {'spread':>7} {'density':>8} {'recall':>7} {'held':>6}")
@@ -193,11 +224,13 @@ def main():
         print(f"{arm:>10} {vals} {100 * rec['val_gap_rel_mean']:>8.2f}% {100 * rec['val_gap_rel_spread']:>6.2f}% "
               f"{mean(rec['density']):>8.3f} {mean(rec['recall']):>7.3f} {mean(rec['held_mass']):>6.3f}")
     if args.parallel <= max(gpus, 1):   # a GPU per run: the wall times are speed measurements
-        print(f"\n{'run':>12} {'wall s':>7} {'x dense':>8} {'replayed':>8}  median step s by stage (logged steps)")
+        print(f"\n{'run':>12} {'wall s':>7} {'x dense':>8} {'replayed':>8}  median step s by stage (logged steps; "
+              f"training time x dense over the stage's steps)")
         for name, sp in summary["speed"].items():
             dense_wall = wall[f"dense_s{name.rsplit('_s', 1)[1]}"]
-            stages = ", ".join(f"{'dense' if st == 0 else f'stage {st}'} {t:.3f} ({sp['logged_steps'][st]})"
-                               for st, t in sp["step_s_median"].items())
+            stages = ", ".join(f"{'dense' if st == 0 else f'stage {st}'} {t:.3f} ({sp['logged_steps'][st]}"
+                               + (f"; {sp['stage_x_dense'][st]:.2f}x" if st and st in sp["stage_x_dense"] else "")
+                               + ")" for st, t in sp["step_s_median"].items())
             print(f"{name:>12} {sp['wall_s']:>7.0f} {dense_wall / sp['wall_s']:>8.2f} "
                   f"{sp['replayed_steps'] if sp['replayed_steps'] is not None else '-':>8}  {stages}")
 

@@ -384,6 +384,7 @@ def main(argv=None):
     model.train()
     t_start = time.time()
     step_times = []
+    train_s = 0.0   # training steps' time so far (validation and checkpoints left out)
     end = min(args.train_iters, args.exit_interval or args.train_iters)
     if args.load:
         print(f"resuming from step {start} of {args.load}" + ("" if start < end else
@@ -426,6 +427,7 @@ def main(argv=None):
         metrics = dsv_metrics(model) if dsv_cfg else None
         stage = metrics["summary"]["stage"] if metrics else 0
         step_times.append((step_s, step_tokens, stage))
+        train_s += step_s
         val = None
         if done % args.eval_interval == 0 or done == args.train_iters:
             val = validate(model, val_data, args, device)
@@ -452,7 +454,7 @@ def main(argv=None):
             if args.log_json:
                 with open(args.log_json, "a") as f:
                     f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "step_s": step_s,
-                                        "tokens_per_s": tok_s, "dsv": summary}) + "\n")
+                                        "train_s": train_s, "tokens_per_s": tok_s, "dsv": summary}) + "\n")
         if writer is not None:
             writer.add_scalar("train/loss", loss_value, done)
             writer.add_scalar("train/step_time_s", step_s, done)

@@ -449,6 +449,11 @@ def test_quality_script_smoke(tmp_path):
         dense = summary["results"]["dense"]["final_val_loss"]
         for seed in ("1", "2"):
             assert rec["val_gap_rel"][seed] == pytest.approx((rec["final_val_loss"][seed] - dense[seed]) / dense[seed])
+            # each stage's training time against dense's over the same steps (a record shows the stage after its
+            # step: step 2 ends stage 1 at its cap, so the records say stage 1 for step 1 and stage 2 for 2-4)
+            speed = summary["speed"][f"{arm}_s{seed}"]
+            assert speed["last_logged_step"] == {"1": 1, "2": 4}, speed
+            assert set(speed["stage_x_dense"]) == {"1", "2"} and all(x > 0 for x in speed["stage_x_dense"].values())
     assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "dsv_profile_target.png").stat().st_size > 0
 
 
