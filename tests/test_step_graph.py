@@ -137,6 +137,34 @@ def test_capturing_refuses_context_parallel_layers(megatron_parallel):
     assert not layer.in_step_graph
 
 
+def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, **tolerance) -> set:
+    """Training steps of two equal layers on the same inputs ([q, k, v] per step): `planned` runs `compiled`
+    (its torch.compile) inside capturing() wherever replay_key allows, else eagerly; `eager` always
+    eagerly. backward(out, step) runs the backward. Each step's output, gradients, dispatch and controller
+    state must agree. Returns the replay keys seen."""
+    keys = set()
+    for i, qkv in enumerate(inputs):
+        key = replay_key(planned)
+        results = []
+        for layer in (planned, eager):
+            q, k, v = (t.clone().requires_grad_() for t in qkv)
+            if layer is planned and key is not None:
+                with capturing(layer):
+                    out = compiled(q, k, v, None)
+                    backward(out, i)
+                replayed(layer)
+            else:
+                out = layer(q, k, v, None)
+                backward(out, i)
+            results.append((out.detach(), q.grad, k.grad, v.grad))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, **tolerance)
+        assert planned.last_used_sparse == eager.last_used_sparse
+        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
+        keys.add(key)
+    return keys
+
+
 def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
     """A stage-2 training step run inside capturing() reads only the decisions fixed on entry, so
     torch.compile traces the layer whole (fullgraph=True) with no guard on the step counter: steps
@@ -153,27 +181,9 @@ def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(planned, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(3)
-    keys = set()
-    for i in range(8):
-        qkv = [torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)]
-        key = replay_key(planned)
-        results = []
-        for layer in (planned, eager):
-            q, k, v = (t.clone().requires_grad_() for t in qkv)
-            if layer is planned and key is not None:
-                with capturing(layer):
-                    out = compiled(q, k, v, None)
-                    out.square().mean().backward()
-                replayed(layer)
-            else:
-                out = layer(q, k, v, None)
-                out.square().mean().backward()
-            results.append((out.detach(), q.grad, k.grad, v.grad))
-        for got, want in zip(*results):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert planned.last_used_sparse == eager.last_used_sparse
-        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
-        keys.add(key)
+    inputs = [[torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)] for _ in range(8)]
+    keys = _compiled_planned_against_eager(planned, eager, compiled, inputs,
+                                           lambda out, i: out.square().mean().backward(), rtol=1e-5, atol=1e-6)
     assert planned.last_used_sparse and len(keys - {None}) >= 1
     assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
 
@@ -200,27 +210,11 @@ def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_par
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(planned, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(0)
-    keys = set()
-    for i in range(8):
-        q, k, v = (torch.randn(1024, 2, 4, 64, generator=gen).cuda() for _ in range(3))
-        grad = torch.randn(1024, 2, 256, generator=gen).cuda()
-        key = replay_key(planned)
-        results = []
-        for layer in (planned, eager):
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            if layer is planned and key is not None:
-                with capturing(layer):
-                    out = compiled(qq, kk, vv, None)
-                    out.backward(grad)
-                replayed(layer)
-            else:
-                out = layer(qq, kk, vv, None)
-                out.backward(grad)
-            results.append((out.detach(), qq.grad, kk.grad, vv.grad))
-        for got, want in zip(*results):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        assert planned.last_used_sparse == eager.last_used_sparse
-        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
-        keys.add(key)
+    inputs, grads = [], []
+    for _ in range(8):
+        inputs.append([torch.randn(1024, 2, 4, 64, generator=gen).cuda() for _ in range(3)])
+        grads.append(torch.randn(1024, 2, 256, generator=gen).cuda())
+    keys = _compiled_planned_against_eager(planned, eager, compiled, inputs, lambda out, i: out.backward(grads[i]),
+                                           rtol=1e-4, atol=1e-5)
     assert planned.last_used_sparse and len(keys - {None}) >= 1
     assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
