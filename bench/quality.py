@@ -134,21 +134,23 @@ def arm_summary(out: Path, arm: str, seeds, runs: dict) -> dict:
     return rec
 
 
-def speed_summary(out: Path, name: str, recs, wall: float) -> dict:
-    """Whole-run wall time, the median logged step time of each DSV stage (0 = dense) and the steps each
-    stage spans (logged steps), from one run's progress records (every --log-interval-th step) and
-    log (the replayed-step count)."""
-    by_stage, spans = {}, {}
+def speed_summary(out: Path, name: str, recs, wall: float, dense_recs) -> dict:
+    """Whole-run wall time, the median logged step time of each DSV stage (0 = dense), the last logged step
+    of each stage and each stage's training time against dense's over the same steps (dense_recs: the
+    dense run of the same seed), from one run's progress records (every --log-interval-th step) and log
+    (the replayed-step count)."""
+    by_stage, last = {}, {}
     for r in recs:
         stage = (r.get("dsv") or {}).get("stage", 0)
         by_stage.setdefault(stage, []).append(r["step_s"])
-        spans.setdefault(stage, [r["step"], r["step"]])[1] = r["step"]
+        last[stage] = r["step"]
     # the closing "done: ..." line (not the log's last line: a process-group warning may follow it)
     replayed = re.search(r"^done: .*\((\d+) replayed from CUDA graphs\)", (out / f"{name}.log").read_text(),
                          re.MULTILINE)
     return {"wall_s": wall, "step_s_median": {st: statistics.median(v) for st, v in sorted(by_stage.items())},
             "logged_steps": {st: len(v) for st, v in sorted(by_stage.items())},
-            "last_logged_step": {st: hi for st, (_, hi) in sorted(spans.items())},
+            "last_logged_step": dict(sorted(last.items())),
+            "stage_x_dense": stage_speedups(recs, dense_recs, last),
             "replayed_steps": int(replayed.group(1)) if replayed else None}
 
 
@@ -159,20 +161,18 @@ def train_s_between(recs, first: int, last: int) -> float:
     return at[last] - at[first]
 
 
-def stage_speedups(recs, dense_recs) -> dict:
-    """Per DSV stage: dense's training time over the same steps / this run's (the steps between the last
-    logged step of the previous stage and of this one; the switch falls within one log interval)."""
+def stage_speedups(recs, dense_recs, last: dict) -> dict:
+    """Per stage: dense's training time over the same steps / this run's (the steps after the previous
+    stage's last logged step up to this stage's, `last`; the switch falls within one log interval)."""
     if not recs or "train_s" not in recs[0]:
         return {}
-    ends, prev, out = {}, 0, {}
-    for r in recs:
-        ends[(r.get("dsv") or {}).get("stage", 0)] = r["step"]
-    for stage, last in sorted(ends.items(), key=lambda kv: kv[1]):
+    prev, out = 0, {}
+    for stage, end in sorted(last.items(), key=lambda kv: kv[1]):
         try:
-            out[stage] = train_s_between(dense_recs, prev, last) / train_s_between(recs, prev, last)
+            out[stage] = train_s_between(dense_recs, prev, end) / train_s_between(recs, prev, end)
         except (KeyError, ZeroDivisionError):   # dense logged at other steps
             pass
-        prev = last
+        prev = end
     return out
 
 
@@ -207,10 +207,9 @@ def main():
         "steps": runs[jobs[0][0]][-1]["step"], "parallel": args.parallel, "gpus": gpus,
         "results": {arm: arm_summary(out, arm, args.seeds, runs) for arm, _ in arms},
         "wall_s": wall,
-        "speed": {name: speed_summary(out, name, runs[name], wall[name]) for name, _ in jobs},
+        "speed": {name: speed_summary(out, name, runs[name], wall[name], runs[f"dense_s{name.rsplit('_s', 1)[1]}"])
+                  for name, _ in jobs},
     }
-    for name, _ in jobs:   # each stage's training time against dense's over the same steps
-        summary["speed"][name]["stage_x_dense"] = stage_speedups(runs[name], runs[f"dense_s{name.rsplit('_s', 1)[1]}"])
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{summary['model_line']}\n{'arm':>10} " + " ".join(f"{'val s' + str(s):>10}" for s in args.seeds)
           + f" {'gap mean':>9} {'spread':>7} {'density':>8} {'recall':>7} {'held':>6}")
