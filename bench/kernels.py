@@ -310,7 +310,7 @@ def tune(args, results):
         scale = D ** -0.5
         out, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, None, None, block_q, block_kv, scale, "bshd")
         dq, delta = ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd")
-        q_idx, q_off = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
+        q_idx, q_bounds = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
         base = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv)
         t = ms(lambda: ta.transpose_block_lists(kv_idx, kv_cnt, n_kv))
         results.append(dict(base, kernel="transpose_lists", ms=t))
@@ -329,10 +329,10 @@ def tune(args, results):
         calls = {
             "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, None, None, block_q, block_kv, scale, "bshd"), 1.0),
             "dq": (lambda: ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd"), 1.5),
-            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, None, block_q, block_kv, scale, "bshd"),
+            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, block_q, block_kv, scale, "bshd"),
                      2.0),
             # dq's accumulator is not re-zeroed between repeats: the adds' cost does not depend on it.
-            "dkdv_atomic": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_off, None, block_q, block_kv, scale,
+            "dkdv_atomic": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, block_q, block_kv, scale,
                                              "bshd", dq_acc), 2.5),
         }
         if "sel" in args.tune_kernels:

@@ -14,6 +14,7 @@ for these modes, in one process:
   dsv-stage1    DSV in stage 1 (dense attention + predictor training every step)
   dsv-stage2    DSV in stage 2 at --density (uniform budgets), a step that does not profile
   dsv-profile   the same, at a step that profiles and fine-tunes the predictor
+  dsv-stage1 profile   a stage-1 step that profiles (one in profile_interval_stage1)
   dsv-stage2, no CUDA graphs   dsv-stage2 with DSVConfig.cuda_graphs off (every launch from the host)
   dense / dsv-stage1 / dsv-stage2, step graph   with --step-graph: the step's forward + backward replayed
                 from one CUDA graph (the example's --cuda-graph-step); the optimizer step (and in stage 1
@@ -25,8 +26,8 @@ fed that sparsity; under the default compute-target policy, the density it annea
 
 Step time and throughput count train and metrics (data is reported, not counted: see record), and the
 profile step amortised over profile_interval_stage2 steps.
-With --trace, torch.profiler tables (top host and device ops) of three dense, three stage-1 and three
-plain stage-2 steps go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
+With --trace, torch.profiler tables (top host and device ops) of three steps each of dense, stage 1,
+plain stage 2 and profiling (stage 1 and stage 2) go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
     python bench/step.py --smoke       # CPU, tiny shapes: checks the script only
@@ -220,10 +221,11 @@ def main():
     stage1 = lambda: set_state(dsv.layers, stage=1, step=1)  # noqa: E731 (step 1: trains, does not profile)
     plain = lambda: set_state(dsv.layers, stage=2, step=1, density=args.density)  # noqa: E731
     profiling = lambda: set_state(dsv.layers, stage=2, step=0, density=args.density)  # noqa: E731
+    stage1_profiling = lambda: set_state(dsv.layers, stage=1, step=0)  # noqa: E731
     stage1()
     dsv.timed(args.warmup)
     results.append(record("dsv-stage1", dsv.timed(args.iters), tokens, density=args.density))
-    for name, before in (("dsv-stage2", plain), ("dsv-profile", profiling)):
+    for name, before in (("dsv-stage1 profile", stage1_profiling), ("dsv-stage2", plain), ("dsv-profile", profiling)):
         dsv.timed(args.warmup, before)
         results.append(record(name, dsv.timed(args.iters, before), tokens, density=args.density))
     eager = Trainer(dit, forced.replace(cuda_graphs=False), args, device)
@@ -233,6 +235,8 @@ def main():
                               density=args.density))
     if args.trace:
         trace(dsv, Path(args.trace), plain)
+        trace(dsv, Path(args.trace), profiling, name="profile")
+        trace(dsv, Path(args.trace), stage1_profiling, name="stage1_profile")
         stage1()
         trace(dsv, Path(args.trace), name="stage1")
     del dsv, eager

@@ -137,11 +137,28 @@ def test_capturing_refuses_context_parallel_layers(megatron_parallel):
     assert not layer.in_step_graph
 
 
-def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, **tolerance) -> set:
+def _assert_same_host_state(got, want, rtol: float, where) -> None:
+    """Controller host states equal: ints, stages and lists exactly, floats within rtol (0: bitwise)."""
+    assert type(got) is type(want), where
+    if isinstance(got, dict):
+        assert got.keys() == want.keys(), where
+        for key in got:
+            _assert_same_host_state(got[key], want[key], rtol, (where, key))
+    elif isinstance(got, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_host_state(a, b, rtol, (where, i))
+    elif isinstance(got, float) and rtol:
+        assert got == pytest.approx(want, rel=rtol, abs=1e-7, nan_ok=True), where
+    else:
+        assert got == want or (got != got and want != want), where   # NaN: unprofiled in both
+
+
+def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, host_rtol=0.0, **tolerance) -> set:
     """Training steps of two equal layers on the same inputs ([q, k, v] per step): `planned` runs `compiled`
     (its torch.compile) inside capturing() wherever replay_key allows, else eagerly; `eager` always
     eagerly. backward(out, step) runs the backward. Each step's output, gradients, dispatch and controller
-    state must agree. Returns the replay keys seen."""
+    state (its floats within host_rtol) must agree. Returns the replay keys seen."""
     keys = set()
     for i, qkv in enumerate(inputs):
         key = replay_key(planned)
@@ -160,7 +177,7 @@ def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, 
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, **tolerance)
         assert planned.last_used_sparse == eager.last_used_sparse
-        assert repr(planned.controller.host()) == repr(eager.controller.host()), i
+        _assert_same_host_state(planned.controller.host(), eager.controller.host(), host_rtol, i)
         keys.add(key)
     return keys
 
@@ -214,7 +231,9 @@ def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_par
     for _ in range(8):
         inputs.append([torch.randn(1024, 2, 4, 64, generator=gen).cuda() for _ in range(3)])
         grads.append(torch.randn(1024, 2, 256, generator=gen).cuda())
+    # host_rtol: the profile's per-cube sums (index_add_) use atomics on the GPU, so two eager layers'
+    # profiled statistics differ in their last bits.
     keys = _compiled_planned_against_eager(planned, eager, compiled, inputs, lambda out, i: out.backward(grads[i]),
-                                           rtol=1e-4, atol=1e-5)
+                                           host_rtol=1e-5, rtol=1e-4, atol=1e-5)
     assert planned.last_used_sparse and len(keys - {None}) >= 1
     assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)

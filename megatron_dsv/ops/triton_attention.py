@@ -22,6 +22,7 @@ block_sparse_attn_fwd / _bwd) with fake implementations, for torch.compile and C
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -147,16 +148,19 @@ def _load_rows(base, desc, stride_s, b, h, row0, tok, ok,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, QLen, KDesc, VDesc,
+def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDesc,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                 si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
                 H, S_Q, S_KV, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
-                VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr):
+                VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr, SPLIT: tl.constexpr, RESUME: tl.constexpr):
     """Q_VARLEN: rows past the query block's valid length (QLen: padding of packed clips) get
     output 0 and a base-2 lse of +inf, which makes their probabilities 0 in the backward (no
-    dq, no dk/dv contribution, whatever gradient reaches them)."""
+    dq, no dk/dv contribution, whatever gradient reaches them).
+    SPLIT: one pass of several over the KV span: list slots KvBeg .. KvCnt (else 0 .. KvCnt).
+    RESUME: a pass after the first; it starts from the output and lse the earlier passes wrote
+    (their softmax state: running max lse, sum 1, accumulator out) instead of from nothing."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -174,12 +178,24 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, QLen, KDesc, VDesc,
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
     cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+    beg = 0
+    if SPLIT:
+        beg = tl.load(KvBeg + b * sc_b + h * sc_h + qb * sc_q)
     len_ptr = KvLen + bh.to(tl.int64) * sl_bh
+    out_ptrs = Out + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :]
+    lse_ptrs = Lse2 + bh.to(tl.int64) * S_Q + offs_m
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
-    for start in range(0, cnt, PACK):
+    if RESUME:
+        m_i = tl.load(lse_ptrs, mask=m_ok, other=float("-inf"))
+        if Q_VARLEN:  # padding rows (lse +inf) start empty again
+            m_i = tl.where(m_i == float("inf"), float("-inf"), m_i)
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        acc = tl.load(out_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start in range(beg, cnt, PACK):
         row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
                                   VARLEN)
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
@@ -204,22 +220,24 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvLen, QLen, KDesc, VDesc,
         row_ok = tl.arange(0, BLOCK_Q) < tl.load(QLen + qb)
         out = tl.where(row_ok[:, None], out, 0.0)
         lse2 = tl.where(row_ok, lse2, float("inf"))
-    tl.store(Out + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=m_ok[:, None])
-    tl.store(Lse2 + bh.to(tl.int64) * S_Q + offs_m, lse2, mask=m_ok)
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(lse_ptrs, lse2, mask=m_ok)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDesc, VDesc,
+def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLen, KDesc, VDesc,
                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
                H, S_Q, S_KV, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
-               HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr):
+               HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr,
+               SPLIT: tl.constexpr, RESUME: tl.constexpr):
     """Q_VARLEN: padding rows (lse +inf, see _fwd_kernel) read as zero q and dO, so whatever they
-    hold (NaN included) gives them dq 0 and delta 0."""
+    hold (NaN included) gives them dq 0 and delta 0.
+    SPLIT, RESUME: one pass of several over the KV span, as in _fwd_kernel; a later pass adds its
+    share to the dq the earlier ones wrote."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -251,9 +269,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
     cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+    beg = 0
+    if SPLIT:
+        beg = tl.load(KvBeg + b * sc_b + h * sc_h + qb * sc_q)
     len_ptr = KvLen + bh.to(tl.int64) * sl_bh
     dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
-    for start in range(0, cnt, PACK):
+    for start in range(beg, cnt, PACK):
         row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
                                   VARLEN)
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
@@ -265,18 +286,22 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvLen, KDes
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + b * sdq_b + h * sdq_h + rows * sdq_s + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+    dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows * sdq_s + offs_d[None, :]
+    dq = dq * scale
+    if RESUME:
+        dq += tl.load(dq_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc, DODesc,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, QDesc, DODesc,
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
                  sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_bh,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
-                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_VARLEN: tl.constexpr):
+                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_VARLEN: tl.constexpr,
+                 RESUME: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
     VARLEN: keys past the block's valid length (KvLen) read as 0 and get zero gradients (they are
@@ -286,7 +311,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
     sequence or the block's valid length take no part in it (there they do mix). The adds are
     relaxed (plain reductions, no ordering with other memory): tl.atomic_add's default acq_rel
     fences every one, and the backward measured 7.5x slower than the two-kernel schedule with it.
-    Q_VARLEN: padding rows (lse +inf) take part with zero q, dO and dS, whatever they hold."""
+    Q_VARLEN: padding rows (lse +inf) take part with zero q, dO and dS, whatever they hold.
+    The query blocks of KV block kb are QIdx[QBeg[kb] : QEnd[kb]] (per batch and head): all of its
+    list, or one pass's share when the query span is cut into passes; RESUME (a pass after the
+    first) adds to the dk and dv the earlier passes wrote."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H
@@ -309,8 +337,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
     row_base = bh.to(tl.int64) * S_Q
 
     seg = bh.to(tl.int64) * N_KV + kb
-    first = tl.load(QOff + seg)
-    last = tl.load(QOff + seg + 1)
+    first = tl.load(QBeg + seg)
+    last = tl.load(QEnd + seg)
     if D_MAJOR:
         dk = tl.zeros([HEAD_DIM, BLOCK_KV], tl.float32)
         dv = tl.zeros([HEAD_DIM, BLOCK_KV], tl.float32)
@@ -365,17 +393,21 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QOff, KvLen, QDesc,
         else:
             dk = tl.where(keep[:, None], dk, 0.0)
             dv = tl.where(keep[:, None], dv, 0.0)
+    dk = dk * scale
     if D_MAJOR:
         tcols = offs_n[None, :].to(tl.int64)
-        tl.store(DK + b * sdk_b + h * sdk_h + tcols * sdk_s + offs_d[:, None],
-                 (dk * scale).to(DK.dtype.element_ty), mask=n_ok[None, :])
-        tl.store(DV + b * sdv_b + h * sdv_h + tcols * sdv_s + offs_d[:, None],
-                 dv.to(DV.dtype.element_ty), mask=n_ok[None, :])
+        dk_ptrs = DK + b * sdk_b + h * sdk_h + tcols * sdk_s + offs_d[:, None]
+        dv_ptrs = DV + b * sdv_b + h * sdv_h + tcols * sdv_s + offs_d[:, None]
+        ok = n_ok[None, :]
     else:
-        tl.store(DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
-        tl.store(DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+        dk_ptrs = DK + b * sdk_b + h * sdk_h + cols * sdk_s + offs_d[None, :]
+        dv_ptrs = DV + b * sdv_b + h * sdv_h + cols * sdv_s + offs_d[None, :]
+        ok = n_ok[:, None]
+    if RESUME:
+        dk += tl.load(dk_ptrs, mask=ok, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,11 +435,56 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int):
+# The L2 working set. At long lengths the programs in flight are consecutive blocks of one head, each
+# gathering its own blocks from anywhere in that head's K and V (forward, dq) or Q and dO (dk/dv).
+# Once those span more than L2 holds, the hit rate falls and the kernels slow down (H200, 128k
+# tokens, head dim 128, density 0.1: 55% hits and a 40 ms forward over the whole span, 96% and
+# 32 ms over half of it; bench/results/l2_footprint_h200.json). So the span is cut into passes of
+# at most L2_SHARE of L2 each, launched one after the other; a later pass resumes from what the
+# earlier ones wrote. Intermediate results are stored in the output's dtype (one more rounding
+# per pass), so the passes are few: MAX_PASSES.
+L2_SHARE = 0.7
+MAX_PASSES = 8
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+
+
+def _passes(blocks: int, block: int, d: int, elem_size: int, device: torch.device) -> int:
+    """Passes over a span of `blocks` blocks of `block` tokens of two [.., d] tensors of one head
+    (CONFIG_OVERRIDE["pass_bytes"] sets the bytes per pass: the interpreter has no L2)."""
+    budget = CONFIG_OVERRIDE.get("pass_bytes") or L2_SHARE * _l2_bytes(device)
+    if not budget:
+        return 1
+    return max(1, min(MAX_PASSES, blocks, math.ceil(2 * blocks * block * d * elem_size / budget)))
+
+
+def _pass_edges(n: int, passes: int, device) -> torch.Tensor:
+    """Pass p covers blocks [edges[p], edges[p + 1]) of n."""
+    return torch.arange(passes + 1, device=device) * n // passes
+
+
+def kv_pass_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int, passes: int):
+    """Each query block's list in ascending order and where each KV pass's share of it lies, on the
+    device with no host sync. Returns (ids int32 [b, h, n_q, k_max]: kv_idx ascending within the
+    count, n_kv after it; bounds int32 [passes + 1, b, h, n_q]: pass p's blocks are the slots
+    bounds[p] .. bounds[p + 1])."""
+    slot_ok = torch.arange(kv_idx.shape[-1], device=kv_idx.device) < kv_cnt.unsqueeze(-1)
+    ids = torch.where(slot_ok, kv_idx.to(torch.int32), n_kv).sort(dim=-1).values
+    edges = _pass_edges(n_kv, passes, kv_idx.device).to(torch.int32)
+    bounds = torch.searchsorted(ids, edges.expand(*ids.shape[:-1], passes + 1).contiguous())
+    return ids, bounds.to(torch.int32).permute(3, 0, 1, 2).contiguous()
+
+
+def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int, passes: int = 1):
     """KV block -> query blocks lists in CSR form, built on the device with no host sync.
 
     Returns (q_idx int32 [b*h*n_q*k_max]: query block ids grouped by (b, h, kv block), ascending
-    within a group; q_off int64 [b*h*n_kv + 1]: group g is q_idx[q_off[g]:q_off[g+1]]).
+    within a group; q_bounds int64 [passes + 1, b*h*n_kv]: the query blocks of group g in pass p
+    (those in [p * n_q // passes, (p + 1) * n_q // passes)) are q_idx[q_bounds[p, g]:q_bounds[p + 1, g]],
+    all of them q_idx[q_bounds[0, g]:q_bounds[-1, g]]).
     Entries past each count sort to the end behind a sentinel key and are never referenced.
     """
     b, h, n_q, k_max = kv_idx.shape
@@ -415,17 +492,13 @@ def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int)
     slot_ok = torch.arange(k_max, device=dev) < kv_cnt.unsqueeze(-1)
     bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
     qi = torch.arange(n_q, device=dev).view(1, 1, n_q, 1)
-    group = bh * n_kv + kv_idx.long()
-    sentinel = b * h * n_kv
-    group = torch.where(slot_ok, group, sentinel)
-    keys = (group * n_q + qi).reshape(-1)
-    keys = torch.sort(keys).values
+    groups = b * h * n_kv
+    group = torch.where(slot_ok, bh * n_kv + kv_idx.long(), groups)   # past the count: the sentinel group
+    keys = torch.sort((group * n_q + qi).reshape(-1)).values
     q_idx = (keys % n_q).to(torch.int32)
-    counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, group.reshape(-1), torch.ones_like(keys))
-    q_off = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts[:sentinel], 0, out=q_off[1:])
-    return q_idx, q_off
+    starts = torch.arange(groups, device=dev) * n_q
+    q_bounds = torch.searchsorted(keys, starts + _pass_edges(n_q, passes, dev).view(-1, 1))
+    return q_idx, q_bounds
 
 
 def _len_stride(kv_len: Optional[torch.Tensor]) -> int:
@@ -440,6 +513,17 @@ def _check_supported(q, d):
         raise NotImplementedError(f"triton block-sparse attention supports fp16/bf16/fp32, got {q.dtype}")
 
 
+def _kv_passes(kv_idx, kv_cnt, s_kv, block_kv, k):
+    """(lists, first slots, end slots, resume) of each pass of the forward or dq kernel over the KV span
+    (one pass: the lists as given, slots 0 .. kv_cnt; the kernels then read no first slot)."""
+    n_kv = -(-s_kv // block_kv)
+    passes = _passes(n_kv, block_kv, k.shape[-1], k.element_size(), k.device)
+    if passes == 1:
+        return [(kv_idx, kv_cnt, kv_cnt, False)]
+    ids, bounds = kv_pass_lists(kv_idx, kv_cnt, n_kv, passes)
+    return [(ids, bounds[p], bounds[p + 1], p > 0) for p in range(passes)]
+
+
 def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, layout):
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
@@ -452,15 +536,17 @@ def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, l
                                        [(k, layout, block_kv), (v, layout, block_kv)])
     # Packed tiles, a partial last block or padding inside blocks need the key mask.
     mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_len is not None
-    _fwd_kernel[(n_q, b * h)](
-        q, k, v, out, lse2, kv_idx, kv_cnt, kv_cnt if kv_len is None else kv_len,
-        kv_cnt if q_len is None else q_len, *descs,
-        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
-        *_bsh_strides(out, layout),
-        *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
-        h, s_q, s_kv, scale * LOG2E,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, VARLEN=kv_len is not None, Q_VARLEN=q_len is not None, **cfg)
+    for ids, beg, end, resume in _kv_passes(kv_idx, kv_cnt, s_kv, block_kv, k):
+        _fwd_kernel[(n_q, b * h)](
+            q, k, v, out, lse2, ids, end, beg, kv_cnt if kv_len is None else kv_len,
+            kv_cnt if q_len is None else q_len, *descs,
+            *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+            *_bsh_strides(out, layout),
+            *ids.stride(), *end.stride(), _len_stride(kv_len),
+            h, s_q, s_kv, scale * LOG2E,
+            BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+            MASK_KV=mask_kv, VARLEN=kv_len is not None, Q_VARLEN=q_len is not None, SPLIT=beg is not end,
+            RESUME=resume, **cfg)
     return out, lse2
 
 
@@ -476,22 +562,25 @@ def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv
     cfg, descs, use_tma = _launch_opts(dict(cfg, tma=cfg["tma"] and whole),
                                        [(k, layout, block_kv), (v, layout, block_kv)])
     mask_kv = cfg["BLOCK_N"] != block_kv or s_kv % block_kv != 0 or kv_len is not None
-    _dq_kernel[(n_q, b * h)](
-        q, k, v, out, do, dq, lse2, lse2 if dlse2 is None else dlse2, delta, kv_idx, kv_cnt,
-        kv_cnt if kv_len is None else kv_len, *descs,
-        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
-        *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
-        *kv_idx.stride(), *kv_cnt.stride(), _len_stride(kv_len),
-        h, s_q, s_kv, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, Q_VARLEN=q_varlen, **cfg)
+    for ids, beg, end, resume in _kv_passes(kv_idx, kv_cnt, s_kv, block_kv, k):
+        _dq_kernel[(n_q, b * h)](
+            q, k, v, out, do, dq, lse2, lse2 if dlse2 is None else dlse2, delta, ids, end, beg,
+            kv_cnt if kv_len is None else kv_len, *descs,
+            *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+            *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
+            *ids.stride(), *end.stride(), _len_stride(kv_len),
+            h, s_q, s_kv, scale * LOG2E, scale,
+            BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+            MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, Q_VARLEN=q_varlen,
+            SPLIT=beg is not end, RESUME=resume, **cfg)
     return dq, delta
 
 
-def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, q_varlen, dq_acc=None):
-    """dk, dv over each KV block's transposed list (query blocks that selected it); with dq_acc
-    (float32 [b, h, Sq, d], zeroed), also dq, added there with atomics. q_varlen: rows with lse +inf
-    are padding."""
+def _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout, q_varlen,
+          dq_acc=None):
+    """dk, dv over each KV block's transposed list (query blocks that selected it), one pass per row of
+    q_bounds but the last (transpose_block_lists); with dq_acc (float32 [b, h, Sq, d], zeroed), also dq,
+    added there with atomics. q_varlen: rows with lse +inf are padding."""
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_kv = -(-s_kv // block_kv)
@@ -499,15 +588,16 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, sca
     dv = _empty(v.shape, v.dtype, v.device)
     cfg = _dkdv_config(block_q, block_kv, atomic_dq=dq_acc is not None)
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
-    _dkdv_kernel[(n_kv, b * h)](
-        q, k, v, do, dk, dv, dk if dq_acc is None else dq_acc, lse2, delta, q_idx, q_off,
-        q_idx if kv_len is None else kv_len, *descs,
-        *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
-        *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
-        h, n_kv, s_q, s_kv, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-        MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, Q_VARLEN=q_varlen,
-        **cfg)
+    for p in range(q_bounds.shape[0] - 1):
+        _dkdv_kernel[(n_kv, b * h)](
+            q, k, v, do, dk, dv, dk if dq_acc is None else dq_acc, lse2, delta, q_idx, q_bounds[p], q_bounds[p + 1],
+            q_idx if kv_len is None else kv_len, *descs,
+            *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+            *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
+            h, n_kv, s_q, s_kv, scale * LOG2E, scale,
+            BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
+            MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, Q_VARLEN=q_varlen,
+            RESUME=p > 0, **cfg)
     return dk, dv
 
 
@@ -520,18 +610,22 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
-    q_idx, q_off = transpose_block_lists(kv_idx, kv_cnt, n_kv)
     if deterministic:
+        # dk/dv gather query blocks from each head's Q and dO: passes over the query span (see L2_SHARE).
+        n_q = kv_idx.shape[2]
+        passes = _passes(n_q, block_q, q.shape[-1], q.element_size(), q.device)
+        q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
         dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
                         q_varlen)
-        dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_off, kv_len, block_q, block_kv, scale, layout, q_varlen)
+        dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout, q_varlen)
         return dq, dk, dv
+    q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv)
     # delta = rowsum(dO * O) - dlse (per natural-log unit), as the dq kernel computes it.
     delta = (to_bhsd(do, layout).float() * to_bhsd(out, layout).float()).sum(-1)
     if dlse2 is not None:
         delta = delta - dlse2.view_as(delta) * LOG2E
     dq_acc = torch.zeros(delta.shape + (q.shape[-1],), dtype=torch.float32, device=q.device)
-    dk, dv = _dkdv(do, q, k, v, lse2, delta.contiguous(), q_idx, q_off, kv_len, block_q, block_kv, scale, layout,
+    dk, dv = _dkdv(do, q, k, v, lse2, delta.contiguous(), q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout,
                    q_varlen, dq_acc)
     return from_bhsd(dq_acc, layout).contiguous().to(q.dtype), dk, dv
 

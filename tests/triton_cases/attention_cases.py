@@ -302,22 +302,71 @@ def test_count_all_and_zero():
              seed=5)
 
 
-def test_transposed_lists_match_kv_lists():
+@pytest.mark.parametrize("passes", [1, 3])
+def test_transposed_lists_match_kv_lists(passes):
     from megatron_dsv.ops.triton_attention import transpose_block_lists
 
     gen = torch.Generator().manual_seed(6)
     b, h, n_q, n_kv = 2, 3, 7, 5
     cnt = torch.randint(0, n_kv + 1, (b, h, n_q), generator=gen)
     kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
-    q_idx, q_off = transpose_block_lists(kv_idx.to(DEVICE), kv_cnt.to(DEVICE), n_kv)
-    q_idx, q_off = q_idx.cpu(), q_off.cpu()
+    q_idx, q_bounds = transpose_block_lists(kv_idx.to(DEVICE), kv_cnt.to(DEVICE), n_kv, passes)
+    q_idx, q_bounds = q_idx.cpu(), q_bounds.cpu()
+    assert q_bounds.shape == (passes + 1, b * h * n_kv)
     for bi in range(b):
         for hi in range(h):
             for j in range(n_kv):
                 g = (bi * h + hi) * n_kv + j
-                got = q_idx[q_off[g]:q_off[g + 1]].tolist()
-                want = [i for i in range(n_q) if j in kv_idx[bi, hi, i, :kv_cnt[bi, hi, i]].tolist()]
-                assert got == want
+                for p in range(passes):   # pass p: the query blocks in [p * n_q // passes, (p + 1) * n_q // passes)
+                    got = q_idx[q_bounds[p, g]:q_bounds[p + 1, g]].tolist()
+                    want = [i for i in range(p * n_q // passes, (p + 1) * n_q // passes)
+                            if j in kv_idx[bi, hi, i, :kv_cnt[bi, hi, i]].tolist()]
+                    assert got == want, (g, p)
+
+
+def test_kv_pass_lists_sort_and_split_each_list():
+    """Any order of a query block's list (the op does not require ascending ids): the pass lists hold
+    it ascending, and pass p's slots hold exactly its ids in pass p's KV blocks."""
+    from megatron_dsv.ops.triton_attention import kv_pass_lists
+
+    gen = torch.Generator().manual_seed(7)
+    b, h, n_q, n_kv, passes = 2, 2, 5, 11, 3
+    cnt = torch.randint(0, n_kv + 1, (b, h, n_q), generator=gen)
+    kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
+    shuffled = kv_idx.clone()
+    for i in torch.nonzero(cnt).tolist():
+        c = int(cnt[tuple(i)])
+        shuffled[tuple(i)][:c] = kv_idx[tuple(i)][:c][torch.randperm(c, generator=gen)]
+    ids, bounds = kv_pass_lists(shuffled.to(DEVICE), kv_cnt.to(DEVICE), n_kv, passes)
+    ids, bounds = ids.cpu(), bounds.cpu()
+    assert bounds.shape == (passes + 1, b, h, n_q) and bounds.dtype == torch.int32
+    for i in torch.cartesian_prod(*(torch.arange(n) for n in (b, h, n_q))).tolist():
+        i = tuple(i)
+        c = int(cnt[i])
+        assert ids[i][:c].tolist() == kv_idx[i][:c].tolist()
+        for p in range(passes):
+            lo, hi = p * n_kv // passes, (p + 1) * n_kv // passes
+            assert ids[i][bounds[(p, *i)]:bounds[(p + 1, *i)]].tolist() == [x for x in kv_idx[i][:c].tolist()
+                                                                            if lo <= x < hi]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("case", [
+    dict(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, dtype=torch.float32, loss="out+lse", seed=50),
+    dict(b=1, h=2, s_q=200, s_kv=200, d=32, block_q=32, block_kv=16, dtype=torch.float16, layout="sbhd",
+         kv_lens="per_head", seed=51),
+    dict(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=32, block_kv=32, dtype=torch.float16, clips=[70, 5, 100, 33],
+         loss="out+lse", seed=52),
+], ids=["partial_tiles_lse_fp32", "small_kv_blocks_kv_lens_fp16", "packed_clips_fp16"])
+def test_passes_over_the_span(monkeypatch, case):
+    """Long spans run in passes that each fit in L2 (forward and dq over the KV span, dk/dv over the
+    query span; a later pass resumes from what the earlier ones wrote): the same checks against the
+    float64 reference as one pass. The bytes per pass are forced small, so these shapes take 2-8 passes."""
+    from megatron_dsv.ops import triton_attention as ta
+
+    monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", 8192)
+    assert ta._passes(7, 32, 32, 2, torch.device(DEVICE)) == 4
+    run_case(**case)
 
 
 def test_unsupported_head_dim_raises():
