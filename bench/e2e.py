@@ -29,6 +29,7 @@ over profile_interval_stage2). Speedups are against the dense step of the same r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -86,6 +87,25 @@ def learned_sparsity(path):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def trace_to(folder, name, device):
+    """torch.profiler tables (top host and device ops) of the enclosed code under folder/name_*.txt (None: no trace)."""
+    if folder is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        yield
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    avg = prof.key_averages()
+    (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+    if device.type == "cuda":
+        (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
 
 
 def time_steps(model, opt, master, batch, device, iters):
@@ -153,13 +173,17 @@ def run_mode(name, dit, dsv_cfg, sparsity, args, device, batch):
         rec["attention_fwd_ms"] = m["summary"]["attention_ms"] / steps
         # Predictor upkeep: a step that profiles + fine-tunes (step % interval == 0) minus a plain one,
         # at the same budgets (a profile records new sparsities, so they are set again before each).
-        for _ in range(2):  # the first profiling step may compile; keep the second
+        upkeep = []
+        for i in range(3):  # the first two may compile (the second profile's budgets follow the first's curves)
             for layer in set_stage2(model, sparsity):
                 state = layer.controller.state_dict()
                 state["step"].fill_(0)
                 layer.controller.load_state_dict(state)
-            upkeep_ms = time_steps(model, opt, master, batch, device, 1) - step_ms
+            with trace_to(args.trace if i == 2 else None, f"{name.replace('@', '_')}_{dit.num_tokens}_profile_step", device):
+                upkeep.append(time_steps(model, opt, master, batch, device, 1) - step_ms)
+        upkeep_ms = upkeep[-1]
         rec["predictor_upkeep_ms_per_profile"] = upkeep_ms
+        rec["predictor_upkeep_each_ms"] = upkeep
         rec["predictor_ms_amortised"] = max(0.0, upkeep_ms) / dsv_cfg.profile_interval_stage2
         set_stage2(model, sparsity)
     core = model.decoder.layers[0].self_attention.core_attention
@@ -190,6 +214,7 @@ def main():
                    help="eager elementwise tails (default on GPU: compiled by torch.compile)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--trace", default=None, help="folder for torch.profiler tables of each DSV mode's profile step")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model and tokens: checks the script only")
     args = p.parse_args()

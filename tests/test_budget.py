@@ -144,10 +144,9 @@ def test_profile_mass_curve_is_the_held_mass_in_the_estimators_ranking():
     gen = torch.Generator().manual_seed(4)
     b, h, rows, s, block_q, block_kv = 1, 2, 64, 256, 32, 32
     logits = torch.randn(b, h, rows, s, generator=gen) * 3
-    cube_of_row = torch.arange(rows) // block_q
-    oracle = profile_logits(logits, cube_of_row, theta=0.9, block_kv=block_kv)
+    oracle = profile_logits(logits, block_q=block_q, theta=0.9, block_kv=block_kv)
     scores = torch.randn(b, h, 2, s // block_kv, generator=gen)
-    est = profile_logits(logits, cube_of_row, theta=0.9, block_kv=block_kv, cube_scores=scores)
+    est = profile_logits(logits, block_q=block_q, theta=0.9, block_kv=block_kv, cube_scores=scores)
     for prof in (oracle, est):
         curve = prof.mass_curve
         assert curve.shape == (h, CURVE_POINTS + 1)

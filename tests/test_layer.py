@@ -12,6 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv import DSVConfig
@@ -370,6 +371,50 @@ def test_budgets_grow_at_once_and_shrink_along_the_ema():
     assert profile([0.9, 0.9]) == pytest.approx([0.54, 0.819])     # fewer blocks: along the EMA
     assert ctl.budgets(10) == [5, 2]
     assert ctl.recall.tolist() == [1.0, 1.0]                       # the other statistics are plain EMAs
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops run under it whose results the host reads (on the GPU, each waits for the device):
+    .item() and friends, data-dependent sizes (unique, bincount, nonzero, boolean masks)."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+             "masked_select", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = name.startswith("index") and isinstance(args[1], (list, tuple)) and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if name in self.NAMES or masks:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_parallel, stage):
+    """A profiling step's bookkeeping (_learn: predictor loss, selection, profile) groups the sampled rows
+    into cubes by sizes the host knows and hands the selection its budgets on the device: on the GPU
+    nothing in it waits for the device, so the host keeps queueing work. 240 tokens: the last cube
+    (of 16 rows) is sampled too."""
+    cfg = dict(sample_stride=1, profile_interval_stage1=1, profile_interval_stage2=1)
+    layer = _stage2_layer(**cfg)[0] if stage == 2 else core(DSVConfig(**{**SMALL, **cfg}))
+    learn, seen = layer._learn, []
+
+    def watched(*args):
+        with HostReads() as reads:
+            learn(*args)
+        seen.extend(reads.seen)
+
+    layer._learn = watched
+    profiles = layer.controller.host()["profiles"]
+    gen = torch.Generator().manual_seed(4)
+    train_steps(layer, [tuple(torch.randn(240, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(2)])
+    assert layer.controller.host()["profiles"] == profiles + 2 and layer.controller.host()["stage"] == stage
+    assert layer.last_used_sparse == (stage == 2)
+    assert not seen, seen
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")

@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from megatron_dsv.layers.profiler import (TOKEN_ROW_STRIDE, block_mass, profile_logits, recall_budget,
-                                          selection_recall, smallest_cover)
+from megatron_dsv.layers.budget import curve_on_grid
+from megatron_dsv.layers.profiler import (TOKEN_ROW_STRIDE, block_mass, cube_means, held_curve, profile_logits,
+                                          recall_budget, selection_recall, smallest_cover)
 
 
 def test_smallest_cover():
@@ -21,11 +22,11 @@ def test_block_sparsity_is_per_cube_and_token_sparsity_per_row():
     logits = torch.full((1, 1, 2, s), -1e4)
     logits[0, 0, 0, 3] = 0.0    # row 0 -> key 3 (block 0)
     logits[0, 0, 1, 40] = 0.0   # row 1 -> key 40 (block 2)
-    tok, blk, _, _, mass = profile_logits(logits, torch.tensor([5, 5]), theta=0.9, block_kv=block_kv)
+    tok, blk, _, _, mass = profile_logits(logits, block_q=2, theta=0.9, block_kv=block_kv)
     assert math.isclose(float(tok), 1 - 1 / s, rel_tol=1e-6)
     assert math.isclose(float(blk), 1 - 2 / 4, rel_tol=1e-6)
     # In separate cubes each needs one block.
-    _, blk_apart, _, _, _ = profile_logits(logits, torch.tensor([5, 6]), theta=0.9, block_kv=block_kv)
+    _, blk_apart, _, _, _ = profile_logits(logits, block_q=1, theta=0.9, block_kv=block_kv)
     assert math.isclose(float(blk_apart), 1 - 1 / 4, rel_tol=1e-6)
     torch.testing.assert_close(mass.sum(-1), torch.ones(1, 1, 2))
 
@@ -65,7 +66,7 @@ def test_recall_budget_holds_theta_on_average_over_cubes():
     assert recall(k) >= theta > recall(k - 1)
     # Through profile_logits: two rows per cube with exactly these block masses.
     logits = torch.log(cube_mass.repeat_interleave(2, dim=2).repeat_interleave(8, dim=-1) / 8 + 1e-30)
-    _, blk, _, _, _ = profile_logits(logits, torch.tensor([0, 0, 1, 1]), theta=theta, block_kv=8)
+    _, blk, _, _, _ = profile_logits(logits, block_q=2, theta=theta, block_kv=8)
     assert math.isclose(float(blk), 1 - k / 4, abs_tol=1e-6)
 
 
@@ -74,12 +75,11 @@ def test_block_sparsity_follows_the_estimators_ranking():
     oracle's for the true ranking, lower (a larger budget) for a poor one."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 2, 8, 64, generator=gen) * 3
-    cubes = torch.tensor([0] * 4 + [1] * 4)
-    _, oracle, also_oracle, _, mass = profile_logits(logits, cubes, theta=0.9, block_kv=8)
+    _, oracle, also_oracle, _, mass = profile_logits(logits, block_q=4, theta=0.9, block_kv=8)
     assert torch.equal(oracle, also_oracle)
     cube_mass = mass.view(1, 2, 2, 4, 8).mean(3)
-    _, same, _, _, _ = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=cube_mass)
-    worse = profile_logits(logits, cubes, theta=0.9, block_kv=8, cube_scores=-cube_mass)
+    _, same, _, _, _ = profile_logits(logits, block_q=4, theta=0.9, block_kv=8, cube_scores=cube_mass)
+    worse = profile_logits(logits, block_q=4, theta=0.9, block_kv=8, cube_scores=-cube_mass)
     assert torch.allclose(same, oracle) and (worse.block_sparsity < oracle).all()
     # The oracle's sparsity does not depend on the estimator.
     assert torch.equal(worse.oracle_block_sparsity, oracle)
@@ -91,5 +91,23 @@ def test_token_sparsity_reads_every_token_row_stride_th_row():
     logits = torch.full((1, 1, TOKEN_ROW_STRIDE + 2, s), -1e4)
     logits[..., 0] = 0.0                           # every row: all mass on one key
     logits[0, 0, 1] = 0.0                          # row 1 (not read): uniform
-    tok = profile_logits(logits, torch.zeros(TOKEN_ROW_STRIDE + 2, dtype=torch.long), theta=0.9, block_kv=16)
+    tok = profile_logits(logits, block_q=TOKEN_ROW_STRIDE + 2, theta=0.9, block_kv=16)
     assert math.isclose(float(tok.token_sparsity), 1 - 1 / s, rel_tol=1e-6)
+
+
+def test_a_partial_last_cube_is_the_mean_of_its_own_rows():
+    """Rows come in cubes of block_q, the last one shorter (a sequence that ends inside a cube): every
+    statistic is that of each cube's mean over its own rows."""
+    gen = torch.Generator().manual_seed(5)
+    b, h, rows, s, block_q, block_kv = 2, 3, 11, 64, 4, 8          # cubes of 4, 4 and 3 rows
+    logits = torch.randn(b, h, rows, s, generator=gen) * 3
+    scores = torch.randn(b, h, 3, s // block_kv, generator=gen)
+    prof = profile_logits(logits, block_q=block_q, theta=0.9, block_kv=block_kv, cube_scores=scores)
+    cubes = torch.stack([prof.block_mass[:, :, c:c + block_q].mean(2) for c in range(0, rows, block_q)], dim=2)
+    torch.testing.assert_close(cube_means(prof.block_mass, block_q), cubes)
+    per_head = (lambda t: t.transpose(0, 1).flatten(1, 2))  # noqa: E731  [h, b * cubes, n_kv]
+    n_kv = s // block_kv
+    torch.testing.assert_close(prof.oracle_block_sparsity, 1 - recall_budget(per_head(cubes), 0.9).float() / n_kv)
+    torch.testing.assert_close(prof.block_sparsity,
+                               1 - recall_budget(per_head(cubes), 0.9, per_head(scores)).float() / n_kv)
+    torch.testing.assert_close(prof.mass_curve, curve_on_grid(held_curve(per_head(cubes), per_head(scores))).float())

@@ -33,7 +33,7 @@ from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
-from .controller import PER_HEAD_BUFFERS, PROFILED, StageController
+from .controller import PER_HEAD_BUFFERS, StageController
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .budget import CURVE_POINTS, held_mass
 from .predictor import LowRankPredictor
@@ -42,10 +42,19 @@ from ..timing import ForwardTimer
 
 # Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
 LOGIT_CHUNK_BYTES = 256 << 20
+# Columns of a profile's per-head statistics: PER_HEAD_BUFFERS, then the mass curve (_profile_columns).
+PROFILE_COLUMNS = len(PER_HEAD_BUFFERS) + CURVE_POINTS + 1
 
 
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _profile_columns(prof, recall: torch.Tensor) -> torch.Tensor:
+    """A RowProfile's statistics and the selection's recall side by side, [h, PROFILE_COLUMNS] in the
+    order of controller.PROFILED: each chunk of heads adds to one accumulator, not to one per statistic."""
+    per_head = [recall if name == "recall" else getattr(prof, name) for name in PER_HEAD_BUFFERS]
+    return torch.cat([torch.stack(per_head, dim=1), prof.mass_curve], dim=1)
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -423,17 +432,17 @@ class DSVDotProductAttention(_CoreAttention):
         pooled baseline by the block's mean key ("mean")."""
         return "max" if self.cfg.estimator == "lowrank" else "mean"
 
-    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True):
+    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True, k_max=None):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
-        with their budgets (a list of ints; an int tensor [heads, clips] for packed clips, where q may
-        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share; or the
-        DeviceBudgets of all heads). cached_weights=False casts the predictor's weights in place of
-        reusing a cast copy (inside a CUDA graph, which must read the live parameters)."""
+        with their budgets (a list of ints; an int tensor [heads] on q's device with k_max, at least
+        the largest; an int tensor [heads, clips] for packed clips, where q may then be the tokens
+        [q_start, q_start + s) of the packing, one CP rank's share; or the DeviceBudgets of all heads).
+        cached_weights=False casts the predictor's weights in place of reusing a cast copy (inside a
+        CUDA graph, which must read the live parameters)."""
         q_lr, k_lr = q, k
         if self.cfg.estimator == "lowrank":
             q_lr = self.predictor.project(q, "q", heads, cached=cached_weights)
             k_lr = self.predictor.project(k, "k", heads, cached=cached_weights)
-        k_max = None
         if isinstance(budgets, DeviceBudgets):
             budgets, k_max = budgets.tensor, budgets.k_max
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), budgets, k_max=k_max,
@@ -466,12 +475,17 @@ class DSVDotProductAttention(_CoreAttention):
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
         if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
+            k_max = None
             if segments is None:
                 budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
                 budgets = [budgets[h] for h in heads]
+                # On the device, with their largest as k_max: from a list the selection would copy them
+                # there itself and wait for the copy.
+                k_max = max(max(budgets), 1)
+                budgets = _to_device(torch.tensor(budgets), q.device)
             else:
                 budgets = self._clip_budgets(segments)[heads]
-            selection = self._select(q, k, budgets, heads, segments, q_start)
+            selection = self._select(q, k, budgets, heads, segments, q_start, k_max=k_max)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         if self.in_step_graph:
@@ -544,15 +558,14 @@ class DSVDotProductAttention(_CoreAttention):
         """The predictor loss (if train) and the profile (if selection is given) of the sampled rows of q
         against all keys of their sequence (each clip's own, for packed `segments`, where q holds tokens
         [q_start, q_start + s)). The loss needs no logits (LowRankPredictor.gram_loss); the profile
-        builds the true logits a few heads at a time (bounded memory; freed before returning). Every
-        statistic is a mean over the sampled rows of all clips.
+        builds the true logits a few heads at a time (_profile_rows). Every statistic is a mean over the
+        sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
         `heads`: sums over the sampled rows of the predictor loss and its gradients (if train) and
         of the profile (if selection is given), and their "count" of rows (means once reduced).
         """
         cfg, H = self.cfg, self.heads
-        b = q.shape[1]
         device = q.device
         # (first query, queries, first key, keys) of each sequence's part in q (tokens q_start on, one CP
         # rank's part of the sequence or all of it); k holds the whole sequence.
@@ -567,13 +580,14 @@ class DSVDotProductAttention(_CoreAttention):
         wq, wk = (w.detach().float() if idx is None else w.detach().float()[idx]
                   for w in (self.predictor.wq, self.predictor.wk))
         wq, wk = wq.requires_grad_(train), wk.requires_grad_(train)
-        local = {name: torch.zeros(len(heads), device=device) for name in ("loss", *PER_HEAD_BUFFERS)}
-        local["mass_curve"] = torch.zeros(len(heads), CURVE_POINTS + 1, device=device)
+        local = {"loss": torch.zeros(len(heads), device=device),
+                 "profiled": torch.zeros(len(heads), PROFILE_COLUMNS, device=device)}
         for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
             if not rows.numel():  # a part of a clip too short to hold a sampled cube
                 continue
             weight = rows.numel()  # per-row means -> sums over rows
-            q_rows = q[q0 + rows].transpose(0, 1).float()         # [b, n_rows, n, d]
+            positions = q0 + rows                                 # the rows' tokens in q
+            q_rows = q[positions].transpose(0, 1).float()         # [b, n_rows, n, d]
             k_all = k[k0:k0 + n_k].transpose(0, 1).float()        # [b, S, n, d]
             if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
                 with torch.enable_grad():
@@ -581,27 +595,10 @@ class DSVDotProductAttention(_CoreAttention):
                                                       cfg.loss_cos_weight) * weight
                     (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                 local["loss"] += loss.detach()
-            if selection is None:
-                continue
-            per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * rows.numel() * n_k))
-            for h0 in range(0, len(heads), per_chunk):  # the profile needs the true logits: a few heads at a time
-                hs = slice(h0, min(len(heads), h0 + per_chunk))
-                target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
-                # What the estimator sees: the predictor's projections, or q and k themselves (pooled estimator).
-                q_est, k_est = q_rows[:, :, hs], k_all[:, :, hs]
-                if cfg.estimator == "lowrank":
-                    q_est = torch.einsum("bnhd,hdr->bnhr", q_est, wq[hs].detach())
-                    k_est = torch.einsum("bshd,hdr->bshr", k_est, wk[hs].detach())
-                prof = profile_logits(target, rows // cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
-                                      cube_scores=self._cube_scores(q_est, k_est))
-                q_blocks = q0 // cfg.block_q + rows // cfg.block_q
-                kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
-                kv_idx = kv_idx - k0 // cfg.block_kv  # ids within the clip, as the mass has them
+            if selection is not None:
                 # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                for name in (n for n in PROFILED if n != "recall"):  # the RowProfile statistics
-                    local[name][hs] += getattr(prof, name) * weight
-                local["recall"][hs] += selection_recall(prof.block_mass, kv_idx, kv_cnt) * weight
-                del target
+                local["profiled"] += self._profile_rows(q_rows, k_all, wq.detach(), wk.detach(), selection,
+                                                        positions // cfg.block_q, k0 // cfg.block_kv) * weight
 
         def full(x):
             if idx is None:
@@ -614,8 +611,38 @@ class DSVDotProductAttention(_CoreAttention):
             stats.update(loss=full(local["loss"]), **{name: full(w.grad if w.grad is not None else torch.zeros_like(w))
                                                       for name, w in (("grad_q", wq), ("grad_k", wk))})
         if selection is not None:
-            stats.update({name: full(local[name]) for name in PROFILED})
+            profiled = full(local["profiled"])
+            stats.update({name: profiled[:, i] for i, name in enumerate(PER_HEAD_BUFFERS)},
+                         mass_curve=profiled[:, len(PER_HEAD_BUFFERS):])
         return stats
+
+    def _profile_rows(self, q_rows, k_all, wq, wk, selection, q_blocks, kv0: int) -> torch.Tensor:
+        """Profile of one clip's sampled rows q_rows [b, rows, n, d] (whole cubes, in order) against its
+        keys k_all [b, S, n, d]: [n, PROFILE_COLUMNS], means over the rows (_profile_columns). selection:
+        (kv_idx, kv_cnt) of the query blocks of q, q_blocks the block of each row, kv0 the clip's first KV
+        block. The profile needs the true logits: they are built a few heads at a time (bounded memory;
+        freed before returning); what does not need them is computed once for all heads."""
+        cfg = self.cfg
+        b, n_rows, heads, _ = q_rows.shape
+        # What the estimator sees: the predictor's projections, or q and k themselves (pooled estimator).
+        q_est, k_est = q_rows, k_all
+        if cfg.estimator == "lowrank":
+            q_est = torch.einsum("bnhd,hdr->bnhr", q_rows, wq)
+            k_est = torch.einsum("bshd,hdr->bshr", k_all, wk)
+        cube_scores = self._cube_scores(q_est, k_est)
+        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * n_rows * k_all.shape[1]))
+        columns = []
+        for h0 in range(0, heads, per_chunk):
+            hs = slice(h0, h0 + per_chunk)
+            target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
+            prof = profile_logits(target, block_q=cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
+                                  cube_scores=cube_scores[:, hs])
+            del target
+            kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
+            if kv0:
+                kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
+            columns.append(_profile_columns(prof, selection_recall(prof.block_mass, kv_idx, kv_cnt)))
+        return torch.cat(columns) if len(columns) > 1 else columns[0]
 
     def _cube_scores(self, q_est, k_est) -> torch.Tensor:
         """The estimator's block scores [b, n, cubes, n_kv] of sampled rows q_est [b, rows, n, r] (whole

@@ -183,8 +183,11 @@ class StageController(Float32State):
             buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
         host["profiles"] += 1
-        host.update({name: getattr(self, name).tolist() for name in PER_HEAD_BUFFERS})
-        host["mass_curve"] = _rows(self.mass_curve)
+        # The mirror's new values in one copy to the host: each read waits for the device.
+        rows = torch.cat([getattr(self, name).view(self.heads, -1) for name in PROFILED], dim=1).tolist()
+        per_head = len(PER_HEAD_BUFFERS)
+        host.update({name: [row[i] for row in rows] for i, name in enumerate(PER_HEAD_BUFFERS)})
+        host["mass_curve"] = tuple(tuple(row[per_head:]) for row in rows)
         self.policy.invalidate()
 
     @torch.no_grad()

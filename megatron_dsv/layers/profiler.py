@@ -42,8 +42,11 @@ def held_curve(mass: torch.Tensor, scores: torch.Tensor = None) -> torch.Tensor:
     """Mean over the rows of the mass each row's first k + 1 entries hold, taken by descending
     `scores` (ties to the lower index, as the selection breaks them; default: by mass, the oracle).
     mass [..., rows, n] (rows sum to 1) -> [..., n]."""
-    order = torch.sort(mass if scores is None else scores, dim=-1, descending=True, stable=True).indices
-    return mass.gather(-1, order).cumsum(dim=-1).mean(dim=-2)
+    if scores is None:   # the oracle's order: the sorted masses themselves, no gather
+        taken = mass.sort(dim=-1, descending=True).values
+    else:
+        taken = mass.gather(-1, torch.sort(scores, dim=-1, descending=True, stable=True).indices)
+    return taken.cumsum(dim=-1).mean(dim=-2)
 
 
 def recall_budget(mass: torch.Tensor, theta: float, scores: torch.Tensor = None) -> torch.Tensor:
@@ -63,6 +66,21 @@ def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
     return F.pad(probs, (0, pad)).unflatten(-1, ((s + pad) // block_kv, block_kv)).sum(-1)
 
 
+def cube_means(rows: torch.Tensor, block_q: int) -> torch.Tensor:
+    """Mean over the rows of each cube: rows [b, h, n, m], whole cubes of block_q consecutive rows in
+    order (the last may hold fewer) -> [b, h, ceil(n / block_q), m]. The cube sizes follow from n, so
+    the host reads nothing from the device (grouping by torch.unique / bincount waited for it).
+    index_add_ adds each cube's rows one by one in row order: a reshaped sum would regroup the
+    additions, and CPU statistics would no longer match earlier runs bit for bit."""
+    n = rows.shape[2]
+    cubes = -(-n // block_q)
+    cube_of_row = torch.arange(n, device=rows.device) // block_q
+    means = rows.new_zeros(*rows.shape[:2], cubes, rows.shape[3]).index_add_(2, cube_of_row, rows)
+    means[:, :, :-1] /= block_q
+    means[:, :, -1] /= n - (cubes - 1) * block_q
+    return means
+
+
 class RowProfile(NamedTuple):
     token_sparsity: torch.Tensor          # [h]
     block_sparsity: torch.Tensor          # [h], blocks in the estimator's ranking
@@ -71,28 +89,31 @@ class RowProfile(NamedTuple):
     block_mass: torch.Tensor              # [b, h, n, n_kv]
 
 
-def profile_logits(logits: torch.Tensor, cube_of_row: torch.Tensor, *, theta: float, block_kv: int,
+def profile_logits(logits: torch.Tensor, *, block_q: int, theta: float, block_kv: int,
                    cube_scores: torch.Tensor = None) -> RowProfile:
     """Per-head sparsity of sampled rows.
 
-    logits: [b, h, n, S] true pre-softmax logits (already scaled); cube_of_row: [n] query block of
-    each row (ascending); cube_scores: [b, h, cubes, n_kv] the estimator's block scores of each
-    sampled cube (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
+    logits: [b, h, n, S] true pre-softmax logits (already scaled) of the rows of whole query blocks
+    (cubes) of block_q rows, in order (the last cube may hold fewer); cube_scores: [b, h, cubes, n_kv]
+    the estimator's block scores of those cubes (None: the oracle's order, and block_sparsity equals
+    oracle_block_sparsity).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     s = probs.shape[-1]
     mass = block_mass(probs, block_kv)
     n_kv = mass.shape[-1]
     tok = 1.0 - smallest_cover(probs[:, :, ::TOKEN_ROW_STRIDE], theta).float().mean(dim=(0, 2)) / s
-    cubes, group = torch.unique(cube_of_row, return_inverse=True)
-    cube_mass = torch.zeros(*mass.shape[:2], len(cubes), n_kv, device=mass.device).index_add_(2, group, mass)
-    cube_mass /= torch.bincount(group, minlength=len(cubes)).view(1, 1, -1, 1)
-    per_head = (lambda t: t.transpose(0, 1).flatten(1, 2))  # [b, h, cubes, n_kv] -> [h, b * cubes, n_kv]
-    oracle_held = held_curve(per_head(cube_mass))
-    held = oracle_held if cube_scores is None else held_curve(per_head(cube_mass), per_head(cube_scores))
+    cube_mass = _per_head(cube_means(mass, block_q))
+    oracle_held = held_curve(cube_mass)
+    held = oracle_held if cube_scores is None else held_curve(cube_mass, _per_head(cube_scores))
     oracle = 1.0 - _fewest(oracle_held, theta).float() / n_kv
     blk = 1.0 - _fewest(held, theta).float() / n_kv
     return RowProfile(tok, blk, oracle, curve_on_grid(held).float(), mass)
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    """[b, h, cubes, n_kv] -> [h, b * cubes, n_kv]: each head's cubes of all batch elements."""
+    return t.transpose(0, 1).flatten(1, 2)
 
 
 def selection_recall(mass: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor) -> torch.Tensor:
