@@ -252,9 +252,15 @@ def test_padding_of_packed_clips_never_reaches_real_tokens(deterministic, poison
                                        msg=lambda m: f"poisoned {'qkv'[which]}, {name}: {m}")
 
 
-def test_deterministic_backward_is_bitwise_reproducible():
+@pytest.mark.parametrize("pass_bytes", [None, 1 << 14], ids=["one_pass", "passes"])
+def test_deterministic_backward_is_bitwise_reproducible(monkeypatch, pass_bytes):
     """The default (atomic-free) backward gives bit-identical gradients run to run, on a mask where many
-    query blocks share KV blocks (the case where an atomic dq or dk/dv would reorder sums)."""
+    query blocks share KV blocks (the case where an atomic dq or dk/dv would reorder sums), also where
+    the kernels cut the spans into L2-sized passes (forced here by a small pass size)."""
+    from megatron_dsv.ops import triton_attention as ta
+
+    if pass_bytes is not None:
+        monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", pass_bytes)
     gen = torch.Generator().manual_seed(40)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     s, h, d = (4096, 4, 64) if DEVICE == "cuda" else (256, 2, 32)
