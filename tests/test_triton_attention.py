@@ -10,3 +10,20 @@ from triton_cases.runner import run_interpreted
 
 def test_triton_block_sparse_attention_interpreted():
     run_interpreted("attention_cases.py")
+
+
+def test_passes_keep_each_span_within_the_l2_share(monkeypatch):
+    """The number of passes follows a head's bytes against L2_SHARE of L2: on an H200's 60 MiB, 64k tokens
+    of head dim 128 in bf16 (32 MiB of K and V per head) run in one pass, 128k in two, 256k in four; never
+    more than MAX_PASSES or than there are blocks; no L2 (CPU) means one pass."""
+    import torch
+
+    from megatron_dsv.ops import triton_attention as ta
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(ta, "_l2_bytes", lambda device: 60 << 20 if device.type == "cuda" else 0)
+    blocks = {64 << 10: 1024, 128 << 10: 2048, 256 << 10: 4096, 8 << 20: 131072}
+    assert [ta._passes(n, 64, 128, 2, gpu) for n in blocks.values()] == [1, 2, 4, ta.MAX_PASSES]
+    assert ta._passes(3, 64, 128, 2, gpu) == 1                 # 3 blocks: 96 KB
+    assert ta._passes(2, 1 << 20, 128, 2, gpu) == 2            # never more passes than blocks
+    assert ta._passes(4096, 64, 128, 2, torch.device("cpu")) == 1
