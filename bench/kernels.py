@@ -309,7 +309,7 @@ def tune(args, results):
         f = fwd_flops(s, s, topk / n_kv)
         scale = D ** -0.5
         out, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, None, None, block_q, block_kv, scale, "bshd")
-        dq, delta = ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd")
+        dq, delta = ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd", False)
         q_idx, q_bounds = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
         base = dict(S=s, block_q=block_q, block_kv=block_kv, density=topk / n_kv)
         t = ms(lambda: ta.transpose_block_lists(kv_idx, kv_cnt, n_kv))
@@ -328,12 +328,13 @@ def tune(args, results):
         dq_acc = torch.zeros(delta.shape + (D,), dtype=torch.float32, device=q.device)
         calls = {
             "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, None, None, block_q, block_kv, scale, "bshd"), 1.0),
-            "dq": (lambda: ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd"), 1.5),
-            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, block_q, block_kv, scale, "bshd"),
-                     2.0),
+            "dq": (lambda: ta._dq(do, q, k, v, out, lse2, None, kv_idx, kv_cnt, None, block_q, block_kv, scale, "bshd",
+                                  False), 1.5),
+            "dkdv": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, block_q, block_kv, scale, "bshd",
+                                      False), 2.0),
             # dq's accumulator is not re-zeroed between repeats: the adds' cost does not depend on it.
             "dkdv_atomic": (lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, block_q, block_kv, scale,
-                                             "bshd", dq_acc), 2.5),
+                                             "bshd", False, dq_acc=dq_acc), 2.5),
         }
         if "sel" in args.tune_kernels:
             results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base))

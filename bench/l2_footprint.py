@@ -8,7 +8,7 @@ blocks drawn at random (ascending, as selection writes them) from
 and split2: the whole-sequence work done as two calls, each over one half of the KV blocks with
 k / 2 blocks per query block (the cost of running the KV range in two L2-sized passes, without
 merging the two partial outputs). One head's K and V take S * d * 2 bytes * 2 (64 MB at 128k,
-d 128, bf16) against the H200's 50 MB of L2: if the forward is bound by L2 misses, 'half' and
+d 128, bf16) against the H200's 60 MiB of L2 (as torch reports it): if the forward is bound by L2 misses, 'half' and
 'split2' run faster per block than 'all' at 128k and not at 64k. These arms run the kernels in one
 pass over the span. The last arm, 'all, passes', is the 'all' mask as the kernels run it by
 default: in as many passes as the span needs to fit L2 (triton_attention.L2_SHARE).

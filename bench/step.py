@@ -26,7 +26,7 @@ fed that sparsity; under the default compute-target policy, the density it annea
 
 Step time and throughput count train and metrics (data is reported, not counted: see record), and the
 profile step amortised over profile_interval_stage2 steps.
-With --trace, torch.profiler tables (top host and device ops) of three steps each of dense, stage 1,
+With --trace, torch.profiler tables (top host and device ops) of one step each of dense, stage 1,
 plain stage 2 and profiling (stage 1 and stage 2) go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
@@ -151,14 +151,14 @@ def trace(trainer, out: Path, before=None, name="dsv"):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-    for i in range(5):
+    for i in range(3):  # two steps to settle, the third traced; before() stays out of the trace (its syncs)
         if before:
             before()
-        if i == 2:
-            prof = profile(activities=acts)
-            prof.start()
-        trainer.step()
-    prof.stop()
+        if i < 2:
+            trainer.step()
+            continue
+        with profile(activities=acts) as prof:
+            trainer.step()
     out.mkdir(parents=True, exist_ok=True)
     avg = prof.key_averages()
     (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))

@@ -409,12 +409,21 @@ def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_para
         seen.extend(reads.seen)
 
     layer._learn = watched
+    select, budgets_seen = layer._select, []
+
+    def select_watched(q, k, budgets, *args, **kwargs):   # stage 1's recall selection runs inside _learn
+        budgets_seen.append((budgets, kwargs.get("k_max")))
+        return select(q, k, budgets, *args, **kwargs)
+
+    layer._select = select_watched
     profiles = layer.controller.host()["profiles"]
     gen = torch.Generator().manual_seed(4)
     train_steps(layer, [tuple(torch.randn(240, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(2)])
     assert layer.controller.host()["profiles"] == profiles + 2 and layer.controller.host()["stage"] == stage
     assert layer.last_used_sparse == (stage == 2)
     assert not seen, seen
+    if stage == 1:  # the budgets reach the selection already on the device (a list would be copied there and waited for)
+        assert len(budgets_seen) == 2 and all(torch.is_tensor(b) and k_max >= int(b.max()) for b, k_max in budgets_seen)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")

@@ -69,13 +69,12 @@ def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
 def cube_means(rows: torch.Tensor, block_q: int) -> torch.Tensor:
     """Mean over the rows of each cube: rows [b, h, n, m], whole cubes of block_q consecutive rows in
     order (the last may hold fewer) -> [b, h, ceil(n / block_q), m]. The cube sizes follow from n, so
-    the host reads nothing from the device (grouping by torch.unique / bincount waited for it).
-    index_add_ adds each cube's rows one by one in row order: a reshaped sum would regroup the
-    additions, and CPU statistics would no longer match earlier runs bit for bit."""
+    the host reads nothing from the device (grouping by torch.unique / bincount waited for it), and a
+    sum over a reshape adds in a fixed order on every device (index_add_ adds with atomics on the GPU)."""
     n = rows.shape[2]
     cubes = -(-n // block_q)
-    cube_of_row = torch.arange(n, device=rows.device) // block_q
-    means = rows.new_zeros(*rows.shape[:2], cubes, rows.shape[3]).index_add_(2, cube_of_row, rows)
+    padded = F.pad(rows, (0, 0, 0, cubes * block_q - n))
+    means = padded.unflatten(2, (cubes, block_q)).sum(3)
     means[:, :, :-1] /= block_q
     means[:, :, -1] /= n - (cubes - 1) * block_q
     return means

@@ -187,9 +187,9 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
 
     if RESUME:
         m_i = tl.load(lse_ptrs, mask=m_ok, other=float("-inf"))
-        if Q_VARLEN:  # padding rows (lse +inf) start empty again
+        if Q_VARLEN:  # padding rows (lse +inf) start empty: a running max of +inf would give inf - inf = NaN
             m_i = tl.where(m_i == float("inf"), float("-inf"), m_i)
-        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)   # a row with no keys yet stays empty
         acc = tl.load(out_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
     else:
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -438,8 +438,8 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 # The L2 working set. At long lengths the programs in flight are consecutive blocks of one head, each
 # gathering its own blocks from anywhere in that head's K and V (forward, dq) or Q and dO (dk/dv).
 # Once those span more than L2 holds, the hit rate falls and the kernels slow down (H200, 128k
-# tokens, head dim 128, density 0.1: 55% hits and a 40 ms forward over the whole span, 96% and
-# 32 ms over half of it; bench/results/l2_footprint_h200.json). So the span is cut into passes of
+# tokens, head dim 128, density 0.1: 55% hits and a 41 ms forward over the whole span, 96% and
+# 33 ms over half of it; bench/results/l2_footprint_h200.json). So the span is cut into passes of
 # at most L2_SHARE of L2 each, launched one after the other; a later pass resumes from what the
 # earlier ones wrote. Intermediate results are stored in the output's dtype (one more rounding
 # per pass), so the passes are few: MAX_PASSES.
@@ -474,8 +474,8 @@ def kv_pass_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int, passes:
     slot_ok = torch.arange(kv_idx.shape[-1], device=kv_idx.device) < kv_cnt.unsqueeze(-1)
     ids = torch.where(slot_ok, kv_idx.to(torch.int32), n_kv).sort(dim=-1).values
     edges = _pass_edges(n_kv, passes, kv_idx.device).to(torch.int32)
-    bounds = torch.searchsorted(ids, edges.expand(*ids.shape[:-1], passes + 1).contiguous())
-    return ids, bounds.to(torch.int32).permute(3, 0, 1, 2).contiguous()
+    bounds = torch.searchsorted(ids, edges.expand(*ids.shape[:-1], passes + 1).contiguous(), out_int32=True)
+    return ids, bounds.permute(3, 0, 1, 2).contiguous()
 
 
 def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int, passes: int = 1):

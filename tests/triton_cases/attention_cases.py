@@ -363,11 +363,14 @@ def test_kv_pass_lists_sort_and_split_each_list():
          kv_lens="per_head", seed=51),
     dict(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=32, block_kv=32, dtype=torch.float16, clips=[70, 5, 100, 33],
          loss="out+lse", seed=52),
-], ids=["partial_tiles_lse_fp32", "small_kv_blocks_kv_lens_fp16", "packed_clips_fp16"])
+    dict(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, dtype=torch.float32, loss="out+lse", seed=53,
+         deterministic=False),
+], ids=["partial_tiles_lse_fp32", "small_kv_blocks_kv_lens_fp16", "packed_clips_fp16", "one_recompute_fp32"])
 def test_passes_over_the_span(monkeypatch, case):
     """Long spans run in passes that each fit in L2 (forward and dq over the KV span, dk/dv over the
     query span; a later pass resumes from what the earlier ones wrote): the same checks against the
-    float64 reference as one pass. The bytes per pass are forced small, so these shapes take 2-8 passes."""
+    float64 reference as one pass. The bytes per pass are forced small, so these shapes take 3-7 passes
+    (the one-recompute backward: in the forward only)."""
     from megatron_dsv.ops import triton_attention as ta
 
     monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", 8192)
@@ -394,3 +397,17 @@ def test_tma_paths(monkeypatch, layout, packed):
     s = 320 if packed else 300  # 300: a partial last KV block and query block
     run_case(b=2, h=2, s_q=s, s_kv=s, d=128, block_q=128, block_kv=64, dtype=torch.bfloat16, layout=layout,
              packed=packed, seed=9)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors exist on the GPU only")
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "one_recompute"])
+def test_passes_tma_paths(monkeypatch, deterministic):
+    """Passes through the TMA loads of whole 64-row blocks (the GPU's default path), bf16, head dim 128,
+    a partial last block: 8 passes over 10 blocks, against the float64 reference."""
+    from megatron_dsv.ops import triton_attention as ta
+
+    monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", 8192)
+    assert ta._passes(10, 64, 128, 2, torch.device(DEVICE)) == ta.MAX_PASSES
+    run_case(b=2, h=2, s_q=600, s_kv=620, d=128, block_q=64, block_kv=64, dtype=torch.bfloat16, loss="out+lse",
+             deterministic=deterministic, seed=54)
