@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from .layout import from_bhsd, seq_dim, to_bhsd
 
+# Bytes of token scores [b, heads, n_q, S_kv] float32 block_scores_reference holds at once.
+SCORE_CHUNK_BYTES = 256 << 20
+
 
 def _pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 2 of a [b, h, s, d] tensor to a multiple of `multiple`."""
@@ -122,13 +125,16 @@ def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):
         k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / kv_count.view(1, 1, n_kv, 1)
         return torch.einsum("bhir,bhjr->bhij", proxy, k_mean)
 
-    # One head at a time keeps the [n_q, S_kv] token-score buffer small.
+    # A few heads at a time keep the [n_q, S_kv] token-score buffer within SCORE_CHUNK_BYTES; all of them
+    # at once where it fits (few query blocks: the profiler's sampled cubes), in a handful of launches.
     scores = torch.empty(b, h, n_q, n_kv, device=qh.device, dtype=torch.float32)
     pad = n_kv * block_kv - s_kv
-    for head in range(h):
-        tok = torch.einsum("bir,bjr->bij", proxy[:, head], kh[:, head])
+    per_chunk = max(1, SCORE_CHUNK_BYTES // (4 * b * n_q * n_kv * block_kv))
+    for h0 in range(0, h, per_chunk):
+        heads = slice(h0, h0 + per_chunk)
+        tok = torch.einsum("bhir,bhjr->bhij", proxy[:, heads], kh[:, heads])
         tok = F.pad(tok, (0, pad), value=float("-inf"))
-        scores[:, head] = tok.view(b, n_q, n_kv, block_kv).amax(-1)
+        scores[:, heads] = tok.unflatten(-1, (n_kv, block_kv)).amax(-1)
     return scores
 
 
