@@ -98,6 +98,7 @@ def main():
         return
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                               "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
                                                "heads": H, "head_dim": D, "block": BLOCK, "density": args.density,
                                                "results": rows}, indent=1))
     print(f"\n{torch.cuda.get_device_name()}; {H} heads x {D}, bf16, blocks {BLOCK}x{BLOCK}, density {args.density}")
