@@ -103,15 +103,16 @@ def _fault_worker(rank, world, out_dir, fault):
 
     from megatron_dsv import DSVConfig
 
-    # Megatron's CP groups take distributed_timeout_minutes: one minute here, so a stuck rank fails fast.
-    parallel_state.initialize_model_parallel(context_parallel_size=world, distributed_timeout_minutes=1)
+    # Megatron's CP groups take distributed_timeout_minutes (a timedelta of minutes: half a minute here), and
+    # DSV's checks take the CP group's timeout, so a stuck rank fails its peers fast.
+    parallel_state.initialize_model_parallel(context_parallel_size=world, distributed_timeout_minutes=0.5)
     layer = _layer(world, DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32))
     s_local = 96 if fault == "lengths" and rank == 1 else 128   # "lengths": rank 1 holds fewer tokens
     dtype = torch.float64 if fault == "dtypes" and rank == 1 else torch.float32   # "dtypes": rank 1 in float64
     q, k, v = (torch.randn(s_local, B, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
     t0 = time.time()
     if fault == "stuck" and rank == 1:
-        time.sleep(75)  # alive but never reaches the collective (past the one-minute timeout)
+        time.sleep(45)  # alive but never reaches the collective (past the half-minute timeout)
         os._exit(0)
     try:
         layer(q, k, v, None)
@@ -137,15 +138,18 @@ def test_cp_ranks_with_different_shards_fail_on_every_rank_naming_the_layer(tmp_
 
 
 def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):
+    """A CP rank that is alive but never reaches the layer's collectives: its peer raises an error naming the
+    layer after the CP group's timeout (half a minute here), well within a minute, before the stuck rank
+    wakes up."""
     import multiprocessing
 
     proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path), "stuck"))
     proc.start()
-    proc.join(timeout=110)
+    proc.join(timeout=80)
     if proc.is_alive():
         proc.kill()
     rec = json.loads((tmp_path / "rank0.json").read_text())
-    assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 75, rec
+    assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 45, rec
 
 
 def _plan_search_worker(rank, world):
