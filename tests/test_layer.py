@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers.controller import StageController
+from megatron_dsv.layers.device_budgets import DeviceBudgets
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
 from megatron_dsv.ops import block_sparse_attention
@@ -412,7 +413,7 @@ def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_para
     select, budgets_seen = layer._select, []
 
     def select_watched(q, k, budgets, *args, **kwargs):   # stage 1's recall selection runs inside _learn
-        budgets_seen.append((budgets, kwargs.get("k_max")))
+        budgets_seen.append((budgets, q.device))
         return select(q, k, budgets, *args, **kwargs)
 
     layer._select = select_watched
@@ -423,7 +424,9 @@ def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_para
     assert layer.last_used_sparse == (stage == 2)
     assert not seen, seen
     if stage == 1:  # the budgets reach the selection already on the device (a list would be copied there and waited for)
-        assert len(budgets_seen) == 2 and all(torch.is_tensor(b) and k_max >= int(b.max()) for b, k_max in budgets_seen)
+        assert len(budgets_seen) == 2 and all(
+            isinstance(b, DeviceBudgets) and b.tensor.device == device and b.k_max >= int(b.tensor.max())
+            for b, device in budgets_seen)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")

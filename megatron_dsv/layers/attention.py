@@ -33,28 +33,19 @@ from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
-from .controller import PER_HEAD_BUFFERS, StageController
+from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
-from .budget import CURVE_POINTS, held_mass
+from .budget import held_mass
 from .predictor import LowRankPredictor
 from .profiler import profile_logits, selection_recall
 from ..timing import ForwardTimer
 
 # Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
 LOGIT_CHUNK_BYTES = 256 << 20
-# Columns of a profile's per-head statistics: PER_HEAD_BUFFERS, then the mass curve (_profile_columns).
-PROFILE_COLUMNS = len(PER_HEAD_BUFFERS) + CURVE_POINTS + 1
 
 
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def _profile_columns(prof, recall: torch.Tensor) -> torch.Tensor:
-    """A RowProfile's statistics and the selection's recall side by side, [h, PROFILE_COLUMNS] in the
-    order of controller.PROFILED: each chunk of heads adds to one accumulator, not to one per statistic."""
-    per_head = [recall if name == "recall" else getattr(prof, name) for name in PER_HEAD_BUFFERS]
-    return torch.cat([torch.stack(per_head, dim=1), prof.mass_curve], dim=1)
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -225,6 +216,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
         self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
         self.device_budgets = DeviceBudgets()   # what a training step's selection reads
+        self.recall_budgets = DeviceBudgets(rounded=False)   # what a profile's own selection reads (_learn)
         self.last_call = None       # (shape, dtype, device) of the last call's q [s, b, n, d]
         self.graph_stats = None     # the predictor update a captured step computes, in the graph's tensors
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
@@ -432,17 +424,18 @@ class DSVDotProductAttention(_CoreAttention):
         pooled baseline by the block's mean key ("mean")."""
         return "max" if self.cfg.estimator == "lowrank" else "mean"
 
-    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True, k_max=None):
+    def _select(self, q, k, budgets, heads=None, segments=None, q_start=0, cached_weights=True):
         """Block selection for [s, b, n, d] q and [S, b, n, d] k (detached) of `heads` (default all),
-        with their budgets (a list of ints; an int tensor [heads] on q's device with k_max, at least
-        the largest; an int tensor [heads, clips] for packed clips, where q may then be the tokens
-        [q_start, q_start + s) of the packing, one CP rank's share; or the DeviceBudgets of all heads).
+        with their budgets (a list of ints; an int tensor [heads, clips] for packed clips, where q may
+        then be the tokens [q_start, q_start + s) of the packing, one CP rank's share; or DeviceBudgets
+        holding those of `heads`).
         cached_weights=False casts the predictor's weights in place of reusing a cast copy (inside a
         CUDA graph, which must read the live parameters)."""
         q_lr, k_lr = q, k
         if self.cfg.estimator == "lowrank":
             q_lr = self.predictor.project(q, "q", heads, cached=cached_weights)
             k_lr = self.predictor.project(k, "k", heads, cached=cached_weights)
+        k_max = None
         if isinstance(budgets, DeviceBudgets):
             budgets, k_max = budgets.tensor, budgets.k_max
         return select_blocks(q_lr.transpose(0, 1), k_lr.transpose(0, 1), budgets, k_max=k_max,
@@ -475,17 +468,16 @@ class DSVDotProductAttention(_CoreAttention):
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
         if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
-            k_max = None
             if segments is None:
-                budgets = ctl.budgets(math.ceil(k.shape[0] / cfg.block_kv))
-                budgets = [budgets[h] for h in heads]
-                # On the device, with their largest as k_max: from a list the selection would copy them
-                # there itself and wait for the copy.
-                k_max = max(max(budgets), 1)
-                budgets = _to_device(torch.tensor(budgets), q.device)
+                # Held on the device (copied in place when they change): from a list the selection would
+                # copy them there itself and wait for the copy.
+                n_kv = math.ceil(k.shape[0] / cfg.block_kv)
+                budgets = ctl.budgets(n_kv)
+                self.recall_budgets.hold([budgets[h] for h in heads], n_kv, q.device)
+                budgets = self.recall_budgets
             else:
                 budgets = self._clip_budgets(segments)[heads]
-            selection = self._select(q, k, budgets, heads, segments, q_start, k_max=k_max)
+            selection = self._select(q, k, budgets, heads, segments, q_start)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         if self.in_step_graph:
@@ -611,14 +603,12 @@ class DSVDotProductAttention(_CoreAttention):
             stats.update(loss=full(local["loss"]), **{name: full(w.grad if w.grad is not None else torch.zeros_like(w))
                                                       for name, w in (("grad_q", wq), ("grad_k", wk))})
         if selection is not None:
-            profiled = full(local["profiled"])
-            stats.update({name: profiled[:, i] for i, name in enumerate(PER_HEAD_BUFFERS)},
-                         mass_curve=profiled[:, len(PER_HEAD_BUFFERS):])
+            stats.update(split_profiled(full(local["profiled"])))
         return stats
 
     def _profile_rows(self, q_rows, k_all, wq, wk, selection, q_blocks, kv0: int) -> torch.Tensor:
         """Profile of one clip's sampled rows q_rows [b, rows, n, d] (whole cubes, in order) against its
-        keys k_all [b, S, n, d]: [n, PROFILE_COLUMNS], means over the rows (_profile_columns). selection:
+        keys k_all [b, S, n, d]: [n, PROFILE_COLUMNS], means over the rows (profiled_columns). selection:
         (kv_idx, kv_cnt) of the query blocks of q, q_blocks the block of each row, kv0 the clip's first KV
         block. The profile needs the true logits: they are built a few heads at a time (bounded memory;
         freed before returning); what does not need them is computed once for all heads."""
@@ -641,7 +631,8 @@ class DSVDotProductAttention(_CoreAttention):
             kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
             if kv0:
                 kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
-            columns.append(_profile_columns(prof, selection_recall(prof.block_mass, kv_idx, kv_cnt)))
+            columns.append(profiled_columns({**prof._asdict(), "recall": selection_recall(prof.block_mass, kv_idx,
+                                                                                          kv_cnt)}))
         return torch.cat(columns) if len(columns) > 1 else columns[0]
 
     def _cube_scores(self, q_est, k_est) -> torch.Tensor:

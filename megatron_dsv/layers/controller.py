@@ -32,6 +32,21 @@ from .fp32_state import Float32State
 PER_HEAD_BUFFERS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "recall")
 # Everything a profile records: the per-head scalars and each head's mass curve [heads, CURVE_POINTS + 1].
 PROFILED = (*PER_HEAD_BUFFERS, "mass_curve")
+# Columns of profiled_columns: the per-head scalars, then the mass curve.
+PROFILE_COLUMNS = len(PER_HEAD_BUFFERS) + CURVE_POINTS + 1
+
+
+def profiled_columns(stats) -> torch.Tensor:
+    """Every PROFILED statistic in `stats` (a mapping, or an object with those attributes) side by side,
+    [heads, PROFILE_COLUMNS]: one tensor to accumulate into, reduce or read from the device at once."""
+    get = stats.get if isinstance(stats, dict) else (lambda name: getattr(stats, name))
+    return torch.cat([torch.stack([get(name) for name in PER_HEAD_BUFFERS], dim=1), get("mass_curve")], dim=1)
+
+
+def split_profiled(columns: torch.Tensor) -> dict:
+    """profiled_columns' tensor back to {name: tensor} for every name in PROFILED."""
+    per_head = len(PER_HEAD_BUFFERS)
+    return {**{name: columns[:, i] for i, name in enumerate(PER_HEAD_BUFFERS)}, "mass_curve": columns[:, per_head:]}
 # Density grid on which the theta rule's density at the stage switch is read (a fraction of the blocks).
 _SWITCH_GRID = 1 << 16
 
@@ -184,7 +199,7 @@ class StageController(Float32State):
         self.profiles += 1
         host["profiles"] += 1
         # The mirror's new values in one copy to the host: each read waits for the device.
-        rows = torch.cat([getattr(self, name).view(self.heads, -1) for name in PROFILED], dim=1).tolist()
+        rows = profiled_columns(self).tolist()
         per_head = len(PER_HEAD_BUFFERS)
         host.update({name: [row[i] for row in rows] for i, name in enumerate(PER_HEAD_BUFFERS)})
         host["mass_curve"] = tuple(tuple(row[per_head:]) for row in rows)
