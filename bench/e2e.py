@@ -29,7 +29,6 @@ over profile_interval_stage2). Speedups are against the dense step of the same r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -49,6 +48,7 @@ from video_dit.precision import MasterWeights  # noqa: E402
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.layers import dsv_layers, dsv_metrics  # noqa: E402
 from megatron_dsv.ops import dense as dense_ops  # noqa: E402
+from traces import trace_to  # noqa: E402
 
 
 def latent_for_tokens(tokens: int, patch=(1, 2, 2)):
@@ -87,25 +87,6 @@ def learned_sparsity(path):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def trace_to(folder, name, device):
-    """torch.profiler tables (top host and device ops) of the enclosed code under folder/name_*.txt (None: no trace)."""
-    if folder is None:
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        yield
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    avg = prof.key_averages()
-    (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
-    if device.type == "cuda":
-        (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
 
 
 def time_steps(model, opt, master, batch, device, iters):

@@ -56,6 +56,7 @@ from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.layers import dsv_layers, dsv_metrics  # noqa: E402
+from traces import trace_to  # noqa: E402
 
 
 def sync(device):
@@ -148,22 +149,11 @@ def record(mode, parts, tokens, **extra):
 
 
 def trace(trainer, out: Path, before=None, name="dsv"):
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     for i in range(3):  # two steps to settle, the third traced; before() stays out of the trace (its syncs)
         if before:
             before()
-        if i < 2:
+        with trace_to(out if i == 2 else None, name, trainer.device):
             trainer.step()
-            continue
-        with profile(activities=acts) as prof:
-            trainer.step()
-    out.mkdir(parents=True, exist_ok=True)
-    avg = prof.key_averages()
-    (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
-    if trainer.device.type == "cuda":
-        (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))
 
 
 def main():
