@@ -16,18 +16,19 @@ for these modes, in one process:
   dsv-profile   the same, at a step that profiles and fine-tunes the predictor
   dsv-stage1 profile   a stage-1 step that profiles (one in profile_interval_stage1)
   dsv-stage2, no CUDA graphs   dsv-stage2 with DSVConfig.cuda_graphs off (every launch from the host)
-  dense / dsv-stage1 / dsv-stage2, step graph   with --step-graph: the step's forward + backward replayed
-                from one CUDA graph (the example's --cuda-graph-step); the optimizer step (and in stage 1
-                the predictor's Adam step) stays eager
+  dense / dsv-stage1 / dsv-stage1 profile / dsv-stage2 / dsv-profile, step graph   with --step-graph:
+                the step's forward + backward replayed from a CUDA graph (the example's --cuda-graph-step);
+                the optimizer step (and the predictor's Adam step, the profile's EMAs) stays eager
 
 DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs sparse only where
 that measured faster at its shape), except that every head's budget is --density (the theta rule
 fed that sparsity; under the default compute-target policy, the density it anneals to).
 
-Step time and throughput count train and metrics (data is reported, not counted: see record), and the
-profile step amortised over profile_interval_stage2 steps.
+Step time and throughput count train and metrics (data is reported, not counted: see record), and
+each stage's steps with its profile step amortised over DSVConfig's profile interval of that stage.
 With --trace, torch.profiler tables (top host and device ops) of one step each of dense, stage 1,
-plain stage 2 and profiling (stage 1 and stage 2) go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
+plain stage 2 and profiling (stage 1 and stage 2), and with --step-graph of graphed dense and stage 1,
+go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
     python bench/step.py --smoke       # CPU, tiny shapes: checks the script only
@@ -205,6 +206,8 @@ def main():
         dense = Trainer(dit, None, args, device, step_graph=True)
         dense.timed(args.warmup)
         results.append(record("dense, step graph", dense.timed(args.iters), tokens))
+        if args.trace:
+            trace(dense, Path(args.trace), name="dense_step_graph")
         del dense
 
     dsv = Trainer(dit, forced, args, device)
@@ -233,21 +236,32 @@ def main():
     if args.step_graph:
         graphed = Trainer(dit, forced, args, device, step_graph=True)
         set_state(graphed.layers, stage=1, step=1)
-        graphed.timed(args.warmup + 2)   # the first step's key is unknown (no layer has run): capture at the 4th
-        results.append(record("dsv-stage1, step graph", graphed.timed(args.iters), tokens, density=args.density,
-                              replays=graphed.captured.replays))
-        before = graphed.captured.replays
-        plain_graphed = lambda: set_state(graphed.layers, stage=2, step=1, density=args.density)  # noqa: E731
-        graphed.timed(args.warmup, plain_graphed)
-        results.append(record("dsv-stage2, step graph", graphed.timed(args.iters, plain_graphed), tokens,
-                              density=args.density, replays=graphed.captured.replays - before))
+        graphed.timed(1)   # no layer has run: no key yet
+        # Stage 1 runs on from the state set above, as in training: a state reload before each step would drop
+        # the pending copy of the predictor loss to the host, and the next step would wait for the device.
+        arms = (("dsv-stage1, step graph", None),
+                ("dsv-stage1 profile, step graph", lambda: set_state(graphed.layers, stage=1, step=0)),
+                ("dsv-stage2, step graph", lambda: set_state(graphed.layers, stage=2, step=1, density=args.density)),
+                ("dsv-profile, step graph", lambda: set_state(graphed.layers, stage=2, step=0, density=args.density)))
+        for name, before in arms:   # each arm's key captures at its third step (STABLE_STEPS), within the warm-up
+            graphed.timed(args.warmup, before)
+            replays = graphed.captured.replays
+            results.append(record(name, graphed.timed(args.iters, before), tokens, density=args.density,
+                                  replays=graphed.captured.replays - replays))
+            if args.trace and name.startswith("dsv-stage1,"):
+                trace(graphed, Path(args.trace), before, name="stage1_step_graph")
         del graphed
-    prof = next(r for r in results if r["mode"] == "dsv-profile")
-    for name in ("dsv-stage2", "dsv-stage2, step graph"):   # a profile step runs eagerly either way
-        stage2 = next((r for r in results if r["mode"] == name), None)
-        if stage2 is not None:
-            amortised = (stage2["step_ms"] * (interval - 1) + prof["step_ms"]) / interval
-            results.append({"mode": f"{name} (1 profile in {interval})", "step_ms": amortised,
+    # Whole runs profile every profile_interval_stage{1,2}-th step (the default policy's intervals).
+    intervals = {1: DSVConfig().profile_interval_stage1, 2: interval}
+    for plain, prof_name, stage in (("dsv-stage1", "dsv-stage1 profile", 1), ("dsv-stage2", "dsv-profile", 2),
+                                    ("dsv-stage1, step graph", "dsv-stage1 profile, step graph", 1),
+                                    ("dsv-stage2, step graph", "dsv-profile, step graph", 2)):
+        plain_r = next((r for r in results if r["mode"] == plain), None)
+        prof = next((r for r in results if r["mode"] == prof_name), None)
+        if plain_r is not None and prof is not None:
+            every = intervals[stage]
+            amortised = (plain_r["step_ms"] * (every - 1) + prof["step_ms"]) / every
+            results.append({"mode": f"{plain} (1 profile in {every})", "step_ms": amortised,
                             "tokens_per_s": tokens / (amortised * 1e-3), "density": args.density})
 
     dense_tps = results[0]["tokens_per_s"]

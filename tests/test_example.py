@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 from video_dit import PRESETS, MovingShapes, build_video_dit, flow_matching_loss, patchify, unpatchify  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
-from megatron_dsv.layers import DSVDotProductAttention, SDPADotProductAttention  # noqa: E402
+from megatron_dsv.layers import DSVDotProductAttention, SDPADotProductAttention, dsv_layers  # noqa: E402
+from megatron_dsv.layers.step_graph import replay_key  # noqa: E402
 
 # 256 tokens (grid 4x8x8), cubes 2x4x4 = 32-token blocks: fast on CPU.
 SMALL = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
@@ -368,7 +370,8 @@ def test_step_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in res] == ["dense", "dsv-stage1", "dsv-stage1 profile", "dsv-stage2",
-                                        "dsv-stage2, no CUDA graphs", "dsv-profile", "dsv-stage2 (1 profile in 50)"]
+                                        "dsv-stage2, no CUDA graphs", "dsv-profile", "dsv-stage1 (1 profile in 20)",
+                                        "dsv-stage2 (1 profile in 50)"]
     assert all(r["step_ms"] > 0 for r in res)
     assert all((tmp_path / "trace" / f"{arm}_host_ops.txt").stat().st_size > 0
                for arm in ("dense", "dsv", "stage1", "profile", "stage1_profile"))
@@ -574,13 +577,14 @@ def test_captured_train_step_eager_steps_keep_no_autograd_graph(megatron_paralle
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
 def test_captured_train_step_matches_eager_steps(megatron_parallel):
-    """examples' CapturedTrainStep: steps replayed from one CUDA graph give the eager steps' losses and
-    gradients (fp32, the compiled tails and the Triton kernels in both), through stage 1, a capture,
-    replays, a profile step run eagerly between them, and a budget change that captures anew."""
-    from video_dit.step_graph import STABLE_STEPS, CapturedTrainStep
+    """examples' CapturedTrainStep: steps replayed from CUDA graphs give the eager steps' losses and
+    gradients (fp32, the compiled tails and the Triton kernels in both), through stage 1 and stage 2,
+    plain and profile steps each replayed from a graph of their own, and a budget change that captures
+    anew; the DSV state (predictor, profiled statistics) follows the eager run's."""
+    from video_dit.step_graph import MAX_GRAPHS, STABLE_STEPS, CapturedTrainStep
 
-    cfg = DSV.replace(budget_policy="theta", stage1_min_steps=2, stage1_max_steps=2, profile_interval_stage2=6,
-                      layer_sparsity_threshold=0.0,
+    cfg = DSV.replace(budget_policy="theta", stage1_min_steps=8, stage1_max_steps=8, profile_interval_stage1=2,
+                      profile_interval_stage2=2, layer_sparsity_threshold=0.0,
                       budget_floor=0.0, dispatch="density", dense_fallback_density=1.0)
     models = []
     for _ in range(2):
@@ -590,8 +594,9 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
     eager, graphed = models
     params = [p for p in graphed.parameters() if p.requires_grad]
     runner = CapturedTrainStep(graphed, params)
-    for i in range(14):
-        if i == 9:   # new budgets (a new k_max captures anew; an equal one replays with the new budgets)
+    replayed_kinds = Counter()   # (stage, profile) of the replayed steps
+    for i in range(20):
+        if i == 15:   # new budgets (a new k_max captures anew; an equal one replays with the new budgets)
             for model in models:
                 _force_stage2(model, 0.5)
                 for layer in (m for m in model.modules() if isinstance(m, DSVDotProductAttention)):
@@ -601,19 +606,30 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
         batch = tuple(t.cuda() for t in _batch(SMALL, seed=i))
         le, ge = _step_grads(eager, batch)
         graphed.zero_grad(set_to_none=True)
+        key, before = replay_key(graphed), runner.replays
         lg = runner(*batch).detach().clone()
+        if runner.replays > before:
+            replayed_kinds[key[0].stage, key[0].profile] += 1
         gg = {n: p.grad for n, p in graphed.named_parameters() if p.requires_grad}
         torch.testing.assert_close(lg, le, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {i}: {m}")
         for name in ge:
             torch.testing.assert_close(gg[name], ge[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"step {i} {name}: {m}")
+        for le_, lg_ in zip(dsv_layers(eager), dsv_layers(graphed)):
+            torch.testing.assert_close(lg_.predictor.wq, le_.predictor.wq, rtol=1e-4, atol=1e-6)
+            he, hg = le_.controller.host(), lg_.controller.host()
+            assert (hg["stage"], hg["step"], hg["profiles"]) == (he["stage"], he["step"], he["profiles"]), i
+            torch.testing.assert_close(torch.tensor(hg["block_sparsity"]), torch.tensor(he["block_sparsity"]),
+                                       rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"step {i}: {m}")
         with torch.no_grad():   # the same plain SGD update on both, so later steps see trained weights
             for model in models:
                 for p in model.parameters():
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-1e-2)
-    # Stage 1: steps 0-1 (eager). Stage 2: 2-3 eager, captured at 4 (STABLE_STEPS = 3), replays 4-5; the
-    # profiles at 6 and 12 run eagerly (7-8 and 13 replay unless the profile moved the budgets); new
-    # budgets at 9 (if their k_max differs: eager 9-10, captured anew at 11).
-    assert STABLE_STEPS == 3 and runner.replays >= 3, runner.replays
-    layer = next(m for m in graphed.modules() if isinstance(m, DSVDotProductAttention))
-    assert layer.controller.host()["step"] == 14 and layer.last_used_sparse
+    # Stage 1 (steps 0-7): step 0 eager (no layer had run); plain steps 1, 3, 5 and profiles 2, 4, 6 each
+    # capture at their third (STABLE_STEPS) and replay from then on. Stage 2 (8-19) likewise with keys of
+    # its own, until the budget change at 15 (and wherever a profile moved a k_max).
+    assert STABLE_STEPS == 3 and MAX_GRAPHS == 2 and len(runner.graphs) <= MAX_GRAPHS
+    assert replayed_kinds[1, False] >= 2 and replayed_kinds[1, True] >= 1, replayed_kinds
+    assert replayed_kinds[2, False] + replayed_kinds[2, True] >= 2, replayed_kinds
+    layer = dsv_layers(graphed)[0]
+    assert layer.controller.host()["step"] == 20 and layer.last_used_sparse

@@ -163,7 +163,7 @@ def test_predictor_loss_is_the_cosine_and_normalised_mse_mix():
 def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     """gram_loss (no logits built) equals loss() of the explicit predicted and true logits, in value and
     in the gradients of wq and wk, on fresh random rows, keys and weights."""
-    from megatron_dsv.layers.predictor import LowRankPredictor
+    from megatron_dsv.layers.predictor import LowRankPredictor, key_gram
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     b, n, s, h, d, r, scale = 2, 7, 300, 3, 16, 4, 0.25
@@ -174,12 +174,30 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
         pred = torch.einsum("bnhr,bshr->bhns", torch.einsum("bnhd,hdr->bnhr", q, wq),
                             torch.einsum("bshd,hdr->bshr", k, wk))
         ref = LowRankPredictor.loss(pred, torch.einsum("bnhd,bshd->bhns", q, k) * scale, w)
-        got = LowRankPredictor.gram_loss(q, k, wq, wk, scale, w)
+        got = LowRankPredictor.gram_loss(q, key_gram(k.transpose(0, 1)), wq, wk, scale, w)
         torch.testing.assert_close(got, ref)
         torch.testing.assert_close(torch.autograd.grad(got.sum(), (wq, wk)), torch.autograd.grad(ref.sum(), (wq, wk)))
     # float32, as the layer runs it: close to the float64 value
-    got32 = LowRankPredictor.gram_loss(q.float(), k.float(), wq.float(), wk.float(), scale, w)
+    got32 = LowRankPredictor.gram_loss(q.float(), key_gram(k.float().transpose(0, 1)), wq.float(), wk.float(), scale, w)
     torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bmm's float32 output of half inputs is CUDA-only")
+def test_key_gram_of_bf16_keys_equals_the_float64_gram():
+    """On the GPU key_gram multiplies bf16 keys as they are (float32 accumulation and output), in the
+    layer's [S, b, h, d] layout, strided as a fused QKV projection leaves them: the float64 Gram of the
+    same values, to float32 accuracy."""
+    from megatron_dsv.layers.predictor import key_gram
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    s, b, h, d = 3000, 2, 3, 64
+    qkv = torch.randn(s, b, h, 3 * d, generator=gen).add_(0.5).to(torch.bfloat16).cuda()
+    k = qkv[..., d:2 * d]
+    got = key_gram(k)
+    k64 = k.double().transpose(0, 1)
+    want = torch.einsum("bshd,bshe->bhde", k64, k64)
+    assert got.dtype == torch.float32 and got.shape == (b, h, d, d)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
 def test_predictor_learns_planted_pattern(megatron_parallel):

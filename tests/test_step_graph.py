@@ -7,9 +7,12 @@ state, and replay_key must say None exactly for the steps a graph cannot replay.
 (examples/video_dit/step_graph.py) is checked against eager steps on the GPU in test_example.py.
 """
 
+import traceback
+
 import pytest
 import torch
 from megatron.core.transformer.transformer_block import TransformerBlock
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers import get_dsv_layer_spec
@@ -28,10 +31,10 @@ def block():
 def step(model, x, as_replay: bool):
     x = x.clone().requires_grad_()
     if as_replay:
-        with capturing(model):
+        with capturing(model) as captured:
             out = model(x, attention_mask=None)
             out.square().mean().backward()
-        replayed(model)
+        replayed(model, captured)
     else:
         out = model(x, attention_mask=None)
         out.square().mean().backward()
@@ -60,17 +63,20 @@ def test_replayed_steps_equal_eager_steps(megatron_parallel):
             assert la.predictor.wq.equal(lb.predictor.wq) and la.last_used_sparse == lb.last_used_sparse, i
     steps = [la.controller.host()["step"] for la in dsv_layers(graphed)]
     assert steps == [9, 9]
-    # Stage 1 (steps 0, 1) trains the predictor and profiles at step 0 (before which the layers had not
-    # run either); stage 2 profiles at steps 3 and 6 (every 3rd).
-    replayable = [k is not None for k in keys]
-    assert replayable == [False, True, True, False, True, True, False, True, True], replayable
+    # Every step replays but the first (the layers had not run): stage 1 (steps 0, 1) trains the predictor
+    # and profiles at step 0; stage 2 profiles at steps 3 and 6 (every 3rd), with a key of their own.
+    assert [k is not None for k in keys] == [False] + [True] * 8, keys
+    profiles = [all(plan.profile for plan in key) for key in keys[1:]]
+    assert profiles == [False, False, True, False, False, True, False, False], profiles
     assert dsv_layers(graphed)[0].last_used_sparse
+    assert dsv_layers(graphed)[0].controller.host()["profiles"] == 3   # steps 0, 3, 6: the replayed ones count
 
 
 def test_replayed_stage1_steps_train_the_predictor_as_eager_steps(megatron_parallel):
-    """Stage-1 steps that train the predictor (not those that profile) replay: the loss and gradients come
-    from the captured pass on the rows the device's step counter picks, the Adam step follows the
-    replay, and predictor, loss EMA and outputs equal an eager run's bit for bit, step after step."""
+    """Stage-1 steps replay, those that train the predictor and those that also profile (with the profile's
+    own selection, at budgets plan_step placed on the device): the loss, gradients and profile come from
+    the captured pass on the rows the device's step counter picks, the Adam step and the profile's EMAs
+    follow the replay, and predictor, controller state and outputs equal an eager run's bit for bit."""
     cfg = CFG.replace(stage1_min_steps=8, stage1_max_steps=8, profile_interval_stage1=4, sample_stride=2)
     models = []
     for _ in range(2):
@@ -88,14 +94,15 @@ def test_replayed_stage1_steps_train_the_predictor_as_eager_steps(megatron_paral
         for la, lb in zip(dsv_layers(eager), dsv_layers(graphed)):
             assert la.predictor.wq.equal(lb.predictor.wq) and la.predictor.wk.equal(lb.predictor.wk), i
             assert repr(la.controller.host()) == repr(lb.controller.host()), i
-    assert replays == 6   # steps 1-3 and 5-7; step 0 (no layer had run) and step 4 (a profile) run eagerly
+    assert replays == 7   # all but step 0 (no layer had run), the profile at step 4 included
     layer = dsv_layers(graphed)[0]
     # The stage-1 cap (8 steps) switched the layer to stage 2 after a replayed step, as after an eager one.
     assert layer.controller.host()["stage"] == 2 and layer.controller.host()["step"] == 8
     assert not layer.predictor.wq.equal(layer.predictor.wk)   # they start equal: the predictor trained
+    assert layer.controller.host()["profiles"] == 2   # steps 0 and 4
 
 
-def test_key_follows_k_max_not_budgets_and_a_profiling_step_cannot_be_captured(megatron_parallel):
+def test_key_follows_k_max_not_budgets_and_profile_steps_have_their_own(megatron_parallel):
     """The key holds each layer's k_max (block-list width, a power of two), not its budgets: replay_key
     places new budgets in the tensor the selection reads, so a graph replays across them."""
     model = block()
@@ -119,11 +126,54 @@ def test_key_follows_k_max_not_budgets_and_a_profiling_step_cannot_be_captured(m
     assert layer.device_budgets.tensor is held and held.tolist() == layer.controller.budgets(4) == [3, 2]
     set_sparsity(0.75)   # 1 block: k_max 1
     assert replay_key(model) not in (None, key) and held.tolist() == [1, 1]
-    for _ in range(2):   # on to the next profile step (step 6)
+    plain = replay_key(model)
+    for _ in range(2):   # on to the next profile step (step 6): a key of its own, with the same k_max
         step(model, x, as_replay=replay_key(model) is not None)
-    assert replay_key(model) is None
+    profile = replay_key(model)
+    assert profile not in (None, plain) and all(p.profile and not q.profile for p, q in zip(profile, plain))
+    assert [p.k_max for p in profile] == [p.k_max for p in plain]
+    fresh = block()   # no layer has run: no plan, no capture
+    assert replay_key(fresh) is None
     with pytest.raises(RuntimeError, match="replay_key is None"):
-        step(model, x, as_replay=True)
+        step(fresh, x, as_replay=True)
+
+
+class HostData(TorchDispatchMode):
+    """Records the ops run under it that make a tensor of host data (torch.tensor of a list, indexing by a
+    list): on the GPU each is a copy from the host, which a capture refuses from pageable memory and
+    freezes from pinned memory (a replay would reread the captured values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("lift_fresh", "lift_fresh_copy"):
+            self.seen.append("".join(traceback.format_stack(limit=4)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_captured_steps_take_nothing_from_the_host(megatron_parallel):
+    """Inside capturing(), plain and profile steps of both stages make no tensor of host data. The stage-1
+    profile indexed the predictor's weights by a host list of all heads until 2026-11-30, which only the
+    GPU capture showed ("Cannot copy between CPU and CUDA tensors")."""
+    torch.manual_seed(0)
+    model = TransformerBlock(tconfig(), get_dsv_layer_spec(CFG.replace(stage1_min_steps=4, stage1_max_steps=4,
+                                                                       profile_interval_stage1=2)))
+    gen = torch.Generator().manual_seed(5)
+    kinds = set()
+    for i in range(8):   # stage 1: steps 0-3, profiles at 0 and 2; stage 2: profiles at 6 (every 3rd)
+        key = replay_key(model)
+        x = torch.randn(128, 1, 64, generator=gen, requires_grad=True)
+        if key is None:   # step 0: no layer has run
+            model(x, attention_mask=None).square().mean().backward()
+            continue
+        with HostData() as host_data, capturing(model) as captured:
+            model(x, attention_mask=None).square().mean().backward()
+        replayed(model, captured)
+        assert not host_data.seen, (i, host_data.seen)
+        kinds |= {(plan.stage, plan.profile) for plan in key}
+    assert kinds == {(1, False), (1, True), (2, False), (2, True)}, kinds
 
 
 def test_capturing_refuses_context_parallel_layers(megatron_parallel):
@@ -155,10 +205,11 @@ def _assert_same_host_state(got, want, rtol: float, where) -> None:
 
 
 def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, host_rtol=0.0, **tolerance) -> set:
-    """Training steps of two equal layers on the same inputs ([q, k, v] per step): `planned` runs `compiled`
-    (its torch.compile) inside capturing() wherever replay_key allows, else eagerly; `eager` always
-    eagerly. backward(out, step) runs the backward. Each step's output, gradients, dispatch and controller
-    state (its floats within host_rtol) must agree. Returns the replay keys seen."""
+    """Training steps of two equal layers on the same inputs ([q, k, v] per step): `planned` runs inside
+    capturing() wherever replay_key allows, through `compiled` (its torch.compile) where the step does
+    not learn (StepPlan.learns: a profile, predictor fine-tuning), else eagerly; `eager` always eagerly.
+    backward(out, step) runs the backward. Each step's output, gradients, dispatch and controller state
+    (its floats within host_rtol) must agree. Returns the replay keys of the compiled steps."""
     keys = set()
     for i, qkv in enumerate(inputs):
         key = replay_key(planned)
@@ -166,10 +217,11 @@ def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, 
         for layer in (planned, eager):
             q, k, v = (t.clone().requires_grad_() for t in qkv)
             if layer is planned and key is not None:
-                with capturing(layer):
-                    out = compiled(q, k, v, None)
+                run = layer if any(plan.learns for plan in key) else compiled
+                with capturing(layer) as captured:
+                    out = run(q, k, v, None)
                     backward(out, i)
-                replayed(layer)
+                replayed(layer, captured)
             else:
                 out = layer(q, k, v, None)
                 backward(out, i)
@@ -178,7 +230,8 @@ def _compiled_planned_against_eager(planned, eager, compiled, inputs, backward, 
             torch.testing.assert_close(got, want, **tolerance)
         assert planned.last_used_sparse == eager.last_used_sparse
         _assert_same_host_state(planned.controller.host(), eager.controller.host(), host_rtol, i)
-        keys.add(key)
+        if key is not None and not any(plan.learns for plan in key):
+            keys.add(key)
     return keys
 
 
@@ -186,7 +239,7 @@ def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
     """A stage-2 training step run inside capturing() reads only the decisions fixed on entry, so
     torch.compile traces the layer whole (fullgraph=True) with no guard on the step counter: steps
     with the same budgets reuse one graph, and outputs, gradients and DSV state equal eager steps (a
-    profile step, for which replay_key is None, runs eagerly in both)."""
+    profile step, which learns, runs planned but uncompiled)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from test_layer import _stage2_layer
@@ -201,8 +254,8 @@ def test_planned_stage2_training_steps_compile_fullgraph(megatron_parallel):
     inputs = [[torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)] for _ in range(8)]
     keys = _compiled_planned_against_eager(planned, eager, compiled, inputs,
                                            lambda out, i: out.square().mean().backward(), rtol=1e-5, atol=1e-6)
-    assert planned.last_used_sparse and len(keys - {None}) >= 1
-    assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
+    assert planned.last_used_sparse and len(keys) >= 1
+    assert 1 <= counter.frame_count <= len(keys), (counter.frame_count, keys)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and inductor on the GPU")
@@ -236,5 +289,5 @@ def test_planned_stage2_training_steps_compile_fullgraph_on_the_gpu(megatron_par
     # profile's per-cube sums used atomics until 2026-11-30: this test saw their last bits differ).
     keys = _compiled_planned_against_eager(planned, eager, compiled, inputs, lambda out, i: out.backward(grads[i]),
                                            host_rtol=1e-5, rtol=1e-4, atol=1e-5)
-    assert planned.last_used_sparse and len(keys - {None}) >= 1
-    assert 1 <= counter.frame_count <= len(keys - {None}), (counter.frame_count, keys)
+    assert planned.last_used_sparse and len(keys) >= 1
+    assert 1 <= counter.frame_count <= len(keys), (counter.frame_count, keys)

@@ -36,8 +36,9 @@ from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .budget import held_mass
-from .predictor import LowRankPredictor
+from .predictor import LowRankPredictor, key_gram
 from .profiler import profile_logits, selection_recall
+from .step_plan import StepPlan
 from ..timing import ForwardTimer
 
 # Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
@@ -216,9 +217,9 @@ class DSVDotProductAttention(_CoreAttention):
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
         self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
         self.device_budgets = DeviceBudgets()   # what a training step's selection reads
-        self.recall_budgets = DeviceBudgets(rounded=False)   # what a profile's own selection reads (_learn)
+        self.recall_budgets = DeviceBudgets()   # what a profile's own selection reads (_learn)
         self.last_call = None       # (shape, dtype, device) of the last call's q [s, b, n, d]
-        self.graph_stats = None     # the predictor update a captured step computes, in the graph's tensors
+        self.graph_stats = None     # the predictor update and profile a captured step computes (its tensors)
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
 
@@ -323,15 +324,17 @@ class DSVDotProductAttention(_CoreAttention):
         learn = training_step and ctl.learns_now()
         return n_kv, budgets, sparse, learn, ctl.host()["step"]
 
-    def plan_step(self) -> Optional[tuple]:
-        """Fix the next training step's decisions, at the shape the layer last ran, and return them: (q's
-        shape, stage, KV blocks, sparse, sampled rows if the step trains the predictor, k_max if sparse).
-        A step that runs on them (step_graph.capturing) reads nothing of the host state: torch.compile
-        traces it with no guard on the step counter and no graph break, and a CUDA graph captures it.
+    def plan_step(self) -> Optional[StepPlan]:
+        """Fix the next training step's decisions, at the shape the layer last ran, and return them.
+        A step that runs on them (step_graph.capturing) reads nothing of the host state: a CUDA graph
+        captures it, and torch.compile traces one that does not learn (StepPlan.learns) with no guard on
+        the step counter and no graph break.
         The budgets are not in the plan: the selection reads them from the device (device_budgets.py),
         so a graph replays, and a compiled graph runs, across budget changes of equal k_max.
-        None where the step cannot run planned: a step that profiles; a layer that has not run; packed
-        clips; context parallelism."""
+        The budgets of a profile's own selection (stage 1, or a dense layer in stage 2) are placed on the
+        device here too (recall_budgets), before the step's kernels are queued.
+        None where the step cannot run planned: a layer that has not run; packed clips; context
+        parallelism."""
         self.step_plan = None
         if self.last_call is None or self.last_packed or self.cp is not None:
             return None
@@ -342,24 +345,27 @@ class DSVDotProductAttention(_CoreAttention):
 
         n_kv, _, sparse, learn, _ = self._decide_at(shape, dtype, device, None, True, tensors)
         ctl = self.controller
-        if learn and ctl.profile_now():
-            return None
+        profile = learn and ctl.profile_now()
+        recall_k_max = None
+        if profile and not sparse:
+            self.recall_budgets.hold(ctl.budgets(n_kv), n_kv, device)
+            recall_k_max = self.recall_budgets.k_max
         # A step that trains the predictor samples a number of rows that may differ from step to step (their
         # values follow the device's step counter).
-        self.step_plan = (shape, ctl.host()["stage"], n_kv, sparse, self.next_sample_size() if learn else None,
-                          self.device_budgets.k_max if sparse else None)
+        self.step_plan = StepPlan(shape, ctl.host()["stage"], n_kv, sparse,
+                                  self.next_sample_size() if learn else None,
+                                  self.device_budgets.k_max if sparse else None, profile, recall_k_max)
         return self.step_plan
 
     def _planned(self, query, training_step: bool) -> tuple:
         """The decisions plan_step fixed, as _decide gives them (no step: context parallelism is excluded)."""
         plan = self.step_plan
-        if plan is None or plan[0] != tuple(query.shape) or not training_step:
+        if plan is None or plan.shape != tuple(query.shape) or not training_step:
             raise ValueError(f"DSVDotProductAttention (layer {self.layer_number}): inside step_graph.capturing a "
                              f"forward is the training step planned on entry, q of shape "
-                             f"{None if plan is None else plan[0]}; got {tuple(query.shape)}"
+                             f"{None if plan is None else plan.shape}; got {tuple(query.shape)}"
                              f"{'' if training_step else ' outside a training step (no grad or eval mode)'}")
-        _, _, n_kv, sparse, rows, _ = plan
-        return n_kv, self.device_budgets.values, sparse, rows is not None, None
+        return plan.n_kv, self.device_budgets.values, plan.sparse, plan.learns, None
 
     def _sparse_now(self, shape, dtype, device, n_kv: int, segments, tensors) -> bool:
         """Stage 2, a layer its policy lets run sparse, and sparse predicted faster than dense at this
@@ -462,22 +468,25 @@ class DSVDotProductAttention(_CoreAttention):
         if learn_inputs is None:
             self._pending = {}
             return
-        heads, q, k, selection, q_start = learn_inputs
+        some_heads, q, k, selection, q_start = learn_inputs
         ctl, cfg = self.controller, self.cfg
-        heads = list(range(self.heads)) if heads is None else list(heads)
+        heads = list(range(self.heads)) if some_heads is None else list(some_heads)
         train = cfg.estimator == "lowrank" and ctl.train_predictor_now()
         profile = ctl.profile_now()
         if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
             if segments is None:
                 # Held on the device (copied in place when they change): from a list the selection would
-                # copy them there itself and wait for the copy.
+                # copy them there itself and wait for the copy. A captured step finds them held (plan_step).
                 n_kv = math.ceil(k.shape[0] / cfg.block_kv)
                 budgets = ctl.budgets(n_kv)
                 self.recall_budgets.hold([budgets[h] for h in heads], n_kv, q.device)
                 budgets = self.recall_budgets
             else:
                 budgets = self._clip_budgets(segments)[heads]
-            selection = self._select(q, k, budgets, heads, segments, q_start)
+            # some_heads None (all heads): the weights as they are; indexing them by a host list would copy
+            # it to the device, which a captured step cannot.
+            selection = self._select(q, k, budgets, some_heads, segments, q_start,
+                                     cached_weights=not self.in_step_graph)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         if self.in_step_graph:
@@ -501,11 +510,12 @@ class DSVDotProductAttention(_CoreAttention):
             ctl.record_profile(stats)
         ctl.end_step()
 
-    def replayed(self) -> None:
+    def replayed(self, stats: Optional[dict]) -> None:
         """The bookkeeping of a training step replayed from a step graph: commit what an eager pass left,
-        then the predictor update the replay computed (graph_stats), or only the step count."""
+        then the predictor update and profile the replay computed (`stats`, what the capture left in
+        graph_stats), or with None only the step count."""
         self.commit()
-        self._pending = self.graph_stats if self.graph_stats is not None else {}
+        self._pending = stats if stats is not None else {}
         self.commit()
 
     def _save_to_state_dict(self, *args, **kwargs):
@@ -580,14 +590,15 @@ class DSVDotProductAttention(_CoreAttention):
             weight = rows.numel()  # per-row means -> sums over rows
             positions = q0 + rows                                 # the rows' tokens in q
             q_rows = q[positions].transpose(0, 1).float()         # [b, n_rows, n, d]
-            k_all = k[k0:k0 + n_k].transpose(0, 1).float()        # [b, S, n, d]
+            keys = k[k0:k0 + n_k]                                 # [S, b, n, d]
             if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
                 with torch.enable_grad():
-                    loss = LowRankPredictor.gram_loss(q_rows, k_all, wq, wk, self.softmax_scale,
+                    loss = LowRankPredictor.gram_loss(q_rows, key_gram(keys), wq, wk, self.softmax_scale,
                                                       cfg.loss_cos_weight) * weight
                     (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
                 local["loss"] += loss.detach()
             if selection is not None:
+                k_all = keys.transpose(0, 1).float()              # [b, S, n, d]
                 # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
                 local["profiled"] += self._profile_rows(q_rows, k_all, wq.detach(), wk.detach(), selection,
                                                         positions // cfg.block_q, k0 // cfg.block_kv) * weight

@@ -22,24 +22,23 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-# Token slices whose key Grams key_gram computes side by side before summing them.
-GRAM_SLICES = 32
-
-
 def key_gram(k: torch.Tensor) -> torch.Tensor:
-    """K^T K [b, h, d, d] of keys k [b, S, h, d] per batch element and head. One product over all S
-    tokens has a d x d output and an S-long reduction: a handful of tiles, most of the GPU idle (the
-    float32 Gram products of a stage-1 step took ~16 ms of GPU time per step on an H200 at 16k
-    tokens, bench/results/step_h200/stage1_trace). Split into GRAM_SLICES slices of tokens computed
-    side by side and summed, it fills the GPU."""
-    b, s, h, d = k.shape
-    main = s // GRAM_SLICES * GRAM_SLICES
-    parts = k[:, :main].reshape(b, GRAM_SLICES, main // GRAM_SLICES, h, d)
-    gram = torch.einsum("bcshd,bcshe->bchde", parts, parts).sum(1)
-    if main < s:
-        rest = k[:, main:]
-        gram = gram + torch.einsum("bshd,bshe->bhde", rest, rest)
-    return gram
+    """K^T K [b, h, d, d] (float32) of keys k [S, b, h, d] (the layer's layout) per batch element and
+    head: one batched product over the keys as they are. On the GPU, half-precision keys go in as they
+    are, with float32 accumulation and output (bmm's out_dtype): products of bf16 values are exact in
+    float32, so this equals the Gram of the keys cast to float32 up to the order of additions, without
+    the float32 copies and their transposition to [b, h, ...] (with those, the predictor's training cost
+    a stage-1 step ~3.5 ms of GPU time at 16k tokens on `small`, bench/results/step_h200/s8; measured
+    at 16k only)."""
+    s, b, h, d = k.shape
+    rows = k.reshape(s, b * h, d)   # a view: k's last three dims are contiguous in the layer's layout
+    half = k.dtype in (torch.float16, torch.bfloat16)
+    if half and k.is_cuda:
+        gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2), out_dtype=torch.float32)
+    else:
+        rows = rows.float() if half else rows
+        gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2))
+    return gram.view(b, h, d, d)
 
 
 class LowRankPredictor(Float32State):
@@ -78,7 +77,8 @@ class LowRankPredictor(Float32State):
         src = self.wq if which == "q" else self.wk
         if cached and not torch.compiler.is_compiling():   # (a compiled graph fuses the cast into its use)
             key = (which, x.dtype, x.device)
-            version = (src.data_ptr(), src._version)  # storage and in-place updates (Adam, loads, copies)
+            # Storage and in-place updates (loads, copies; apply_grads clears the cache itself).
+            version = (src.data_ptr(), src._version)
             if key not in self._cast or self._cast[key][0] != version:
                 self._cast[key] = (version, src.detach().to(x.dtype))
             w = self._cast[key][1]
@@ -106,11 +106,11 @@ class LowRankPredictor(Float32State):
         return ((2.0 - cos_weight) * (1.0 - cos)).mean(dim=(0, 2))
 
     @staticmethod
-    def gram_loss(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: float,
+    def gram_loss(q: torch.Tensor, gram: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: float,
                   cos_weight: float) -> torch.Tensor:
         """:meth:`loss` of the predicted logits (q wq)(k wk)^T against the true ones scale * q k^T, for
-        rows q [b, rows, h, d] and keys k [b, S, h, d] (float32; wq, wk [h, d, r]), without either
-        [b, h, rows, S] tensor.
+        rows q [b, rows, h, d] and keys k given by their Gram matrices K^T K [b, h, d, d] (key_gram;
+        float32, as wq, wk [h, d, r]), without either [b, h, rows, S] tensor.
 
         The loss needs per row only the dot product of the two logit rows and their norms, and each
         is a quadratic form in a Gram matrix of the keys: p.t = q_est (K_est^T K) q^T, |p|^2 =
@@ -119,7 +119,7 @@ class LowRankPredictor(Float32State):
         (most of a stage-1 step's extra time otherwise). All three Grams come from G = K^T K, the only
         pass over the keys: K_est^T K = wk^T G and K_est^T K_est = wk^T G wk, d x d x r products."""
         q_est = torch.einsum("bnhd,hdr->bnhr", q, wq)
-        g_tt = key_gram(k.detach())
+        g_tt = gram.detach()
         g_pt = torch.einsum("hdr,bhde->bhre", wk, g_tt)
         g_pp = torch.einsum("bhrd,hdu->bhru", g_pt, wk)
         dot = torch.einsum("bnhr,bhrd,bnhd->bhn", q_est, g_pt, q) * scale
@@ -139,7 +139,12 @@ class LowRankPredictor(Float32State):
             steps,
             amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0,
             eps=ADAM_EPS, maximize=False, foreach=False,
-            # On the GPU the step count stays there: otherwise Adam reads it (a device sync per update).
-            capturable=self.wq.is_cuda,
+            # On the GPU the step count stays there (otherwise Adam reads it: a device sync per update), and
+            # one fused kernel updates both weights: the single-tensor update launched ~30 kernels per
+            # layer, after each replayed step (bench/results/step_h200/s8).
+            capturable=self.wq.is_cuda, fused=self.wq.is_cuda,
         )
         self.adam_step += 1
+        # The fused update writes the weights without bumping their version counters (torch 2.11),
+        # by which project() tells a cast copy stale: drop them here.
+        self._cast.clear()

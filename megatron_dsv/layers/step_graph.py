@@ -6,27 +6,32 @@ half of the step's Python and launches (bench/step.py). Capturing the forward an
 and replaying them removes that host time for every layer, dense or DSV. A replay runs the kernels
 the capture launched and none of the layers' Python, so
 
-- the decisions the layers made at capture (stage, sparse or dense, the width k_max of the block
-  lists) are frozen into the graph: `replay_key(model)` fixes them for the next training step
-  (DSVDotProductAttention.plan_step) and returns them, and a graph captured under key K may
-  replay any step whose key is K. The per-head budgets are not frozen: the selection reads them
-  from a tensor on the device that replay_key updates in place (device_budgets.py), so a graph
-  replays across the anneal's levels and the profiles' budget changes of equal k_max. It is None
-  where the next step cannot be replayed (a step that profiles; a layer that has not run; packed
-  clips; context parallelism), which then runs eagerly. A step that trains the predictor (stage
-  1) replays too: its loss and gradients are computed in the graph, on sampled rows that follow
-  the device's step counter, and applied after the replay. The key is read at the shape each layer last ran,
-  evaluation included: a caller adds its input shapes to its own key (the example does), and an
-  evaluation at another shape changes the key until a training step runs again;
+- the decisions the layers made at capture (stage, sparse or dense, whether the step trains the
+  predictor or profiles, the width k_max of the block lists) are frozen into the graph:
+  `replay_key(model)` fixes them for the next training step (DSVDotProductAttention.plan_step)
+  and returns them, and a graph captured under key K may replay any step whose key is K. The
+  per-head budgets are not frozen: the selection reads them from a tensor on the device that
+  replay_key updates in place (device_budgets.py), so a graph replays across the anneal's levels
+  and the profiles' budget changes of equal k_max. It is None where the next step cannot be
+  replayed (a layer that has not run; packed clips; context parallelism), which then runs
+  eagerly. Steps that train the predictor or profile replay too: the predictor's loss and
+  gradients and the profile's statistics are computed in the graph, on sampled rows that follow
+  the device's step counter, and applied after the replay. A profile step has a key of its own
+  (it computes more), so a caller holds a graph for the plain steps and one for the profiles.
+  The key is read at the shape each layer last ran, evaluation included: a caller adds its input
+  shapes to its own key (the example does), and an evaluation at another shape changes the key
+  until a training step runs again;
 - the capture and its warm-up run inside `capturing(model)`, which fixes each layer's decisions for
   the step on entry (plan_step): the forward reads no host state, so torch.compile traces a stage-2
   step whole, with no guard on the step counter. The layers launch plain kernels (no
   CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
-  the graph so that fine-tuning them in place needs no recapture); a training step's predictor
-  loss and gradients are computed but not applied, since neither is a training step;
-- after each replay, `replayed(model)` does that bookkeeping (the predictor's Adam step from the
-  replay's gradients, each layer counts the step, which may start an anneal or a profile: the
-  next key says so).
+  the graph so that training them in place needs no recapture); what the step computes for the
+  bookkeeping (predictor loss and gradients, profile) is not applied, since neither is a
+  training step, but kept in the CapturedStep that capturing() yields: the graph's tensors, which
+  each replay refreshes;
+- after each replay, `replayed(model, captured)` does that bookkeeping from them (the predictor's
+  Adam step, the profile's statistics, each layer counts the step, which may start an anneal or
+  a profile: the next key says so).
 
 Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps only.
 """
@@ -34,7 +39,7 @@ Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps onl
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from .metrics import dsv_layers
 
@@ -46,9 +51,19 @@ def replay_key(model) -> Optional[tuple]:
     return None if any(k is None for k in keys) else keys
 
 
+class CapturedStep:
+    """What the DSV layers of one captured step compute for their bookkeeping: per layer, the predictor's
+    loss and gradients and the profile (the graph's tensors, refreshed by each replay), or None."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.stats: List[Optional[dict]] = [None] * len(layers)
+
+
 @contextmanager
-def capturing(model) -> Iterator[None]:
-    """Forwards and backwards inside run as a captured step must: see the module docstring."""
+def capturing(model) -> Iterator[CapturedStep]:
+    """Forwards and backwards inside run as a captured step must (see the module docstring); yields the
+    CapturedStep that replayed() takes."""
     layers = dsv_layers(model)
     for layer in layers:
         if layer.cp is not None:
@@ -57,20 +72,25 @@ def capturing(model) -> Iterator[None]:
         layer.commit()
         if layer.plan_step() is None:
             raise RuntimeError(f"step capture: DSV layer {layer.layer_number} cannot run its next step planned "
-                               f"(a step that profiles, or a layer that has not run): step_graph.replay_key is "
-                               f"None for it; run that step eagerly")
+                               f"(a layer that has not run, packed clips): step_graph.replay_key is None for "
+                               f"it; run that step eagerly")
         layer.in_step_graph = True
         layer.graph_stats = None
+    captured = CapturedStep(layers)
     try:
-        yield
+        yield captured
     finally:
-        for layer in layers:
+        for i, layer in enumerate(layers):
+            captured.stats[i], layer.graph_stats = layer.graph_stats, None
             layer.in_step_graph = False
             layer.step_plan = None
 
 
-def replayed(model) -> None:
-    """The bookkeeping of one replayed training step: what each layer's backward would have staged (the
-    predictor's loss and gradients the replay computed, in the graph's tensors) is committed."""
-    for layer in dsv_layers(model):
-        layer.replayed()
+def replayed(model, captured: CapturedStep) -> None:
+    """The bookkeeping of one training step replayed from the graph `captured` was recorded with: what
+    each layer's backward would have staged (its predictor update and profile) is committed."""
+    layers = dsv_layers(model)
+    if [id(layer) for layer in layers] != [id(layer) for layer in captured.layers]:
+        raise ValueError("step_graph.replayed: the CapturedStep was recorded on another model's DSV layers")
+    for layer, stats in zip(layers, captured.stats):
+        layer.replayed(stats)
