@@ -168,8 +168,9 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--trace", default=None, help="folder for torch.profiler tables of dense, stage-1 and stage-2 steps")
     p.add_argument("--step-graph", action="store_true",
-                   help="also time dense and DSV stage 2 with the step's forward + backward replayed from one "
-                   "CUDA graph (examples/video_dit/step_graph.py; the example's --cuda-graph-step)")
+                   help="also time dense and DSV (stage 1, stage 2 and their profile steps) with the step's forward "
+                   "+ backward replayed from a CUDA graph (examples/video_dit/step_graph.py; the example's "
+                   "--cuda-graph-step)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script only")
     args = p.parse_args()
@@ -252,7 +253,7 @@ def main():
                 trace(graphed, Path(args.trace), before, name="stage1_step_graph")
         del graphed
     # Whole runs profile every profile_interval_stage{1,2}-th step (the default policy's intervals).
-    intervals = {1: DSVConfig().profile_interval_stage1, 2: interval}
+    intervals = {1: cfg.profile_interval_stage1, 2: interval}
     for plain, prof_name, stage in (("dsv-stage1", "dsv-stage1 profile", 1), ("dsv-stage2", "dsv-profile", 2),
                                     ("dsv-stage1, step graph", "dsv-stage1 profile, step graph", 1),
                                     ("dsv-stage2, step graph", "dsv-profile, step graph", 2)):

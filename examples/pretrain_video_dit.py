@@ -103,10 +103,10 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation of every layer (GPU only)")
     g.add_argument("--cuda-graph-step", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each training step's forward + backward from one CUDA graph, captured once the "
-                   "step's shapes and DSV decisions repeat (profile steps run eagerly); removes the "
-                   "host time that bounds small models: `small` at 16k tokens steps 1.6x faster in DSV's stage 2, "
-                   "1.1x dense (bench/step.py). Default: on with a GPU for micro-batches of at most 2^25 "
+                   help="replay each training step's forward + backward from a CUDA graph, captured once the "
+                   "step's shapes and DSV decisions repeat (two held: a plain step's and a profile step's); removes "
+                   "the host time that bounds small models: `small` at 16k tokens steps 2.0x faster in DSV's "
+                   "stage 2, 1.03x dense (bench/step.py). Default: on with a GPU for micro-batches of at most 2^25 "
                    "activation elements (tokens x batch x hidden; `small` at 16k x 2 is 2^24), except with --pack "
                    "or --recompute-activations, which it excludes")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")

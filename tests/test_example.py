@@ -615,7 +615,9 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
         for name in ge:
             torch.testing.assert_close(gg[name], ge[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"step {i} {name}: {m}")
         for le_, lg_ in zip(dsv_layers(eager), dsv_layers(graphed)):
-            torch.testing.assert_close(lg_.predictor.wq, le_.predictor.wq, rtol=1e-4, atol=1e-6)
+            for name in ("wq", "wk"):
+                torch.testing.assert_close(getattr(lg_.predictor, name), getattr(le_.predictor, name), rtol=1e-4,
+                                           atol=1e-6, msg=lambda m: f"step {i} {name}: {m}")
             he, hg = le_.controller.host(), lg_.controller.host()
             assert (hg["stage"], hg["step"], hg["profiles"]) == (he["stage"], he["step"], he["profiles"]), i
             torch.testing.assert_close(torch.tensor(hg["block_sparsity"]), torch.tensor(he["block_sparsity"]),
@@ -628,8 +630,8 @@ def test_captured_train_step_matches_eager_steps(megatron_parallel):
     # Stage 1 (steps 0-7): step 0 eager (no layer had run); plain steps 1, 3, 5 and profiles 2, 4, 6 each
     # capture at their third (STABLE_STEPS) and replay from then on. Stage 2 (8-19) likewise with keys of
     # its own, until the budget change at 15 (and wherever a profile moved a k_max).
-    assert STABLE_STEPS == 3 and MAX_GRAPHS == 2 and len(runner.graphs) <= MAX_GRAPHS
+    assert STABLE_STEPS == 3 and MAX_GRAPHS == 2
     assert replayed_kinds[1, False] >= 2 and replayed_kinds[1, True] >= 1, replayed_kinds
-    assert replayed_kinds[2, False] + replayed_kinds[2, True] >= 2, replayed_kinds
+    assert replayed_kinds[2, False] >= 1 and replayed_kinds[2, True] >= 1, replayed_kinds
     layer = dsv_layers(graphed)[0]
     assert layer.controller.host()["step"] == 20 and layer.last_used_sparse

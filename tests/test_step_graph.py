@@ -154,15 +154,21 @@ class HostData(TorchDispatchMode):
 
 
 def test_captured_steps_take_nothing_from_the_host(megatron_parallel):
-    """Inside capturing(), plain and profile steps of both stages make no tensor of host data. The stage-1
-    profile indexed the predictor's weights by a host list of all heads until 2026-11-30, which only the
-    GPU capture showed ("Cannot copy between CPU and CUDA tensors")."""
+    """Inside capturing(), plain and profile steps of both stages make no tensor of host data, also where
+    the budgets changed since the last step (replay_key places them on the device, the profile's own
+    selection's included). The stage-1 profile indexed the predictor's weights by a host list of all
+    heads until 2026-11-30, which only the GPU capture showed ("Cannot copy between CPU and CUDA
+    tensors")."""
     torch.manual_seed(0)
     model = TransformerBlock(tconfig(), get_dsv_layer_spec(CFG.replace(stage1_min_steps=4, stage1_max_steps=4,
                                                                        profile_interval_stage1=2)))
     gen = torch.Generator().manual_seed(5)
     kinds = set()
     for i in range(8):   # stage 1: steps 0-3, profiles at 0 and 2; stage 2: profiles at 6 (every 3rd)
+        for layer in dsv_layers(model):   # budgets of 3 (steps 0, 1), 2 (steps 2, 3), 3... of the 4 KV blocks
+            state = layer.controller.state_dict()
+            state["block_sparsity"].fill_(0.25 * (1 + i // 2 % 2))
+            layer.controller.load_state_dict(state)
         key = replay_key(model)
         x = torch.randn(128, 1, 64, generator=gen, requires_grad=True)
         if key is None:   # step 0: no layer has run
@@ -174,6 +180,21 @@ def test_captured_steps_take_nothing_from_the_host(megatron_parallel):
         assert not host_data.seen, (i, host_data.seen)
         kinds |= {(plan.stage, plan.profile) for plan in key}
     assert kinds == {(1, False), (1, True), (2, False), (2, True)}, kinds
+
+
+def test_an_evaluation_at_another_shape_leaves_the_key(megatron_parallel):
+    """The key is planned at the shape of each layer's last training step: an evaluation in between, at
+    another length, leaves it (a caller capturing after it would otherwise plan the wrong shape)."""
+    model = block()
+    x = torch.randn(128, 1, 64)
+    for _ in range(2):
+        step(model, x, as_replay=replay_key(model) is not None)
+    key = replay_key(model)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(256, 1, 64), attention_mask=None)
+    model.train()
+    assert key is not None and replay_key(model) == key
 
 
 def test_capturing_refuses_context_parallel_layers(megatron_parallel):

@@ -9,8 +9,11 @@ A graph is captured for a key (input shapes, and the DSV layers' decisions for t
 megatron_dsv.layers.step_graph.replay_key) at the STABLE_STEPS-th step with that key (the ones
 before run eagerly), and replays every later step with that key. Up to MAX_GRAPHS graphs are held,
 the least recently replayed dropped first: a plain step's and a profile step's (which computes
-more: a key of its own), through stage 1 and again in stage 2. A step whose key is None (a layer
-that has not run) runs eagerly. The key holds each DSV layer's k_max (the width of its block
+more: a key of its own), through stage 1 and again in stage 2. Where the number of sampled rows
+changes with the step (query blocks not a multiple of DSVConfig.sample_stride) there are two of
+each, and they recapture as they alternate (each graph holds its own gradients, so more graphs
+would cost a copy of them each). A step whose key is None (a layer
+that has not trained yet) runs eagerly. The key holds each DSV layer's k_max (the width of its block
 lists, a power of two), not its budgets, which the graph reads from the device: budgets that move
 (the target policy's anneal, a profile that shifts one) replay the same graph until k_max changes.
 `replays` counts what was replayed.

@@ -213,12 +213,11 @@ class DSVDotProductAttention(_CoreAttention):
                                            dist.get_process_group_ranks(cp_group))
         self.last_used_sparse = False
         self.last_n_kv = None
-        self.last_packed = False
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
         self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
         self.device_budgets = DeviceBudgets()   # what a training step's selection reads
         self.recall_budgets = DeviceBudgets()   # what a profile's own selection reads (_learn)
-        self.last_call = None       # (shape, dtype, device) of the last call's q [s, b, n, d]
+        self.last_training_call = None   # (shape, dtype, device, packed) of the last training step's q [s, b, n, d]
         self.graph_stats = None     # the predictor update and profile a captured step computes (its tensors)
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
@@ -253,8 +252,9 @@ class DSVDotProductAttention(_CoreAttention):
             # graph break; a step run inside step_graph.capturing has none).
             decide = self._decide_outside_graph if training_step else self._decide
             n_kv, budgets, sparse, learn, step = decide(query, key, value, segments, training_step)
-        self.last_n_kv, self.last_used_sparse, self.last_packed = n_kv, sparse, segments is not None
-        self.last_call = (tuple(query.shape), query.dtype, query.device)
+        self.last_n_kv, self.last_used_sparse = n_kv, sparse
+        if training_step:
+            self.last_training_call = (tuple(query.shape), query.dtype, query.device, segments is not None)
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
@@ -325,7 +325,8 @@ class DSVDotProductAttention(_CoreAttention):
         return n_kv, budgets, sparse, learn, ctl.host()["step"]
 
     def plan_step(self) -> Optional[StepPlan]:
-        """Fix the next training step's decisions, at the shape the layer last ran, and return them.
+        """Fix the next training step's decisions, at the shape of the layer's last training step (an
+        evaluation in between, at any shape, changes nothing), and return them.
         A step that runs on them (step_graph.capturing) reads nothing of the host state: a CUDA graph
         captures it, and torch.compile traces one that does not learn (StepPlan.learns) with no guard on
         the step counter and no graph break.
@@ -333,12 +334,12 @@ class DSVDotProductAttention(_CoreAttention):
         so a graph replays, and a compiled graph runs, across budget changes of equal k_max.
         The budgets of a profile's own selection (stage 1, or a dense layer in stage 2) are placed on the
         device here too (recall_budgets), before the step's kernels are queued.
-        None where the step cannot run planned: a layer that has not run; packed clips; context
+        None where the step cannot run planned: a layer that has not trained yet; packed clips; context
         parallelism."""
         self.step_plan = None
-        if self.last_call is None or self.last_packed or self.cp is not None:
+        if self.last_training_call is None or self.last_training_call[3] or self.cp is not None:
             return None
-        shape, dtype, device = self.last_call
+        shape, dtype, device, _ = self.last_training_call
 
         def tensors():   # only where this shape's kernel times are not measured yet: values play no part
             return tuple(torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
@@ -537,9 +538,9 @@ class DSVDotProductAttention(_CoreAttention):
         return stride, b0, cubes, rows
 
     def next_sample_size(self) -> int:
-        """How many rows the next training step samples, at the last call's length (one unpacked
+        """How many rows the next training step samples, at the last training step's length (one unpacked
         sequence, no context parallelism): what a step graph's key holds of the predictor's training."""
-        tokens = self.last_call[0][0]
+        tokens = self.last_training_call[0][0]
         return self._sample_plan(0, tokens, 0, tokens)[3]
 
     def _sampled_rows(self, first: int, n: int, start: int, length: int, device) -> torch.Tensor:

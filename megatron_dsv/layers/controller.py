@@ -115,8 +115,8 @@ class StageController(Float32State):
         return h["step"] % every == 0
 
     def learns_now(self) -> bool:
-        """Whether this step's training backward trains the predictor or profiles (a step that reads
-        true attention rows, so it runs eagerly and records statistics)."""
+        """Whether this step's training backward trains the predictor or profiles (reading true attention
+        rows of sampled cubes); its statistics are recorded when the step ends."""
         return (self.cfg.estimator == "lowrank" and self.train_predictor_now()) or self.profile_now()
 
     def predictor_lr(self) -> float:

@@ -13,14 +13,13 @@ the capture launched and none of the layers' Python, so
   per-head budgets are not frozen: the selection reads them from a tensor on the device that
   replay_key updates in place (device_budgets.py), so a graph replays across the anneal's levels
   and the profiles' budget changes of equal k_max. It is None where the next step cannot be
-  replayed (a layer that has not run; packed clips; context parallelism), which then runs
+  replayed (a layer that has not trained yet; packed clips; context parallelism), which then runs
   eagerly. Steps that train the predictor or profile replay too: the predictor's loss and
   gradients and the profile's statistics are computed in the graph, on sampled rows that follow
   the device's step counter, and applied after the replay. A profile step has a key of its own
   (it computes more), so a caller holds a graph for the plain steps and one for the profiles.
-  The key is read at the shape each layer last ran, evaluation included: a caller adds its input
-  shapes to its own key (the example does), and an evaluation at another shape changes the key
-  until a training step runs again;
+  The key is read at the shape of each layer's last training step (evaluations, at any shape, do
+  not change it); a caller adds its input shapes to its own key (the example does);
 - the capture and its warm-up run inside `capturing(model)`, which fixes each layer's decisions for
   the step on entry (plan_step): the forward reads no host state, so torch.compile traces a stage-2
   step whole, with no guard on the step counter. The layers launch plain kernels (no
@@ -45,7 +44,7 @@ from .metrics import dsv_layers
 
 
 def replay_key(model) -> Optional[tuple]:
-    """The decisions of every DSV layer at the next training step (at the shapes they last ran), or
+    """The decisions of every DSV layer at the next training step (at the shapes they last trained), or
     None where that step must run eagerly. () for a model without DSV layers."""
     keys = tuple(layer.plan_step() for layer in dsv_layers(model))
     return None if any(k is None for k in keys) else keys
@@ -72,7 +71,7 @@ def capturing(model) -> Iterator[CapturedStep]:
         layer.commit()
         if layer.plan_step() is None:
             raise RuntimeError(f"step capture: DSV layer {layer.layer_number} cannot run its next step planned "
-                               f"(a layer that has not run, packed clips): step_graph.replay_key is None for "
+                               f"(a layer that has not trained yet, packed clips): step_graph.replay_key is None for "
                                f"it; run that step eagerly")
         layer.in_step_graph = True
         layer.graph_stats = None
