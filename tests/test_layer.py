@@ -174,11 +174,12 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
         pred = torch.einsum("bnhr,bshr->bhns", torch.einsum("bnhd,hdr->bnhr", q, wq),
                             torch.einsum("bshd,hdr->bshr", k, wk))
         ref = LowRankPredictor.loss(pred, torch.einsum("bnhd,bshd->bhns", q, k) * scale, w)
-        got = LowRankPredictor.gram_loss(q, key_gram(k.transpose(0, 1)), wq, wk, scale, w)
+        got = LowRankPredictor.gram_loss(q, torch.einsum("bshd,bshe->bhde", k, k), wq, wk, scale, w)
         torch.testing.assert_close(got, ref)
         torch.testing.assert_close(torch.autograd.grad(got.sum(), (wq, wk)), torch.autograd.grad(ref.sum(), (wq, wk)))
-    # float32, as the layer runs it: close to the float64 value
-    got32 = LowRankPredictor.gram_loss(q.float(), key_gram(k.float().transpose(0, 1)), wq.float(), wk.float(), scale, w)
+    # float32, as the layer runs it (key_gram of the keys in the layer's [S, b, h, d] layout): close to the
+    # float64 value
+    got32 = LowRankPredictor.gram_loss(q.float(), key_gram(k.transpose(0, 1)), wq.float(), wk.float(), scale, w)
     torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-5)
 
 

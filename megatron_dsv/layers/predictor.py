@@ -32,11 +32,10 @@ def key_gram(k: torch.Tensor) -> torch.Tensor:
     bench/results/step_h200/s8; measured at 16k only)."""
     s, b, h, d = k.shape
     rows = k.reshape(s, b * h, d)   # a view where b and h merge (also a slice of a fused QKV projection)
-    half = k.dtype in (torch.float16, torch.bfloat16)
-    if half and k.is_cuda:
+    if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
         gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2), out_dtype=torch.float32)
     else:
-        rows = rows.float() if half else rows
+        rows = rows.float()
         gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2))
     return gram.view(b, h, d, d)
 
