@@ -78,15 +78,19 @@ class StageController(Float32State):
         if self._host is None:
             self._host = {
                 "step": int(self.step), "stage": int(self.stage), "loss_ema": float(self.loss_ema),
-                "profiles": int(self.profiles),
-                **{name: getattr(self, name).tolist() for name in PER_HEAD_BUFFERS},
-                "mass_curve": _rows(self.mass_curve),
+                "profiles": int(self.profiles), **self._profiled_on_host(),
                 "stage2_start": int(self.stage2_start), "anneal_from": float(self.anneal_from),
             }
             self.policy.invalidate()
             if self._host["stage"] == 2 and self._host["stage2_start"] < 0:
                 self._start_anneal()  # a checkpoint from before the target policies: anneal from here
         return self._host
+
+    def _profiled_on_host(self) -> dict:
+        """The mirror's copies of the PROFILED buffers, in one read of the device (each read waits for it)."""
+        columns = split_profiled(profiled_columns(self).cpu())
+        return {**{name: columns[name].tolist() for name in PER_HEAD_BUFFERS},
+                "mass_curve": _rows(columns["mass_curve"])}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before a statistic existed: it starts unprofiled (NaN), and a run already
@@ -198,11 +202,7 @@ class StageController(Float32State):
             buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
         host["profiles"] += 1
-        # The mirror's new values in one copy to the host: each read waits for the device.
-        rows = profiled_columns(self).tolist()
-        per_head = len(PER_HEAD_BUFFERS)
-        host.update({name: [row[i] for row in rows] for i, name in enumerate(PER_HEAD_BUFFERS)})
-        host["mass_curve"] = tuple(tuple(row[per_head:]) for row in rows)
+        host.update(self._profiled_on_host())
         self.policy.invalidate()
 
     @torch.no_grad()
