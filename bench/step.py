@@ -27,7 +27,7 @@ fed that sparsity; under the default compute-target policy, the density it annea
 Step time and throughput count train and metrics (data is reported, not counted: see record), and
 each stage's steps with its profile step amortised over DSVConfig's profile interval of that stage.
 With --trace, torch.profiler tables (top host and device ops) of one step each of dense, stage 1,
-plain stage 2 and profiling (stage 1 and stage 2), and with --step-graph of graphed dense and stage 1,
+plain stage 2 and profiling (stage 1 and stage 2), and with --step-graph of each of them graphed,
 go to the --trace folder. Prints a table last; --json writes the numbers with the device name.
 
     python bench/step.py --json bench/results/step_small_h200.json --trace /tmp/trace
@@ -125,7 +125,7 @@ class Trainer:
         float(loss.detach())
         t2 = time.perf_counter()
         if self.dsv:
-            dsv_metrics(self.model)
+            dsv_metrics(self.layers)
         t3 = time.perf_counter()
         self.n += 1
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
@@ -147,6 +147,11 @@ def record(mode, parts, tokens, **extra):
     total = train + metrics
     return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": total,
             "tokens_per_s": tokens / (total * 1e-3), **extra}
+
+
+# The trace files of the step-graph arms.
+TRACE_NAMES = {"dsv-stage1, step graph": "stage1_step_graph", "dsv-stage1 profile, step graph": "stage1_profile_step_graph",
+               "dsv-stage2, step graph": "stage2_step_graph", "dsv-profile, step graph": "profile_step_graph"}
 
 
 def trace(trainer, out: Path, before=None, name="dsv"):
@@ -190,8 +195,12 @@ def main():
     init_single_process(device)
     tokens = dit.num_tokens * args.micro_batch_size
     # Every head at the given budget: the theta rule fed block sparsity 1 - density, no layer threshold.
-    # Stage 1 runs as in training (no state reload per step: that would read the pending predictor loss
-    # from the device), kept there and free of profile steps by these settings.
+    # Stage 1 runs as in training (no state reload per step), kept there and free of profile steps by these
+    # settings. The arms that reload the state before each step (profile steps, stage 2) do it before the
+    # timed part: the reload reads the device to rebuild the host mirrors and restarts the copy of the
+    # pending predictor loss (up to 2026-11-30 the reload dropped that copy, and the timed step's upkeep
+    # then waited for the device: 17 ms more per graphed stage-1 profile step, 6 ms per stage-2 one,
+    # bench/results/step_h200/s9/before_reload_fix.json against step_run1.json).
     forced = cfg.replace(budget_policy="theta", layer_sparsity_threshold=0.0, budget_floor=0.0,
                          loss_threshold=0.0, stage1_max_steps=1 << 40, profile_interval_stage1=1 << 30)
     interval = forced.profile_interval_stage2
@@ -238,8 +247,7 @@ def main():
         graphed = Trainer(dit, forced, args, device, step_graph=True)
         set_state(graphed.layers, stage=1, step=1)
         graphed.timed(1)   # no layer has run: no key yet
-        # Stage 1 runs on from the state set above, as in training: a state reload before each step would drop
-        # the pending copy of the predictor loss to the host, and the next step would wait for the device.
+        # Stage 1 runs on from the state set above, as in training.
         arms = (("dsv-stage1, step graph", None),
                 ("dsv-stage1 profile, step graph", lambda: set_state(graphed.layers, stage=1, step=0)),
                 ("dsv-stage2, step graph", lambda: set_state(graphed.layers, stage=2, step=1, density=args.density)),
@@ -249,8 +257,8 @@ def main():
             replays = graphed.captured.replays
             results.append(record(name, graphed.timed(args.iters, before), tokens, density=args.density,
                                   replays=graphed.captured.replays - replays))
-            if args.trace and name.startswith("dsv-stage1,"):
-                trace(graphed, Path(args.trace), before, name="stage1_step_graph")
+            if args.trace:
+                trace(graphed, Path(args.trace), before, name=TRACE_NAMES[name])
         del graphed
     # Whole runs profile every profile_interval_stage{1,2}-th step (the default policy's intervals).
     intervals = {1: cfg.profile_interval_stage1, 2: interval}

@@ -187,15 +187,23 @@ def test_dense_and_dsv_stage1_identical(megatron_parallel):
     assert summary["stage"] == 1 and summary["sparse_layers"] == 0
 
 
+def _env(**extra):
+    """The environment of a job run from a test: this checkout first on the path, then what the test
+    process has (on the GPU image, megatron-core is installed there)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **extra)
+
+
 def _run_job(*extra, timeout=120):
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples" / "pretrain_video_dit.py"),
            "--latent-shape", "4", "16", "16", "--eval-iters", "1", "--eval-interval", "6",
            "--dsv-stage1-min-steps", "3", "--dsv-stage1-max-steps", "5", "--dsv-profile-interval-stage1", "1",
            "--dsv-profile-interval-stage2", "2", "--dsv-layer-sparsity-threshold", "0.2",
-           # Stage 2's sparse path is what these runs test, at whatever budgets a few steps give.
-           "--dsv-dense-fallback-density", "1.0", *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+           # Stage 2's sparse path is what these runs test, at whatever budgets a few steps give: the density
+           # rule with a bar of 1.0 makes every layer sparse (on a GPU, 'auto' would time these tiny shapes
+           # and keep them dense).
+           "--dsv-dispatch", "density", "--dsv-dense-fallback-density", "1.0", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -233,8 +241,7 @@ def test_main_job_reaches_stage2_and_resumes(tmp_path):
 
 def _job_error(*extra):
     cmd = [sys.executable, str(ROOT / "examples" / "pretrain_video_dit.py"), "--latent-shape", "4", "16", "16", *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -248,8 +255,9 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     # trains nothing and says so
     out = _run_job("--train-iters", "1", "--hidden-size", "128", "--load", str(tmp_path / "ckpt"))
     assert "resuming from step 2" in out and "nothing to train" in out and not _steps(out) and "done: 0 steps" in out
-    code, out = _job_error("--train-iters", "3", "--hidden-size", "64", "--load", str(tmp_path / "ckpt"))
-    assert code != 0 and "hidden_size 128 there, 64 here" in out and "Traceback" not in out
+    # (head dim 64: the GPU's kernels build it)
+    code, out = _job_error("--train-iters", "3", "--hidden-size", "256", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "hidden_size 128 there, 256 here" in out and "Traceback" not in out
     (tmp_path / "ckpt" / "iter_0000002.pt").write_bytes(b"not a checkpoint")
     code, out = _job_error("--train-iters", "3", "--load", str(tmp_path / "ckpt"))
     assert code != 0 and "cannot read" in out and "iter_0000002.pt" in out
@@ -281,7 +289,7 @@ def test_every_dsv_flag_has_help_with_its_default():
 
     parser_help = subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_video_dit.py"), "--help"],
                                  capture_output=True, text=True, timeout=120,
-                                 env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="400")).stdout
+                                 env=_env(COLUMNS="400")).stdout
     import dataclasses
 
     from megatron_dsv import DSVConfig

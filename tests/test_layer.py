@@ -161,8 +161,8 @@ def test_predictor_loss_is_the_cosine_and_normalised_mse_mix():
 
 
 def test_predictor_gram_loss_equals_the_loss_of_the_logits():
-    """gram_loss (no logits built) equals loss() of the explicit predicted and true logits, in value and
-    in the gradients of wq and wk, on fresh random rows, keys and weights."""
+    """gram_loss (no logits built, gradients written out) equals loss() of the explicit predicted and true
+    logits, in value and in autograd's gradients of wq and wk, on fresh random rows, keys and weights."""
     from megatron_dsv.layers.predictor import LowRankPredictor, key_gram
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -170,17 +170,52 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     q = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)
     k = torch.randn(b, s, h, d, generator=gen, dtype=torch.float64) + torch.randn(h, d, generator=gen, dtype=torch.float64)
     wq, wk = (torch.randn(h, d, r, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
-    for w in (0.95, 0.3):
+    rows = q.permute(2, 0, 1, 3).contiguous()   # [h, b, rows, d], as the layer passes them
+    gram = torch.einsum("bshd,bshe->bhde", k, k)
+    for w, grad_scale in ((0.95, 1.0), (0.3, 0.7)):
         pred = torch.einsum("bnhr,bshr->bhns", torch.einsum("bnhd,hdr->bnhr", q, wq),
                             torch.einsum("bshd,hdr->bshr", k, wk))
         ref = LowRankPredictor.loss(pred, torch.einsum("bnhd,bshd->bhns", q, k) * scale, w)
-        got = LowRankPredictor.gram_loss(q, torch.einsum("bshd,bshe->bhde", k, k), wq, wk, scale, w)
-        torch.testing.assert_close(got, ref)
-        torch.testing.assert_close(torch.autograd.grad(got.sum(), (wq, wk)), torch.autograd.grad(ref.sum(), (wq, wk)))
+        got, grad_q, grad_k = LowRankPredictor.gram_loss(rows, gram, wq.detach(), wk.detach(), scale, w,
+                                                         grad_scale=grad_scale)
+        torch.testing.assert_close(got, ref.detach())
+        torch.testing.assert_close((grad_q, grad_k), torch.autograd.grad(ref.sum() * grad_scale, (wq, wk)))
     # float32, as the layer runs it (key_gram of the keys in the layer's [S, b, h, d] layout): close to the
-    # float64 value
-    got32 = LowRankPredictor.gram_loss(q.float(), key_gram(k.transpose(0, 1)), wq.float(), wk.float(), scale, w)
-    torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-5)
+    # float64 values
+    got32 = LowRankPredictor.gram_loss(rows.float(), key_gram(k.transpose(0, 1)), wq.detach().float(),
+                                       wk.detach().float(), scale, w, grad_scale=grad_scale)
+    torch.testing.assert_close(got32[0].double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got32[1].double(), grad_q, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profile's copy to the host is asynchronous on the GPU")
+def test_profiled_statistics_reach_the_host_mirror_at_its_next_read(megatron_parallel):
+    """On the GPU a profile's statistics go to the host without waiting (the step's upkeep right after a
+    replay may not wait for it): the step's bookkeeping leaves the copy under way, and the next read of
+    the mirror holds exactly what the device holds, in every profile of both stages."""
+    cfg = DSVConfig(**SMALL, stage1_min_steps=3, stage1_max_steps=3, profile_interval_stage1=1,
+                    profile_interval_stage2=2, layer_sparsity_threshold=0.0, dispatch="density",
+                    dense_fallback_density=1.0)
+    layer = core(cfg, heads=4, d=64).cuda()
+    ctl = layer.controller
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    profiled_in = []
+    for _ in range(6):
+        q, k, v = (torch.randn(512, 2, 4, 64, generator=gen).cuda() for _ in range(3))
+        stage, profiles = ctl.host()["stage"], ctl.host()["profiles"]
+        train_steps(layer, [(q, k, v)])
+        if ctl._mirror()["profiles"] > profiles:
+            profiled_in.append((stage, ctl._profile_copy is not None))
+            mirror = ctl.host()
+            assert ctl._profile_copy is None
+            # repr: NaN (a head never profiled) equals NaN
+            assert repr(mirror) == repr({**mirror, **ctl._profiled_on_host()})
+    # (stage, copy under way after the step) of each profile: stage 1 profiles every step (0-2), stage 2 at
+    # step 4; the switch to stage 2 (after step 2) reads the profile at once (its density starts the anneal)
+    assert profiled_in == [(1, True), (1, True), (1, False), (2, True)], profiled_in
+    # a state reload restarts the copy of the pending predictor loss (the next record need not wait either)
+    ctl.load_state_dict(ctl.state_dict())
+    assert ctl._pending_copy is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bmm's float32 output of half inputs is CUDA-only")

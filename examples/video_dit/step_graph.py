@@ -35,6 +35,7 @@ from typing import List, NamedTuple
 
 import torch
 
+from megatron_dsv.layers import dsv_layers
 from megatron_dsv.layers.step_graph import CapturedStep, capturing, replay_key, replayed
 
 from .flow import flow_matching_loss
@@ -54,6 +55,9 @@ class _Captured(NamedTuple):
 class CapturedTrainStep:
     def __init__(self, model: torch.nn.Module, params: List[torch.nn.Parameter]):
         self.model, self.params = model, params
+        # Found once: replay_key, capturing and replayed take them as they take a model, and walking the
+        # model's modules three times a step is host time before and after every replay.
+        self.layers = dsv_layers(model)
         self.graphs: "OrderedDict[tuple, _Captured]" = OrderedDict()   # least recently replayed first
         self.seen = Counter()   # eager steps of each key not captured yet
         self.pool = None        # the graphs' shared memory pool
@@ -65,7 +69,7 @@ class CapturedTrainStep:
         if any(p.grad is not None for p in self.params):
             raise RuntimeError("CapturedTrainStep: parameters hold gradients on entry; a replayed step would "
                                "overwrite them (gradient accumulation over micro-batches is not supported)")
-        key = replay_key(self.model)
+        key = replay_key(self.layers)
         key = None if key is None else (tuple(x0.shape), tuple(caption.shape), key)
         captured = self.graphs.get(key)
         if captured is None and key is not None:
@@ -88,7 +92,7 @@ class CapturedTrainStep:
         captured.graph.replay()
         for p, g in zip(self.params, captured.grads):
             p.grad = g
-        replayed(self.model, captured.dsv)
+        replayed(self.layers, captured.dsv)
         self.replays += 1
         return captured.loss.clone()   # the static loss: the next replay of any graph may overwrite it
 
@@ -101,7 +105,7 @@ class CapturedTrainStep:
             p.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with capturing(self.model), torch.cuda.stream(side):
+        with capturing(self.layers), torch.cuda.stream(side):
             flow_matching_loss(self.model, *inputs[:2], t=inputs[2], noise=inputs[3]).backward()
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
@@ -110,7 +114,7 @@ class CapturedTrainStep:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with capturing(self.model) as dsv, torch.cuda.graph(graph, pool=self.pool):
+            with capturing(self.layers) as dsv, torch.cuda.graph(graph, pool=self.pool):
                 loss = flow_matching_loss(self.model, *inputs[:2], t=inputs[2], noise=inputs[3])
                 loss.backward()
         except RuntimeError as exc:  # torch.AcceleratorError is one

@@ -582,26 +582,25 @@ class DSVDotProductAttention(_CoreAttention):
         idx = None if heads == list(range(H)) else _to_device(torch.tensor(heads), device)
         wq, wk = (w.detach().float() if idx is None else w.detach().float()[idx]
                   for w in (self.predictor.wq, self.predictor.wk))
-        wq, wk = wq.requires_grad_(train), wk.requires_grad_(train)
-        local = {"loss": torch.zeros(len(heads), device=device),
-                 "profiled": torch.zeros(len(heads), PROFILE_COLUMNS, device=device)}
+        local = {"profiled": torch.zeros(len(heads), PROFILE_COLUMNS, device=device)}
         for (q0, _, k0, n_k), rows in zip(clips, clip_rows):
             if not rows.numel():  # a part of a clip too short to hold a sampled cube
                 continue
             weight = rows.numel()  # per-row means -> sums over rows
             positions = q0 + rows                                 # the rows' tokens in q
-            q_rows = q[positions].transpose(0, 1).float()         # [b, n_rows, n, d]
+            # [n, b, n_rows, d], float32 in that order: what gram_loss multiplies as it is
+            q_rows = q[positions].permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
             keys = k[k0:k0 + n_k]                                 # [S, b, n, d]
             if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
-                with torch.enable_grad():
-                    loss = LowRankPredictor.gram_loss(q_rows, key_gram(keys), wq, wk, self.softmax_scale,
-                                                      cfg.loss_cos_weight) * weight
-                    (loss.sum() / H).backward()  # the gradient scale of a mean over all heads
-                local["loss"] += loss.detach()
+                # sums over rows; the gradient scale of a mean over all heads
+                loss, grad_q, grad_k = LowRankPredictor.gram_loss(
+                    q_rows, key_gram(keys), wq, wk, self.softmax_scale, cfg.loss_cos_weight, grad_scale=weight / H)
+                for name, val in (("loss", loss * weight), ("grad_q", grad_q), ("grad_k", grad_k)):
+                    local[name] = local[name] + val if name in local else val
             if selection is not None:
                 k_all = keys.transpose(0, 1).float()              # [b, S, n, d]
                 # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                local["profiled"] += self._profile_rows(q_rows, k_all, wq.detach(), wk.detach(), selection,
+                local["profiled"] += self._profile_rows(q_rows.permute(1, 2, 0, 3), k_all, wq, wk, selection,
                                                         positions // cfg.block_q, k0 // cfg.block_kv) * weight
 
         def full(x):
@@ -611,9 +610,10 @@ class DSVDotProductAttention(_CoreAttention):
             return out.index_copy_(0, idx, x.float())
 
         stats = {"count": full(torch.full((len(heads),), float(total_rows), device=device))}
-        if train:
-            stats.update(loss=full(local["loss"]), **{name: full(w.grad if w.grad is not None else torch.zeros_like(w))
-                                                      for name, w in (("grad_q", wq), ("grad_k", wk))})
+        if train:  # (zero where no part of a clip held a sampled cube)
+            shapes = {"loss": (len(heads),), "grad_q": wq.shape, "grad_k": wk.shape}
+            stats.update({name: full(local[name] if name in local else torch.zeros(shape, device=device))
+                          for name, shape in shapes.items()})
         if selection is not None:
             stats.update(split_profiled(full(local["profiled"])))
         return stats

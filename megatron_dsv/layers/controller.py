@@ -71,10 +71,25 @@ class StageController(Float32State):
         self.policy = BudgetPolicy(cfg, heads, owner=self)
         self._host: Optional[dict] = None
         self._pending_copy = None  # (pinned host scalar, CUDA event) of loss_pending's copy to the host
+        self._profile_copy = None  # (pinned host columns, CUDA event) of the last profile's copy to the host
 
     # ------------------------------------------------------------ host mirror
     def host(self) -> dict:
-        """Python copies of the state; read from the buffers once after construction or a load."""
+        """Python copies of the state: read from the buffers once after construction or a load, and the
+        statistics of the last profile at the first read after it (which waits for the step that
+        profiled, if its copy is still under way)."""
+        mirror = self._mirror()
+        if self._profile_copy is not None:
+            columns, done = self._profile_copy
+            self._profile_copy = None
+            done.synchronize()
+            mirror.update(_profiled_lists(columns))
+            self.policy.invalidate()
+        return mirror
+
+    def _mirror(self) -> dict:
+        """host() without taking in a profile copy under way: for what reads only the step, stage,
+        loss and profile count (the bookkeeping right after a replayed step reads no more)."""
         if self._host is None:
             self._host = {
                 "step": int(self.step), "stage": int(self.stage), "loss_ema": float(self.loss_ema),
@@ -88,9 +103,7 @@ class StageController(Float32State):
 
     def _profiled_on_host(self) -> dict:
         """The mirror's copies of the PROFILED buffers, in one read of the device (each read waits for it)."""
-        columns = split_profiled(profiled_columns(self).cpu())
-        return {**{name: columns[name].tolist() for name in PER_HEAD_BUFFERS},
-                "mass_curve": _rows(columns["mass_curve"])}
+        return _profiled_lists(profiled_columns(self).cpu())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before a statistic existed: it starts unprofiled (NaN), and a run already
@@ -102,19 +115,20 @@ class StageController(Float32State):
                     state_dict[prefix + name] = torch.full_like(buf, -1 if name == "stage2_start" else float("nan"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
-        self._pending_copy = None
+        self._profile_copy = None
+        self._copy_pending_loss()   # so the first record after the load does not wait for the device either
 
     # -------------------------------------------------------------- decisions
     @property
     def in_stage2(self) -> bool:
-        return self.host()["stage"] == 2
+        return self._mirror()["stage"] == 2
 
     def train_predictor_now(self) -> bool:
-        h = self.host()
+        h = self._mirror()
         return h["stage"] == 1 or h["step"] % self.cfg.profile_interval_stage2 == 0
 
     def profile_now(self) -> bool:
-        h = self.host()
+        h = self._mirror()
         every = self.cfg.profile_interval_stage1 if h["stage"] == 1 else self.cfg.profile_interval_stage2
         return h["step"] % every == 0
 
@@ -137,7 +151,7 @@ class StageController(Float32State):
 
     def annealing(self) -> bool:
         """Whether the budgets are still annealing towards target_density (stage 2, a target policy)."""
-        h = self.host()
+        h = self._mirror()
         return (h["stage"] == 2 and self.cfg.budget_policy != "theta"
                 and h["step"] - h["stage2_start"] < self.cfg.anneal_steps)
 
@@ -166,6 +180,11 @@ class StageController(Float32State):
         one would."""
         self._fold_pending()
         self.loss_pending.copy_(loss.detach())
+        self._copy_pending_loss()
+
+    def _copy_pending_loss(self) -> None:
+        """Start loss_pending's copy to the host (on the GPU; on CPU _fold_pending reads it)."""
+        self._pending_copy = None
         if self.loss_pending.is_cuda:
             host = torch.empty((), dtype=self.loss_pending.dtype, pin_memory=True)
             host.copy_(self.loss_pending, non_blocking=True)
@@ -178,23 +197,23 @@ class StageController(Float32State):
             host, done = self._pending_copy
             done.synchronize()   # recorded a training step ago: in practice already complete
             loss = float(host)
-        else:   # on CPU, or the first record after construction or a load
+        else:   # on CPU, or the first record after construction (NaN)
             loss = float(self.loss_pending)
         self._pending_copy = None
         if math.isnan(loss):
             return
         a = self.cfg.ema_alpha
-        old = self.host()["loss_ema"]
+        old = self._mirror()["loss_ema"]
         new = loss if math.isnan(old) else a * old + (1 - a) * loss
         new = float(torch.tensor(new, dtype=self.loss_ema.dtype))  # the mirror holds what the buffer holds
         self.loss_ema.fill_(new)
-        self._host["loss_ema"] = new
+        self._mirror()["loss_ema"] = new
 
     @torch.no_grad()
     def record_profile(self, profiled: dict) -> None:
         """Fold one profile ({name: tensor} for every name in PROFILED) into the EMAs."""
         a = self.cfg.ema_alpha
-        host = self.host()  # built before the buffers change, so it is not counted twice
+        host = self._mirror()  # built before the buffers change, so it is not counted twice
         for name in PROFILED:
             buf = getattr(self, name)
             new = profiled[name].to(buf)
@@ -202,13 +221,24 @@ class StageController(Float32State):
             buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
         self.profiles += 1
         host["profiles"] += 1
-        host.update(self._profiled_on_host())
+        if self.profiles.is_cuda:
+            # The mirror takes the new values at its next read (host()), not now: a step replayed from a
+            # CUDA graph records its profile right after the launch, and reading the device here waited
+            # for the whole step, with the optimizer's launches and the other layers' upkeep still to come
+            # (~20 ms of host time per profile step of `small`, bench/results/step_h200/s8).
+            columns = torch.empty((self.heads, PROFILE_COLUMNS), dtype=self.mass_curve.dtype, pin_memory=True)
+            columns.copy_(profiled_columns(self), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._profile_copy = (columns, done)
+        else:
+            host.update(self._profiled_on_host())
         self.policy.invalidate()
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Count one training step and switch stage when stage 1's exit condition holds."""
-        h = self.host()
+        h = self._mirror()
         h["step"] += 1
         self.step.fill_(h["step"])
         if h["stage"] != 1 or h["step"] < self.cfg.stage1_min_steps:
@@ -218,6 +248,12 @@ class StageController(Float32State):
             h["stage"] = 2
             self.stage.fill_(2)
             self._start_anneal()
+
+
+def _profiled_lists(columns: torch.Tensor) -> dict:
+    """profiled_columns' tensor (on the host) as the mirror holds it: lists per head, the curves as tuples."""
+    columns = split_profiled(columns)
+    return {**{name: columns[name].tolist() for name in PER_HEAD_BUFFERS}, "mass_curve": _rows(columns["mass_curve"])}
 
 
 def _rows(t: torch.Tensor) -> tuple:

@@ -106,27 +106,40 @@ class LowRankPredictor(Float32State):
 
     @staticmethod
     def gram_loss(q: torch.Tensor, gram: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: float,
-                  cos_weight: float) -> torch.Tensor:
-        """:meth:`loss` of the predicted logits (q wq)(k wk)^T against the true ones scale * q k^T, for
-        rows q [b, rows, h, d] and keys k given by their Gram matrices K^T K [b, h, d, d] (key_gram;
-        float32, as wq, wk [h, d, r]), without either [b, h, rows, S] tensor.
+                  cos_weight: float, grad_scale: float = 1.0) -> tuple:
+        """:meth:`loss` of the predicted logits (q wq)(k wk)^T against the true ones scale * q k^T, and its
+        gradients, for rows q [h, b, rows, d] and keys given by their Gram matrices K^T K [b, h, d, d]
+        (key_gram; float32, as wq, wk [h, d, r]), without either [b, h, rows, S] tensor and without
+        autograd. Returns (loss [h], d/dwq, d/dwk of grad_scale * loss.sum()).
 
-        The loss needs per row only the dot product of the two logit rows and their norms, and each
-        is a quadratic form in a Gram matrix of the keys: p.t = q_est (K_est^T K) q^T, |p|^2 =
-        q_est (K_est^T K_est) q_est^T, |t|^2 = q (K^T K) q^T. So the cost is O(S d (d + r)) per head,
-        not O(rows S (d + r)) plus a dozen passes over two rows x S tensors, forward and backward
-        (most of a stage-1 step's extra time otherwise). All three Grams come from G = K^T K, the only
-        pass over the keys: K_est^T K = wk^T G and K_est^T K_est = wk^T G wk, d x d x r products."""
-        q_est = torch.einsum("bnhd,hdr->bnhr", q, wq)
-        g_tt = gram.detach()
-        g_pt = torch.einsum("hdr,bhde->bhre", wk, g_tt)
-        g_pp = torch.einsum("bhrd,hdu->bhru", g_pt, wk)
-        dot = torch.einsum("bnhr,bhrd,bnhd->bhn", q_est, g_pt, q) * scale
-        pp = torch.einsum("bnhr,bhru,bnhu->bhn", q_est, g_pp, q_est)
-        tt = torch.einsum("bnhd,bhde,bnhe->bhn", q, g_tt, q) * scale ** 2
-        # As F.cosine_similarity: the product of the norms clamped at eps = 1e-8.
-        cos = dot * torch.rsqrt((pp * tt).clamp_min(1e-16))
-        return ((2.0 - cos_weight) * (1.0 - cos)).mean(dim=(0, 2))
+        The predicted row is p = q W K^T with W = wq wk^T [d, d], so the loss needs per row only three
+        quadratic forms in the Gram G = K^T K, the only pass over the keys: p.t = scale (qW) G q^T,
+        |p|^2 = (qW) G (qW)^T, |t|^2 = scale^2 q G q^T. The cost is O(S d^2) per head for G and
+        O(rows d^2) after it, not O(rows S (d + r)) plus passes over two rows x S tensors. The gradient
+        is written out: with P = qW, cos = p.t / (|p| |t|) and c the loss's per-row weight,
+        dL/dP = c (scale G q / (|p| |t|) - cos G P / |p|^2), dL/dW = sum over rows of q^T dL/dP,
+        dL/dwq = dL/dW wk and dL/dwk = dL/dW^T wq. A dozen batched products and elementwise ops
+        per layer: under a CUDA graph each op is a node the host launches every step, and autograd
+        through einsums took ~60 per layer (bench/results/step_h200/s8)."""
+        h, b, n, d = q.shape
+        g = gram.transpose(0, 1)                                   # [h, b, d, d], symmetric
+        w = torch.bmm(wq, wk.transpose(1, 2))                     # [h, d, d]
+        p = torch.bmm(q.reshape(h, b * n, d), w).view(h, b, n, d)
+        pq = torch.cat([p, q], dim=2)                              # [h, b, 2n, d]: one product with G
+        pq_g = torch.matmul(pq, g)
+        pg, qg = pq_g.split(n, dim=2)
+        pp, tt = (pq_g * pq).sum(-1).split(n, dim=2)               # |p|^2, |t|^2 / scale^2: [h, b, n]
+        dot = torch.linalg.vecdot(pg, q)                           # p.t / scale
+        # As F.cosine_similarity: the product of the norms clamped at eps = 1e-8 (scale > 0 cancels).
+        inv = torch.rsqrt((pp * tt).clamp_min(1e-16 / scale ** 2))
+        cos = dot * inv
+        per_row = (2.0 - cos_weight) / (b * n)                     # d loss / d (-cos) of one row
+        loss = (1.0 - cos).sum(dim=(1, 2)) * per_row
+        # d(-loss)/dP per row: the coefficients of G q and G P (|t| cancels in the first).
+        coef = torch.cat([cos * inv * inv * tt, -inv], dim=2).unsqueeze(-1) * (per_row * grad_scale)
+        grad_p = (pq_g * coef).view(h, b, 2, n, d).sum(dim=2)
+        grad_w = torch.bmm(q.reshape(h, b * n, d).transpose(1, 2), grad_p.view(h, b * n, d))
+        return loss, torch.bmm(grad_w, wk), torch.bmm(grad_w.transpose(1, 2), wq)
 
     @torch.no_grad()
     def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:
