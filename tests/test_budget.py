@@ -101,7 +101,10 @@ def test_controller_anneals_from_the_theta_density_to_the_target(policy):
     assert ctl.host()["anneal_from"] == pytest.approx(0.3125, abs=1e-4)  # the theta rule's mean share
     assert sum(ctl.budgets(n_kv)) == 125
     _run_steps(ctl, 5)
-    assert sum(ctl.budgets(n_kv)) == round((0.3125 + (0.1 - 0.3125) * 0.5) * heads * n_kv)
+    total = round((0.3125 + (0.1 - 0.3125) * 0.5) * heads * n_kv)
+    assert sum(ctl.budgets(n_kv)) == total
+    if policy == "target":   # every annealing step's spread, from one ranking of the gains
+        assert ctl.budgets(n_kv) == mass_optimal_blocks(curve, total, n_kv, 2, 100)
     _run_steps(ctl, 4)
     assert ctl.annealing()   # its last step
     _run_steps(ctl, 1)
@@ -113,6 +116,15 @@ def test_controller_anneals_from_the_theta_density_to_the_target(policy):
     else:
         assert budgets == mass_optimal_blocks(curve, 40, n_kv, 2, 100)
         assert budgets != [10, 10, 10, 10]
+        # Profiles of other curves (the heads' reversed) replace the cached ranking of marginal gains: the
+        # budgets follow the curve the controller holds now.
+        saved = {key: t.clone() for key, t in ctl.state_dict().items()}
+        for _ in range(30):
+            _profile(ctl, [0.5] * heads, curve.flip(0))
+        now = torch.tensor(ctl.host()["mass_curve"], dtype=torch.float64)
+        assert ctl.budgets(n_kv) == mass_optimal_blocks(now, 40, n_kv, 2, 100) != budgets
+        ctl.load_state_dict(saved)   # (the state the rest of this test resumes from)
+        assert ctl.budgets(n_kv) == budgets
     # A checkpoint of the theta rule (no curve, no anneal state) continues in stage 2 under the policy.
     theta_state = {key: t for key, t in ctl.state_dict().items()
                    if key not in ("mass_curve", "stage2_start", "anneal_from")}

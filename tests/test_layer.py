@@ -180,12 +180,26 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
                                                          grad_scale=grad_scale)
         torch.testing.assert_close(got, ref.detach())
         torch.testing.assert_close((grad_q, grad_k), torch.autograd.grad(ref.sum() * grad_scale, (wq, wk)))
+    # Degenerate rows, where F.cosine_similarity clamps a norm at eps: a zero query row (both logit rows
+    # zero) and a head whose predictor is zero (every predicted row zero)
+    q_deg, wq_deg = q.clone(), wq.detach().clone()
+    q_deg[1, 3] = 0.0
+    wq_deg[2] = 0.0
+    wq_deg.requires_grad_()
+    pred = torch.einsum("bnhr,bshr->bhns", torch.einsum("bnhd,hdr->bnhr", q_deg, wq_deg),
+                        torch.einsum("bshd,hdr->bshr", k, wk))
+    ref_deg = LowRankPredictor.loss(pred, torch.einsum("bnhd,bshd->bhns", q_deg, k) * scale, 0.95)
+    got_deg = LowRankPredictor.gram_loss(q_deg.permute(2, 0, 1, 3).contiguous(), gram, wq_deg.detach(),
+                                         wk.detach(), scale, 0.95)
+    torch.testing.assert_close(got_deg[0], ref_deg.detach())
+    torch.testing.assert_close(got_deg[1:], torch.autograd.grad(ref_deg.sum(), (wq_deg, wk)))
     # float32, as the layer runs it (key_gram of the keys in the layer's [S, b, h, d] layout): close to the
     # float64 values
     got32 = LowRankPredictor.gram_loss(rows.float(), key_gram(k.transpose(0, 1)), wq.detach().float(),
                                        wk.detach().float(), scale, w, grad_scale=grad_scale)
     torch.testing.assert_close(got32[0].double(), ref.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got32[1].double(), grad_q, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got32[2].double(), grad_k, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the profile's copy to the host is asynchronous on the GPU")

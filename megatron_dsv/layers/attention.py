@@ -35,7 +35,7 @@ from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
-from .budget import held_mass
+from .budget import held_at
 from .predictor import LowRankPredictor, key_gram
 from .profiler import profile_logits, selection_recall
 from .step_plan import StepPlan
@@ -687,12 +687,9 @@ class DSVDotProductAttention(_CoreAttention):
 
     # ---------------------------------------------------------- observability
     def _held_mass(self, n_kv: int) -> list:
-        """Mass each head's budget holds by its profiled curve (recomputed when either changes)."""
-        curve, budgets = self.controller.host()["mass_curve"], tuple(self.controller.budgets(n_kv))
-        key = (curve, budgets, n_kv)  # the curve is a tuple, compared by value
-        if getattr(self, "_held", (None,))[0] != key:
-            self._held = (key, held_mass(torch.tensor(curve), budgets, n_kv))
-        return self._held[1]
+        """Mass each head's budget holds by its profiled curve (NaN before the first profile)."""
+        ctl = self.controller
+        return held_at(ctl.policy.mass_at_blocks(ctl.host(), n_kv), ctl.budgets(n_kv))
 
     def metrics(self) -> dict:
         """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""

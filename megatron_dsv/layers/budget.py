@@ -89,20 +89,36 @@ def uniform_blocks(total: int, heads: int, lo: int, hi: int) -> List[int]:
 def mass_optimal_blocks(curve: torch.Tensor, total: int, n_kv: int, lo: int, hi: int) -> List[int]:
     """Per-head blocks summing to `total` that hold the most mass by the heads' curves
     [heads, CURVE_POINTS + 1]: the `total` best marginal gains, every head between lo and hi."""
-    heads = curve.shape[0]
-    gain = curve_at_blocks(curve.double(), n_kv).diff(dim=-1)      # [heads, n_kv]: gain of block k + 1
+    return spread_blocks(marginal_order(curve_at_blocks(curve.double(), n_kv), lo, hi), total, curve.shape[0])
+
+
+def marginal_order(at_blocks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The head of each marginal gain of the heads' masses at k = 0..n_kv blocks [heads, n_kv + 1], best
+    first (every head's first lo blocks before any other, none past its hi-th): its first `total`
+    entries are the spread of `total` blocks that holds the most mass (spread_blocks). It does not
+    depend on `total`, so an annealing budget recounts a prefix instead of sorting every step."""
+    n_kv = at_blocks.shape[-1] - 1
+    gain = at_blocks.diff(dim=-1)                                   # [heads, n_kv]: gain of block k + 1
     gain = torch.cummin(gain, dim=-1).values                        # non-increasing: picks stay prefixes
     k = torch.arange(1, n_kv + 1)
     gain = torch.where(k <= lo, math.inf, torch.where(k > hi, -math.inf, gain))
     # Ties go to the lower block count, then the lower head: a stable sort of the head-major flat order.
-    order = torch.sort(-gain.flatten(), stable=True).indices[:total]
-    return torch.bincount(order // n_kv, minlength=heads).tolist()
+    return torch.sort(-gain.flatten(), stable=True).indices // n_kv
+
+
+def spread_blocks(order: torch.Tensor, total: int, heads: int) -> List[int]:
+    """Per-head blocks of the first `total` marginal gains of marginal_order."""
+    return torch.bincount(order[:total], minlength=heads).tolist()
 
 
 def held_mass(curve: torch.Tensor, blocks: Sequence[int], n_kv: int) -> List[float]:
     """The mass each head's curve says its `blocks` hold."""
-    at = curve_at_blocks(curve.double(), n_kv)
-    return [float(at[h, k]) for h, k in enumerate(blocks)]
+    return held_at(curve_at_blocks(curve.double(), n_kv), blocks)
+
+
+def held_at(at_blocks: torch.Tensor, blocks: Sequence[int]) -> List[float]:
+    """The mass at_blocks [heads, n_kv + 1] (curve_at_blocks) says each head's `blocks` hold."""
+    return at_blocks[torch.arange(len(blocks)), torch.tensor(blocks)].tolist()
 
 
 def annealed_density(start: float, target: float, steps: int, anneal_steps: int) -> float:
@@ -141,7 +157,8 @@ class ModelBudgetPool:
         """Per-head densities of `controller`'s layer, or None where it keeps its own share."""
         members = [m for m in (ref() for ref in self._members) if m is not None]
         state = [(m, m.host()) for m in members]
-        key = tuple((id(m), h["stage"], id(h["mass_curve"]), m.policy.density(h) if h["stage"] == 2 else None)
+        # The curves by value: a load replaces a mirror, and a new tuple may take a freed one's id.
+        key = tuple((id(m), h["stage"], h["mass_curve"], m.policy.density(h) if h["stage"] == 2 else None)
                     for m, h in state)
         if self._cache[0] != key:
             self._cache = (key, self._allocate(state))
@@ -207,10 +224,23 @@ class BudgetPolicy:
         if key[0] == "theta":
             return theta_blocks(host["block_sparsity"], n_kv, lo, hi)
         total = key[2]
-        curve = torch.tensor(host["mass_curve"], dtype=torch.float64)
-        if key[0] == "uniform" or bool(torch.isnan(curve).any()):  # not profiled yet: no curve to spread by
+        if key[0] == "target" and ("order", n_kv) not in self._cache:
+            at_blocks = self.mass_at_blocks(host, n_kv)
+            self._cache[("order", n_kv)] = None if bool(torch.isnan(at_blocks).any()) else marginal_order(at_blocks, lo, hi)
+        order = self._cache.get(("order", n_kv))
+        if order is None:  # uniform, or not profiled yet: no curve to spread by
             return uniform_blocks(total, self.heads, lo, hi)
-        return mass_optimal_blocks(curve, total, n_kv, lo, hi)
+        return spread_blocks(order, total, self.heads)
+
+    def mass_at_blocks(self, host: dict, n_kv: int) -> torch.Tensor:
+        """The heads' profiled mass at k = 0..n_kv blocks [heads, n_kv + 1] (float64; NaN for a head not
+        profiled yet), kept until the next profile: the mirror's curves are tuples, and a tensor rebuilt
+        from them every annealing step, for the budgets and again for the metrics, was most of the host
+        time of both."""
+        if ("mass", n_kv) not in self._cache:
+            curve = torch.tensor(host["mass_curve"], dtype=torch.float64)
+            self._cache[("mass", n_kv)] = curve_at_blocks(curve, n_kv)
+        return self._cache[("mass", n_kv)]
 
     def layer_eligible(self, host: dict) -> bool:
         """Whether the layer may run sparse at all (dispatch by cost then decides): in stage 2, and

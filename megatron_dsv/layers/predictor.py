@@ -116,11 +116,12 @@ class LowRankPredictor(Float32State):
         quadratic forms in the Gram G = K^T K, the only pass over the keys: p.t = scale (qW) G q^T,
         |p|^2 = (qW) G (qW)^T, |t|^2 = scale^2 q G q^T. The cost is O(S d^2) per head for G and
         O(rows d^2) after it, not O(rows S (d + r)) plus passes over two rows x S tensors. The gradient
-        is written out: with P = qW, cos = p.t / (|p| |t|) and c the loss's per-row weight,
-        dL/dP = c (scale G q / (|p| |t|) - cos G P / |p|^2), dL/dW = sum over rows of q^T dL/dP,
-        dL/dwq = dL/dW wk and dL/dwk = dL/dW^T wq. A dozen batched products and elementwise ops
-        per layer: under a CUDA graph each op is a node the host launches every step, and autograd
-        through einsums took ~60 per layer (bench/results/step_h200/s8)."""
+        is written out. With P = qW and cos = p.t / (|p| |t|) (the scale cancels),
+        d cos / dP = G q / (|p| |q G q^T|^(1/2)) - cos G P / |p|^2, dL/dP = -c d cos/dP for the loss's
+        per-row weight c, dL/dW = sum over rows of q^T dL/dP, dL/dwq = dL/dW wk, dL/dwk = dL/dW^T wq.
+        A layer's whole stage-1 upkeep is 49 ops this way, 73 with autograd through three-operand
+        einsums (CPU counts): under a CUDA graph each op is a node the host launches every replay
+        (bench/results/step_h200/s9)."""
         h, b, n, d = q.shape
         g = gram.transpose(0, 1)                                   # [h, b, d, d], symmetric
         w = torch.bmm(wq, wk.transpose(1, 2))                     # [h, d, d]
@@ -130,13 +131,16 @@ class LowRankPredictor(Float32State):
         pg, qg = pq_g.split(n, dim=2)
         pp, tt = (pq_g * pq).sum(-1).split(n, dim=2)               # |p|^2, |t|^2 / scale^2: [h, b, n]
         dot = torch.linalg.vecdot(pg, q)                           # p.t / scale
-        # As F.cosine_similarity: the product of the norms clamped at eps = 1e-8 (scale > 0 cancels).
-        inv = torch.rsqrt((pp * tt).clamp_min(1e-16 / scale ** 2))
-        cos = dot * inv
-        per_row = (2.0 - cos_weight) / (b * n)                     # d loss / d (-cos) of one row
+        # As F.cosine_similarity: each norm clamped at eps = 1e-8 (|t| = scale sqrt(tt)), and no product of
+        # the squared norms (it would overflow float32 first).
+        inv_p = torch.rsqrt(pp.clamp_min(1e-16))
+        inv_t = torch.rsqrt(tt.clamp_min(1e-16 / scale ** 2))
+        cos = dot * inv_p * inv_t
+        per_row = (2.0 - cos_weight) / (b * n)                     # -d loss / d cos of one row
         loss = (1.0 - cos).sum(dim=(1, 2)) * per_row
-        # d(-loss)/dP per row: the coefficients of G q and G P (|t| cancels in the first).
-        coef = torch.cat([cos * inv * inv * tt, -inv], dim=2).unsqueeze(-1) * (per_row * grad_scale)
+        # dL/dP per row: the coefficients of G P (none where |p| is clamped: a constant there) and of G q.
+        inv_pp = torch.where(pp > 1e-16, inv_p * inv_p, 0.0)
+        coef = torch.cat([cos * inv_pp, -inv_p * inv_t], dim=2).unsqueeze(-1) * (per_row * grad_scale)
         grad_p = (pq_g * coef).view(h, b, 2, n, d).sum(dim=2)
         grad_w = torch.bmm(q.reshape(h, b * n, d).transpose(1, 2), grad_p.view(h, b * n, d))
         return loss, torch.bmm(grad_w, wk), torch.bmm(grad_w.transpose(1, 2), wq)
