@@ -225,7 +225,7 @@ class StageController(Float32State):
             # The mirror takes the new values at its next read (host()), not now: a step replayed from a
             # CUDA graph records its profile right after the launch, and reading the device here waited
             # for the whole step, with the optimizer's launches and the other layers' upkeep still to come
-            # (~20 ms of host time per profile step of `small`, bench/results/step_h200/s8).
+            # (~20 ms of host time per profile step of `small` in the traces of bench/results/step_h200/s8).
             columns = torch.empty((self.heads, PROFILE_COLUMNS), dtype=self.mass_curve.dtype, pin_memory=True)
             columns.copy_(profiled_columns(self), non_blocking=True)
             done = torch.cuda.Event()
