@@ -8,11 +8,16 @@ import torch
 
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers.budget import (CURVE_POINTS, annealed_density, block_range, curve_at_blocks, curve_on_grid,
-                                        held_mass, mass_optimal_blocks, total_blocks, uniform_blocks)
+                                        held_at, mass_optimal_blocks, total_blocks, uniform_blocks)
 from megatron_dsv.layers.controller import PER_HEAD_BUFFERS, StageController
 from megatron_dsv.layers.device_budgets import DeviceBudgets
 from megatron_dsv.layers.dispatch import CostDispatch, Costs
 from megatron_dsv.layers.profiler import held_curve, profile_logits
+
+
+def held_mass(curve, blocks, n_kv):
+    """The mass each head's curve [heads, CURVE_POINTS + 1] says its `blocks` hold."""
+    return held_at(curve_at_blocks(curve.double(), n_kv), blocks)
 
 
 def concave_curves(gen, heads, n_kv):

@@ -111,11 +111,6 @@ def spread_blocks(order: torch.Tensor, total: int, heads: int) -> List[int]:
     return torch.bincount(order[:total], minlength=heads).tolist()
 
 
-def held_mass(curve: torch.Tensor, blocks: Sequence[int], n_kv: int) -> List[float]:
-    """The mass each head's curve says its `blocks` hold."""
-    return held_at(curve_at_blocks(curve.double(), n_kv), blocks)
-
-
 def held_at(at_blocks: torch.Tensor, blocks: Sequence[int]) -> List[float]:
     """The mass at_blocks [heads, n_kv + 1] (curve_at_blocks) says each head's `blocks` hold."""
     return at_blocks[torch.arange(len(blocks)), torch.tensor(blocks)].tolist()

@@ -184,13 +184,7 @@ class StageController(Float32State):
 
     def _copy_pending_loss(self) -> None:
         """Start loss_pending's copy to the host (on the GPU; on CPU _fold_pending reads it)."""
-        self._pending_copy = None
-        if self.loss_pending.is_cuda:
-            host = torch.empty((), dtype=self.loss_pending.dtype, pin_memory=True)
-            host.copy_(self.loss_pending, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._pending_copy = (host, done)
+        self._pending_copy = _copy_to_host(self.loss_pending) if self.loss_pending.is_cuda else None
 
     def _fold_pending(self) -> None:
         if self._pending_copy is not None:
@@ -226,11 +220,7 @@ class StageController(Float32State):
             # CUDA graph records its profile right after the launch, and reading the device here waited
             # for the whole step, with the optimizer's launches and the other layers' upkeep still to come
             # (~20 ms of host time per profile step of `small` in the traces of bench/results/step_h200/s8).
-            columns = torch.empty((self.heads, PROFILE_COLUMNS), dtype=self.mass_curve.dtype, pin_memory=True)
-            columns.copy_(profiled_columns(self), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._profile_copy = (columns, done)
+            self._profile_copy = _copy_to_host(profiled_columns(self))
         else:
             host.update(self._profiled_on_host())
         self.policy.invalidate()
@@ -248,6 +238,16 @@ class StageController(Float32State):
             h["stage"] = 2
             self.stage.fill_(2)
             self._start_anneal()
+
+
+def _copy_to_host(t: torch.Tensor) -> tuple:
+    """(pinned host tensor, CUDA event): a copy of the device tensor t started without waiting for it;
+    the host reads it once the event is done."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def _profiled_lists(columns: torch.Tensor) -> dict:
