@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -11,7 +14,8 @@ import torch
 @contextlib.contextmanager
 def trace_to(folder, name: str, device: torch.device):
     """Top host and device ops of the enclosed code as tables under folder/name_{host,device}_ops.txt
-    (device: CUDA only; folder None: no trace)."""
+    (device: CUDA only), and its timeline as folder/name.json.gz (chrome://tracing, Perfetto: where the
+    GPU waits for the host); folder None: no trace."""
     if folder is None:
         yield
         return
@@ -24,5 +28,9 @@ def trace_to(folder, name: str, device: torch.device):
     out.mkdir(parents=True, exist_ok=True)
     avg = prof.key_averages()
     (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+        with open(Path(tmp) / "trace.json", "rb") as src, gzip.open(out / f"{name}.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     if device.type == "cuda":
         (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))

@@ -105,9 +105,9 @@ class DSVConfig:
     """Density rule: a sparse layer whose mean budget is denser than this computes dense attention instead."""
     profile_interval_stage1: int = 20
     """Profile sparsity every this many steps in stage 1 (the predictor trains every step). The profiles
-    only set the budgets stage 2 begins from; a profile step reads true attention rows (147 ms
-    against 105 ms for a stage-1 step of `small` at 16k, both replayed from step graphs, H200,
-    bench/results/step_h200/s8/step_run1.json; 239 ms when profile steps ran eagerly): at 5, stage 1
+    only set the budgets stage 2 begins from; a profile step reads true attention rows (111 ms
+    against 104 ms for a stage-1 step of `small` at 16k, both replayed from step graphs, H200,
+    bench/results/step_h200/s10/step_run2.json; 147 against 105 ms in s8): at 5, stage 1
     of a 1000-step run took 1.41x dense's time (75.4 s against 53.6 s, profile steps eager,
     bench/results/real_run_h200/e2e_final)."""
     profile_interval_stage2: int = 50

@@ -8,7 +8,7 @@ import torch
 
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers.budget import (CURVE_POINTS, annealed_density, block_range, curve_at_blocks, curve_on_grid,
-                                        held_at, mass_optimal_blocks, total_blocks, uniform_blocks)
+                                        held_on_curve, mass_optimal_blocks, total_blocks, uniform_blocks)
 from megatron_dsv.layers.controller import PER_HEAD_BUFFERS, StageController
 from megatron_dsv.layers.device_budgets import DeviceBudgets
 from megatron_dsv.layers.dispatch import CostDispatch, Costs
@@ -17,7 +17,21 @@ from megatron_dsv.layers.profiler import held_curve, profile_logits
 
 def held_mass(curve, blocks, n_kv):
     """The mass each head's curve [heads, CURVE_POINTS + 1] says its `blocks` hold."""
-    return held_at(curve_at_blocks(curve.double(), n_kv), blocks)
+    at_blocks = curve_at_blocks(curve.double(), n_kv)
+    return at_blocks[torch.arange(len(blocks)), torch.tensor(blocks)].tolist()
+
+
+def test_held_on_curve_reads_curve_at_blocks_at_the_budgets():
+    """The metrics' held mass (Python, on the mirror's lists) is curve_at_blocks' value, bit for bit, at
+    block counts on and between the grid's points, at 0 and n_kv, and NaN for an unprofiled head."""
+    gen = torch.Generator().manual_seed(11)
+    for n_kv in (1, 7, 128, 300, 1024):
+        curve = torch.rand(5, CURVE_POINTS + 1, generator=gen).sort(dim=-1).values   # float32, as profiled
+        curve[4] = float("nan")
+        blocks = torch.randint(0, n_kv + 1, (5,), generator=gen).tolist()
+        blocks[:2] = [0, n_kv]
+        got, want = held_on_curve(curve.tolist(), blocks, n_kv), held_mass(curve, blocks, n_kv)
+        assert got[:4] == want[:4] and math.isnan(got[4]) and math.isnan(want[4])
 
 
 def concave_curves(gen, heads, n_kv):

@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from megatron_dsv import DSVConfig
-from megatron_dsv.layers.controller import StageController
+from megatron_dsv.layers.controller import StageController, profiled_columns
 from megatron_dsv.layers.device_budgets import DeviceBudgets
+from megatron_dsv.layers.profiler import profile_logits, selection_recall
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
 from megatron_dsv.ops import block_sparse_attention
@@ -200,6 +201,41 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     torch.testing.assert_close(got32[0].double(), ref.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got32[1].double(), grad_q, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(got32[2].double(), grad_k, rtol=1e-3, atol=1e-5)
+
+
+def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel):
+    """The layer's profile (block masses from row_block_mass, the token sparsity from every
+    TOKEN_ROW_STRIDE-th row) equals profile_logits of all sampled rows' logits, and the recall that of
+    the selection of their query blocks: on the GPU this runs the Triton kernel (strided keys)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = core(heads=2, d=32).to(device)
+    gen = torch.Generator().manual_seed(3)
+    s, b, h, block = 256, 2, 2, SMALL["block_q"]
+    q = (torch.randn(s, b, h, d := 32, generator=gen) * 2).to(device)
+    k = (torch.randn(s, b, h, 2 * d, generator=gen) * 2).to(device)[..., :d]    # a strided view
+    rows = torch.arange(2 * block, 4 * block, device=device)                    # two whole cubes
+    selection = layer._select(q, k, [3, 5])
+    wq, wk = (w.detach().float() for w in (layer.predictor.wq, layer.predictor.wk))
+    got = layer._profile_rows(q[rows], k, wq, wk, tuple(t.index_select(2, rows // block) for t in selection), 0)
+
+    logits = torch.einsum("nbhd,sbhd->bhns", q[rows].float(), k.float()) * layer.softmax_scale
+    q_est = torch.einsum("nbhd,hdr->bnhr", q[rows].float(), wq)
+    k_est = torch.einsum("sbhd,hdr->bshr", k.float(), wk)
+    prof = profile_logits(logits, block_q=block, theta=layer.cfg.theta, block_kv=SMALL["block_kv"],
+                          cube_scores=layer._cube_scores(q_est, k_est))
+    recall = selection_recall(prof.block_mass, *(t.index_select(2, rows // block) for t in selection))
+    torch.testing.assert_close(got, profiled_columns({**prof._asdict(), "recall": recall}), rtol=1e-5, atol=1e-6)
+
+    # A stage-1 profile picks its sampled cubes' blocks from its own estimator scores: the same statistics
+    # as the selection of every query block through select_blocks.
+    def stats(selection):
+        return layer._sampled_rows_step(q, k, [0, 1], selection, train=False)
+    budgets = DeviceBudgets()
+    budgets.hold([3, 5], s // SMALL["block_kv"], q.device)
+    own, selected = stats(budgets), stats(selection)
+    assert own.keys() == selected.keys()
+    for key, value in selected.items():
+        torch.testing.assert_close(own[key], value, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the profile's copy to the host is asynchronous on the GPU")
@@ -478,20 +514,20 @@ def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_para
         seen.extend(reads.seen)
 
     layer._learn = watched
-    select, budgets_seen = layer._select, []
+    profile_rows, budgets_seen = layer._profile_rows, []
 
-    def select_watched(q, k, budgets, *args, **kwargs):   # stage 1's recall selection runs inside _learn
-        budgets_seen.append((budgets, q.device))
-        return select(q, k, budgets, *args, **kwargs)
+    def profile_watched(q_rows, keys, wq, wk, selection, kv0):   # stage 1's profile selects its own cubes
+        budgets_seen.append((selection, q_rows.device))
+        return profile_rows(q_rows, keys, wq, wk, selection, kv0)
 
-    layer._select = select_watched
+    layer._profile_rows = profile_watched
     profiles = layer.controller.host()["profiles"]
     gen = torch.Generator().manual_seed(4)
     train_steps(layer, [tuple(torch.randn(240, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(2)])
     assert layer.controller.host()["profiles"] == profiles + 2 and layer.controller.host()["stage"] == stage
     assert layer.last_used_sparse == (stage == 2)
     assert not seen, seen
-    if stage == 1:  # the budgets reach the selection already on the device (a list would be copied there and waited for)
+    if stage == 1:  # the budgets reach the profile's selection already on the device (a list would be copied there)
         assert len(budgets_seen) == 2 and all(
             isinstance(b, DeviceBudgets) and b.tensor.device == device and b.k_max >= int(b.tensor.max())
             for b, device in budgets_seen)

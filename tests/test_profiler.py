@@ -2,11 +2,14 @@
 
 import math
 
+import pytest
 import torch
+from triton_cases.runner import run_interpreted
 
 from megatron_dsv.layers.budget import curve_on_grid
-from megatron_dsv.layers.profiler import (TOKEN_ROW_STRIDE, block_mass, cube_means, held_curve, profile_logits,
-                                          recall_budget, selection_recall, smallest_cover)
+from megatron_dsv.ops.reference import block_sums
+from megatron_dsv.layers.profiler import (TOKEN_ROW_STRIDE, cube_means, held_curve, profile_logits,
+                                          recall_budget, row_logits, selection_recall, smallest_cover)
 
 
 def test_smallest_cover():
@@ -33,7 +36,7 @@ def test_block_sparsity_is_per_cube_and_token_sparsity_per_row():
 
 def test_block_mass_partial_last_block_and_recall():
     probs = torch.full((1, 1, 1, 40), 1 / 40)
-    mass = block_mass(probs, 16)
+    mass = block_sums(probs, 16)
     torch.testing.assert_close(mass, torch.tensor([[[[16 / 40, 16 / 40, 8 / 40]]]]))
     kv_idx = torch.tensor([[[[2, 0, -1]]]], dtype=torch.int32)
     recall = selection_recall(mass, kv_idx, torch.tensor([[[2]]]))
@@ -111,3 +114,22 @@ def test_a_partial_last_cube_is_the_mean_of_its_own_rows():
     torch.testing.assert_close(prof.block_sparsity,
                                1 - recall_budget(per_head(cubes), 0.9, per_head(scores)).float() / n_kv)
     torch.testing.assert_close(prof.mass_curve, curve_on_grid(held_curve(per_head(cubes), per_head(scores))).float())
+
+
+def test_triton_row_block_mass_interpreted():
+    """The profiler's block masses from the Triton kernel (tests/triton_cases/row_mass_cases.py)."""
+    run_interpreted("row_mass_cases.py")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+def test_row_logits_of_strided_rows_and_keys(dtype):
+    """The token rows' logits q k^T [b, h, m, S] from the layer's sbhd views (keys a slice of a wider
+    buffer, as a fused projection gives): float32 output, on the GPU from bf16 inputs as they are."""
+    device = "cuda" if dtype == torch.bfloat16 else "cpu"
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(5, 2, 3, 16, generator=gen).to(device, dtype)
+    k = torch.randn(40, 2, 3, 48, generator=gen).to(device, dtype)[..., 16:32]
+    got = row_logits(q, k)
+    want = torch.einsum("mbhd,sbhd->bhms", q.double(), k.double())
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 5, 40)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -27,7 +27,8 @@ from ..config import DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
-from ..ops.reference import block_scores_reference
+from ..ops.reference import block_scores_reference, topk_blocks
+from ..ops.row_mass import row_block_mass
 from .context_parallel import LayerContextParallel
 from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
@@ -35,13 +36,13 @@ from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
-from .budget import held_at
+from .budget import held_on_curve
 from .predictor import LowRankPredictor, key_gram
-from .profiler import profile_logits, selection_recall
+from .profiler import TOKEN_ROW_STRIDE, profile_mass, row_logits, selection_recall
 from .step_plan import StepPlan
 from ..timing import ForwardTimer
 
-# Bytes of float32 logits the predictor/profiler may hold at once (sampled rows x keys x heads).
+# Bytes of float32 logits the profiler's token sparsity may hold at once (its rows x keys x heads).
 LOGIT_CHUNK_BYTES = 256 << 20
 
 
@@ -476,18 +477,17 @@ class DSVDotProductAttention(_CoreAttention):
         profile = ctl.profile_now()
         if profile and selection is None:  # what the predictor picks now (recall in stage 1, or under CP)
             if segments is None:
-                # Held on the device (copied in place when they change): from a list the selection would
-                # copy them there itself and wait for the copy. A captured step finds them held (plan_step).
+                # The profile picks its sampled cubes' blocks itself (_profile_rows), at budgets held on the
+                # device (copied in place when they change; a captured step finds them held: plan_step).
                 n_kv = math.ceil(k.shape[0] / cfg.block_kv)
                 budgets = ctl.budgets(n_kv)
                 self.recall_budgets.hold([budgets[h] for h in heads], n_kv, q.device)
-                budgets = self.recall_budgets
+                selection = self.recall_budgets
             else:
-                budgets = self._clip_budgets(segments)[heads]
-            # some_heads None (all heads): the weights as they are; indexing them by a host list would copy
-            # it to the device, which a captured step cannot.
-            selection = self._select(q, k, budgets, some_heads, segments, q_start,
-                                     cached_weights=not self.in_step_graph)
+                # some_heads None (all heads): the weights as they are; indexing them by a host list would
+                # copy it to the device, which a captured step cannot.
+                selection = self._select(q, k, self._clip_budgets(segments)[heads], some_heads, segments, q_start,
+                                         cached_weights=not self.in_step_graph)
         stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         if self.in_step_graph:
@@ -560,8 +560,9 @@ class DSVDotProductAttention(_CoreAttention):
     def _sampled_rows_step(self, q, k, heads, selection, train, segments=None, q_start=0):
         """The predictor loss (if train) and the profile (if selection is given) of the sampled rows of q
         against all keys of their sequence (each clip's own, for packed `segments`, where q holds tokens
-        [q_start, q_start + s)). The loss needs no logits (LowRankPredictor.gram_loss); the profile
-        builds the true logits a few heads at a time (_profile_rows). Every statistic is a mean over the
+        [q_start, q_start + s)). selection: (kv_idx, kv_cnt) of every query block of q, or (one unpacked
+        sequence) the DeviceBudgets at which the profile selects the sampled cubes itself. The loss needs no logits (LowRankPredictor.gram_loss); the profile
+        needs the rows' block masses and a few rows' logits (_profile_rows). Every statistic is a mean over the
         sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
@@ -588,8 +589,9 @@ class DSVDotProductAttention(_CoreAttention):
                 continue
             weight = rows.numel()  # per-row means -> sums over rows
             positions = q0 + rows                                 # the rows' tokens in q
+            q_sampled = q[positions]                              # [n_rows, b, n, d]
             # [n, b, n_rows, d], float32 in that order: what gram_loss multiplies as it is
-            q_rows = q[positions].permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
+            q_rows = q_sampled.permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
             keys = k[k0:k0 + n_k]                                 # [S, b, n, d]
             if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
                 # sums over rows; the gradient scale of a mean over all heads
@@ -598,10 +600,11 @@ class DSVDotProductAttention(_CoreAttention):
                 for name, val in (("loss", loss * weight), ("grad_q", grad_q), ("grad_k", grad_k)):
                     local[name] = local[name] + val if name in local else val
             if selection is not None:
-                k_all = keys.transpose(0, 1).float()              # [b, S, n, d]
+                rows_selection = (selection if isinstance(selection, DeviceBudgets) else
+                                  tuple(t.index_select(2, positions // cfg.block_q) for t in selection))
                 # Sparsities are those of this piece's cubes; pieces, ranks and replicas average them by rows.
-                local["profiled"] += self._profile_rows(q_rows.permute(1, 2, 0, 3), k_all, wq, wk, selection,
-                                                        positions // cfg.block_q, k0 // cfg.block_kv) * weight
+                local["profiled"] += self._profile_rows(q_sampled, keys, wq, wk, rows_selection,
+                                                        k0 // cfg.block_kv) * weight
 
         def full(x):
             if idx is None:
@@ -618,33 +621,42 @@ class DSVDotProductAttention(_CoreAttention):
             stats.update(split_profiled(full(local["profiled"])))
         return stats
 
-    def _profile_rows(self, q_rows, k_all, wq, wk, selection, q_blocks, kv0: int) -> torch.Tensor:
-        """Profile of one clip's sampled rows q_rows [b, rows, n, d] (whole cubes, in order) against its
-        keys k_all [b, S, n, d]: [n, PROFILE_COLUMNS], means over the rows (profiled_columns). selection:
-        (kv_idx, kv_cnt) of the query blocks of q, q_blocks the block of each row, kv0 the clip's first KV
-        block. The profile needs the true logits: they are built a few heads at a time (bounded memory;
-        freed before returning); what does not need them is computed once for all heads."""
+    def _profile_rows(self, q_rows, keys, wq, wk, selection, kv0: int) -> torch.Tensor:
+        """Profile of one clip's sampled rows q_rows [rows, b, n, d] (whole cubes, in order) against its
+        keys [S, b, n, d]: [n, PROFILE_COLUMNS], means over the rows (profiled_columns). selection: (kv_idx,
+        kv_cnt) [b, n, rows, ...] of each row's query block, or DeviceBudgets: the estimator's top blocks of
+        each cube at those budgets (stage 1: what the selection would pick, from the scores computed here
+        anyway; selecting the cubes through select_blocks took 0.1 ms per layer at 16k on the H200, latency
+        bound on 4 query blocks); kv0 the clip's first KV block. The rows' block masses come from
+        row_block_mass (on the GPU without their logits in memory); the token sparsity's few rows build
+        their logits a few heads at a time."""
         cfg = self.cfg
-        b, n_rows, heads, _ = q_rows.shape
-        # What the estimator sees: the predictor's projections, or q and k themselves (pooled estimator).
-        q_est, k_est = q_rows, k_all
+        n_rows, b, heads, _ = q_rows.shape
+        # What the estimator sees: the predictor's projections as the selection computes them (in the
+        # layer's dtype), or q and k themselves (pooled estimator).
+        q_est, k_est = q_rows.transpose(0, 1), keys.transpose(0, 1)
         if cfg.estimator == "lowrank":
-            q_est = torch.einsum("bnhd,hdr->bnhr", q_rows, wq)
-            k_est = torch.einsum("bshd,hdr->bshr", k_all, wk)
+            q_est = torch.einsum("nbhd,hdr->bnhr", q_rows, wq.to(q_rows.dtype))
+            k_est = torch.einsum("sbhd,hdr->bshr", keys, wk.to(keys.dtype))
         cube_scores = self._cube_scores(q_est, k_est)
-        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * n_rows * k_all.shape[1]))
+        if isinstance(selection, DeviceBudgets):
+            cubes = topk_blocks(cube_scores, selection.tensor, selection.k_max)
+            cube_of_row = torch.arange(n_rows, device=q_rows.device) // cfg.block_q
+            selection = tuple(t.index_select(2, cube_of_row) for t in cubes)
+        kv_idx, kv_cnt = selection
+        if kv0:
+            kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
+        mass = row_block_mass(q_rows, keys, scale=self.softmax_scale, block_kv=cfg.block_kv, backend=cfg.backend)
+        token_q = q_rows[::TOKEN_ROW_STRIDE]
+        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * token_q.shape[0] * keys.shape[0]))
         columns = []
         for h0 in range(0, heads, per_chunk):
             hs = slice(h0, h0 + per_chunk)
-            target = torch.einsum("bnhd,bshd->bhns", q_rows[:, :, hs], k_all[:, :, hs]) * self.softmax_scale
-            prof = profile_logits(target, block_q=cfg.block_q, theta=cfg.theta, block_kv=cfg.block_kv,
-                                  cube_scores=cube_scores[:, hs])
-            del target
-            kv_idx, kv_cnt = (t[:, hs].index_select(2, q_blocks) for t in selection)
-            if kv0:
-                kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
-            columns.append(profiled_columns({**prof._asdict(), "recall": selection_recall(prof.block_mass, kv_idx,
-                                                                                          kv_cnt)}))
+            token_logits = row_logits(token_q[:, :, hs], keys[:, :, hs]) * self.softmax_scale
+            prof = profile_mass(mass[:, hs], token_logits, block_q=cfg.block_q, theta=cfg.theta,
+                                cube_scores=cube_scores[:, hs])
+            recall = selection_recall(mass[:, hs], kv_idx[:, hs], kv_cnt[:, hs])
+            columns.append(profiled_columns({**prof._asdict(), "recall": recall}))
         return torch.cat(columns) if len(columns) > 1 else columns[0]
 
     def _cube_scores(self, q_est, k_est) -> torch.Tensor:
@@ -689,7 +701,7 @@ class DSVDotProductAttention(_CoreAttention):
     def _held_mass(self, n_kv: int) -> list:
         """Mass each head's budget holds by its profiled curve (NaN before the first profile)."""
         ctl = self.controller
-        return held_at(ctl.policy.mass_at_blocks(ctl.host(), n_kv), ctl.budgets(n_kv))
+        return held_on_curve(ctl.host()["mass_curve"], ctl.budgets(n_kv), n_kv)
 
     def metrics(self) -> dict:
         """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""

@@ -2,8 +2,9 @@
 
 Works on the true attention probabilities of the rows of sampled query blocks (cubes).
 Token sparsity, as the paper defines it: per row, the share of keys outside the smallest
-set holding `theta` of the mass, averaged over rows (every TOKEN_ROW_STRIDE-th sampled row:
-it is a diagnostic, and sorting whole rows was half of a profile step's cost at 64k tokens).
+set holding `theta` of the mass, averaged over rows (every TOKEN_ROW_STRIDE-th sampled row, one per
+64-row cube: it is a diagnostic, and sorting whole rows was the largest part of a profile step's
+GPU time, 4.9 of 21 ms over dense with every 8th row at 16k tokens, bench/results/step_h200/s9).
 Block sparsity, which drives the per-head budget: the share of KV blocks outside the fewest
 blocks k that, selected per cube in the estimator's ranking (the order the selection takes
 them in), hold `theta` of the cubes' attention mass on average. That average is what the
@@ -27,9 +28,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..ops.reference import block_sums
 from .budget import curve_on_grid
 
-TOKEN_ROW_STRIDE = 8
+TOKEN_ROW_STRIDE = 64
 
 
 def smallest_cover(mass: torch.Tensor, theta: float) -> torch.Tensor:
@@ -59,13 +61,6 @@ def _fewest(held: torch.Tensor, theta: float) -> torch.Tensor:
     return ((held < theta).sum(dim=-1) + 1).clamp(max=held.shape[-1])
 
 
-def block_mass(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
-    """Sum attention probabilities [..., S] per KV block -> [..., ceil(S / block_kv)]."""
-    s = probs.shape[-1]
-    pad = (-s) % block_kv
-    return F.pad(probs, (0, pad)).unflatten(-1, ((s + pad) // block_kv, block_kv)).sum(-1)
-
-
 def cube_means(rows: torch.Tensor, block_q: int) -> torch.Tensor:
     """Mean over the rows of each cube: rows [b, h, n, m], whole cubes of block_q consecutive rows in
     order (the last may hold fewer) -> [b, h, ceil(n / block_q), m]. The cube sizes follow from n, so
@@ -88,26 +83,47 @@ class RowProfile(NamedTuple):
     block_mass: torch.Tensor              # [b, h, n, n_kv]
 
 
-def profile_logits(logits: torch.Tensor, *, block_q: int, theta: float, block_kv: int,
-                   cube_scores: torch.Tensor = None) -> RowProfile:
-    """Per-head sparsity of sampled rows.
+def row_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T [b, h, m, S] float32 of rows q [m, b, h, d] and keys k [S, b, h, d] (the layer's layout). On the
+    GPU, half-precision inputs multiply as they are, with float32 accumulation and output (bmm's out_dtype,
+    as predictor.key_gram does), without a float32 copy of the keys."""
+    m, b, h, d = q.shape
+    s = k.shape[0]
+    rows, keys = q.reshape(m, b * h, d).transpose(0, 1), k.reshape(s, b * h, d).permute(1, 2, 0)
+    if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
+        logits = torch.bmm(rows, keys, out_dtype=torch.float32)
+    else:
+        logits = torch.bmm(rows.float(), keys.float())
+    return logits.view(b, h, m, s)
 
-    logits: [b, h, n, S] true pre-softmax logits (already scaled) of the rows of whole query blocks
-    (cubes) of block_q rows, in order (the last cube may hold fewer); cube_scores: [b, h, cubes, n_kv]
-    the estimator's block scores of those cubes (None: the oracle's order, and block_sparsity equals
-    oracle_block_sparsity).
+
+def profile_mass(mass: torch.Tensor, token_logits: torch.Tensor, *, block_q: int, theta: float,
+                 cube_scores: torch.Tensor = None) -> RowProfile:
+    """Per-head sparsity of sampled rows from their block masses.
+
+    mass: [b, h, n, n_kv] the share of each row's attention mass in every KV block (ops.row_mass), for
+    the rows of whole query blocks (cubes) of block_q rows, in order (the last cube may hold fewer);
+    token_logits: [b, h, m, S] true pre-softmax logits (already scaled) of every TOKEN_ROW_STRIDE-th of
+    those rows, for the token sparsity; cube_scores: [b, h, cubes, n_kv] the estimator's block scores of
+    the cubes (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    s = probs.shape[-1]
-    mass = block_mass(probs, block_kv)
+    probs = torch.softmax(token_logits.float(), dim=-1)
+    tok = 1.0 - smallest_cover(probs, theta).float().mean(dim=(0, 2)) / probs.shape[-1]
     n_kv = mass.shape[-1]
-    tok = 1.0 - smallest_cover(probs[:, :, ::TOKEN_ROW_STRIDE], theta).float().mean(dim=(0, 2)) / s
     cube_mass = _per_head(cube_means(mass, block_q))
     oracle_held = held_curve(cube_mass)
     held = oracle_held if cube_scores is None else held_curve(cube_mass, _per_head(cube_scores))
     oracle = 1.0 - _fewest(oracle_held, theta).float() / n_kv
     blk = 1.0 - _fewest(held, theta).float() / n_kv
     return RowProfile(tok, blk, oracle, curve_on_grid(held).float(), mass)
+
+
+def profile_logits(logits: torch.Tensor, *, block_q: int, theta: float, block_kv: int,
+                   cube_scores: torch.Tensor = None) -> RowProfile:
+    """profile_mass of rows given by their logits [b, h, n, S] (true, pre-softmax, already scaled)."""
+    mass = block_sums(torch.softmax(logits.float(), dim=-1), block_kv)
+    return profile_mass(mass, logits[:, :, ::TOKEN_ROW_STRIDE], block_q=block_q, theta=theta,
+                        cube_scores=cube_scores)
 
 
 def _per_head(t: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,33 @@ def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):
     return scores
 
 
+def block_sums(probs: torch.Tensor, block_kv: int) -> torch.Tensor:
+    """Sum [..., S] per KV block of block_kv consecutive entries -> [..., ceil(S / block_kv)]."""
+    s = probs.shape[-1]
+    pad = (-s) % block_kv
+    if pad:
+        probs = F.pad(probs, (0, pad))
+    return probs.unflatten(-1, ((s + pad) // block_kv, block_kv)).sum(-1)
+
+
+def row_block_mass_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float, block_kv: int) -> torch.Tensor:
+    """Share of each query row's softmax attention mass in every KV block.
+
+    q [n, b, h, d] (a few rows), k [S, b, h, d] (all keys; the layer's sbhd layout) -> [b, h, n, n_kv]
+    float32 (float64 for float64 inputs). Materialises the logits, a few heads at a time
+    (SCORE_CHUNK_BYTES)."""
+    n, b, h, _ = q.shape
+    s = k.shape[0]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(b, h, n, -(-s // block_kv), device=q.device, dtype=dtype)
+    per_chunk = max(1, SCORE_CHUNK_BYTES // (4 * b * n * s))
+    for h0 in range(0, h, per_chunk):
+        heads = slice(h0, h0 + per_chunk)
+        logits = torch.einsum("nbhd,sbhd->bhns", q[:, :, heads].to(dtype), k[:, :, heads].to(dtype)) * scale
+        out[:, heads] = block_sums(torch.softmax(logits, dim=-1), block_kv)
+    return out
+
+
 def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
     """Top-`budgets[h]` KV blocks per (batch, head, query block), ids sorted ascending.
 
