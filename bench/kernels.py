@@ -316,10 +316,10 @@ def tune(args, results):
         results.append(dict(base, kernel="transpose_lists", ms=t))
         bn = max(block_kv, 64)
         variants = {
-            "fwd": [dict(BLOCK_N=bn, num_warps=w, num_stages=st, tma=t) for w in (4, 8) for st in (2, 3)
-                    for t in (False, True) if not (t and bn != block_kv)],
-            "dq": [dict(BLOCK_N=n, num_warps=w, num_stages=2, tma=t) for n in sorted({bn, 128}) for w in (4, 8)
-                   for t in (False, True) if not (t and n != block_kv)],
+            "fwd": [dict(BLOCK_N=bn, num_warps=w, num_stages=st, tma=t) for w in (4, 8) for st in (2, 3, 4)
+                    for t in (False, True) if not (t and bn != block_kv) and (st < 4 or t)],
+            "dq": [dict(BLOCK_N=n, num_warps=w, num_stages=st, tma=t) for n in sorted({bn, 128}) for w in (4, 8)
+                   for st in (2, 3) for t in (False, True) if not (t and n != block_kv) and (st == 2 or t)],
             "dkdv": [dict(BLOCK_M=bm, num_warps=w, num_stages=st, tma=t, D_MAJOR=dm) for bm in (64, 128)
                      if bm <= block_q for w in (4, 8) for st in (2, 3) for t in (False, True) for dm in (False, True)
                      if not (bm == 128 and w == 4) and (t or st == 2)],

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,9 +25,6 @@ def trace_to(folder, name: str, device: torch.device):
     out.mkdir(parents=True, exist_ok=True)
     avg = prof.key_averages()
     (out / f"{name}_host_ops.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40))
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
-        with open(Path(tmp) / "trace.json", "rb") as src, gzip.open(out / f"{name}.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    prof.export_chrome_trace(str(out / f"{name}.json.gz"))   # gzipped by the suffix
     if device.type == "cuda":
         (out / f"{name}_device_ops.txt").write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40))

@@ -204,8 +204,8 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
 
 
 def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel):
-    """The layer's profile (block masses from row_block_mass, the token sparsity from every
-    TOKEN_ROW_STRIDE-th row) equals profile_logits of all sampled rows' logits, and the recall that of
+    """The layer's profile (block masses from row_block_mass, the token sparsity from one row per
+    cube) equals profile_logits of all sampled rows' logits, and the recall that of
     the selection of their query blocks: on the GPU this runs the Triton kernel (strided keys)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = core(heads=2, d=32).to(device)

@@ -8,8 +8,8 @@ from triton_cases.runner import run_interpreted
 
 from megatron_dsv.layers.budget import curve_on_grid
 from megatron_dsv.ops.reference import block_sums
-from megatron_dsv.layers.profiler import (TOKEN_ROW_STRIDE, cube_means, held_curve, profile_logits,
-                                          recall_budget, row_logits, selection_recall, smallest_cover)
+from megatron_dsv.layers.profiler import (cube_means, held_curve, profile_logits, recall_budget, row_logits,
+                                          selection_recall, smallest_cover, token_rows)
 
 
 def test_smallest_cover():
@@ -88,14 +88,20 @@ def test_block_sparsity_follows_the_estimators_ranking():
     assert torch.equal(worse.oracle_block_sparsity, oracle)
 
 
-def test_token_sparsity_reads_every_token_row_stride_th_row():
-    """Rows 0, TOKEN_ROW_STRIDE, ... carry the token sparsity; a row in between does not change it."""
-    s = 64
-    logits = torch.full((1, 1, TOKEN_ROW_STRIDE + 2, s), -1e4)
+def test_token_sparsity_reads_the_middle_row_of_each_cube():
+    """token_rows: the middle row of each cube carries the token sparsity, the others do not change it;
+    a single cube shorter than half a cube still gives one row."""
+    s, block_q = 64, 8
+    logits = torch.full((1, 1, 2 * block_q + 3, s), -1e4)
     logits[..., 0] = 0.0                           # every row: all mass on one key
-    logits[0, 0, 1] = 0.0                          # row 1 (not read): uniform
-    tok = profile_logits(logits, block_q=TOKEN_ROW_STRIDE + 2, theta=0.9, block_kv=16)
+    logits[0, 0, 0] = 0.0                          # row 0 (not read): uniform
+    logits[0, 0, block_q + 1] = 0.0                # a row between the middle ones: uniform
+    tok = profile_logits(logits, block_q=block_q, theta=0.9, block_kv=16)
     assert math.isclose(float(tok.token_sparsity), 1 - 1 / s, rel_tol=1e-6)
+    logits[0, 0, block_q // 2] = 0.0               # the first cube's middle row: uniform
+    tok = profile_logits(logits, block_q=block_q, theta=0.9, block_kv=16)
+    assert float(tok.token_sparsity) < 1 - 1 / s - 0.2
+    assert token_rows(3, block_q) == slice(2, None, block_q)
 
 
 def test_a_partial_last_cube_is_the_mean_of_its_own_rows():

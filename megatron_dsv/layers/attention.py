@@ -38,7 +38,7 @@ from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, prof
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
 from .budget import held_on_curve
 from .predictor import LowRankPredictor, key_gram
-from .profiler import TOKEN_ROW_STRIDE, profile_mass, row_logits, selection_recall
+from .profiler import profile_mass, row_logits, selection_recall, token_rows
 from .step_plan import StepPlan
 from ..timing import ForwardTimer
 
@@ -561,9 +561,9 @@ class DSVDotProductAttention(_CoreAttention):
         """The predictor loss (if train) and the profile (if selection is given) of the sampled rows of q
         against all keys of their sequence (each clip's own, for packed `segments`, where q holds tokens
         [q_start, q_start + s)). selection: (kv_idx, kv_cnt) of every query block of q, or (one unpacked
-        sequence) the DeviceBudgets at which the profile selects the sampled cubes itself. The loss needs no logits (LowRankPredictor.gram_loss); the profile
-        needs the rows' block masses and a few rows' logits (_profile_rows). Every statistic is a mean over the
-        sampled rows of all clips.
+        sequence) the DeviceBudgets at which the profile selects the sampled cubes itself. The loss needs
+        no logits (LowRankPredictor.gram_loss); the profile needs the rows' block masses and a few rows'
+        logits (_profile_rows). Every statistic is a mean over the sampled rows of all clips.
 
         Returns per-head tensors over all of this rank's heads, zero where a head is not in
         `heads`: sums over the sampled rows of the predictor loss and its gradients (if train) and
@@ -590,10 +590,10 @@ class DSVDotProductAttention(_CoreAttention):
             weight = rows.numel()  # per-row means -> sums over rows
             positions = q0 + rows                                 # the rows' tokens in q
             q_sampled = q[positions]                              # [n_rows, b, n, d]
-            # [n, b, n_rows, d], float32 in that order: what gram_loss multiplies as it is
-            q_rows = q_sampled.permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
             keys = k[k0:k0 + n_k]                                 # [S, b, n, d]
             if train:  # the loss from the keys' Gram matrices: no [b, h, rows, S] logits (predictor.py)
+                # [n, b, n_rows, d], float32 in that order: what gram_loss multiplies as it is
+                q_rows = q_sampled.permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
                 # sums over rows; the gradient scale of a mean over all heads
                 loss, grad_q, grad_k = LowRankPredictor.gram_loss(
                     q_rows, key_gram(keys), wq, wk, self.softmax_scale, cfg.loss_cos_weight, grad_scale=weight / H)
@@ -627,7 +627,8 @@ class DSVDotProductAttention(_CoreAttention):
         kv_cnt) [b, n, rows, ...] of each row's query block, or DeviceBudgets: the estimator's top blocks of
         each cube at those budgets (stage 1: what the selection would pick, from the scores computed here
         anyway; selecting the cubes through select_blocks took 0.1 ms per layer at 16k on the H200, latency
-        bound on 4 query blocks); kv0 the clip's first KV block. The rows' block masses come from
+        bound on 4 query blocks; these scores are float32 matmuls, in TF32 where torch allows it, where the
+        selection kernel multiplies in tf32x3); kv0 the clip's first KV block. The rows' block masses come from
         row_block_mass (on the GPU without their logits in memory); the token sparsity's few rows build
         their logits a few heads at a time."""
         cfg = self.cfg
@@ -647,7 +648,7 @@ class DSVDotProductAttention(_CoreAttention):
         if kv0:
             kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
         mass = row_block_mass(q_rows, keys, scale=self.softmax_scale, block_kv=cfg.block_kv, backend=cfg.backend)
-        token_q = q_rows[::TOKEN_ROW_STRIDE]
+        token_q = q_rows[token_rows(n_rows, cfg.block_q)]
         per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * token_q.shape[0] * keys.shape[0]))
         columns = []
         for h0 in range(0, heads, per_chunk):

@@ -2,8 +2,8 @@
 
 Works on the true attention probabilities of the rows of sampled query blocks (cubes).
 Token sparsity, as the paper defines it: per row, the share of keys outside the smallest
-set holding `theta` of the mass, averaged over rows (every TOKEN_ROW_STRIDE-th sampled row, one per
-64-row cube: it is a diagnostic, and sorting whole rows was the largest part of a profile step's
+set holding `theta` of the mass, averaged over rows (one sampled row per cube, its middle one:
+token_rows; it is a diagnostic, and sorting whole rows was the largest part of a profile step's
 GPU time, 4.9 of 21 ms over dense with every 8th row at 16k tokens, bench/results/step_h200/s9).
 Block sparsity, which drives the per-head budget: the share of KV blocks outside the fewest
 blocks k that, selected per cube in the estimator's ranking (the order the selection takes
@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from ..ops.reference import block_sums
 from .budget import curve_on_grid
 
-TOKEN_ROW_STRIDE = 64
+
+
+def token_rows(n_rows: int, block_q: int) -> slice:
+    """The sampled rows (whole cubes of block_q rows, in order) the token sparsity reads: each cube's middle
+    row (a row within the last cube where a single partial cube is shorter)."""
+    return slice(min(block_q // 2, n_rows - 1), None, block_q)
 
 
 def smallest_cover(mass: torch.Tensor, theta: float) -> torch.Tensor:
@@ -103,8 +108,8 @@ def profile_mass(mass: torch.Tensor, token_logits: torch.Tensor, *, block_q: int
 
     mass: [b, h, n, n_kv] the share of each row's attention mass in every KV block (ops.row_mass), for
     the rows of whole query blocks (cubes) of block_q rows, in order (the last cube may hold fewer);
-    token_logits: [b, h, m, S] true pre-softmax logits (already scaled) of every TOKEN_ROW_STRIDE-th of
-    those rows, for the token sparsity; cube_scores: [b, h, cubes, n_kv] the estimator's block scores of
+    token_logits: [b, h, m, S] true pre-softmax logits (already scaled) of those rows' token_rows, for
+    the token sparsity; cube_scores: [b, h, cubes, n_kv] the estimator's block scores of
     the cubes (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
     """
     probs = torch.softmax(token_logits.float(), dim=-1)
@@ -122,7 +127,7 @@ def profile_logits(logits: torch.Tensor, *, block_q: int, theta: float, block_kv
                    cube_scores: torch.Tensor = None) -> RowProfile:
     """profile_mass of rows given by their logits [b, h, n, S] (true, pre-softmax, already scaled)."""
     mass = block_sums(torch.softmax(logits.float(), dim=-1), block_kv)
-    return profile_mass(mass, logits[:, :, ::TOKEN_ROW_STRIDE], block_q=block_q, theta=theta,
+    return profile_mass(mass, logits[:, :, token_rows(logits.shape[2], block_q)], block_q=block_q, theta=theta,
                         cube_scores=cube_scores)
 
 

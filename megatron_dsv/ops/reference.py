@@ -152,12 +152,12 @@ def row_block_mass_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float, 
 
     q [n, b, h, d] (a few rows), k [S, b, h, d] (all keys; the layer's sbhd layout) -> [b, h, n, n_kv]
     float32 (float64 for float64 inputs). Materialises the logits, a few heads at a time
-    (SCORE_CHUNK_BYTES)."""
+    (SCORE_CHUNK_BYTES): the pure-torch path and the oracle of the Triton kernel (ops/row_mass.py)."""
     n, b, h, _ = q.shape
     s = k.shape[0]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(b, h, n, -(-s // block_kv), device=q.device, dtype=dtype)
-    per_chunk = max(1, SCORE_CHUNK_BYTES // (4 * b * n * s))
+    per_chunk = max(1, SCORE_CHUNK_BYTES // max(1, out.element_size() * b * n * s))
     for h0 in range(0, h, per_chunk):
         heads = slice(h0, h0 + per_chunk)
         logits = torch.einsum("nbhd,sbhd->bhns", q[:, :, heads].to(dtype), k[:, :, heads].to(dtype)) * scale

@@ -2,15 +2,16 @@
 
 The profiler needs, for its sampled query rows against all keys, the share of each row's softmax
 mass in every KV block. Built from materialised float32 logits, that is ~0.3 GB per layer at 16k
-tokens (8 heads, batch 2, 256 rows) and seven passes over it: a float32 GEMM, the scale, the
-softmax, a pad and the per-block sums. Here one program takes BLOCK_M rows of one (batch, head)
-and a span of SPAN KV blocks, and streams those keys once: per block it sums exp2(s - m) against
-the running row max m, rescaling the sums of the span's earlier blocks when m grows, as flash
-attention rescales its output. It writes the span's masses normalised within the span and the
-rows' log-sum-exp over the span; a few small torch ops weigh each span by its share of the row's
-mass. Spans rather than whole rows per program: 256 rows x 16 heads are only 64 programs of 64
-rows, and one program per row tile walking all 256 KV blocks twice took 0.49 ms per layer (H200),
-bound by the latency of its serial loop.
+tokens (8 heads, batch 2, 256 rows), written by a float32 GEMM and passed over six more times (the
+scale, the softmax's read and write, the pad's read and write, the per-block sums). Here one
+program takes BLOCK_M rows of one (batch, head) and a span of SPAN KV blocks, and streams those
+keys once: per block it sums exp2(s - m) against the running row max m, rescaling the sums of the
+span's earlier blocks when m grows, as flash attention rescales its output. It writes the span's
+masses normalised within the span and the rows' log-sum-exp over the span; a few small torch ops
+weigh each span by its share of the row's mass. Spans rather than whole rows per program: 256 rows
+of 16 (batch, head) pairs are only 64 programs of 64 rows, and one program per row tile walking
+all 256 KV blocks twice took 0.49 ms per layer (H200), bound by the latency of its serial loop;
+by spans, 0.05 ms (bench/results/step_h200/s10).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def _span_mass_kernel(Q, K, Mass, Lse, sq_n, sq_b, sq_h, sk_s, sk_b, sk_h, H, N,
 
 
 def row_block_mass_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, block_kv: int) -> torch.Tensor:
-    """row_block_mass_reference's result (q [n, b, h, d], k [S, b, h, d] -> [b, h, n, n_kv] float32) from
-    the kernel. Half-precision inputs multiply on the tensor cores with float32 accumulation, as the
-    attention kernels do; float32 inputs in exact float32."""
+    """row_block_mass_reference's result (q [n, b, h, d], k [S, b, h, d] -> [b, h, n, n_kv] float32, a view
+    of a buffer padded to whole spans) from the kernel. Half-precision inputs multiply on the tensor
+    cores with float32 accumulation, as the attention kernels do; other inputs in exact arithmetic."""
     n, b, h, d = q.shape
     s = k.shape[0]
     if q.stride(-1) != 1:
@@ -87,7 +88,7 @@ def row_block_mass_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, blo
         q, k, mass, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         h, n, s, n_kv, spans, scale * math.log2(math.e),
         D=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_KV=block_kv, SPAN=SPAN,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        PREC="tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee", num_warps=4, num_stages=2)
     # Each span's share of the row's mass: exp2 of its log-sum-exp against the row's (base 2).
     share = torch.softmax(lse * math.log(2.0), dim=-1)
-    return (mass * share.unsqueeze(-1)).flatten(-2)[..., :n_kv]
+    return mass.mul_(share.unsqueeze(-1)).flatten(-2)[..., :n_kv]

@@ -44,3 +44,18 @@ def test_row_block_mass_auto_runs_the_reference_off_the_gpu():
     q, k = torch.randn(3, 1, 2, 16), torch.randn(40, 1, 2, 16)
     assert torch.equal(row_mass.row_block_mass(q, k, scale=0.25, block_kv=16),
                        row_block_mass_reference(q, k, scale=0.25, block_kv=16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spread", [1.0, 30.0])   # 30: logits in the hundreds, rows near one-hot
+def test_row_block_mass_default_launch(dtype, spread):
+    """The kernel's own BLOCK_M and SPAN (no patch): several spans, the last of one KV block, a partial
+    row tile."""
+    gen = torch.Generator().manual_seed(int(spread))
+    n, s, d, block_kv, b, h = 70, 2100, 64, 64, 1, 2
+    q = (torch.randn(n, b, h, d, generator=gen) * spread).to(DEVICE, dtype)
+    k = torch.randn(s, b, h, d, generator=gen).to(DEVICE, dtype)
+    mass = row_mass.row_block_mass(q, k, scale=d ** -0.5, block_kv=block_kv, backend="triton")
+    ref = row_block_mass_reference(q.double(), k.double(), scale=d ** -0.5, block_kv=block_kv)
+    assert -(-(s // block_kv + 1) // triton_row_mass.SPAN) > 2
+    assert rel_err(mass, ref) < 1e-5
