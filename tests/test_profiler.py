@@ -7,9 +7,9 @@ import torch
 from triton_cases.runner import run_interpreted
 
 from megatron_dsv.layers.budget import curve_on_grid
-from megatron_dsv.ops.reference import block_sums
 from megatron_dsv.layers.profiler import (cube_means, held_curve, profile_logits, recall_budget, row_logits,
                                           selection_recall, smallest_cover, token_rows)
+from megatron_dsv.ops.reference import block_sums
 
 
 def test_smallest_cover():

@@ -627,10 +627,10 @@ class DSVDotProductAttention(_CoreAttention):
         kv_cnt) [b, n, rows, ...] of each row's query block, or DeviceBudgets: the estimator's top blocks of
         each cube at those budgets (stage 1: what the selection would pick, from the scores computed here
         anyway; selecting the cubes through select_blocks took 0.1 ms per layer at 16k on the H200, latency
-        bound on 4 query blocks; these scores are float32 matmuls, in TF32 where torch allows it, where the
-        selection kernel multiplies in tf32x3); kv0 the clip's first KV block. The rows' block masses come from
-        row_block_mass (on the GPU without their logits in memory); the token sparsity's few rows build
-        their logits a few heads at a time."""
+        bound on 4 query blocks; these scores are float32 matmuls, in TF32 where torch allows it, where
+        the selection kernel multiplies in tf32x3); kv0 the clip's first KV block. The rows' block masses
+        come from row_block_mass (on the GPU without their logits in memory); the token sparsity's few
+        rows build their logits a few heads at a time."""
         cfg = self.cfg
         n_rows, b, heads, _ = q_rows.shape
         # What the estimator sees: the predictor's projections as the selection computes them (in the

@@ -32,7 +32,6 @@ from ..ops.reference import block_sums
 from .budget import curve_on_grid
 
 
-
 def token_rows(n_rows: int, block_q: int) -> slice:
     """The sampled rows (whole cubes of block_q rows, in order) the token sparsity reads: each cube's middle
     row (a row within the last cube where a single partial cube is shorter)."""
@@ -109,8 +108,8 @@ def profile_mass(mass: torch.Tensor, token_logits: torch.Tensor, *, block_q: int
     mass: [b, h, n, n_kv] the share of each row's attention mass in every KV block (ops.row_mass), for
     the rows of whole query blocks (cubes) of block_q rows, in order (the last cube may hold fewer);
     token_logits: [b, h, m, S] true pre-softmax logits (already scaled) of those rows' token_rows, for
-    the token sparsity; cube_scores: [b, h, cubes, n_kv] the estimator's block scores of
-    the cubes (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
+    the token sparsity; cube_scores: [b, h, cubes, n_kv] the estimator's block scores of the cubes
+    (None: the oracle's order, and block_sparsity equals oracle_block_sparsity).
     """
     probs = torch.softmax(token_logits.float(), dim=-1)
     tok = 1.0 - smallest_cover(probs, theta).float().mean(dim=(0, 2)) / probs.shape[-1]
@@ -127,8 +126,8 @@ def profile_logits(logits: torch.Tensor, *, block_q: int, theta: float, block_kv
                    cube_scores: torch.Tensor = None) -> RowProfile:
     """profile_mass of rows given by their logits [b, h, n, S] (true, pre-softmax, already scaled)."""
     mass = block_sums(torch.softmax(logits.float(), dim=-1), block_kv)
-    return profile_mass(mass, logits[:, :, token_rows(logits.shape[2], block_q)], block_q=block_q, theta=theta,
-                        cube_scores=cube_scores)
+    return profile_mass(mass, logits[:, :, token_rows(logits.shape[2], block_q)], block_q=block_q,
+                        theta=theta, cube_scores=cube_scores)
 
 
 def _per_head(t: torch.Tensor) -> torch.Tensor:

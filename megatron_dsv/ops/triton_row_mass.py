@@ -80,7 +80,7 @@ def row_block_mass_triton(q: torch.Tensor, k: torch.Tensor, *, scale: float, blo
         k = k.contiguous()
     n_kv = -(-s // block_kv)
     spans = -(-n_kv // SPAN)
-    if n == 0 or b * h == 0:
+    if n == 0 or b * h == 0 or s == 0:
         return torch.zeros(b, h, n, n_kv, device=q.device, dtype=torch.float32)
     mass = torch.empty(b, h, n, spans, SPAN, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, h, n, spans, device=q.device, dtype=torch.float32)
