@@ -203,12 +203,13 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     torch.testing.assert_close(got32[2].double(), grad_k, rtol=1e-3, atol=1e-5)
 
 
-def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel):
+@pytest.mark.parametrize("estimator", ["lowrank", "pooled"])
+def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel, estimator):
     """The layer's profile (block masses from row_block_mass, the token sparsity from one row per
     cube) equals profile_logits of all sampled rows' logits, and the recall that of
     the selection of their query blocks: on the GPU this runs the Triton kernel (strided keys)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = core(heads=2, d=32).to(device)
+    layer = core(DSVConfig(**SMALL, estimator=estimator), heads=2, d=32).to(device)
     gen = torch.Generator().manual_seed(3)
     s, b, h, block = 256, 2, 2, SMALL["block_q"]
     q = (torch.randn(s, b, h, d := 32, generator=gen) * 2).to(device)
@@ -219,8 +220,10 @@ def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_p
     got = layer._profile_rows(q[rows], k, wq, wk, tuple(t.index_select(2, rows // block) for t in selection), 0)
 
     logits = torch.einsum("nbhd,sbhd->bhns", q[rows].float(), k.float()) * layer.softmax_scale
-    q_est = torch.einsum("nbhd,hdr->bnhr", q[rows].float(), wq)
-    k_est = torch.einsum("sbhd,hdr->bshr", k.float(), wk)
+    q_est, k_est = q[rows].float().transpose(0, 1), k.float().transpose(0, 1)   # the pooled estimator's
+    if estimator == "lowrank":
+        q_est = torch.einsum("nbhd,hdr->bnhr", q[rows].float(), wq)
+        k_est = torch.einsum("sbhd,hdr->bshr", k.float(), wk)
     prof = profile_logits(logits, block_q=block, theta=layer.cfg.theta, block_kv=SMALL["block_kv"],
                           cube_scores=layer._cube_scores(q_est, k_est))
     recall = selection_recall(prof.block_mass, *(t.index_select(2, rows // block) for t in selection))
