@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers.controller import StageController, profiled_columns
 from megatron_dsv.layers.device_budgets import DeviceBudgets
+from megatron_dsv.layers import attention as attention_module
 from megatron_dsv.layers.profiler import profile_logits, selection_recall
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
@@ -203,11 +204,14 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     torch.testing.assert_close(got32[2].double(), grad_k, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("estimator", ["lowrank", "pooled"])
-def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel, estimator):
+@pytest.mark.parametrize("estimator, chunk_bytes", [("lowrank", 256 << 20), ("pooled", 256 << 20), ("lowrank", 1)])
+def test_a_profile_equals_the_profile_of_its_rows_materialised_logits(megatron_parallel, monkeypatch, estimator,
+                                                                      chunk_bytes):
     """The layer's profile (block masses from row_block_mass, the token sparsity from one row per
     cube) equals profile_logits of all sampled rows' logits, and the recall that of
-    the selection of their query blocks: on the GPU this runs the Triton kernel (strided keys)."""
+    the selection of their query blocks: on the GPU this runs the Triton kernel (strided keys).
+    chunk_bytes 1: one head at a time."""
+    monkeypatch.setattr(attention_module, "LOGIT_CHUNK_BYTES", chunk_bytes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = core(DSVConfig(**SMALL, estimator=estimator), heads=2, d=32).to(device)
     gen = torch.Generator().manual_seed(3)

@@ -42,7 +42,8 @@ from .profiler import profile_mass, row_logits, selection_recall, token_rows
 from .step_plan import StepPlan
 from ..timing import ForwardTimer
 
-# Bytes of float32 logits the profiler's token sparsity may hold at once (its rows x keys x heads).
+# Bytes of float32 a profile holds at once per chunk of heads: the token rows' logits (rows x keys) and
+# the sampled rows' block masses (rows x KV blocks), each per batch element and head.
 LOGIT_CHUNK_BYTES = 256 << 20
 
 
@@ -629,8 +630,8 @@ class DSVDotProductAttention(_CoreAttention):
         anyway; selecting the cubes through select_blocks took 0.1 ms per layer at 16k on the H200, latency
         bound on 4 query blocks; these scores are float32 matmuls, in TF32 where torch allows it, where
         the selection kernel multiplies in tf32x3); kv0 the clip's first KV block. The rows' block masses
-        come from row_block_mass (on the GPU without their logits in memory); the token sparsity's few
-        rows build their logits a few heads at a time."""
+        come from row_block_mass (on the GPU without their logits in memory), the token sparsity's few
+        rows' from their logits: both a few heads at a time (LOGIT_CHUNK_BYTES)."""
         cfg = self.cfg
         n_rows, b, heads, _ = q_rows.shape
         # What the estimator sees: the predictor's projections as the selection computes them (in the
@@ -647,16 +648,18 @@ class DSVDotProductAttention(_CoreAttention):
         kv_idx, kv_cnt = selection
         if kv0:
             kv_idx = kv_idx - kv0  # ids within the clip, as the mass has them
-        mass = row_block_mass(q_rows, keys, scale=self.softmax_scale, block_kv=cfg.block_kv, backend=cfg.backend)
         token_q = q_rows[token_rows(n_rows, cfg.block_q)]
-        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * token_q.shape[0] * keys.shape[0]))
+        n_kv = -(-keys.shape[0] // cfg.block_kv)
+        per_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * b * (token_q.shape[0] * keys.shape[0] + n_rows * n_kv)))
         columns = []
         for h0 in range(0, heads, per_chunk):
             hs = slice(h0, h0 + per_chunk)
+            mass = row_block_mass(q_rows[:, :, hs], keys[:, :, hs], scale=self.softmax_scale, block_kv=cfg.block_kv,
+                                  backend=cfg.backend)
             token_logits = row_logits(token_q[:, :, hs], keys[:, :, hs]) * self.softmax_scale
-            prof = profile_mass(mass[:, hs], token_logits, block_q=cfg.block_q, theta=cfg.theta,
+            prof = profile_mass(mass, token_logits, block_q=cfg.block_q, theta=cfg.theta,
                                 cube_scores=cube_scores[:, hs])
-            recall = selection_recall(mass[:, hs], kv_idx[:, hs], kv_cnt[:, hs])
+            recall = selection_recall(mass, kv_idx[:, hs], kv_cnt[:, hs])
             columns.append(profiled_columns({**prof._asdict(), "recall": recall}))
         return torch.cat(columns) if len(columns) > 1 else columns[0]
 
