@@ -230,21 +230,15 @@ class BudgetPolicy:
             return theta_blocks(host["block_sparsity"], n_kv, lo, hi)
         total = key[2]
         if key[0] == "target" and ("order", n_kv) not in self._cache:
-            at_blocks = self.mass_at_blocks(host, n_kv)
-            self._cache[("order", n_kv)] = None if bool(torch.isnan(at_blocks).any()) else marginal_order(at_blocks, lo, hi)
+            # The ranking of marginal gains is kept until the next profile: rebuilding the curves' tensor
+            # from the mirror's tuples and sorting every annealing step was most of the budgets' host time.
+            at_blocks = curve_at_blocks(torch.tensor(host["mass_curve"], dtype=torch.float64), n_kv)
+            self._cache[("order", n_kv)] = (None if bool(torch.isnan(at_blocks).any())
+                                            else marginal_order(at_blocks, lo, hi))
         order = self._cache.get(("order", n_kv))
         if order is None:  # uniform, or not profiled yet: no curve to spread by
             return uniform_blocks(total, self.heads, lo, hi)
         return spread_blocks(order, total, self.heads)
-
-    def mass_at_blocks(self, host: dict, n_kv: int) -> torch.Tensor:
-        """The heads' profiled mass at k = 0..n_kv blocks [heads, n_kv + 1] (float64; NaN for a head not
-        profiled yet), kept until the next profile: the mirror's curves are tuples, and a tensor rebuilt
-        from them every annealing step was most of the host time of the budgets."""
-        if ("mass", n_kv) not in self._cache:
-            curve = torch.tensor(host["mass_curve"], dtype=torch.float64)
-            self._cache[("mass", n_kv)] = curve_at_blocks(curve, n_kv)
-        return self._cache[("mass", n_kv)]
 
     def layer_eligible(self, host: dict) -> bool:
         """Whether the layer may run sparse at all (dispatch by cost then decides): in stage 2, and

@@ -22,22 +22,25 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
+def bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm(a, b) in float32. On the GPU, half-precision inputs go in as they are, with float32
+    accumulation and output (bmm's out_dtype): products of bf16 values are exact in float32, so this
+    equals the product of the inputs cast to float32 up to the order of additions, without float32
+    copies of them (strided views, e.g. transposed, are read as they are)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
 def key_gram(k: torch.Tensor) -> torch.Tensor:
     """K^T K [b, h, d, d] (float32) of keys k [S, b, h, d] (the layer's layout) per batch element and
-    head: one batched product over the keys as they are. On the GPU, half-precision keys go in as they
-    are, with float32 accumulation and output (bmm's out_dtype): products of bf16 values are exact in
-    float32, so this equals the Gram of the keys cast to float32 up to the order of additions, without
-    the float32 copies and their transposition to [b, h, ...] (with those and an unfused Adam, a
-    stage-1 step of `small` at 16k tokens took 4.9 ms of GPU time more than dense, now 0.6 ms:
-    bench/results/step_h200/s8; measured at 16k only)."""
+    head: one batched product over the keys as they are (bmm_float32), without float32 copies and their
+    transposition to [b, h, ...] on the GPU (with those and an unfused Adam, a stage-1 step of `small` at
+    16k tokens took 4.9 ms of GPU time more than dense, now 0.6 ms: bench/results/step_h200/s8; measured
+    at 16k only)."""
     s, b, h, d = k.shape
     rows = k.reshape(s, b * h, d)   # a view where b and h merge (also a slice of a fused QKV projection)
-    if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
-        gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2), out_dtype=torch.float32)
-    else:
-        rows = rows.float()
-        gram = torch.bmm(rows.permute(1, 2, 0), rows.permute(1, 0, 2))
-    return gram.view(b, h, d, d)
+    return bmm_float32(rows.permute(1, 2, 0), rows.permute(1, 0, 2)).view(b, h, d, d)
 
 
 class LowRankPredictor(Float32State):
@@ -128,9 +131,8 @@ class LowRankPredictor(Float32State):
         p = torch.bmm(q.reshape(h, b * n, d), w).view(h, b, n, d)
         pq = torch.cat([p, q], dim=2)                              # [h, b, 2n, d]: one product with G
         pq_g = torch.matmul(pq, g)
-        pg, qg = pq_g.split(n, dim=2)
         pp, tt = (pq_g * pq).sum(-1).split(n, dim=2)               # |p|^2, |t|^2 / scale^2: [h, b, n]
-        dot = torch.linalg.vecdot(pg, q)                           # p.t / scale
+        dot = torch.linalg.vecdot(pq_g[:, :, :n], q)               # p.t / scale: (P G) . q
         # As F.cosine_similarity: each norm clamped at eps = 1e-8 (|t| = scale sqrt(tt)), and no product of
         # the squared norms (it would overflow float32 first).
         inv_p = torch.rsqrt(pp.clamp_min(1e-16))

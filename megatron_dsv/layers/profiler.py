@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..ops.reference import block_sums
 from .budget import curve_on_grid
+from .predictor import bmm_float32
 
 
 def token_rows(n_rows: int, block_q: int) -> slice:
@@ -88,17 +89,11 @@ class RowProfile(NamedTuple):
 
 
 def row_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q k^T [b, h, m, S] float32 of rows q [m, b, h, d] and keys k [S, b, h, d] (the layer's layout). On the
-    GPU, half-precision inputs multiply as they are, with float32 accumulation and output (bmm's out_dtype,
-    as predictor.key_gram does), without a float32 copy of the keys."""
+    """q k^T [b, h, m, S] float32 of rows q [m, b, h, d] and keys k [S, b, h, d] (the layer's layout), by
+    bmm_float32: on the GPU without a float32 copy of the keys."""
     m, b, h, d = q.shape
     s = k.shape[0]
-    rows, keys = q.reshape(m, b * h, d).transpose(0, 1), k.reshape(s, b * h, d).permute(1, 2, 0)
-    if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
-        logits = torch.bmm(rows, keys, out_dtype=torch.float32)
-    else:
-        logits = torch.bmm(rows.float(), keys.float())
-    return logits.view(b, h, m, s)
+    return bmm_float32(q.reshape(m, b * h, d).transpose(0, 1), k.reshape(s, b * h, d).permute(1, 2, 0)).view(b, h, m, s)
 
 
 def profile_mass(mass: torch.Tensor, token_logits: torch.Tensor, *, block_q: int, theta: float,
