@@ -43,7 +43,7 @@ from video_dit.step_graph import CapturedTrainStep  # noqa: E402
 
 from megatron_dsv import DSVConfig  # noqa: E402
 from megatron_dsv.config import add_dsv_args  # noqa: E402
-from megatron_dsv.layers import append_jsonl, dsv_metrics, log_dsv_metrics  # noqa: E402
+from megatron_dsv.layers import append_jsonl, dsv_layers, dsv_metrics, log_dsv_metrics  # noqa: E402
 from megatron_dsv.layers.graphed import MAX_ELEMENTS as GRAPHED_MAX_ELEMENTS  # noqa: E402
 
 # The tiny CPU demo: 2048 tokens (grid 8x16x16), cubes 2x4x4 = 32-token query blocks and
@@ -360,6 +360,7 @@ def main(argv=None):
     params = master.master if master else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     captured = CapturedTrainStep(model, master.params if master else params) if args.cuda_graph_step else None
+    dsv = dsv_layers(model)   # found once: the metrics are read every step
 
     start = load_checkpoint(args.load, model, opt, master, args) if args.load else 0
     train_data, val_data = make_datasets(args, dit)
@@ -424,7 +425,7 @@ def main(argv=None):
         loss_value = float(loss.detach())  # syncs the device
         step_s = time.time() - t0
         done = step + 1
-        metrics = dsv_metrics(model) if dsv_cfg else None
+        metrics = dsv_metrics(dsv) if dsv_cfg else None
         stage = metrics["summary"]["stage"] if metrics else 0
         step_times.append((step_s, step_tokens, stage))
         train_s += step_s
@@ -432,7 +433,7 @@ def main(argv=None):
         if done % args.eval_interval == 0 or done == args.train_iters:
             val = validate(model, val_data, args, device)
             if dsv_cfg:
-                dsv_metrics(model)  # drop validation's forward timings from the next step's
+                dsv_metrics(dsv)  # drop validation's forward timings from the next step's
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"loss {loss_value:.4f}" + (f", stage {stage}" if stage else ""))

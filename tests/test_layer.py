@@ -23,6 +23,7 @@ from megatron_dsv.layers.profiler import profile_logits, selection_recall
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
 from megatron_dsv.ops import block_sparse_attention
+from triton_cases.runner import run_interpreted
 
 SMALL = dict(rank=8, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
 
@@ -195,13 +196,20 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
                                          wk.detach(), scale, 0.95)
     torch.testing.assert_close(got_deg[0], ref_deg.detach())
     torch.testing.assert_close(got_deg[1:], torch.autograd.grad(ref_deg.sum(), (wq_deg, wk)))
-    # float32, as the layer runs it (key_gram of the keys in the layer's [S, b, h, d] layout): close to the
-    # float64 values
-    got32 = LowRankPredictor.gram_loss(rows.float(), key_gram(k.transpose(0, 1)), wq.detach().float(),
-                                       wk.detach().float(), scale, w, grad_scale=grad_scale)
-    torch.testing.assert_close(got32[0].double(), ref.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got32[1].double(), grad_q, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(got32[2].double(), grad_k, rtol=1e-3, atol=1e-5)
+    # float32, as the layer runs it (key_gram of the keys in the layer's [S, b, h, d] layout; on the GPU the
+    # rows' terms from the Triton kernel): close to the float64 values
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got32 = LowRankPredictor.gram_loss(rows.float().to(dev), key_gram(k.transpose(0, 1).float().to(dev)),
+                                       wq.detach().float().to(dev), wk.detach().float().to(dev), scale, w,
+                                       grad_scale=grad_scale)
+    torch.testing.assert_close(got32[0].double().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got32[1].double().cpu(), grad_q, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got32[2].double().cpu(), grad_k, rtol=1e-3, atol=1e-5)
+
+
+def test_triton_cosine_rows_interpreted():
+    """The row terms of gram_loss from the Triton kernel (tests/triton_cases/cosine_rows_cases.py)."""
+    run_interpreted("cosine_rows_cases.py")
 
 
 @pytest.mark.parametrize("estimator, chunk_bytes", [("lowrank", 256 << 20), ("pooled", 256 << 20), ("lowrank", 1)])
@@ -275,22 +283,33 @@ def test_profiled_statistics_reach_the_host_mirror_at_its_next_read(megatron_par
     assert ctl._pending_copy is not None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bmm's float32 output of half inputs is CUDA-only")
-def test_key_gram_of_bf16_keys_equals_the_float64_gram():
-    """On the GPU key_gram multiplies bf16 keys as they are (float32 accumulation and output), in the
-    layer's [S, b, h, d] layout, strided as a fused QKV projection leaves them: the float64 Gram of the
-    same values, to float32 accuracy."""
-    from megatron_dsv.layers.predictor import key_gram
+@pytest.mark.parametrize("layout", ["packed", "sbh3d", "s3bhd"])
+def test_key_gram_equals_the_float64_gram(layout, monkeypatch):
+    """key_gram in the layer's [S, b, h, d] layout equals the float64 Gram of the same values, to float32
+    accuracy: keys whose token stride is b x h times their head stride (packed, as rotary embeddings leave
+    them, or a slice of a [S, b, h, 3d] fused projection) summed from partial products over interleaved
+    parts of the keys, others (a slice of [S, 3, b, h, d]) in one product. On the GPU the keys are bf16,
+    multiplied as they are (float32 accumulation and output)."""
+    from megatron_dsv.layers import predictor
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    s, b, h, d = 3000, 2, 3, 64
-    qkv = torch.randn(s, b, h, 3 * d, generator=gen).add_(0.5).to(torch.bfloat16).cuda()
-    k = qkv[..., d:2 * d]
-    got = key_gram(k)
+    s, b, h, d = 3 * (predictor.GRAM_PART_KEYS + 1), 2, 3, 64   # 3 parts: S a multiple of 3, not of 2
+    cuda = torch.cuda.is_available()
+    dtype, dev = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
+    # Sliced on the device: a strided slice copied there would arrive packed.
+    if layout == "s3bhd":
+        k = torch.randn(s, 3, b, h, d, generator=gen).add_(0.5).to(dev, dtype)[:, 1]
+    else:
+        k = torch.randn(s, b, h, 3 * d, generator=gen).add_(0.5).to(dev, dtype)[..., d:2 * d]
+        k = k.contiguous() if layout == "packed" else k
+    bmm, products = predictor.bmm_float32, []
+    monkeypatch.setattr(predictor, "bmm_float32", lambda x, y: products.append(x.shape[0]) or bmm(x, y))
+    got = predictor.key_gram(k)
+    assert products == [(1 if layout == "s3bhd" else 3) * b * h]
     k64 = k.double().transpose(0, 1)
     want = torch.einsum("bshd,bshe->bhde", k64, k64)
     assert got.dtype == torch.float32 and got.shape == (b, h, d, d)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)   # float32 sums of ~6k products
 
 
 def test_predictor_learns_planted_pattern(megatron_parallel):

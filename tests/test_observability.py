@@ -5,7 +5,7 @@ import torch
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_dsv import DSVConfig
-from megatron_dsv.layers import append_jsonl, dsv_metrics, get_dsv_layer_spec, log_dsv_metrics
+from megatron_dsv.layers import append_jsonl, dsv_layers, dsv_metrics, get_dsv_layer_spec, log_dsv_metrics
 from megatron_dsv.plot import load_record, main as plot_main
 from test_layer import SMALL, tconfig
 
@@ -56,3 +56,14 @@ def test_plot_writes_png(trained_metrics, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     with pytest.raises(ValueError, match="no record for step 9"):
         load_record(str(trained_metrics), 9)
+
+
+def test_the_layers_found_once_read_as_the_model(megatron_parallel):
+    """A training loop finds the DSV layers once (dsv_layers) and reads the metrics of that list every step:
+    the list is taken as it is, and its metrics are the model's."""
+    block = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL)))
+    block(torch.randn(64, 1, 64, requires_grad=True), attention_mask=None).sum().backward()
+    layers = dsv_layers(block)
+    assert len(layers) == tconfig().num_layers and dsv_layers(layers) == layers
+    untimed = lambda m: [{k: v for k, v in l.items() if not k.endswith("_ms")} for l in m["layers"]]  # noqa: E731
+    assert untimed(dsv_metrics(layers)) == untimed(dsv_metrics(block))

@@ -36,7 +36,6 @@ from .graphed import GraphedSparseAttention
 from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
-from .budget import held_on_curve
 from .predictor import LowRankPredictor, key_gram
 from .profiler import profile_mass, row_logits, selection_recall, token_rows
 from .step_plan import StepPlan
@@ -338,10 +337,14 @@ class DSVDotProductAttention(_CoreAttention):
         device here too (recall_budgets), before the step's kernels are queued.
         None where the step cannot run planned: a layer that has not trained yet; packed clips; context
         parallelism."""
-        self.step_plan = None
-        if self.last_training_call is None or self.last_training_call[3] or self.cp is not None:
-            return None
-        shape, dtype, device, _ = self.last_training_call
+        plan = None   # (step_plan is set once: a module's attribute assignment is host time before every replay)
+        if self.last_training_call is not None and not self.last_training_call[3] and self.cp is None:
+            plan = self._plan(*self.last_training_call[:3])
+        self.step_plan = plan
+        return plan
+
+    def _plan(self, shape, dtype, device) -> StepPlan:
+        """plan_step's decisions for a training step of q at this shape, dtype and device."""
 
         def tensors():   # only where this shape's kernel times are not measured yet: values play no part
             return tuple(torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
@@ -355,10 +358,8 @@ class DSVDotProductAttention(_CoreAttention):
             recall_k_max = self.recall_budgets.k_max
         # A step that trains the predictor samples a number of rows that may differ from step to step (their
         # values follow the device's step counter).
-        self.step_plan = StepPlan(shape, ctl.host()["stage"], n_kv, sparse,
-                                  self.next_sample_size() if learn else None,
-                                  self.device_budgets.k_max if sparse else None, profile, recall_k_max)
-        return self.step_plan
+        return StepPlan(shape, ctl.host()["stage"], n_kv, sparse, self.next_sample_size() if learn else None,
+                        self.device_budgets.k_max if sparse else None, profile, recall_k_max)
 
     def _planned(self, query, training_step: bool) -> tuple:
         """The decisions plan_step fixed, as _decide gives them (no step: context parallelism is excluded)."""
@@ -496,14 +497,17 @@ class DSVDotProductAttention(_CoreAttention):
         else:
             self._pending = stats
 
-    @torch.no_grad()
     def commit(self) -> None:
         """Apply the update staged by the last backward: predictor step, profile, step count.
-        Runs at the end of the backward pass; also before a state_dict is taken or metrics read."""
-        stats, self._pending = self._pending, None
+        Runs at the end of the backward pass; also before a state_dict is taken or metrics read
+        (where there is mostly nothing to apply: that case costs no more than the check)."""
         self.graphed.in_flight = False  # the backward pass is over: a replayed forward it skipped is dropped
-        if stats is None:
-            return
+        if self._pending is not None:
+            stats, self._pending = self._pending, None
+            self._commit_stats(stats)
+
+    @torch.no_grad()
+    def _commit_stats(self, stats: dict) -> None:
         ctl = self.controller
         if "grad_q" in stats:
             ctl.record_loss(stats["loss"])
@@ -597,7 +601,8 @@ class DSVDotProductAttention(_CoreAttention):
                 q_rows = q_sampled.permute(2, 1, 0, 3).to(torch.float32, memory_format=torch.contiguous_format)
                 # sums over rows; the gradient scale of a mean over all heads
                 loss, grad_q, grad_k = LowRankPredictor.gram_loss(
-                    q_rows, key_gram(keys), wq, wk, self.softmax_scale, cfg.loss_cos_weight, grad_scale=weight / H)
+                    q_rows, key_gram(keys), wq, wk, self.softmax_scale, cfg.loss_cos_weight, grad_scale=weight / H,
+                    backend=cfg.backend)
                 for name, val in (("loss", loss * weight), ("grad_q", grad_q), ("grad_k", grad_k)):
                     local[name] = local[name] + val if name in local else val
             if selection is not None:
@@ -702,17 +707,13 @@ class DSVDotProductAttention(_CoreAttention):
         )
 
     # ---------------------------------------------------------- observability
-    def _held_mass(self, n_kv: int) -> list:
-        """Mass each head's budget holds by its profiled curve (NaN before the first profile)."""
-        ctl = self.controller
-        return held_on_curve(ctl.host()["mass_curve"], ctl.budgets(n_kv), n_kv)
-
     def metrics(self) -> dict:
         """Stage, schedule and profile of this layer, plus forward time in selection vs attention."""
         self.commit()
         ctl = self.controller
         host = ctl.host()
         n_kv = self.last_n_kv
+        budgets = ctl.budgets(n_kv) if n_kv else []
         return {
             "layer": self.layer_number,
             "stage": host["stage"],
@@ -724,8 +725,8 @@ class DSVDotProductAttention(_CoreAttention):
             # Share of KV blocks each head attends to in stage 2 (after floor and ceiling), and the
             # share of its attention mass those blocks hold by its profiled mass curve.
             "budget_policy": self.cfg.budget_policy,
-            "budget": [k / n_kv for k in ctl.budgets(n_kv)] if n_kv else [],
-            "held_mass": self._held_mass(n_kv) if n_kv else [],
+            "budget": [k / n_kv for k in budgets],
+            "held_mass": ctl.held_mass(n_kv) if n_kv else [],
             "attention_cost": self.last_costs,
             **{f"{name}_ms": ms for name, ms in self.timer.read().items()},
         }

@@ -114,8 +114,8 @@ def spread_blocks(order: torch.Tensor, total: int, heads: int) -> List[int]:
 def held_on_curve(curve: Sequence[Sequence[float]], blocks: Sequence[int], n_kv: int) -> List[float]:
     """The mass each head's `blocks` (of n_kv) hold by its curve on the density grid (the host mirror's
     lists): curve_at_blocks read at those block counts only, in the same float64 arithmetic, without
-    tensors (the metrics read it every step; from a [heads, n_kv + 1] table rebuilt after each profile it
-    took 0.2 ms per layer on a 2-core CPU)."""
+    tensors (from a [heads, n_kv + 1] table rebuilt after each profile it took 0.2 ms per layer on a
+    2-core CPU)."""
     held = []
     for row, k in zip(curve, blocks):
         pos = k * (CURVE_POINTS / n_kv)
@@ -220,10 +220,23 @@ class BudgetPolicy:
         else:
             key = (cfg.budget_policy, n_kv, total_blocks(self.density(host), self.heads, n_kv, lo, hi))
         if key not in self._cache:
-            if len(self._cache) > 64:  # many sequence lengths (packed clips): keep the cache bounded
-                self._cache.clear()
+            self._bound()
             self._cache[key] = tuple(self._compute(key, host, n_kv, lo, hi))
         return self._cache[key]
+
+    def held(self, host: dict, n_kv: int) -> Tuple[float, ...]:
+        """Mass each head's blocks (blocks()) hold by its profiled curve, NaN before the first profile;
+        kept as the blocks are (the metrics read it every step)."""
+        blocks = self.blocks(host, n_kv)
+        key = ("held", n_kv, blocks)
+        if key not in self._cache:
+            self._bound()
+            self._cache[key] = tuple(held_on_curve(host["mass_curve"], blocks, n_kv))
+        return self._cache[key]
+
+    def _bound(self) -> None:
+        if len(self._cache) > 64:  # many sequence lengths (packed clips), or annealed blocks: stay bounded
+            self._cache.clear()
 
     def _compute(self, key, host, n_kv, lo, hi) -> List[int]:
         if key[0] == "theta":

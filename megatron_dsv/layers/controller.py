@@ -145,6 +145,10 @@ class StageController(Float32State):
         """Per-head number of KV blocks out of n_kv, by the budget policy (cached until the state changes)."""
         return list(self.policy.blocks(self.host(), n_kv))
 
+    def held_mass(self, n_kv: int) -> List[float]:
+        """Mass each head's budget holds by its profiled mass curve (NaN before the first profile)."""
+        return list(self.policy.held(self.host(), n_kv))
+
     def may_run_sparse(self) -> bool:
         """Stage 2 and, under the theta rule, a layer sparse enough (cost dispatch decides the rest)."""
         return self.policy.layer_eligible(self.host())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam as functional_adam
 
+from ..ops.cosine_rows import cosine_rows
 from .fp32_state import Float32State
 
 ADAM_BETAS = (0.9, 0.999)
@@ -32,15 +33,36 @@ def bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+GRAM_PART_KEYS = 2048   # at least this many keys per partial Gram matrix of key_gram
+GRAM_MAX_PRODUCTS = 256  # at most this many partial products (batch x heads x parts) in its one bmm
+
+
 def key_gram(k: torch.Tensor) -> torch.Tensor:
     """K^T K [b, h, d, d] (float32) of keys k [S, b, h, d] (the layer's layout) per batch element and
     head: one batched product over the keys as they are (bmm_float32), without float32 copies and their
     transposition to [b, h, ...] on the GPU (with those and an unfused Adam, a stage-1 step of `small` at
     16k tokens took 4.9 ms of GPU time more than dense, now 0.6 ms: bench/results/step_h200/s8; measured
-    at 16k only)."""
+    at 16k only).
+
+    One product per (b, h) is a single output tile reduced over all S keys: 16 tiles for `small`, 25 us
+    per layer on the H200 for 33 MB of keys, bound by the reduction's latency. So token i goes to part
+    i % parts: where the keys' token stride is b x h times their head stride (packed keys, as rotary
+    embeddings leave them, or a slice of a [S, b, h, 3d] fused projection) the parts merge with (b, h)
+    into one batch axis of a view, the bmm makes parts times as many tiles, and a sum adds the partial
+    Grams. Other layouts are multiplied in one part."""
     s, b, h, d = k.shape
     rows = k.reshape(s, b * h, d)   # a view where b and h merge (also a slice of a fused QKV projection)
-    return bmm_float32(rows.permute(1, 2, 0), rows.permute(1, 0, 2)).view(b, h, d, d)
+    parts = min(s // GRAM_PART_KEYS, GRAM_MAX_PRODUCTS // (b * h))
+    while parts > 1 and s % parts:
+        parts -= 1
+    if parts > 1:
+        split = rows.unflatten(0, (s // parts, parts))   # [S / parts, parts, b * h, d]
+        if split.stride(1) == b * h * split.stride(2):
+            rows = split.flatten(1, 2)
+        else:
+            parts = 1
+    grams = bmm_float32(rows.permute(1, 2, 0), rows.permute(1, 0, 2))
+    return (grams.view(parts, b, h, d, d).sum(0) if parts > 1 else grams.view(b, h, d, d))
 
 
 class LowRankPredictor(Float32State):
@@ -109,7 +131,7 @@ class LowRankPredictor(Float32State):
 
     @staticmethod
     def gram_loss(q: torch.Tensor, gram: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: float,
-                  cos_weight: float, grad_scale: float = 1.0) -> tuple:
+                  cos_weight: float, grad_scale: float = 1.0, backend: str = "auto") -> tuple:
         """:meth:`loss` of the predicted logits (q wq)(k wk)^T against the true ones scale * q k^T, and its
         gradients, for rows q [h, b, rows, d] and keys given by their Gram matrices K^T K [b, h, d, d]
         (key_gram; float32, as wq, wk [h, d, r]), without either [b, h, rows, S] tensor and without
@@ -122,29 +144,19 @@ class LowRankPredictor(Float32State):
         is written out. With P = qW and cos = p.t / (|p| |t|) (the scale cancels),
         d cos / dP = G q / (|p| |q G q^T|^(1/2)) - cos G P / |p|^2, dL/dP = -c d cos/dP for the loss's
         per-row weight c, dL/dW = sum over rows of q^T dL/dP, dL/dwq = dL/dW wk, dL/dwk = dL/dW^T wq.
-        A layer's whole stage-1 upkeep is 49 ops this way, 73 with autograd through three-operand
-        einsums (CPU counts): under a CUDA graph each op is a node the host launches every replay
-        (bench/results/step_h200/s9)."""
+        The rows' terms after the products with G (cos and dL/dP) are ops.cosine_rows: on the GPU one
+        Triton kernel in place of ~20 small ops, which under a CUDA graph are as many nodes a replay
+        launches (bench/predictor_upkeep.py)."""
         h, b, n, d = q.shape
         g = gram.transpose(0, 1)                                   # [h, b, d, d], symmetric
         w = torch.bmm(wq, wk.transpose(1, 2))                     # [h, d, d]
         p = torch.bmm(q.reshape(h, b * n, d), w).view(h, b, n, d)
         pq = torch.cat([p, q], dim=2)                              # [h, b, 2n, d]: one product with G
-        pq_g = torch.matmul(pq, g)
-        pp, tt = (pq_g * pq).sum(-1).split(n, dim=2)               # |p|^2, |t|^2 / scale^2: [h, b, n]
-        dot = torch.linalg.vecdot(pq_g[:, :, :n], q)               # p.t / scale: (P G) . q
-        # As F.cosine_similarity: each norm clamped at eps = 1e-8 (|t| = scale sqrt(tt)), and no product of
-        # the squared norms (it would overflow float32 first).
-        inv_p = torch.rsqrt(pp.clamp_min(1e-16))
-        inv_t = torch.rsqrt(tt.clamp_min(1e-16 / scale ** 2))
-        cos = dot * inv_p * inv_t
         per_row = (2.0 - cos_weight) / (b * n)                     # -d loss / d cos of one row
-        loss = (1.0 - cos).sum(dim=(1, 2)) * per_row
-        # dL/dP per row: the coefficients of G P (none where |p| is clamped: a constant there) and of G q.
-        inv_pp = torch.where(pp > 1e-16, inv_p * inv_p, 0.0)
-        coef = torch.cat([cos * inv_pp, -inv_p * inv_t], dim=2).unsqueeze(-1) * (per_row * grad_scale)
-        grad_p = (pq_g * coef).view(h, b, 2, n, d).sum(dim=2)
-        grad_w = torch.bmm(q.reshape(h, b * n, d).transpose(1, 2), grad_p.view(h, b * n, d))
+        one_minus_cos, grad_p = cosine_rows(pq, torch.matmul(pq, g), scale=scale, weight=per_row * grad_scale,
+                                            backend=backend)
+        loss = one_minus_cos.sum(dim=(1, 2)) * per_row
+        grad_w = torch.bmm(q.reshape(h, b * n, d).transpose(1, 2), grad_p.reshape(h, b * n, d))
         return loss, torch.bmm(grad_w, wk), torch.bmm(grad_w.transpose(1, 2), wq)
 
     @torch.no_grad()

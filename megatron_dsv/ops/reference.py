@@ -165,6 +165,25 @@ def row_block_mass_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float, 
     return out
 
 
+def cosine_rows_reference(pq: torch.Tensor, pq_g: torch.Tensor, *, scale: float, weight: float) -> tuple:
+    """The row terms of LowRankPredictor.gram_loss. pq [..., 2n, d]: n rows P = q W, then the n rows q;
+    pq_g: pq @ G for the keys' Gram matrix G. Per row, with |p|^2 = P G P^T, |t|^2 = scale^2 q G q^T and
+    p.t = scale P G q^T: (1 - cos [..., n], dL/dP [..., n, d]) of L = weight * sum(1 - cos). As
+    F.cosine_similarity, each norm is clamped at eps = 1e-8 (|t| = scale sqrt(q G q^T)), and no product
+    of the squared norms is formed (it would overflow float32 first); where |p| is clamped, the norm is
+    a constant and dL/dP has no term along P G."""
+    n = pq.shape[-2] // 2
+    pp, tt = (pq_g * pq).sum(-1).split(n, dim=-1)
+    dot = torch.linalg.vecdot(pq_g[..., :n, :], pq[..., n:, :])
+    inv_p = torch.rsqrt(pp.clamp_min(1e-16))
+    inv_t = torch.rsqrt(tt.clamp_min(1e-16 / scale ** 2))
+    cos = dot * inv_p * inv_t
+    inv_pp = torch.where(pp > 1e-16, inv_p * inv_p, 0.0)
+    coef = torch.cat([cos * inv_pp, -inv_p * inv_t], dim=-1).unsqueeze(-1) * weight
+    grad_p = (pq_g * coef).unflatten(-2, (2, n)).sum(dim=-3)
+    return 1.0 - cos, grad_p
+
+
 def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
     """Top-`budgets[h]` KV blocks per (batch, head, query block), ids sorted ascending.
 
