@@ -259,9 +259,14 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     group = HybridCPGroup()
     rank0 = group.index == 0
-    results = [run_length(args, S, group, device, dtype, rank0) for S in args.tokens]
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
+    meta = dict(devices=names, P=group.size, torch=torch.__version__, dtype=str(dtype), args=vars(args))
+    results = []
+    for S in args.tokens:
+        results.append(run_length(args, S, group, device, dtype, rank0))
+        if rank0 and args.json:   # after each length: a run stopped by a time limit keeps the lengths it finished
+            Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
     if rank0:
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
         print(table(results))
         for res in results:
             s = res["summary"]
@@ -271,9 +276,6 @@ def main():
                   + "); " + "; ".join(f"{k}: {v['name']} {v['ms']:.1f} ms = {v['vs_best']:.2f}x best, predicted "
                                       f"{v['predicted_ms']:.1f} ({v['prediction_error']:+.0%})"
                                       for k, v in s.items() if k.startswith("planner_")))
-        if args.json:
-            meta = dict(devices=names, P=group.size, torch=torch.__version__, dtype=str(dtype), args=vars(args))
-            Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
     dist.destroy_process_group()
 
 
