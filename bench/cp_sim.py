@@ -193,8 +193,12 @@ def assumptions(args, cal, cost):
                      "them); Ulysses needs P <= heads; USP needs U | heads and U <= gpus per node; "
                      "DSV's gather schedule does not overlap, its ring overlaps forward rounds only "
                      "(as implemented in megatron_dsv/cp/kv_exchange.py)",
-        "not_modelled": "selection cost unless the kernel JSON includes it (total_ms); kernel efficiency loss "
-                        "of small per-round calls; congestion beyond per-GPU link bandwidth; MLP/other layers",
+        "not_modelled": "selection cost unless the kernel JSON includes it (total_ms); congestion beyond per-GPU "
+                        "link bandwidth; MLP/other layers. What a rank holding part of the sequence pays beyond "
+                        "its share of the compute and of the exchange's bytes (per-segment kernel calls, the "
+                        "ring's merges, the exchange's gather and scatter) only as CostModel's split factors, "
+                        f"fitted on 2 and 4 H200s (bench/cp_model_check.py): compute x{cost.split_compute_factor}, "
+                        f"exchange {dict(cost.split_exchange_factors)}",
     }
 
 

@@ -328,3 +328,44 @@ def test_kv_union_of_a_selection():
     spread = torch.stack([torch.arange(n_q) * 2, torch.arange(n_q) * 2 + 1], -1).view(1, 1, n_q, 2).expand(1, 2, n_q, 2)
     assert kv_union(spread, cnt, n_kv, R=2) == 4.0     # a segment of 4 query blocks touches 8 distinct blocks
     assert kv_union(spread, cnt, n_kv, R=1) == 8.0
+
+
+def test_split_factors_charge_only_plans_that_split_the_sequence():
+    """CostModel's split factors (fitted on 2 and 4 H200s by bench/cp_model_check.py) add to the compute and the
+    KV exchange of a rank holding part of the sequence (R > 1) and leave head-parallel plans (R = 1) as they were."""
+    shape = Shape(seq_len=64 * 1024, heads=16, head_dim=128)
+    dens = [0.05 + 0.01 * h for h in range(16)]
+    ideal = CostModel(split_compute_factor=1.0, split_exchange_factors=(("gather", 1.0), ("ring", 1.0)))
+    fitted = CostModel()
+    for U, schedule in ((4, "gather"), (1, "gather"), (1, "ring")):
+        p = fixed_plan(4, U, 16, schedule=schedule)
+        a, b = (estimate(shape, dens, 4, U, p.heads_of, schedule, c) for c in (ideal, fitted))
+        if U == 4:
+            assert a == b
+            continue
+        assert b["compute"] == a["compute"] and b["a2a"] == a["a2a"] == 0.0
+        assert b["exchange"] == pytest.approx(dict(fitted.split_exchange_factors)[schedule] * a["exchange"])
+        assert b["total"] > a["total"]
+        if schedule == "gather":   # compute and exchange in series
+            assert b["total"] - b["klr"] == pytest.approx(fitted.split_compute_factor * b["compute"] + b["exchange"])
+    with pytest.raises(ValueError, match="split_exchange_factors"):
+        CostModel(split_exchange_factors=(("gather", 1.0),))
+    with pytest.raises(ValueError, match="split_compute_factor"):
+        CostModel(split_compute_factor=0.0)
+
+
+def test_the_model_alone_picks_the_fastest_measured_plan(tmp_path):
+    """bench/cp_model_check.py on the committed measurements (bench/cp_bench.py on 2 and 4 H200s): with its split
+    factors the cost model alone picks, at every length, a plan within 5% of the fastest fixed plan measured."""
+    import json
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    runs = [os.path.join(root, "bench", "results", f) for f in ("cp_h200x2/cp_bench.json", "cp_h200x4/cp_bench_h200x4.json")]
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", os.path.join(root, "bench", "cp_model_check.py"), *runs,
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    choices = [r for r in json.loads(out.read_text())["rows"] if "chosen" in r]
+    assert len(choices) == 5
+    assert all(r["chosen_measured_ms"] <= 1.05 * r["fastest_ms"] for r in choices), choices

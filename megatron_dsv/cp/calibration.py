@@ -16,10 +16,11 @@ uses with a measurement over the CP group and on the local GPU:
   computed blocks, selection included.
 
 Rates are measured at the shape the planner will see, because both kernels' rates depend on the
-sequence length and the head count. bench/cp_bench.py runs it and compares the calibrated model's
-predictions with every plan's measured time. A layer does not: it times its short list of plans
-instead (plan_search.py), because the model, even calibrated, misjudges plans that split the
-sequence.
+sequence length and the head count. What a rank holding part of the sequence pays beyond its share
+of the compute and the exchange's bytes (CostModel's split factors) is not measured here: it was
+fitted on 2 and 4 H200s (bench/cp_model_check.py) and stays ``base``'s. bench/cp_bench.py runs this
+and compares the calibrated model's predictions with every plan's measured time. A layer does not:
+it times its short list of plans instead (plan_search.py), which needs no model to be right.
 """
 
 from __future__ import annotations

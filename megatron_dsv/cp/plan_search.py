@@ -1,11 +1,12 @@
 """Choose a layer's CP plan by timing the cost model's short list on the layer's own inputs.
 
 The cost model ranks plans well within one (U, schedule) (which heads go where), but across them
-it misses what measurements on 2 H200s show: the ring schedule's two attention calls and merge,
-the exchange's index work, host gaps between phases. It predicted the sequence split (U = 1, ring)
-fastest at every length from 32k to 256k, where the head split (U = 2) measured 1.07-1.39x faster.
-So, as dispatch by cost does for dense against sparse, the choice between (U, schedule) pairs is
-measured: once per shape, every CP rank times the model's best plan of each pair (forward +
+it once missed what measurements on 2 H200s showed: the ring schedule's two attention calls and
+merge, the exchange's index work, host gaps between phases. It predicted the sequence split (U = 1,
+ring) fastest at every length from 32k to 256k, where the head split (U = 2) measured 1.07-1.39x
+faster. Its split factors, fitted on 2 and 4 H200s since, fix that on those machines; on others
+they are a guess. So, as dispatch by cost does for dense against sparse, the choice between
+(U, schedule) pairs is measured: once per shape, every CP rank times the model's best plan of each pair (forward +
 backward of the layer's own attention, the slowest rank's time), and the fastest pair is kept;
 later re-plans run the model within that pair.
 """

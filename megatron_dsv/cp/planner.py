@@ -68,6 +68,13 @@ class CostModel:
     """Unique KV blocks selected by a whole segment, as a multiple of one query block's budget."""
     memory_limit_gib: float = math.inf
     """Per-GPU limit for one layer's attention tensors (q, k, v, out, received blocks, transient buffers)."""
+    split_compute_factor: float = 1.25
+    """Attention time (selection included) of a rank holding 1 / R of the sequence (R > 1), over its
+    share of the whole sequence's compute: the per-segment kernel calls, the gathered KV layout, the
+    ring's merges. Fitted with split_exchange_factors on 2 and 4 H200s (bench/cp_model_check.py)."""
+    split_exchange_factors: Tuple[Tuple[str, float], ...] = (("gather", 1.75), ("ring", 2.6))
+    """Per schedule: the KV exchange's time over its bytes' time on the ring link (+ latency): the
+    blocks' gather into send buffers and scatter after them, per round for the ring."""
 
     def __post_init__(self):
         for name in ("sparse_tflops", "dense_tflops", "intra_node_gbps", "inter_node_gbps", "kv_union",
@@ -79,6 +86,12 @@ class CostModel:
         if self.gpus_per_node < 1 or self.bytes_per_elem < 1 or self.latency_s < 0 or self.bwd_factor < 0:
             raise ValueError("CostModel: gpus_per_node and bytes_per_elem must be >= 1, latency_s and "
                              "bwd_factor >= 0")
+        factors = dict(self.split_exchange_factors)
+        if (not self.split_compute_factor > 0 or sorted(factors) != sorted(SCHEDULES)
+                or not all(f > 0 for f in factors.values())):
+            raise ValueError(f"CostModel: split_compute_factor must be > 0 and split_exchange_factors one factor "
+                             f"> 0 per schedule {list(SCHEDULES)}; got {self.split_compute_factor}, "
+                             f"{self.split_exchange_factors}")
 
 
 @dataclass(frozen=True)
@@ -501,8 +514,10 @@ class _RankModel:
         if R == 1:
             exchange_fwd = exchange_bwd = 0.0
         else:
-            exchange_fwd = link_s(x_bytes + blocks * 8, self.rf_R, 2 * (R - 1), cost)   # + block ids
-            exchange_bwd = link_s(x_bytes, self.rf_R, R - 1, cost)
+            x = dict(cost.split_exchange_factors)[self.schedule]
+            exchange_fwd = x * link_s(x_bytes + blocks * 8, self.rf_R, 2 * (R - 1), cost)   # + block ids
+            exchange_bwd = x * link_s(x_bytes, self.rf_R, R - 1, cost)
+            compute = compute * cost.split_compute_factor
         fwd = compute / (1 + cost.bwd_factor)
         bwd = compute - fwd
         if self.schedule == "gather" or R == 1:
@@ -650,8 +665,8 @@ def candidate_plans(budgets, *, shape: Shape, P: int, cost: CostModel = CostMode
                     max_U: Optional[int] = None, **plan_kwargs) -> List[CPPlan]:
     """The model's plan (:func:`plan`) for each (U, schedule), fastest predicted first: the short list that
     :func:`megatron_dsv.cp.plan_search.measure_plans` times when the model's absolute times are not to be
-    trusted (the ring's merge, the exchange's index work and host gaps are not in it). A schedule only
-    differs where R > 1, so U = P is listed once."""
+    trusted (the ring's merge and the exchange's index work are in it only as factors fitted on H200s, host
+    gaps not at all). A schedule only differs where R > 1, so U = P is listed once."""
     out = []
     for U in _head_parallel_sizes(shape, P, cost, U_candidates, max_U):
         for schedule in (schedules if P // U > 1 else schedules[:1]):
