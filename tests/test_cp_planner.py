@@ -343,11 +343,11 @@ def test_split_factors_charge_only_plans_that_split_the_sequence():
         if U == 4:
             assert a == b
             continue
-        assert b["compute"] == a["compute"] and b["a2a"] == a["a2a"] == 0.0
+        assert b["compute"] == pytest.approx(fitted.split_compute_factor * a["compute"]) and b["a2a"] == a["a2a"] == 0.0
         assert b["exchange"] == pytest.approx(dict(fitted.split_exchange_factors)[schedule] * a["exchange"])
         assert b["total"] > a["total"]
         if schedule == "gather":   # compute and exchange in series
-            assert b["total"] - b["klr"] == pytest.approx(fitted.split_compute_factor * b["compute"] + b["exchange"])
+            assert b["total"] - b["klr"] == pytest.approx(b["compute"] + b["exchange"])
     with pytest.raises(ValueError, match="split_exchange_factors"):
         CostModel(split_exchange_factors=(("gather", 1.0),))
     with pytest.raises(ValueError, match="split_compute_factor"):
@@ -368,4 +368,5 @@ def test_the_model_alone_picks_the_fastest_measured_plan(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     choices = [r for r in json.loads(out.read_text())["rows"] if "chosen" in r]
     assert len(choices) == 5
-    assert all(r["chosen_measured_ms"] <= 1.05 * r["fastest_ms"] for r in choices), choices
+    assert all(r["chosen_measured_ms"] is not None and r["chosen_measured_ms"] <= 1.05 * r["fastest_ms"]
+               for r in choices), choices   # (None: the model picked a plan that was not measured)

@@ -480,6 +480,8 @@ class _RankModel:
 
     def parts(self, compute: float, blocks: float, n: int, N: int) -> Dict[str, float]:
         attn, exchange, x_bytes = self._attention(compute, blocks)
+        if self.R > 1:   # as _attention charges it
+            compute = compute * self.cost.split_compute_factor
         comm, a2a, klr, a2a_bytes = self._head_comm(n, N)
         # q, k, v, out of my heads + received blocks (kept for backward) + transient send/recv buffers.
         transient = x_bytes if self.schedule == "gather" or self.R == 1 else 2 * x_bytes / (self.R - 1)
@@ -533,10 +535,11 @@ class _RankModel:
         The time is convex in (compute, blocks, n) at a fixed N, so the slowest rank takes at least the
         time of the mean rank (Jensen; mean n = N / U); that grows with N >= H and with the blocks, which
         splitting only adds (min(1, x) + min(1, y) >= min(1, x + y)). The one exception to convexity,
-        no exchange (and no message latency) for a rank without selected blocks, is taken off."""
+        no exchange (and no message latency, times the schedule's exchange factor) for a rank without
+        selected blocks, is taken off."""
         H, U = len(costs), self.U
         blocks = sum(_share_blocks(x, 1.0, self.cost.kv_union) for x in dens) / U
-        slack = 3 * (self.R - 1) * self.cost.latency_s
+        slack = 3 * (self.R - 1) * self.cost.latency_s * dict(self.cost.split_exchange_factors)[self.schedule]
         return self.time(sum(costs) / U, blocks, H / U, H) - slack
 
 
