@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -52,14 +53,21 @@ def lengths(path: str):
         yield f"{meta['P']}x {S // 1024}k", meta["P"], shape, budgets, cost, measured
 
 
-def predicted_s(key, P, shape, budgets, cost) -> float:
+@functools.lru_cache(maxsize=None)
+def placed(key, P, shape, budgets: tuple):
+    """(densities, the fixed plan of key) as cp_bench placed it: independent of the cost model (its heads
+    are placed by the default model's compute), so made once per plan, not once per factor tried."""
     U, assignment, schedule = key
-    dens = to_densities(budgets, shape)
+    dens = to_densities(list(budgets), shape)
     R = P // U
-    costs = [head_compute_s(x, shape, R, CostModel()) for x in dens]   # as cp_bench places fixed plans
-    p = fixed_plan(P, U, shape.heads, schedule=schedule, assignment=assignment, costs=costs,
-                   n_units=max(1, shape.seq_len // (R * shape.block_q)))
-    return estimate(shape, dens, P, U, p.heads_of, schedule, cost, p.shares)["total"]
+    costs = [head_compute_s(x, shape, R, CostModel()) for x in dens]
+    return dens, fixed_plan(P, U, shape.heads, schedule=schedule, assignment=assignment, costs=costs,
+                            n_units=max(1, shape.seq_len // (R * shape.block_q)))
+
+
+def predicted_s(key, P, shape, budgets, cost) -> float:
+    dens, p = placed(key, P, shape, tuple(budgets))
+    return estimate(shape, dens, P, key[0], p.heads_of, key[2], cost, p.shares)["total"]
 
 
 def with_factors(cost: CostModel, compute: float, exchange: dict) -> CostModel:

@@ -476,12 +476,14 @@ class _RankModel:
         self.rf_U = remote_fraction(P, U, "U", cost)
         self.rf_R = remote_fraction(P, U, "R", cost)
         self.remote_blocks = shape.n_kv * shape.batch * (self.R - 1) / self.R   # KV blocks per unit of blocks
+        # What a rank holding part of the sequence pays beyond its share (CostModel's split factors).
+        self.compute_factor = cost.split_compute_factor if self.R > 1 else 1.0
+        self.exchange_factor = dict(cost.split_exchange_factors)[schedule]
         self._comm: Dict[Tuple[int, int], Tuple[float, ...]] = {}
 
     def parts(self, compute: float, blocks: float, n: int, N: int) -> Dict[str, float]:
         attn, exchange, x_bytes = self._attention(compute, blocks)
-        if self.R > 1:   # as _attention charges it
-            compute = compute * self.cost.split_compute_factor
+        compute = compute * self.compute_factor   # as _attention charges it
         comm, a2a, klr, a2a_bytes = self._head_comm(n, N)
         # q, k, v, out of my heads + received blocks (kept for backward) + transient send/recv buffers.
         transient = x_bytes if self.schedule == "gather" or self.R == 1 else 2 * x_bytes / (self.R - 1)
@@ -516,10 +518,10 @@ class _RankModel:
         if R == 1:
             exchange_fwd = exchange_bwd = 0.0
         else:
-            x = dict(cost.split_exchange_factors)[self.schedule]
+            x = self.exchange_factor
             exchange_fwd = x * link_s(x_bytes + blocks * 8, self.rf_R, 2 * (R - 1), cost)   # + block ids
             exchange_bwd = x * link_s(x_bytes, self.rf_R, R - 1, cost)
-            compute = compute * cost.split_compute_factor
+        compute = compute * self.compute_factor
         fwd = compute / (1 + cost.bwd_factor)
         bwd = compute - fwd
         if self.schedule == "gather" or R == 1:
@@ -539,7 +541,7 @@ class _RankModel:
         selected blocks, is taken off."""
         H, U = len(costs), self.U
         blocks = sum(_share_blocks(x, 1.0, self.cost.kv_union) for x in dens) / U
-        slack = 3 * (self.R - 1) * self.cost.latency_s * dict(self.cost.split_exchange_factors)[self.schedule]
+        slack = 3 * (self.R - 1) * self.cost.latency_s * self.exchange_factor
         return self.time(sum(costs) / U, blocks, H / U, H) - slack
 
 
