@@ -5,7 +5,9 @@ fused tails, as `examples/pretrain_video_dit.py` trains it) and times, with the 
 around each part, what the example's training loop does every step:
 
   data      drawing the batch on the host and copying it to the device
-  train     forward + backward + optimizer step (synchronised at the end)
+  train     forward + backward + optimizer step (synchronised at the end); its host part (until the
+            work is launched, before the wait for the loss) is reported as "host ms": an arm whose host
+            ms is close to its train ms is bound by host time, not by the GPU
   metrics   dsv_metrics(model) (the example reads it every step)
 
 for these modes, in one process:
@@ -16,6 +18,7 @@ for these modes, in one process:
   dsv-profile   the same, at a step that profiles and fine-tunes the predictor
   dsv-stage1 profile   a stage-1 step that profiles (one in profile_interval_stage1)
   dsv-stage2, no CUDA graphs   dsv-stage2 with DSVConfig.cuda_graphs off (every launch from the host)
+  dsv-stage1, no CUDA graphs   dsv-stage1 so (the predictor's training launched op by op)
   dense / dsv-stage1 / dsv-stage1 profile / dsv-stage2 / dsv-profile, step graph   with --step-graph:
                 the step's forward + backward replayed from a CUDA graph (the example's --cuda-graph-step);
                 the optimizer step (and the predictor's Adam step, the profile's EMAs) stays eager
@@ -99,7 +102,7 @@ class Trainer:
         self.n = 0
 
     def step(self):
-        """One step of the example's loop; returns (data, train, metrics) milliseconds."""
+        """One step of the example's loop; returns (data, train, metrics, host part of train) milliseconds."""
         dev, args = self.device, self.args
         sync(dev)
         t0 = time.perf_counter()
@@ -122,13 +125,14 @@ class Trainer:
         self.opt.step()
         if self.master:
             self.master.master_to_params()
+        t_host = time.perf_counter()
         float(loss.detach())
         t2 = time.perf_counter()
         if self.dsv:
             dsv_metrics(self.layers)
         t3 = time.perf_counter()
         self.n += 1
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t_host - t1) * 1e3
 
     def timed(self, iters, before=None):
         parts = []
@@ -136,17 +140,17 @@ class Trainer:
             if before:
                 before()
             parts.append(self.step())
-        return [statistics.median(p[i] for p in parts) for i in range(3)]
+        return [statistics.median(p[i] for p in parts) for i in range(4)]
 
 
 def record(mode, parts, tokens, **extra):
     """step ms = train + metrics. The data part (drawing the batch on the host) is the same work in
     every arm and is left out: on a busy host its median moved between 8 and 217 ms from arm to arm
     in one run (2026-11-30, H200), more than the differences measured."""
-    data, train, metrics = parts
+    data, train, metrics, host = parts
     total = train + metrics
     return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": total,
-            "tokens_per_s": tokens / (total * 1e-3), **extra}
+            "train_host_ms": host, "tokens_per_s": tokens / (total * 1e-3), **extra}
 
 
 # The trace files of the step-graph arms.
@@ -236,6 +240,10 @@ def main():
     eager.timed(args.warmup, plain_eager)
     results.insert(-1, record("dsv-stage2, no CUDA graphs", eager.timed(args.iters, plain_eager), tokens,
                               density=args.density))
+    set_state(eager.layers, stage=1, step=1)   # then runs on in stage 1 without profiles, as dsv-stage1
+    eager.timed(args.warmup)
+    after = next(i for i, r in enumerate(results) if r["mode"] == "dsv-stage1") + 1
+    results.insert(after, record("dsv-stage1, no CUDA graphs", eager.timed(args.iters), tokens, density=args.density))
     if args.trace:
         trace(dsv, Path(args.trace), plain)
         trace(dsv, Path(args.trace), profiling, name="profile")
@@ -286,11 +294,12 @@ def main():
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of {args.iters}")
-    print(f"{'mode':>44} {'data ms':>8} {'train ms':>9} {'metrics':>8} {'step ms':>8} {'tok/s':>9} {'x dense':>8}"
-          f" {'x graphed dense':>15}")
+    print(f"{'mode':>44} {'data ms':>8} {'train ms':>9} {'host ms':>8} {'metrics':>8} {'step ms':>8} {'tok/s':>9}"
+          f" {'x dense':>8} {'x graphed dense':>15}")
     for r in results:
         f = (lambda k, fmt=".1f": f"{r[k]:{fmt}}" if k in r else "-")
-        print(f"{r['mode']:>44} {f('data_ms'):>8} {f('train_ms'):>9} {f('metrics_ms'):>8} {r['step_ms']:>8.1f} "
+        print(f"{r['mode']:>44} {f('data_ms'):>8} {f('train_ms'):>9} {f('train_host_ms'):>8} {f('metrics_ms'):>8} "
+              f"{r['step_ms']:>8.1f} "
               f"{r['tokens_per_s']:>9.0f} {r['speedup_vs_dense']:>8.2f} {f('speedup_vs_dense_step_graph', '.2f'):>15}")
 
 

@@ -125,8 +125,9 @@ class DSVConfig:
     to run the shape, cuDNN frontend's; reference elsewhere), 'triton', 'cudnn' or 'reference'.
     Selection always runs our kernels (Triton on GPU)."""
     cuda_graphs: bool = True
-    """Replay a stage-2 layer's selection + sparse attention (forward and backward) from CUDA graphs when
-    its query holds at most 2**25 elements: short sequences are bound by launch time (layers/graphed.py)."""
+    """Replay a stage-2 layer's selection + sparse attention (forward and backward), and a stage-1 layer's
+    predictor training, from CUDA graphs when its query holds at most 2**25 elements: short sequences are
+    bound by launch time (layers/graphed.py, layers/graphed_upkeep.py)."""
     cp_head_parallel_size: Optional[int] = None
     """Context parallel: U ranks for head all-to-all (None: chosen by the planner)."""
     cp_replan_interval: int = 100

@@ -377,10 +377,12 @@ def test_step_bench_smoke(tmp_path):
                            str(out), "--trace", str(tmp_path / "trace")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
-    assert [r["mode"] for r in res] == ["dense", "dsv-stage1", "dsv-stage1 profile", "dsv-stage2",
+    assert [r["mode"] for r in res] == ["dense", "dsv-stage1", "dsv-stage1, no CUDA graphs", "dsv-stage1 profile",
+                                        "dsv-stage2",
                                         "dsv-stage2, no CUDA graphs", "dsv-profile", "dsv-stage1 (1 profile in 20)",
                                         "dsv-stage2 (1 profile in 50)"]
     assert all(r["step_ms"] > 0 for r in res)
+    assert all(0 < r["train_host_ms"] <= r["train_ms"] for r in res if "train_ms" in r)
     assert all((tmp_path / "trace" / f"{arm}_host_ops.txt").stat().st_size > 0
                for arm in ("dense", "dsv", "stage1", "profile", "stage1_profile"))
 

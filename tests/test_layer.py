@@ -597,6 +597,32 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
     assert layers[0].predictor.wq.equal(layers[1].predictor.wq)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
+def test_graphed_predictor_training_matches_eager(megatron_parallel):
+    """Eager stage-1 steps whose predictor training is replayed from a CUDA graph (graphed_upkeep.py) leave
+    the predictor, its Adam moments and the controller's state bit for bit as eager training does, with
+    profile steps (eager) in between and keys sliced from a fused projection (strided)."""
+    cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, sample_stride=4, stage1_min_steps=100,
+                    stage1_max_steps=100, profile_interval_stage1=5)
+    layers = [core(c, heads=4, d=64).cuda() for c in (cfg, cfg.replace(cuda_graphs=False))]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        qkv = torch.randn(1024, 2, 4, 3 * 64, generator=gen).cuda().bfloat16()
+        grad = torch.randn(1024, 2, 256, generator=gen).cuda().bfloat16()
+        for layer in layers:
+            fused = qkv.clone().requires_grad_()
+            layer(*fused.split(64, dim=-1), None).backward(grad)
+        states = [{**layer.predictor.state_dict(), **layer.controller.state_dict()} for layer in layers]
+        for name, want in states[1].items():
+            torch.testing.assert_close(states[0][name], want, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+    # Steps 0, 5 and 10 profile (eagerly); the other nine share one key: captured at the third, replayed since.
+    upkeep = layers[0].graphed_upkeep
+    assert upkeep._seen == 9 and upkeep._graph is not None
+    assert layers[1].graphed_upkeep._seen == 0
+    assert int(layers[0].controller.step) == 12 and not layers[0].controller.in_stage2
+
+
 def test_unsupported_head_dim_fails_when_the_layer_is_built(megatron_parallel):
     """A head dim the Triton kernels lack fails at construction, not at the first stage-2 step."""
     with pytest.raises(NotImplementedError, match="head dims"):

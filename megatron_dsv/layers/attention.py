@@ -33,6 +33,7 @@ from .context_parallel import LayerContextParallel
 from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
+from .graphed_upkeep import GraphedUpkeep
 from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
@@ -201,6 +202,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.timer = ForwardTimer()
         self.dispatch = CostDispatch(self.cfg)
         self.graphed = GraphedSparseAttention()
+        self.graphed_upkeep = GraphedUpkeep()
         self.dp_group = (pg_collection.dp_cp if pg_collection is not None and hasattr(pg_collection, "dp_cp")
                          else parallel_state.get_data_parallel_group(with_context_parallel=True)
                          if parallel_state.model_parallel_is_initialized() else None)
@@ -490,12 +492,26 @@ class DSVDotProductAttention(_CoreAttention):
                 # copy it to the device, which a captured step cannot.
                 selection = self._select(q, k, self._clip_budgets(segments)[heads], some_heads, segments, q_start,
                                          cached_weights=not self.in_step_graph)
-        stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
+        if (train and not profile and some_heads is None and segments is None and self.cfg.cuda_graphs
+                and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed_upkeep.fits(q)
+                and self.controller.step.device == q.device):
+            stats = self._graphed_rows_step(q, k)
+        else:
+            stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
         self._reduce_replicas(stats)
         if self.in_step_graph:
             self.graph_stats = stats
         else:
             self._pending = stats
+
+    def _graphed_rows_step(self, q, k) -> dict:
+        """_sampled_rows_step's predictor loss and gradients at a plain eager training step (all heads, one
+        sequence, no profile), replayed from this layer's CUDA graph (graphed_upkeep.py)."""
+        pred, heads = self.predictor, list(range(self.heads))
+        key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), q.dtype,
+               self._sample_plan(0, q.shape[0], 0, k.shape[0]), pred.wq.data_ptr(), pred.wk.data_ptr(),
+               self.controller.step.data_ptr())
+        return self.graphed_upkeep(key, lambda q_, k_: self._sampled_rows_step(q_, k_, heads, None, True), q, k)
 
     def commit(self) -> None:
         """Apply the update staged by the last backward: predictor step, profile, step count.

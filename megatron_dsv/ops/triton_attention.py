@@ -199,15 +199,15 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
         row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
                                   VARLEN)
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)   # unscaled: the scale goes into the exponent's FMA
         if MASK_KV:
             s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)   # the scale is positive: max(c s) = c max(s)
         m_ref = m_new
         if VARLEN:  # no valid key so far (blocks of length 0): exp2 of (-inf) - (-inf) would be NaN
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s * qk_scale2 - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)

@@ -1,0 +1,111 @@
+"""Eager training steps of the example, dense against DSV stage 1, interleaved step by step.
+
+bench/step.py times its arms one after another, each for ~10 steps. Eager steps of a small model
+depend on how fast the host launches, and a shared host's speed drifts within a minute: in one run
+eager dense took 119 ms, in the next 104 ms (bench/results/step_h200/s12). Here every round runs one
+step of each arm, in turn, so a drift reaches all arms alike; the medians over the rounds are
+compared. Arms (the `small` model, 16k tokens x batch 2, as bench/step.py builds it):
+
+  dense                        SDPADotProductAttention, eager
+  dsv-stage1                   DSV in stage 1 (dense attention + predictor training), eager: the
+                               predictor's training replayed from a per-layer CUDA graph
+  dsv-stage1, no CUDA graphs   the same with DSVConfig.cuda_graphs off (launched op by op)
+  dense / dsv-stage1, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
+
+After the rounds, one step of each eager DSV arm runs under torch.cuda.set_sync_debug_mode("warn"):
+every host sync it makes is listed (a sync empties the launch queue and leaves the GPU waiting for
+the host). Prints a table last; --json writes it with the device name.
+
+    python bench/eager_ab.py --json bench/results/step_h200/s12/eager_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+
+from step import Trainer, init_single_process, set_state, DSVConfig, PRESETS  # noqa: E402 (bench/ is on the path)
+
+
+def syncs_of_one_step(trainer) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] + " @ " + f"{w.filename}:{w.lineno}" for w in caught
+            if "synchroniz" in str(w.message)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", choices=sorted(PRESETS))
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--data", default="images", choices=["shapes", "images"])
+    p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/eager_ab.py needs a GPU")
+    device = torch.device("cuda")
+    init_single_process(device)
+    dit = PRESETS[args.model]
+    tokens = dit.num_tokens * args.micro_batch_size
+    # Stage 1 for good, no profile steps (as bench/step.py's dsv-stage1 arm).
+    stage1 = DSVConfig(loss_threshold=0.0, stage1_max_steps=1 << 40, profile_interval_stage1=1 << 30)
+    arms = {"dense": Trainer(dit, None, args, device),
+            "dsv-stage1": Trainer(dit, stage1, args, device),
+            "dsv-stage1, no CUDA graphs": Trainer(dit, stage1.replace(cuda_graphs=False), args, device),
+            "dense, step graph": Trainer(dit, None, args, device, step_graph=True),
+            "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True)}
+    for trainer in arms.values():
+        if trainer.dsv:
+            set_state(trainer.layers, stage=1, step=1)
+        for _ in range(args.warmup):
+            trainer.step()
+    times = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name, trainer in arms.items():
+            times[name].append(trainer.step())
+    syncs = {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")}
+    rows = []
+    for name, parts in times.items():
+        train = statistics.median(t[1] + t[2] for t in parts)   # train + metrics, as bench/step.py's step ms
+        host = statistics.median(t[3] for t in parts)
+        rows.append({"mode": name, "step_ms": train, "train_host_ms": host, "tokens_per_s": tokens / (train * 1e-3),
+                     "step_ms_quartiles": statistics.quantiles([t[1] + t[2] for t in parts], n=4)})
+    dense = rows[0]["step_ms"]
+    graphed_dense = next(r["step_ms"] for r in rows if r["mode"] == "dense, step graph")
+    for r in rows:
+        r["speedup_vs_dense"] = dense / r["step_ms"]
+        r["speedup_vs_dense_step_graph"] = graphed_dense / r["step_ms"]
+    name = torch.cuda.get_device_name()
+    out = {"device": name, "torch": torch.__version__, "model": args.model, "tokens_per_step": tokens,
+           "rounds": args.rounds, "results": rows, "syncs_in_one_step": syncs}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    for arm, found in syncs.items():
+        print(f"host syncs in one eager step, {arm}: {len(found)}")
+        for line in found[:8]:
+            print("   ", line)
+    print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'mode':>28} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'x graphed dense':>15}")
+    for r in rows:
+        q1, _, q3 = r["step_ms_quartiles"]
+        print(f"{r['mode']:>28} {r['step_ms']:>8.1f} {q1:>6.1f}-{q3:<6.1f} {r['train_host_ms']:>8.1f} "
+              f"{r['speedup_vs_dense']:>8.2f} {r['speedup_vs_dense_step_graph']:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
