@@ -79,10 +79,10 @@ def main():
     syncs = {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")}
     rows = []
     for name, parts in times.items():
-        train = statistics.median(t[1] + t[2] for t in parts)   # train + metrics, as bench/step.py's step ms
+        train = statistics.median(t[1] for t in parts)   # bench/step.py's step ms
         host = statistics.median(t[3] for t in parts)
         rows.append({"mode": name, "step_ms": train, "train_host_ms": host, "tokens_per_s": tokens / (train * 1e-3),
-                     "step_ms_quartiles": statistics.quantiles([t[1] + t[2] for t in parts], n=4)})
+                     "step_ms_quartiles": statistics.quantiles([t[1] for t in parts], n=4)})
     dense = rows[0]["step_ms"]
     graphed_dense = next(r["step_ms"] for r in rows if r["mode"] == "dense, step graph")
     for r in rows:

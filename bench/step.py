@@ -5,10 +5,12 @@ fused tails, as `examples/pretrain_video_dit.py` trains it) and times, with the 
 around each part, what the example's training loop does every step:
 
   data      drawing the batch on the host and copying it to the device
-  train     forward + backward + optimizer step (synchronised at the end); its host part (until the
-            work is launched, before the wait for the loss) is reported as "host ms": an arm whose host
-            ms is close to its train ms is bound by host time, not by the GPU
-  metrics   dsv_metrics(model) (the example reads it every step)
+  train     forward + backward + optimizer step + reading dsv_metrics(model), synchronised at the end
+            (the example reads the metrics every step, while the device still runs the step); its host
+            part (until the work is launched and the metrics read, before the wait for the loss) is
+            reported as "host ms": an arm whose host ms is close to its train ms is bound by host time,
+            not by the GPU
+  metrics   the host time of the metrics read, within train
 
 for these modes, in one process:
 
@@ -27,7 +29,7 @@ DSV runs with DSVConfig's defaults (dispatch included: on the GPU a layer runs s
 that measured faster at its shape), except that every head's budget is --density (the theta rule
 fed that sparsity; under the default compute-target policy, the density it anneals to).
 
-Step time and throughput count train and metrics (data is reported, not counted: see record), and
+Step time and throughput count train (data is reported, not counted: see record), and
 each stage's steps with its profile step amortised over DSVConfig's profile interval of that stage.
 With --trace, torch.profiler tables (top host and device ops) of one step each of dense, stage 1,
 plain stage 2 and profiling (stage 1 and stage 2), and with --step-graph of each of them graphed,
@@ -102,7 +104,7 @@ class Trainer:
         self.n = 0
 
     def step(self):
-        """One step of the example's loop; returns (data, train, metrics, host part of train) milliseconds."""
+        """One step of the example's loop; returns (data, train, metrics read, host part of train) milliseconds."""
         dev, args = self.device, self.args
         sync(dev)
         t0 = time.perf_counter()
@@ -125,14 +127,14 @@ class Trainer:
         self.opt.step()
         if self.master:
             self.master.master_to_params()
+        t_read = time.perf_counter()
+        if self.dsv:
+            dsv_metrics(self.layers)
         t_host = time.perf_counter()
         float(loss.detach())
         t2 = time.perf_counter()
-        if self.dsv:
-            dsv_metrics(self.layers)
-        t3 = time.perf_counter()
         self.n += 1
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t_host - t1) * 1e3
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t_host - t_read) * 1e3, (t_host - t1) * 1e3
 
     def timed(self, iters, before=None):
         parts = []
@@ -144,13 +146,12 @@ class Trainer:
 
 
 def record(mode, parts, tokens, **extra):
-    """step ms = train + metrics. The data part (drawing the batch on the host) is the same work in
+    """step ms = train (which holds the metrics read). The data part (drawing the batch on the host) is the same work in
     every arm and is left out: on a busy host its median moved between 8 and 217 ms from arm to arm
     in one run (2026-11-30, H200), more than the differences measured."""
     data, train, metrics, host = parts
-    total = train + metrics
-    return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": total,
-            "train_host_ms": host, "tokens_per_s": tokens / (total * 1e-3), **extra}
+    return {"mode": mode, "data_ms": data, "train_ms": train, "metrics_ms": metrics, "step_ms": train,
+            "train_host_ms": host, "tokens_per_s": tokens / (train * 1e-3), **extra}
 
 
 # The trace files of the step-graph arms.
