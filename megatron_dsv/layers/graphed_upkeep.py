@@ -1,11 +1,11 @@
 """The predictor's training work of one layer at an eager stage-1 step, replayed from a CUDA graph.
 
 In stage 1 a layer runs dense attention and, in its backward, trains the predictor on sampled query
-rows (LowRankPredictor.gram_loss): a Gram product over the keys and some thirty small kernels with
-their Python, ~0.06 ms of GPU time per layer at 16k tokens but several times that in host time. A
-small model's eager step is bound by host time (bench/step.py: `small` at 16k runs its eager stage-2
-step, 49 ms of GPU work, in 95 ms), so that host time lengthens the step one for one. Replayed from a
-graph, the work costs two input copies and one launch.
+rows (LowRankPredictor.gram_loss): a Gram product over the keys and a few dozen small launches with
+their Python, ~0.06 ms of GPU time per layer at 16k tokens but several times that in host time.
+Replayed from a graph, the work costs two input copies and one launch: for `small`'s 8 layers 6-14 ms
+less host time per eager step (bench/eager_ab.py), which makes a step bound by host time (16k tokens
+x batch 1) 5% faster; at batch 2 the GPU's ~100 ms of work hides most of it.
 
 Only the plain training step is graphed: the same shapes every step, all heads, no packed clips and
 no profile (a profile step, one in profile_interval_stage1, runs eagerly). The sampled rows follow
