@@ -12,9 +12,10 @@ compared. Arms (the `small` model, 16k tokens x batch 2, as bench/step.py builds
   dsv-stage1, no CUDA graphs   the same with DSVConfig.cuda_graphs off (launched op by op)
   dense / dsv-stage1, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
 
-After the rounds, one step of each eager DSV arm runs under torch.cuda.set_sync_debug_mode("warn"):
-every host sync it makes is listed (a sync empties the launch queue and leaves the GPU waiting for
-the host). Prints a table last; --json writes it with the device name.
+After the rounds, one step of each eager arm runs under torch.cuda.set_sync_debug_mode("warn"): the
+host syncs that mode reports are listed (a sync empties the launch queue and leaves the GPU waiting
+for the host; waits on CUDA events, e.g. dsv_metrics' on the forward's timing events, are not
+reported). Prints a table last; --json writes it with the device name.
 
     python bench/eager_ab.py --json bench/results/step_h200/s12/eager_ab.json
 """

@@ -6,11 +6,13 @@ around each part, what the example's training loop does every step:
 
   data      drawing the batch on the host and copying it to the device
   train     forward + backward + optimizer step + reading dsv_metrics(model), synchronised at the end
-            (the example reads the metrics every step, while the device still runs the step); its host
-            part (until the work is launched and the metrics read, before the wait for the loss) is
-            reported as "host ms": an arm whose host ms is close to its train ms is bound by host time,
-            not by the GPU
-  metrics   the host time of the metrics read, within train
+            (the example reads the metrics every step, while the device still runs the step); its part
+            until the work is launched and the metrics read, before the wait for the loss, is reported
+            as "host ms": an arm whose host ms is close to its train ms is bound by host time, not by the
+            GPU. The read waits for the forward's timing events (eager steps; long done by then) and, at
+            a profile step, for the profile's copy to the host, i.e. for the step's end: there host ms
+            includes the device's time
+  metrics   the time of the metrics read, within train
 
 for these modes, in one process:
 

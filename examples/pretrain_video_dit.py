@@ -423,7 +423,8 @@ def main(argv=None):
         if master:
             master.master_to_params()
         # Read while the device still runs the step: after the sync below the read's host time (~0.4 ms for
-        # 8 layers) would add to the step (bench/step.py).
+        # 8 layers) would add to the step (bench/step.py). It waits only for the forward's timing events
+        # and, at a profile step, for the profile's copy to the host (the step's end).
         metrics = dsv_metrics(dsv) if dsv_cfg else None
         loss_value = float(loss.detach())  # syncs the device
         step_s = time.time() - t0

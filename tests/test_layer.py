@@ -598,13 +598,17 @@ def test_graphed_sparse_attention_matches_eager(megatron_parallel):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need the GPU")
-def test_graphed_predictor_training_matches_eager(megatron_parallel):
+def test_graphed_predictor_training_matches_eager(megatron_parallel, monkeypatch):
     """Eager stage-1 steps whose predictor training is replayed from a CUDA graph (graphed_upkeep.py) leave
     the predictor, its Adam moments and the controller's state bit for bit as eager training does, with
     profile steps (eager) in between and keys sliced from a fused projection (strided)."""
     cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, sample_stride=4, stage1_min_steps=100,
                     stage1_max_steps=100, profile_interval_stage1=5)
     layers = [core(c, heads=4, d=64).cuda() for c in (cfg, cfg.replace(cuda_graphs=False))]
+    from megatron_dsv.layers import graphed_upkeep as gu
+
+    captures, capture = [], gu.GraphedUpkeep._capture
+    monkeypatch.setattr(gu.GraphedUpkeep, "_capture", staticmethod(lambda *a: captures.append(1) or capture(*a)))
     gen = torch.Generator().manual_seed(0)
     for step in range(12):
         qkv = torch.randn(1024, 2, 4, 3 * 64, generator=gen).cuda().bfloat16()
@@ -617,9 +621,8 @@ def test_graphed_predictor_training_matches_eager(megatron_parallel):
             torch.testing.assert_close(states[0][name], want, rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"step {step}, {name}: {m}")
     # Steps 0, 5 and 10 profile (eagerly); the other nine share one key: captured at the third, replayed since.
-    upkeep = layers[0].graphed_upkeep
-    assert upkeep._seen == 9 and upkeep._graph is not None
-    assert layers[1].graphed_upkeep._seen == 0
+    assert len(captures) == 1 and len(layers[0].graphed_upkeep._graphs) == 1
+    assert not layers[1].graphed_upkeep._graphs and not layers[1].graphed_upkeep._seen
     assert int(layers[0].controller.step) == 12 and not layers[0].controller.in_stage2
 
 
@@ -644,6 +647,106 @@ def test_backward_schedule_follows_config_and_megatron_deterministic_mode(megatr
     q, k, v = (torch.randn(64, 1, 2, 32) for _ in range(3))
     layer._sparse_attention(q, k, v, layer._select(q, k, [1, 2]))
     assert seen == [expected]
+
+
+class _FakeGraph:
+    """What a CUDA graph's replay does, on CPU: the captured work again, on the static inputs, into the same
+    output tensors."""
+
+    def __init__(self, fn, inputs, out):
+        self.fn, self.inputs, self.out = fn, inputs, out
+
+    def replay(self):
+        for name, val in self.fn(*self.inputs).items():
+            self.out[name].copy_(val)
+
+
+def _fake_upkeep_capture(monkeypatch, captures: list) -> None:
+    from megatron_dsv.layers import graphed_upkeep as gu
+
+    def capture(fn, q, k):
+        captures.append(fn)
+        inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t) for t in (q, k))
+        out = fn(*inputs)
+        return inputs, _FakeGraph(fn, inputs, out), out
+
+    monkeypatch.setattr(gu.GraphedUpkeep, "_capture", staticmethod(capture))
+
+
+def test_graphed_upkeep_keys_captures_and_releases(monkeypatch):
+    """GraphedUpkeep's bookkeeping, with the CUDA capture replaced by one that replays on CPU: a key is captured
+    at its STABLE_CALLS-th call, also when two keys alternate (a sample plan that changes with the step), and
+    never again; each call copies its inputs into the static buffers and returns what fn gives on them; at most
+    MAX_GRAPHS keys keep a graph (the least recently used goes); release() frees all."""
+    from megatron_dsv.layers import graphed_upkeep as gu
+
+    captures = []
+    _fake_upkeep_capture(monkeypatch, captures)
+    upkeep = gu.GraphedUpkeep()
+    fn = lambda q, k: {"s": (q * k).sum(0, keepdim=True), "m": q.max(0, keepdim=True).values}  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    for call in range(12):
+        q, k = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+        got = upkeep(("plan", call % 2), fn, q, k)
+        want = fn(q, k)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), call
+        assert len(captures) == (0 if call < 2 * gu.STABLE_CALLS - 2 else 1 if call == 2 * gu.STABLE_CALLS - 2 else 2)
+    for key in range(gu.MAX_GRAPHS):   # MAX_GRAPHS more keys: the two plans' graphs are the oldest and go
+        for _ in range(gu.STABLE_CALLS):
+            upkeep(("shape", key), fn, q, k)
+    assert list(upkeep._graphs) == [("shape", key) for key in range(gu.MAX_GRAPHS)]
+    upkeep.release()
+    assert not upkeep._graphs and not upkeep._seen
+
+
+def test_graphed_upkeep_path_trains_the_predictor_as_eager_steps(megatron_parallel, monkeypatch):
+    """The layer's use of the graphed upkeep, on CPU with replays simulated (the real capture is checked on the
+    GPU: test_graphed_predictor_training_matches_eager): over stage-1 steps with a profile step in between and
+    keys sliced from a fused projection, a layer that replays its upkeep keeps predictor, Adam moments and
+    controller equal to eager training's, so nothing holds a replay's outputs past the next replay."""
+    from megatron_dsv.layers import graphed_upkeep as gu
+
+    captures = []
+    _fake_upkeep_capture(monkeypatch, captures)
+    monkeypatch.setattr(gu.GraphedUpkeep, "fits", staticmethod(lambda q: True))
+    cfg = DSVConfig(**{**SMALL, "sample_stride": 2}, stage1_min_steps=100, stage1_max_steps=100,
+                    profile_interval_stage1=5)
+    layers = [core(c) for c in (cfg, cfg.replace(cuda_graphs=False))]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(9):
+        qkv = torch.randn(160, 1, 2, 3 * 32, generator=gen)   # 5 query blocks: the sample plan alternates
+        for layer in layers:
+            fused = qkv.clone().requires_grad_()
+            layer(*fused.split(32, dim=-1), None).square().mean().backward()
+        states = [{**layer.predictor.state_dict(), **layer.controller.state_dict()} for layer in layers]
+        for name, want in states[1].items():
+            torch.testing.assert_close(states[0][name], want, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+    # Profiles at steps 0 and 5; the others alternate between 3 and 2 sampled cubes: two keys, captured once each.
+    assert len(captures) == 2 and len(layers[0].graphed_upkeep._graphs) == 2
+    assert not layers[1].graphed_upkeep._graphs
+
+
+def test_layer_releases_its_upkeep_graphs_when_they_cannot_replay(megatron_parallel):
+    """The eager upkeep's graphs are freed once the layer is in stage 2 (the predictor then trains only at
+    profile steps, which run eagerly) and when a whole training step is captured (step_graph.capturing)."""
+    from megatron_dsv.layers.step_graph import capturing
+
+    def layer_holding_a_graph(**kw):
+        layer = core(DSVConfig(**SMALL, stage1_min_steps=2, stage1_max_steps=2, **kw))
+        layer.graphed_upkeep._graphs["key"] = ("static inputs", "graph", {})
+        return layer
+
+    layer = layer_holding_a_graph()
+    q, k, v = (torch.randn(128, 1, 2, 32) for _ in range(3))
+    train_steps(layer, [(q, k, v)])
+    assert layer.graphed_upkeep._graphs and not layer.controller.in_stage2   # stage 1: kept
+    train_steps(layer, [(q, k, v)])
+    assert layer.controller.in_stage2 and not layer.graphed_upkeep._graphs
+    layer = layer_holding_a_graph()
+    train_steps(layer, [(q, k, v)])   # a first step: capturing() needs the shape of the last one
+    with capturing(layer):
+        assert not layer.graphed_upkeep._graphs
 
 
 def test_dropped_graphs_are_collected(monkeypatch):

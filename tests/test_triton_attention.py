@@ -27,3 +27,18 @@ def test_passes_keep_each_span_within_the_l2_share(monkeypatch):
     assert ta._passes(3, 64, 128, 2, gpu) == 1                 # 3 blocks: 96 KB
     assert ta._passes(2, 1 << 20, 128, 2, gpu) == 2            # never more passes than blocks
     assert ta._passes(4096, 64, 128, 2, torch.device("cpu")) == 1
+
+
+def test_forward_kernel_needs_a_positive_scale():
+    """The forward kernel takes each row's max before scaling (max(c s) = c max(s) holds for c > 0 only): its
+    wrapper refuses other scales, also where a caller skips block_sparse_attention's checks."""
+    import pytest
+    import torch
+
+    from megatron_dsv.ops import triton_attention as ta
+
+    q = torch.zeros(1, 64, 1, 32)
+    idx, cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+    for scale in (0.0, -0.125, float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            ta._forward(q, q, q, idx, cnt, None, None, 64, 64, scale, "bshd")

@@ -492,9 +492,9 @@ class DSVDotProductAttention(_CoreAttention):
                 # copy it to the device, which a captured step cannot.
                 selection = self._select(q, k, self._clip_budgets(segments)[heads], some_heads, segments, q_start,
                                          cached_weights=not self.in_step_graph)
-        if (train and not profile and some_heads is None and segments is None and self.cfg.cuda_graphs
-                and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed_upkeep.fits(q)
-                and self.controller.step.device == q.device):
+        plain = train and not profile and some_heads is None and segments is None and q_start == 0
+        if (plain and self.cfg.cuda_graphs and not self.in_step_graph and not torch.compiler.is_compiling()
+                and self.graphed_upkeep.fits(q) and self.controller.step.device == q.device):
             stats = self._graphed_rows_step(q, k)
         else:
             stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
@@ -531,6 +531,8 @@ class DSVDotProductAttention(_CoreAttention):
         if "recall" in stats:
             ctl.record_profile(stats)
         ctl.end_step()
+        if ctl.in_stage2:   # stage 2 trains the predictor only at profile steps, which run eagerly
+            self.graphed_upkeep.release()
 
     def replayed(self, stats: Optional[dict]) -> None:
         """The bookkeeping of a training step replayed from a step graph: commit what an eager pass left,

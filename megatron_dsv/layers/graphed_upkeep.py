@@ -11,59 +11,74 @@ Only the plain training step is graphed: the same shapes every step, all heads, 
 no profile (a profile step, one in profile_interval_stage1, runs eagerly). The sampled rows follow
 the controller's step counter on the device, and the predictor's weights are read from their
 parameters, updated in place, so neither needs a recapture. A graph is captured for a key once it has
-been met STABLE_CALLS times in a row; a new key drops it (as in graphed.py). Its outputs are static
-tensors: the layer commits them at the end of the backward pass, before the next replay.
+been met STABLE_CALLS times; up to MAX_GRAPHS keys keep theirs, since a sequence whose query blocks are
+not a multiple of the sample stride alternates between two sample plans. Its outputs are static
+tensors: the layer consumes them (_reduce_replicas makes new ones) before the next replay. The layer
+releases the graphs once they can no longer replay (stage 2, or a whole step captured).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections import OrderedDict
+from typing import Callable, Dict
 
 import torch
 
 from .graphed import MAX_ELEMENTS, STABLE_CALLS
 
+MAX_GRAPHS = 4
+
 
 class GraphedUpkeep:
     def __init__(self):
-        self._key = None
-        self._seen = 0
-        self._graph: Optional[torch.cuda.CUDAGraph] = None
-        self._inputs = ()
-        self._out: dict = {}
+        self._seen: Dict[tuple, int] = {}
+        self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()   # key -> (static inputs, graph, outputs)
 
     @staticmethod
     def fits(q: torch.Tensor) -> bool:
         return q.is_cuda and q.numel() <= MAX_ELEMENTS and not torch.cuda.is_current_stream_capturing()
 
     def __call__(self, key: tuple, fn: Callable[..., dict], q: torch.Tensor, k: torch.Tensor) -> dict:
-        """fn(q, k) -> {name: tensor} (no side effects), replayed from a graph once `key` is stable."""
-        if key != self._key:   # (a plain CUDAGraph holds no reference cycle: dropping it frees its pool)
-            self._key, self._seen, self._graph, self._inputs, self._out = key, 0, None, (), {}
-        self._seen += 1
-        if self._graph is None and self._seen < STABLE_CALLS:
-            return fn(q, k)
-        if self._graph is None:
-            self._capture(fn, q, k)
-        for static, t in zip(self._inputs, (q, k)):
+        """fn(q, k) -> {name: tensor} (no side effects), replayed from a graph once `key` has been met
+        STABLE_CALLS times; eagerly before."""
+        if key not in self._graphs:
+            if len(self._seen) > 16 * MAX_GRAPHS:   # keys met once or twice (other shapes) are not kept for good
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < STABLE_CALLS:
+                return fn(q, k)
+            del self._seen[key]
+            self._graphs[key] = self._capture(fn, q, k)
+            if len(self._graphs) > MAX_GRAPHS:   # (a plain CUDAGraph holds no reference cycle: dropping it frees its pool)
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        inputs, graph, out = self._graphs[key]
+        for static, t in zip(inputs, (q, k)):
             static.copy_(t)
-        self._graph.replay()
-        return dict(self._out)
+        graph.replay()
+        return dict(out)
 
-    def _capture(self, fn, q, k) -> None:
+    def release(self) -> None:
+        """Free every graph and its memory (static inputs, pool)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+    @staticmethod
+    def _capture(fn, q, k) -> tuple:
         # Same strides as the inputs (e.g. slices of a fused QKV projection), so the capture takes the path
-        # an eager call takes on them (key_gram's parts).
-        self._inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                             for t in (q, k))
+        # an eager call takes on them (key_gram's parts) and gives its results bit for bit. A slice keeps
+        # its projection's footprint (3x for a slice of a fused QKV); rotary embeddings leave q and k packed.
+        inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                       for t in (q, k))
         # A warm-up on the capture's stream first: libraries set up per-stream state (cuBLAS workspaces) there.
         stream = torch.cuda.Stream(q.device)
         stream.wait_stream(torch.cuda.current_stream(q.device))
         with torch.cuda.stream(stream):
-            fn(*self._inputs)
+            fn(*inputs)
         torch.cuda.current_stream(q.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture runs on the autograd engine's thread, while the thread that called
         # backward() waits.
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            self._out = fn(*self._inputs)
-        self._graph = graph
+            out = fn(*inputs)
+        return inputs, graph, out

@@ -75,6 +75,7 @@ def capturing(model) -> Iterator[CapturedStep]:
                                f"it; run that step eagerly")
         layer.in_step_graph = True
         layer.graph_stats = None
+        layer.graphed_upkeep.release()   # the graphs of its eager steps' upkeep: captured steps replace them
     captured = CapturedStep(layers)
     try:
         yield captured

@@ -525,6 +525,8 @@ def _kv_passes(kv_idx, kv_cnt, s_kv, block_kv, k):
 
 
 def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, layout):
+    if not scale > 0:   # the kernel takes each row's max before scaling: max(c s) = c max(s) needs c > 0
+        raise ValueError(f"the softmax scale must be positive, got {scale!r}")
     b, s_q, h, d = split_dims(q, layout)
     s_kv = split_dims(k, layout)[1]
     n_q = kv_idx.shape[2]
