@@ -18,6 +18,7 @@ for the host; waits on CUDA events, e.g. dsv_metrics' on the forward's timing ev
 reported). Prints a table last; --json writes it with the device name.
 
     python bench/eager_ab.py --json bench/results/step_h200/s12/eager_ab.json
+    python bench/eager_ab.py --smoke    # CPU, tiny shapes, eager arms only: checks the script
 """
 
 from __future__ import annotations
@@ -54,20 +55,27 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager arms only: checks the script")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/eager_ab.py needs a GPU")
-    device = torch.device("cuda")
+    if not (args.smoke or torch.cuda.is_available()):
+        raise SystemExit("bench/eager_ab.py needs a GPU (use --smoke to check the script on CPU)")
+    device = torch.device("cpu" if args.smoke else "cuda")
     init_single_process(device)
     dit = PRESETS[args.model]
-    tokens = dit.num_tokens * args.micro_batch_size
     # Stage 1 for good, no profile steps (as bench/step.py's dsv-stage1 arm).
     stage1 = DSVConfig(loss_threshold=0.0, stage1_max_steps=1 << 40, profile_interval_stage1=1 << 30)
+    if args.smoke:   # bench/step.py's smoke shapes
+        args.model, args.warmup, args.rounds, args.data = "tiny", 1, 2, "shapes"
+        dit = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
+        stage1 = stage1.replace(block_q=32, block_kv=32, cube=(2, 4, 4))
+        args.cube = list(stage1.cube)
+    tokens = dit.num_tokens * args.micro_batch_size
     arms = {"dense": Trainer(dit, None, args, device),
             "dsv-stage1": Trainer(dit, stage1, args, device),
-            "dsv-stage1, no CUDA graphs": Trainer(dit, stage1.replace(cuda_graphs=False), args, device),
-            "dense, step graph": Trainer(dit, None, args, device, step_graph=True),
-            "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True)}
+            "dsv-stage1, no CUDA graphs": Trainer(dit, stage1.replace(cuda_graphs=False), args, device)}
+    if not args.smoke:   # step graphs need the GPU
+        arms.update({"dense, step graph": Trainer(dit, None, args, device, step_graph=True),
+                     "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True)})
     for trainer in arms.values():
         if trainer.dsv:
             set_state(trainer.layers, stage=1, step=1)
@@ -77,7 +85,8 @@ def main():
     for _ in range(args.rounds):
         for name, trainer in arms.items():
             times[name].append(trainer.step())
-    syncs = {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")}
+    syncs = ({} if args.smoke else
+             {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")})
     rows = []
     for name, parts in times.items():
         train = statistics.median(t[1] for t in parts)   # bench/step.py's step ms
@@ -85,11 +94,12 @@ def main():
         rows.append({"mode": name, "step_ms": train, "train_host_ms": host, "tokens_per_s": tokens / (train * 1e-3),
                      "step_ms_quartiles": statistics.quantiles([t[1] for t in parts], n=4)})
     dense = rows[0]["step_ms"]
-    graphed_dense = next(r["step_ms"] for r in rows if r["mode"] == "dense, step graph")
+    graphed_dense = next((r["step_ms"] for r in rows if r["mode"] == "dense, step graph"), None)
     for r in rows:
         r["speedup_vs_dense"] = dense / r["step_ms"]
-        r["speedup_vs_dense_step_graph"] = graphed_dense / r["step_ms"]
-    name = torch.cuda.get_device_name()
+        if graphed_dense:
+            r["speedup_vs_dense_step_graph"] = graphed_dense / r["step_ms"]
+    name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     out = {"device": name, "torch": torch.__version__, "model": args.model, "tokens_per_step": tokens,
            "rounds": args.rounds, "results": rows, "syncs_in_one_step": syncs}
     if args.json:
@@ -104,8 +114,9 @@ def main():
     print(f"{'mode':>28} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'x graphed dense':>15}")
     for r in rows:
         q1, _, q3 = r["step_ms_quartiles"]
+        graphed = f"{r['speedup_vs_dense_step_graph']:.2f}" if graphed_dense else "-"
         print(f"{r['mode']:>28} {r['step_ms']:>8.1f} {q1:>6.1f}-{q3:<6.1f} {r['train_host_ms']:>8.1f} "
-              f"{r['speedup_vs_dense']:>8.2f} {r['speedup_vs_dense_step_graph']:>15.2f}")
+              f"{r['speedup_vs_dense']:>8.2f} {graphed:>15}")
 
 
 if __name__ == "__main__":

@@ -387,6 +387,20 @@ def test_step_bench_smoke(tmp_path):
                for arm in ("dense", "dsv", "stage1", "profile", "stage1_profile"))
 
 
+def test_eager_ab_bench_smoke(tmp_path):
+    """bench/eager_ab.py runs its eager arms interleaved (CPU, tiny shapes) and writes its JSON; timings mean
+    nothing here."""
+    import json
+
+    out = tmp_path / "eager_ab.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "eager_ab.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["results"]] == ["dense", "dsv-stage1", "dsv-stage1, no CUDA graphs"]
+    assert all(0 < r["train_host_ms"] <= r["step_ms"] and len(r["step_ms_quartiles"]) == 3 for r in res["results"])
+
+
 def test_cp_bench_smoke(tmp_path):
     """bench/cp_bench.py runs every plan on 2 gloo processes (CPU, reference kernels) and writes its JSON: one
     row per (U, assignment, schedule), the three planner rows, phases and predictions; timings mean nothing."""
