@@ -3,7 +3,7 @@
 In stage 1 a layer runs dense attention and, in its backward, trains the predictor on sampled query
 rows (LowRankPredictor.gram_loss): a Gram product over the keys and a few dozen small launches with
 their Python, ~0.06 ms of GPU time per layer at 16k tokens but several times that in host time.
-Replayed from a graph, the work costs two input copies and one launch: for `small`'s 8 layers 6-14 ms
+Replayed from a graph, the work costs two input copies and one launch: for `small`'s 8 layers 6-13 ms
 less host time per eager step (bench/eager_ab.py), which makes a step bound by host time (16k tokens
 x batch 1) 5% faster; at batch 2 the GPU's ~100 ms of work hides most of it.
 
