@@ -24,7 +24,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .graphed import MAX_ELEMENTS, STABLE_CALLS
+from .graphed import STABLE_CALLS, GraphedSparseAttention
 
 MAX_GRAPHS = 4
 
@@ -36,7 +36,8 @@ class GraphedUpkeep:
 
     @staticmethod
     def fits(q: torch.Tensor) -> bool:
-        return q.is_cuda and q.numel() <= MAX_ELEMENTS and not torch.cuda.is_current_stream_capturing()
+        """The sizes graphed.py replays, outside any other capture (one graph cannot be captured inside another)."""
+        return GraphedSparseAttention.fits(q) and not torch.cuda.is_current_stream_capturing()
 
     def __call__(self, key: tuple, fn: Callable[..., dict], q: torch.Tensor, k: torch.Tensor) -> dict:
         """fn(q, k) -> {name: tensor} (no side effects), replayed from a graph once `key` has been met
