@@ -261,38 +261,46 @@ def dense_point(q, k, v, do, s):
 
 
 def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
-    """Time the parts of select_blocks and compare the score precisions."""
+    """Time the parts of select_blocks: the score precisions and tilings (with the share of rows
+    each picks as float32 FMAs do), and the top-k kernel at each warp count."""
     from megatron_dsv.ops import triton_selection as tsel
     recs = []
     proxy = tsel._proxies(q_lr, block_q)
     recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._proxies(q_lr, block_q))))
     picks = {}
-    default_precision = tsel.SCORE_PRECISION
-    for prec in ("ieee", "tf32x3", "tf32"):
-        tsel.SCORE_PRECISION = prec
+    variants = [("ieee", {}), ("tf32x3", {}), ("tf32", {})]
+    if k_lr.dtype == torch.bfloat16:
+        variants += [(f"bf16x3_qb{qb}_n{n}_w{w}", dict(score_qb=qb, score_block_n=n, score_warps=w))
+                     for qb in (32, 64, 128) for n in sorted({max(block_kv, 128), 256}) for w in (4, 8)]
+    for name, cfg in variants:
+        tsel.CONFIG_OVERRIDE.clear()
+        tsel.CONFIG_OVERRIDE.update(cfg, score_precision=name.split("_")[0])
         try:
             keys = tsel._score_keys_max(proxy, k_lr, block_kv, None, 0)
-            recs.append(dict(base, kernel=f"sel_scores_{prec}",
+            recs.append(dict(base, kernel=f"sel_scores_{name}",
                              ms=ms(lambda: tsel._score_keys_max(proxy, k_lr, block_kv, None, 0))))
-            picks[prec] = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")[0]
+            picks[name] = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")[0]
         except Exception as e:  # noqa: BLE001
-            recs.append(dict(base, kernel=f"sel_scores_{prec}", error=f"{type(e).__name__}: {str(e)[:200]}"))
-    tsel.SCORE_PRECISION = default_precision
+            recs.append(dict(base, kernel=f"sel_scores_{name}", error=f"{type(e).__name__}: {str(e)[:200]}"))
+    tsel.CONFIG_OVERRIDE.clear()
+    keys = tsel._score_keys_max(proxy, k_lr, block_kv, None, 0)
     recs.append(dict(base, kernel="sel_topk", ms=ms(lambda: torch.topk(keys, topk, dim=-1))))
-    # The per-row top-k into ascending ids: the register-sort kernel at each warp count, and
+    # The per-row top-k into ascending ids: the threshold-search kernel at each warp count, and
     # torch.topk + sort (the path above TOP_BLOCKS_MAX_WIDTH).
     counts = torch.full((keys.shape[1], 1), topk, dtype=torch.int64, device=keys.device)
     n_kv = keys.shape[-1]
-    for warps in (1, 2, 4, 8, 16):
+    for warps in (1, 2, 4, 8):
         tsel.CONFIG_OVERRIDE["top_blocks_warps"] = warps
         recs.append(dict(base, kernel=f"sel_top_blocks_w{warps}", ms=ms(lambda: tsel._top_blocks(keys, counts, topk, n_kv))))
     tsel.CONFIG_OVERRIDE.clear()
     width, tsel.TOP_BLOCKS_MAX_WIDTH = tsel.TOP_BLOCKS_MAX_WIDTH, 0
     recs.append(dict(base, kernel="sel_topk_and_sort", ms=ms(lambda: tsel._top_blocks(keys, counts, topk, n_kv))))
     tsel.TOP_BLOCKS_MAX_WIDTH = width
-    for prec, idx in picks.items():
+    recs.append(dict(base, kernel="sel_default", ms=ms(lambda: select_blocks(
+        q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton"))))
+    for name, idx in picks.items():
         same = (idx == picks["ieee"]).all(-1).float().mean().item()
-        recs.append(dict(base, kernel=f"sel_rows_equal_ieee_{prec}", ms=0.0, value=same))
+        recs.append(dict(base, kernel=f"sel_rows_equal_ieee_{name}", ms=0.0, value=same))
     for r in recs:
         print(json.dumps(r), flush=True)
     return recs

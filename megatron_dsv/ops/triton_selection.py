@@ -5,8 +5,8 @@ block's q_lr, computed exactly as the reference does) and streams all of k_lr th
 tokens at a time; the [proxies x tokens] products are reduced to a max per KV block in registers,
 so only the [n_q, n_kv] block scores reach memory, never [n_q, S_kv] or [S, S].
 The kernel stores each score as an int64 key (order-preserving float bits << 32 | (n_kv-1-id)),
-so the top-k over unique keys (each row sorted once in registers, _top_blocks_kernel) gives the
-reference's order, ties going to the lower id, with no host sync.
+so the top-k over unique keys (a threshold search per row in registers, _top_blocks_kernel) gives
+the reference's order, ties going to the lower id, with no host sync.
 kv_reduce="mean" scores proxy . mean(k_lr) per block: one small batched matmul, O(n_q x n_kv).
 Packed clips (segments): proxies average only a block's valid rows, each query block scores only
 the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and a row
@@ -29,12 +29,15 @@ from .reference import _pad_seq
 # CUDA graph then reads a persistent buffer instead of a host-to-device copy baked into the graph.
 _BUDGET_CACHE: dict = {}
 
-# Precision of the proxy . k_lr products on the GPU. "tf32x3" (three tf32 tensor-core products,
-# near-float32 accuracy) picked the same blocks as "ieee" float32 FMAs in 99.99-100% of the rows on
-# H100 at 64k tokens and ran 2.4x faster (0.61 vs 1.49 ms); plain "tf32" changed 4-11% of the rows.
+# Precision of the proxy . k_lr products on the GPU when k_lr is not bf16. "tf32x3" (three tf32
+# tensor-core products, near-float32 accuracy) picked the same blocks as "ieee" float32 FMAs in
+# 99.99-100% of the rows on H100 at 64k tokens and ran 2.4x faster (0.61 vs 1.49 ms); plain "tf32"
+# changed 4-11% of the rows. bf16 k_lr (what a layer passes) takes "bf16x3": float32 scores from
+# three bf16 products.
 SCORE_PRECISION = "tf32x3"
 
-# Launch-config overrides for bench/kernels.py (keys: "top_blocks_warps").
+# Launch-config overrides for bench/kernels.py (keys: "top_blocks_warps", "score_precision",
+# "score_qb", "score_block_n", "score_warps").
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -51,7 +54,9 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
                              R_PAD: tl.constexpr, PREC: tl.constexpr, RANGED: tl.constexpr):
     """Keys rows hold W entries. RANGED: query block i scores only key tokens [KvRange[i, 0],
     KvRange[i, 1]) (a block-aligned start), and entry j of its row is the block KvRange[i, 0] /
-    BLOCK_KV + j; otherwise entry j is block j (W = N_KV)."""
+    BLOCK_KV + j; otherwise entry j is block j (W = N_KV).
+    PREC "bf16x3" (k_lr in bf16): the float32 proxy is split into three bf16 parts whose sum is
+    exactly the proxy, so three bf16 products (each exact in float32) give the float32 scores."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -64,6 +69,11 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
     r_ok = offs_r < R
     proxy = tl.load(Proxy + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * R + offs_r[None, :],
                     mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+    if PREC == "bf16x3":
+        p_hi = proxy.to(tl.bfloat16)
+        rest = proxy - p_hi.to(tl.float32)
+        p_mid = rest.to(tl.bfloat16)
+        p_lo = (rest - p_mid.to(tl.float32)).to(tl.bfloat16)
     k_base = K + b * sk_b + h * sk_h
     key_base = Keys + (bh.to(tl.int64) * N_Q + offs_i[:, None]) * W
     offs_n = tl.arange(0, BLOCK_N)
@@ -82,8 +92,12 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
         tok = start + offs_n
         t_ok = tok < S_KV
         k = tl.load(k_base + tok[:, None].to(tl.int64) * sk_s + offs_r[None, :] * sk_r,
-                    mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(proxy, tl.trans(k), input_precision=PREC)
+                    mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        if PREC == "bf16x3":  # smallest part first: the float32 accumulation rounds least
+            kt = tl.trans(k)
+            s = tl.dot(p_hi, kt, tl.dot(p_mid, kt, tl.dot(p_lo, kt)))
+        else:
+            s = tl.dot(proxy, tl.trans(k.to(tl.float32)), input_precision=PREC)
         if RANGED:
             s = tl.where((tok[None, :] >= row_lo[:, None]) & (tok[None, :] < row_hi[:, None]), s, float("-inf"))
         else:
@@ -99,12 +113,14 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
 
 
 @triton.jit
-def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, K_MAX, PAD_KEY, TOP_KEY,
-                       W_PAD: tl.constexpr, K_PAD: tl.constexpr):
+def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, K_MAX,
+                              W_PAD: tl.constexpr, K_PAD: tl.constexpr):
     """One row of keys (a query block of one head) -> the ids of its `count` largest keys, ascending,
-    then -1 up to K_MAX. The row is sorted once in registers to find the count-th largest key (keys
-    are unique); the ids are then written in row order, which is ascending block order, by a prefix
-    sum, so neither a top-k nor a sort of the picked ids goes through memory."""
+    then -1 up to K_MAX. No sort: a binary search over the scores' order bits (the keys' high words,
+    32 halvings, each a count over the row) finds the count-th largest score t; the row then takes
+    every entry above t and, of those equal to t, the first ones in row order (entries are in
+    ascending block order, so the lower ids win ties, as the keys' low words say). The ids are
+    written in row order by a prefix sum, so nothing but the result goes through memory."""
     row = tl.program_id(0).to(tl.int64)
     q = row % N_Q
     h = (row // N_Q) % H
@@ -112,15 +128,25 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
     offs = tl.arange(0, W_PAD)
     in_row = offs < W
     keys = tl.load(Keys + row * W + offs, mask=in_row, other=0)
-    keys = tl.where(in_row, keys, PAD_KEY)
-    ranked = tl.sort(keys, descending=True)
-    kth = tl.max(tl.where(offs == cnt - 1, ranked, PAD_KEY), 0)
-    kth = tl.where(cnt > 0, kth, TOP_KEY)   # a row of padding (count 0) takes nothing
-    take = in_row & (keys >= kth)
+    order = (keys >> 32).to(tl.int32)
+    lo = tl.full((), -2147483648, tl.int64)  # the largest t with count(order >= t) >= cnt lies in [lo, hi]
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in tl.static_range(32):
+        mid = (lo + hi + 1) >> 1
+        n_ge = tl.sum((in_row & (order >= mid.to(tl.int32))).to(tl.int32), 0)
+        ok = n_ge >= cnt
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    t = lo.to(tl.int32)
+    above = in_row & (order > t)
+    tied = in_row & (order == t)
+    need = cnt - tl.sum(above.to(tl.int32), 0)
+    # A row of padding (count 0) takes nothing: t is then the largest order, above nothing, need 0.
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     ids = (N_KV - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
     out = KvIdx + row * K_MAX
-    tl.store(out + pos, ids, mask=take & (pos < K_MAX))   # keys are unique; the guard keeps rows apart
+    tl.store(out + pos, ids, mask=take & (pos < K_MAX))
     slots = tl.arange(0, K_PAD)
     tl.store(out + slots, tl.full([K_PAD], -1, tl.int32), mask=(slots >= cnt) & (slots < K_MAX))
     tl.store(KvCnt + row, cnt)
@@ -129,13 +155,9 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
 # Rows longer than this (KV blocks; 1M tokens at block_kv 64) go through torch.topk and a sort.
 TOP_BLOCKS_MAX_WIDTH = 16384
 
-
-def _top_blocks_warps(w_pad: int) -> int:
-    """One warp sorts a row of up to 2048 keys fastest (no shared-memory exchanges between warps): on
-    H200 at 16 heads, 10% of the blocks, 0.76 ms at 1024 keys and 3.9 ms at 2048 against 0.9-1.3 /
-    5.4-8.0 ms with 2-16 warps and 1.4 / 5.3 ms for torch.topk + sort (bench/kernels.py --tune
-    --tune-kernels sel). Longer rows (unmeasured) keep 64 keys per thread."""
-    return max(1, w_pad // 2048)
+# Warps per row of the top-k kernel: 4 was fastest (or tied) at 256, 1024 and 2048 keys on H200, 16
+# heads, 10% (0.034 / 0.24 / 1.08 ms; bench/results/sel_h200/sel_tune_*.json).
+TOP_BLOCKS_WARPS = 4
 
 
 def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int):
@@ -151,11 +173,10 @@ def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int)
         return torch.where(ids < n_kv, ids, -1).to(torch.int32), kv_cnt.to(torch.int32).contiguous()
     kv_idx = _empty((b, h, n_q, k_max), torch.int32, keys.device)
     kv_cnt = _empty((b, h, n_q), torch.int32, keys.device)
-    w_pad = max(16, triton.next_power_of_2(w))
     _top_blocks_kernel[(b * h * n_q,)](
         keys, counts, kv_idx, kv_cnt, counts.stride(0), counts.stride(1) if counts.shape[1] > 1 else 0,
-        h, n_q, w, n_kv, k_max, -(2 ** 63), 2 ** 63 - 1, W_PAD=w_pad, K_PAD=max(16, triton.next_power_of_2(k_max)),
-        num_warps=CONFIG_OVERRIDE.get("top_blocks_warps", _top_blocks_warps(w_pad)))
+        h, n_q, w, n_kv, k_max, W_PAD=max(16, triton.next_power_of_2(w)), K_PAD=max(16, triton.next_power_of_2(k_max)),
+        num_warps=CONFIG_OVERRIDE.get("top_blocks_warps", TOP_BLOCKS_WARPS))
     return kv_idx, kv_cnt
 
 
@@ -199,13 +220,17 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
         keys = _empty((b, h, n_q, n_kv), torch.int64, proxy.device)
     else:  # entries a row's clip does not fill keep a -inf key: never among its top `count`
         keys = torch.full((b, h, n_q, width), _NEG_INF_KEY, dtype=torch.int64, device=proxy.device)
-    qb = 32 if n_q > 16 else 16
-    block_n = max(block_kv, 128)
+    # 64 query blocks per program: 0.41 ms at 64k against 0.76 (32) and 0.54 (128), H200, bf16x3.
+    qb = CONFIG_OVERRIDE.get("score_qb", min(64, max(16, triton.next_power_of_2(n_q))))
+    block_n = CONFIG_OVERRIDE.get("score_block_n", max(block_kv, 128))
     r_pad = max(16, triton.next_power_of_2(r))
+    # The interpreter's bf16 arithmetic is wrong, so off the GPU bf16 keys go through tf32x3 too.
+    prec = "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
         h, n_q, n_kv, s_kv, r, keys.shape[-1], QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
-        PREC=SCORE_PRECISION, RANGED=kv_range is not None, num_warps=4, num_stages=3)
+        PREC=CONFIG_OVERRIDE.get("score_precision", prec), RANGED=kv_range is not None,
+        num_warps=CONFIG_OVERRIDE.get("score_warps", 4), num_stages=3)
     return keys
 
 

@@ -50,12 +50,16 @@ def random_lr(b, s, h, r, gen, integer=False, block=None, packed=False):
     return x.to(DEVICE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_q,block_kv", [(64, 32), (32, 16), (64, 128)])
-def test_max_reduce_is_a_valid_topk(block_q, block_kv):
+def test_max_reduce_is_a_valid_topk(block_q, block_kv, dtype):
+    # bf16 keys take the bf16x3 products on the GPU; the interpreter's bf16 arithmetic is wrong.
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bf16 selection runs on the GPU only (the interpreter's bf16 is wrong)")
     gen = torch.Generator().manual_seed(block_q + block_kv)
     b, h, s_q, s_kv, r = 2, 3, 300, 420, 16
-    q_lr = random_lr(b, s_q, h, r, gen, packed=True)
-    k_lr = random_lr(b, s_kv, h, r, gen)
+    q_lr = random_lr(b, s_q, h, r, gen, packed=True).to(dtype)
+    k_lr = random_lr(b, s_kv, h, r, gen).to(dtype)
     n_q, n_kv = -(-s_q // block_q), -(-s_kv // block_kv)
     topk = torch.tensor([0, n_kv, max(1, n_kv // 3)])
     kv_idx, kv_cnt = select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")
@@ -151,15 +155,19 @@ def test_packed_query_window_is_a_slice_of_the_whole(kv_reduce):
             assert torch.equal(kv_idx[..., :k].cpu(), whole[0][:, :, window, :k].cpu())
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("width, k_max", [(7, 3), (40, 17), (16, 16), (100, 1)])
-def test_top_blocks_kernel_equals_topk_and_sort(monkeypatch, width, k_max):
-    """The register-sort top-k (_top_blocks_kernel) against torch.topk + sort on the same keys: per-head
-    counts, per-(head, query block) counts with rows of count 0 (packed padding), -inf entries."""
+def test_top_blocks_kernel_equals_topk_and_sort(monkeypatch, width, k_max, ties):
+    """The threshold-search top-k (_top_blocks_kernel) against torch.topk + sort on the same keys:
+    per-head counts, per-(head, query block) counts with rows of count 0 (packed padding), -inf
+    entries, scores of either sign and equal scores (ties go to the lower block id)."""
     from megatron_dsv.ops import triton_selection as ts
 
     gen = torch.Generator().manual_seed(width)
     b, h, n_q = 2, 3, 5
-    keys = ts._order_keys(torch.randn(b, h, n_q, width, generator=gen)).to(DEVICE)
+    scores = torch.randint(-2, 3, (b, h, n_q, width), generator=gen).float() if ties else \
+        torch.randn(b, h, n_q, width, generator=gen)
+    keys = ts._order_keys(scores).to(DEVICE)
     keys[..., -1] = ts._NEG_INF_KEY
     per_head = torch.randint(1, k_max + 1, (h, 1), generator=gen)
     per_head[0] = k_max
