@@ -236,12 +236,36 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
             if f"{name}_fwdbwd_ms" in rec:
                 rec[f"{name}_fwdbwd_tflops"] = tflops(3.5 * fwd_flops(s, s, rec["density"]), rec[f"{name}_fwdbwd_ms"])
                 rec[f"speedup_fwdbwd_vs_{name}"] = rec[f"{name}_fwdbwd_ms"] / rec["fwdbwd_ms"]
+        rec.update(auto_point(q, k, v, do, kv_idx, kv_cnt, block_q, block_kv))
+        rec["auto_total_ms"] = rec["auto_fwdbwd_ms"] + rec["select_ms"]
     if with_flex:
         rec.update(run_flex(q, k, v, do, kv_idx, kv_cnt, s, block_q, block_kv, out))
         if "flex_fwdbwd_ms" in rec:
             rec["flex_fwdbwd_tflops"] = tflops(3.5 * f, rec["flex_fwdbwd_ms"])
         if block_kv == 64 and density <= 0.5:
             rec.update(flex_coarse(q, k, v, do, s, density))
+    return rec
+
+
+def auto_point(q, k, v, do, kv_idx, kv_cnt, block_q, block_kv):
+    """backend="auto" where non-reproducible kernels are allowed (deterministic=False, what
+    --no-dsv-deterministic-backward gives a layer): the kernel it picks by timing the installed ones
+    once at this shape, and that kernel's forward + backward time."""
+    from megatron_dsv.ops import backend_choice
+
+    def fwd(q_, k_, v_):
+        return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
+                                      backend="auto", deterministic=False)
+    backend_choice._CHOSEN.clear()
+    fwd(q, k, v)   # the one-time choice
+    (chosen,) = backend_choice._CHOSEN.values()
+    t_f, t_fb, _ = time_fwd_bwd(fwd, q, k, v, do)
+    rec = {"auto_kernel": chosen, "auto_fwd_ms": t_f, "auto_fwdbwd_ms": t_fb}
+    if chosen == "cudnn":   # the same kernel called directly right after: what the dispatch costs
+        def direct(q_, k_, v_):
+            return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
+                                          backend="cudnn", deterministic=False)
+        rec["auto_direct_fwdbwd_ms"] = time_fwd_bwd(direct, q, k, v, do)[1]
     return rec
 
 
@@ -516,6 +540,14 @@ def main():
               + (f" bwd1R {r['one_recompute_bwd_ms']:.2f} (err {r['one_recompute_grad_rel_err']:.1e})"
                  if "one_recompute_bwd_ms" in r else ""))
     if args.peers:
+        print("\nbackend='auto', deterministic=False (times the installed kernels once per shape), with selection")
+        for r in sparse:
+            if "auto_total_ms" in r:
+                dense_ms = next(d["cudnn_fwdbwd_ms"] for d in dense if d["S"] == r["S"])
+                print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.3f} {r['auto_kernel']:>20} "
+                      f"{r['auto_total_ms']:7.2f} ms  x cuDNN dense {dense_ms / r['auto_total_ms']:5.2f}  "
+                      f"x Flex128 {r.get('flex128_fwdbwd_ms', float('nan')) / r['auto_total_ms']:5.2f}  "
+                      f"(the kernel called directly after it: {r.get('auto_direct_fwdbwd_ms', float('nan')):.2f} ms)")
         print("\npeers on the same masks, fwd+bwd ms (x = peer time / ours; ours without selection)")
         print(f"{'S':>7} {'blk':>4} {'dens':>5} {'ours':>7} {'cuDNN-BSA':>9} {'x':>5} {'VSA':>7} {'x':>5}  VSA path")
         for r in sparse:

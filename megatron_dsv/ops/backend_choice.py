@@ -32,7 +32,10 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
     times = {}
     for name, run in runners.items():
         try:
-            times[name] = time_ms(run, device, warmup=1, iters=3)   # the warm-up compiles and autotunes
+            # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200
+            # (27.4-32.8 ms at 64k in this timing with one warm-up and three runs against 27.7-27.9 in a
+            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups, five runs.
+            times[name] = time_ms(run, device, warmup=3, iters=5)
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
                    "not chosen")
