@@ -437,6 +437,7 @@ def resource_report():
 
 
 def main():
+    global H, D, RANK
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="+", default=[16384, 65536, 131072])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
@@ -456,8 +457,12 @@ def main():
     ap.add_argument("--peers", action="store_true",
                     help="also time cuDNN frontend's block-sparse attention and VSA (fastvideo-kernel) on each "
                          "square-block sparse point's mask, where installed (bench/peers.py)")
+    ap.add_argument("--heads", type=int, default=H)
+    ap.add_argument("--head-dim", type=int, default=D)
+    ap.add_argument("--rank", type=int, default=RANK, help="rank of the projections selection reads")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
+    H, D, RANK = args.heads, args.head_dim, args.rank
 
     dev = torch.cuda.get_device_name()
     meta = dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__,
@@ -504,7 +509,7 @@ def main():
         resources.extend(resource_report())
     save()
 
-    print(f"\ndevice: {dev}  (bf16, 16 heads, d 128, block_q {args.block_q})")
+    print(f"\ndevice: {dev}  (bf16, {H} heads, d {D}, block_q {args.block_q})")
     if tuned:
         best = {}
         for r in tuned:
