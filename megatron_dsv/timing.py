@@ -1,5 +1,6 @@
 """Timing on the device: forward-time accounting (selection vs attention) without synchronising the
-device, and the median time of a callable (dispatch by cost, the choice of kernels, CP calibration).
+device, the median time of a callable (dispatch by cost, CP calibration), and the time per call of
+calls issued back to back (the choice of kernels).
 
 On CUDA, regions are bracketed by events that are only read when the totals are asked
 for; on CPU a wall clock is used. Under torch.compile or CUDA-graph capture the regions are not
@@ -83,3 +84,25 @@ def time_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 2, it
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def throughput_ms(fn: Callable[[], None], device: torch.device, *, warmup: int = 3, iters: int = 5) -> float:
+    """Milliseconds per call of `iters` calls of fn() issued back to back (CUDA events around all of
+    them on a GPU, wall clock elsewhere): as in a training loop, the host queues the next call while
+    the device runs the last, so a call costs its device time, or its host time where that is longer.
+    time_ms's synchronised single calls cost the sum of both."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters

@@ -56,6 +56,27 @@ def test_auto_times_only_between_several_allowed_kernels():
     assert not runs
 
 
+def test_auto_times_calls_back_to_back_and_keeps_the_fastest(monkeypatch):
+    # Each candidate runs its warm-ups and then its timed calls with no sync in between (on CPU a wall
+    # clock around them); the one whose calls take least is kept, and each is timed once per shape.
+    import time
+
+    calls = {"slow": 0, "fast": 0}
+
+    def run(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+        return fn
+
+    monkeypatch.setattr(backend_choice, "_CHOSEN", {})
+    runners = lambda: {"slow": run("slow", 0.004), "fast": run("fast", 0.001)}  # noqa: E731
+    assert backend_choice.choose_kernel(("shape",), ["slow", "fast"], runners, torch.device("cpu")) == "fast"
+    assert calls == {"slow": 8, "fast": 8}   # three warm-ups and five timed calls each
+    assert backend_choice.choose_kernel(("shape",), ["slow", "fast"], runners, torch.device("cpu")) == "fast"
+    assert calls == {"slow": 8, "fast": 8}
+
+
 def test_auto_and_cudnn_selection_run_our_kernels():
     # Selection has no cuDNN kernel: 'cudnn' and 'auto' run ours (the reference on CPU).
     assert backend_choice.resolve_backend("cudnn", torch.device("cpu")) == "reference"

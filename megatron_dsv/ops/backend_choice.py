@@ -4,9 +4,9 @@ backend='auto' runs the reference off the GPU. On the GPU, a deterministic call 
 kernels' atomic-free schedule; a call that allows non-reproducible kernels (deterministic=False)
 may also run Triton's one-recompute schedule and, where installed and able to run the call, cuDNN
 frontend's block-sparse kernels: each is timed once per shape (forward + backward on the call's
-own inputs, compiles excluded), the fastest is kept and a one-line notice gives the times. Inside a CUDA-graph
-capture or a torch.compile trace nothing is timed: a shape seen before keeps its choice, a new
-one runs the first (Triton's atomic-free schedule).
+own inputs, compiles excluded, calls issued back to back), the fastest is kept and a one-line
+notice gives the times. Inside a CUDA-graph capture or a torch.compile trace nothing is timed: a
+shape seen before keeps its choice, a new one runs the first (Triton's atomic-free schedule).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from ..config import BACKENDS
 from ..notice import notice
-from ..timing import time_ms
+from ..timing import throughput_ms
 
 _CHOSEN: Dict[tuple, str] = {}
 
@@ -33,9 +33,12 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
     for name, run in runners.items():
         try:
             # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200
-            # (27.4-32.8 ms at 64k in this timing with one warm-up and three runs against 27.7-27.9 in a
-            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups, five runs.
-            times[name] = time_ms(run, device, warmup=3, iters=5)
+            # (27.4-32.8 ms at 64k with one warm-up and three synchronised runs against 27.7-27.9 in a
+            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups. Calls are
+            # timed back to back, as a training loop issues them: synchronised one by one, cuDNN's
+            # host time (its launches go through Python) would count on top of its device time; that
+            # way it kept Triton at 5% density, where cuDNN ran 9% faster in a loop (bench/NOTES_kernels.md).
+            times[name] = throughput_ms(run, device, warmup=3, iters=5)
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
                    "not chosen")
@@ -66,7 +69,7 @@ def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[s
         return names[0]
     key = (*key, tuple(names))
     if key not in _CHOSEN:
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return names[0]
         _CHOSEN[key] = _choose(key, runners(), device)
     return _CHOSEN[key]
