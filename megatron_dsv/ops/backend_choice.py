@@ -34,10 +34,11 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
         try:
             # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200
             # (27.4-32.8 ms at 64k with one warm-up and three synchronised runs against 27.7-27.9 in a
-            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups. Calls are
-            # timed back to back, as a training loop issues them: synchronised one by one, cuDNN's
-            # host time (its launches go through Python) would count on top of its device time; that
-            # way it kept Triton at 5% density, where cuDNN ran 9% faster in a loop (bench/NOTES_kernels.md).
+            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups. The calls
+            # run back to back, as a training loop issues them: synchronised one by one, a call's host
+            # time adds to its device time instead of overlapping it. That form kept Triton at 5%
+            # density, where ours took 1.09x cuDNN's time in a loop; host time is the likely cause,
+            # and this form is not yet measured (bench/NOTES_kernels.md).
             times[name] = throughput_ms(run, device, warmup=3, iters=5)
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "

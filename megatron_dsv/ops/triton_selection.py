@@ -56,7 +56,9 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
     KvRange[i, 1]) (a block-aligned start), and entry j of its row is the block KvRange[i, 0] /
     BLOCK_KV + j; otherwise entry j is block j (W = N_KV).
     PREC "bf16x3" (k_lr in bf16): the float32 proxy is split into three bf16 parts whose sum is
-    exactly the proxy, so three bf16 products (each exact in float32) give the float32 scores."""
+    exactly the proxy (for magnitudes in bf16's normal range, as proxies of bf16 q_lr are), so three
+    bf16 products, each exact in float32, give float32-accurate scores (accumulated by the tensor
+    cores in their own order)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -114,7 +116,7 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
 
 @triton.jit
 def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, K_MAX,
-                              W_PAD: tl.constexpr, K_PAD: tl.constexpr):
+                       W_PAD: tl.constexpr, K_PAD: tl.constexpr):
     """One row of keys (a query block of one head) -> the ids of its `count` largest keys, ascending,
     then -1 up to K_MAX. No sort: a binary search over the scores' order bits (the keys' high words,
     32 halvings, each a count over the row) finds the count-th largest score t; the row then takes
@@ -155,9 +157,12 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
 # Rows longer than this (KV blocks; 1M tokens at block_kv 64) go through torch.topk and a sort.
 TOP_BLOCKS_MAX_WIDTH = 16384
 
-# Warps per row of the top-k kernel: 4 was fastest (or tied) at 256, 1024 and 2048 keys on H200, 16
-# heads, 10% (0.034 / 0.24 / 1.08 ms; bench/results/sel_h200/sel_tune_*.json).
-TOP_BLOCKS_WARPS = 4
+
+def _top_blocks_warps(w_pad: int) -> int:
+    """4 warps were fastest (or tied) at 256, 1024 and 2048 keys per row on H200, 16 heads, 10%
+    (0.034 / 0.24 / 1.08 ms; bench/results/sel_h200/sel_tune_*.json). Longer rows (unmeasured) keep
+    at most 32 keys per thread."""
+    return min(16, max(4, w_pad // 1024))
 
 
 def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int):
@@ -173,10 +178,11 @@ def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int)
         return torch.where(ids < n_kv, ids, -1).to(torch.int32), kv_cnt.to(torch.int32).contiguous()
     kv_idx = _empty((b, h, n_q, k_max), torch.int32, keys.device)
     kv_cnt = _empty((b, h, n_q), torch.int32, keys.device)
+    w_pad = max(16, triton.next_power_of_2(w))
     _top_blocks_kernel[(b * h * n_q,)](
         keys, counts, kv_idx, kv_cnt, counts.stride(0), counts.stride(1) if counts.shape[1] > 1 else 0,
-        h, n_q, w, n_kv, k_max, W_PAD=max(16, triton.next_power_of_2(w)), K_PAD=max(16, triton.next_power_of_2(k_max)),
-        num_warps=CONFIG_OVERRIDE.get("top_blocks_warps", TOP_BLOCKS_WARPS))
+        h, n_q, w, n_kv, k_max, W_PAD=w_pad, K_PAD=max(16, triton.next_power_of_2(k_max)),
+        num_warps=CONFIG_OVERRIDE.get("top_blocks_warps", _top_blocks_warps(w_pad)))
     return kv_idx, kv_cnt
 
 
@@ -220,12 +226,18 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
         keys = _empty((b, h, n_q, n_kv), torch.int64, proxy.device)
     else:  # entries a row's clip does not fill keep a -inf key: never among its top `count`
         keys = torch.full((b, h, n_q, width), _NEG_INF_KEY, dtype=torch.int64, device=proxy.device)
-    # 64 query blocks per program: 0.41 ms at 64k against 0.76 (32) and 0.54 (128), H200, bf16x3.
-    qb = CONFIG_OVERRIDE.get("score_qb", min(64, max(16, triton.next_power_of_2(n_q))))
-    block_n = CONFIG_OVERRIDE.get("score_block_n", max(block_kv, 128))
     r_pad = max(16, triton.next_power_of_2(r))
     # The interpreter's bf16 arithmetic is wrong, so off the GPU bf16 keys go through tf32x3 too.
     prec = "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION
+    if prec == "bf16x3" and kv_range is None:
+        # 64 query blocks and 256 keys per step (H200, 16 heads, 64k, block_kv 64: 0.38-0.41 ms against
+        # 0.76 with 32 and 0.54 with 128 query blocks). Packed clips and other precisions (not timed
+        # so) keep the tiling they were measured with.
+        qb, block_n = min(64, max(16, triton.next_power_of_2(n_q))), max(block_kv, 256)
+    else:
+        qb, block_n = (32 if n_q > 16 else 16), max(block_kv, 128)
+    qb = CONFIG_OVERRIDE.get("score_qb", qb)
+    block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
         h, n_q, n_kv, s_kv, r, keys.shape[-1], QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
