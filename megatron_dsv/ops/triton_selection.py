@@ -32,8 +32,8 @@ _BUDGET_CACHE: dict = {}
 # Precision of the proxy . k_lr products on the GPU when k_lr is not bf16. "tf32x3" (three tf32
 # tensor-core products, near-float32 accuracy) picked the same blocks as "ieee" float32 FMAs in
 # 99.99-100% of the rows on H100 at 64k tokens and ran 2.4x faster (0.61 vs 1.49 ms); plain "tf32"
-# changed 4-11% of the rows. bf16 k_lr (what a layer passes) takes "bf16x3": float32 scores from
-# three bf16 products.
+# changed 4-11% of the rows. bf16 k_lr (what a layer passes) takes "bf16x3": float32-accurate
+# scores from three bf16 products.
 SCORE_PRECISION = "tf32x3"
 
 # Launch-config overrides for bench/kernels.py (keys: "top_blocks_warps", "score_precision",
@@ -228,7 +228,8 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
         keys = torch.full((b, h, n_q, width), _NEG_INF_KEY, dtype=torch.int64, device=proxy.device)
     r_pad = max(16, triton.next_power_of_2(r))
     # The interpreter's bf16 arithmetic is wrong, so off the GPU bf16 keys go through tf32x3 too.
-    prec = "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION
+    prec = CONFIG_OVERRIDE.get("score_precision",
+                               "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION)
     if prec == "bf16x3" and kv_range is None:
         # 64 query blocks and 256 keys per step (H200, 16 heads, 64k, block_kv 64: 0.38-0.41 ms against
         # 0.76 with 32 and 0.54 with 128 query blocks). Packed clips and other precisions (not timed
@@ -241,7 +242,7 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
         h, n_q, n_kv, s_kv, r, keys.shape[-1], QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
-        PREC=CONFIG_OVERRIDE.get("score_precision", prec), RANGED=kv_range is not None,
+        PREC=prec, RANGED=kv_range is not None,
         num_warps=CONFIG_OVERRIDE.get("score_warps", 4), num_stages=3)
     return keys
 
