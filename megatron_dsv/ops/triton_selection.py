@@ -230,13 +230,12 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     # The interpreter's bf16 arithmetic is wrong, so off the GPU bf16 keys go through tf32x3 too.
     prec = CONFIG_OVERRIDE.get("score_precision",
                                "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION)
-    if prec == "bf16x3" and kv_range is None:
-        # 64 query blocks and 256 keys per step (H200, 16 heads, 64k, block_kv 64: 0.38-0.41 ms against
-        # 0.76 with 32 and 0.54 with 128 query blocks). Packed clips and other precisions (not timed
-        # so) keep the tiling they were measured with.
-        qb, block_n = min(64, max(16, triton.next_power_of_2(n_q))), max(block_kv, 256)
-    else:
-        qb, block_n = (32 if n_q > 16 else 16), max(block_kv, 128)
+    # bf16x3: 64 query blocks per program (H200, 16 heads, rank 16, 64k, block_kv 64: 0.41 ms against
+    # 0.76 with 32 and 0.54 with 128; 256 keys per step took 0.38 ms there, but has not run at the
+    # layers' rank 32, where 128 has). Packed clips and other precisions (not timed so) keep 32.
+    qb = min(64, max(16, triton.next_power_of_2(n_q))) if prec == "bf16x3" and kv_range is None else \
+        (32 if n_q > 16 else 16)
+    block_n = max(block_kv, 128)
     qb = CONFIG_OVERRIDE.get("score_qb", qb)
     block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
