@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from step import Trainer, init_single_process, set_state, DSVConfig, PRESETS  # noqa: E402 (bench/ is on the path)
+from step import Trainer, init_single_process, record, set_state, DSVConfig, PRESETS  # noqa: E402 (bench/ is on the path)
 
 
 def syncs_of_one_step(trainer) -> list:
@@ -87,12 +87,10 @@ def main():
             times[name].append(trainer.step())
     syncs = ({} if args.smoke else
              {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")})
-    rows = []
-    for name, parts in times.items():
-        train = statistics.median(t[1] for t in parts)   # bench/step.py's step ms
-        host = statistics.median(t[3] for t in parts)
-        rows.append({"mode": name, "step_ms": train, "train_host_ms": host, "tokens_per_s": tokens / (train * 1e-3),
-                     "step_ms_quartiles": statistics.quantiles([t[1] for t in parts], n=4)})
+    # bench/step.py's record of each arm's medians (step ms = train ms, host ms), plus the step's quartiles.
+    rows = [record(name, [statistics.median(t[i] for t in parts) for i in range(4)], tokens,
+                   step_ms_quartiles=statistics.quantiles([t[1] for t in parts], n=4))
+            for name, parts in times.items()]
     dense = rows[0]["step_ms"]
     graphed_dense = next((r["step_ms"] for r in rows if r["mode"] == "dense, step graph"), None)
     for r in rows:
