@@ -356,7 +356,9 @@ def tune(args, results):
                      if bm <= block_q for w in (4, 8) for st in (2, 3) for t in (False, True) for dm in (False, True)
                      if not (bm == 128 and w == 4) and (t or st == 2)],
         }
-        variants["dkdv_atomic"] = variants["dkdv"]
+        # dq's adds as TMA bulk reductions (dq_tma), each dk/dv config; and the scalar atomics' best config.
+        variants["dkdv_atomic"] = [dict(c, dq_tma=True) for c in variants["dkdv"]] + [
+            dict(BLOCK_M=64, num_warps=4, num_stages=2, tma=False, D_MAJOR=True, dq_tma=False)]
         dq_acc = torch.zeros(delta.shape + (D,), dtype=torch.float32, device=q.device)
         calls = {
             "fwd": (lambda: ta._forward(q, k, v, kv_idx, kv_cnt, None, None, block_q, block_kv, scale, "bshd"), 1.0),

@@ -71,8 +71,11 @@ def _dkdv_config(block_q, block_kv, atomic_dq=False):
     # The one-recompute kernel (atomic_dq) also holds each sub-tile's dq: its own config and override
     # key. Of 12 variants on H200 (64k, 64x64, density 0.1) dk^T/dv^T accumulators with pointer loads
     # were fastest, 39.3 ms against 48.8 ms for the dk/dv kernel's config (which alone takes 13.0 ms).
+    # dq_tma: its adds as TMA bulk reductions (DQ_TMA in the kernel) where a descriptor can be made.
     cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2,
                tma=block_kv >= 64 and not atomic_dq, D_MAJOR=block_kv < 64 or atomic_dq)
+    if atomic_dq:
+        cfg["dq_tma"] = True
     cfg.update(CONFIG_OVERRIDE.get("dkdv_atomic" if atomic_dq else "dkdv", {}))
     return cfg
 
@@ -90,6 +93,18 @@ def _tma_descriptor(x: torch.Tensor, layout: str, rows: int):
     if x.data_ptr() % 16 or any((st * esz) % 16 for st in (sb, ss, sh)):
         return None
     return TensorDescriptor(x, shape=[b, s, h, d], strides=[sb, ss, sh, 1], block_shape=[1, rows, 1, d])
+
+
+def _dq_acc_descriptor(dq_acc: Optional[torch.Tensor], rows: int):
+    """A TMA descriptor over the one-recompute backward's float32 dq accumulator [b, h, Sq, d] seen as
+    [b*h, Sq, d], for bulk reductions of [1, rows, 1, d] tiles; None where TMA cannot be used."""
+    if dq_acc is None or _interpreting() or not dq_acc.is_cuda:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, s, d = dq_acc.shape
+    return TensorDescriptor(dq_acc.view(b * h, s, d), shape=[b * h, s, d], strides=[s * d, d, 1],
+                            block_shape=[1, rows, d])
 
 
 def _launch_opts(cfg, descs_for):
@@ -294,14 +309,26 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLe
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, QDesc, DODesc,
+def _add_dq(DQ, desc, bh, row_base, row0, offs_m, m_ok, dq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """Add a [BLOCK_M, HEAD_DIM] float32 share of dq into DQ's rows row0.. of head bh, with no ordering
+    against other memory operations (DQ is read only after the kernel ends)."""
+    if USE_TMA:
+        desc.atomic_add([bh, row0, 0], dq.reshape(1, BLOCK_M, HEAD_DIM))
+    else:
+        tl.atomic_add(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], dq,
+                      mask=m_ok[:, None], sem="relaxed")
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, QDesc, DODesc, DQDesc,
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
                  sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_bh,
                  H, N_KV, S_Q, S_KV, qk_scale2, scale,
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
-                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_VARLEN: tl.constexpr,
-                 RESUME: tl.constexpr):
+                 D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                 Q_VARLEN: tl.constexpr, RESUME: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
     VARLEN: keys past the block's valid length (KvLen) read as 0 and get zero gradients (they are
@@ -311,6 +338,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
     sequence or the block's valid length take no part in it (there they do mix). The adds are
     relaxed (plain reductions, no ordering with other memory): tl.atomic_add's default acq_rel
     fences every one, and the backward measured 7.5x slower than the two-kernel schedule with it.
+    DQ_TMA: the adds go through a TMA descriptor over DQ seen as [b*h, Sq, HEAD_DIM] (one bulk
+    reduction of the whole sub-tile from shared memory, issued asynchronously; rows past Sq are
+    clipped by the descriptor) instead of BLOCK_M * HEAD_DIM scalar atomics.
     Q_VARLEN: padding rows (lse +inf) take part with zero q, dO and dS, whatever they hold.
     The query blocks of KV block kb are QIdx[QBeg[kb] : QEnd[kb]] (per batch and head): all of its
     list, or one pass's share when the query span is cut into passes; RESUME (a pass after the
@@ -372,8 +402,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
             dk += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PREC)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.where(key_ok[None, :], ds, 0.0).to(k.dtype), k, input_precision=PREC)
-                tl.atomic_add(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
-                              mask=m_ok[:, None], sem="relaxed")
+                _add_dq(DQ, DQDesc, bh, row_base, row0, offs_m, m_ok, dq * scale, BLOCK_M, HEAD_DIM, DQ_TMA)
         else:
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
             pt = tl.exp2(st - lse2[None, :])
@@ -383,8 +412,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(tl.where(key_ok[:, None], dst, 0.0).to(k.dtype)), k, input_precision=PREC)
-                tl.atomic_add(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq * scale,
-                              mask=m_ok[:, None], sem="relaxed")
+                _add_dq(DQ, DQDesc, bh, row_base, row0, offs_m, m_ok, dq * scale, BLOCK_M, HEAD_DIM, DQ_TMA)
     if VARLEN:
         keep = tl.arange(0, BLOCK_KV) < tl.load(KvLen + bh.to(tl.int64) * sl_bh + kb)
         if D_MAJOR:
@@ -589,16 +617,18 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, 
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     cfg = _dkdv_config(block_q, block_kv, atomic_dq=dq_acc is not None)
+    dq_desc = _dq_acc_descriptor(dq_acc, cfg["BLOCK_M"]) if cfg.pop("dq_tma", False) else None
     cfg, descs, use_tma = _launch_opts(cfg, [(q, layout, cfg["BLOCK_M"]), (do, layout, cfg["BLOCK_M"])])
     for p in range(q_bounds.shape[0] - 1):
         _dkdv_kernel[(n_kv, b * h)](
             q, k, v, do, dk, dv, dk if dq_acc is None else dq_acc, lse2, delta, q_idx, q_bounds[p], q_bounds[p + 1],
-            q_idx if kv_len is None else kv_len, *descs,
+            q_idx if kv_len is None else kv_len, *descs, dq_desc,
             *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
             *_bsh_strides(do, layout), *_bsh_strides(dk, layout), *_bsh_strides(dv, layout), _len_stride(kv_len),
             h, n_kv, s_q, s_kv, scale * LOG2E, scale,
             BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
-            MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None, Q_VARLEN=q_varlen,
+            MASK_Q=s_q % block_q != 0, VARLEN=kv_len is not None, ATOMIC_DQ=dq_acc is not None,
+            DQ_TMA=dq_desc is not None, Q_VARLEN=q_varlen,
             RESUME=p > 0, **cfg)
     return dk, dv
 
@@ -621,7 +651,11 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
                         q_varlen)
         dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout, q_varlen)
         return dq, dk, dv
-    q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv)
+    # Passes over the query span as for the deterministic dk/dv, counting dq's float32 accumulator
+    # beside Q and dO: 8 bytes per element of the two bf16 tensors instead of 4.
+    n_q = kv_idx.shape[2]
+    passes = _passes(n_q, block_q, q.shape[-1], 2 * q.element_size(), q.device)
+    q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
     # delta = rowsum(dO * O) - dlse (per natural-log unit), as the dq kernel computes it.
     delta = (to_bhsd(do, layout).float() * to_bhsd(out, layout).float()).sum(-1)
     if dlse2 is not None:
