@@ -213,7 +213,7 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
     if one_recompute:  # the one-recompute backward (dq by atomics) on the same mask, and its gradients' gap
         def fwd1(q_, k_, v_):
             return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
-                                          backend="triton", deterministic=False)
+                                          backend="triton-one-recompute")
         _, fb1, _ = time_fwd_bwd(fwd1, q, k, v, do)
         rec["one_recompute_bwd_ms"] = fb1 - rec["fwd_ms"]
         grads = []
@@ -248,9 +248,9 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
 
 
 def auto_point(q, k, v, do, kv_idx, kv_cnt, block_q, block_kv):
-    """backend="auto" where non-reproducible kernels are allowed (deterministic=False, what
-    --no-dsv-deterministic-backward gives a layer): the kernel it picks by timing the installed ones
-    once at this shape, and that kernel's forward + backward time."""
+    """backend="auto" where non-reproducible kernels are allowed (deterministic=False, a layer's default):
+    the kernel it picks by timing the installed ones once at this shape (Triton's alone: untimed), and
+    that kernel's forward + backward time."""
     from megatron_dsv.ops import backend_choice
 
     def fwd(q_, k_, v_):
@@ -258,7 +258,7 @@ def auto_point(q, k, v, do, kv_idx, kv_cnt, block_q, block_kv):
                                       backend="auto", deterministic=False)
     backend_choice._CHOSEN.clear()
     fwd(q, k, v)   # the one-time choice
-    (chosen,) = backend_choice._CHOSEN.values()
+    chosen = next(iter(backend_choice._CHOSEN.values()), "triton")
     t_f, t_fb, _ = time_fwd_bwd(fwd, q, k, v, do)
     rec = {"auto_kernel": chosen, "auto_fwd_ms": t_f, "auto_fwdbwd_ms": t_fb}
     if chosen == "cudnn":   # the same kernel called directly right after: what the dispatch costs
@@ -455,7 +455,7 @@ def main():
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--one-recompute", action="store_true",
-                    help="also time the one-recompute backward (deterministic=False) on each sparse point")
+                    help="also time the one-recompute backward (backend='triton-one-recompute') on each sparse point")
     ap.add_argument("--peers", action="store_true",
                     help="also time cuDNN frontend's block-sparse attention and VSA (fastvideo-kernel) on each "
                          "square-block sparse point's mask, where installed (bench/peers.py)")

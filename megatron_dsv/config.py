@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ESTIMATORS = ("lowrank", "pooled")
-BACKENDS = ("auto", "triton", "reference", "cudnn")
+BACKENDS = ("auto", "triton", "reference", "cudnn", "triton-one-recompute")
+# Kernels whose backward is not bitwise reproducible (need deterministic_backward=False).
+NON_REPRODUCIBLE_BACKENDS = ("cudnn", "triton-one-recompute")
 BUDGET_POLICIES = ("theta", "target", "uniform")
 BUDGET_SCOPES = ("layer", "model")
 DISPATCHES = ("auto", "measured", "density")
@@ -87,11 +89,11 @@ class DSVConfig:
     """Smallest per-head budget (fraction of KV blocks; at least one block)."""
     budget_ceiling: float = 1.0
     """Largest per-head budget (fraction of KV blocks)."""
-    deterministic_backward: bool = True
-    """True: bitwise reproducible sparse attention (Triton's atomic-free backward, P and dP computed twice).
-    False: non-reproducible kernels allowed too: backend 'triton' runs the one-recompute schedule (dq added
-    with float32 atomics; 39 ms against 23 ms at 64k, 10%, H200: bench/NOTES_kernels.md), 'auto' the
-    fastest measured of both and cuDNN's where installed. Megatron's deterministic_mode and
+    deterministic_backward: bool = False
+    """True: bitwise reproducible sparse attention only (Triton's atomic-free kernels). False (as
+    FlashAttention's and Transformer Engine's defaults): backend 'auto' may also pick cuDNN frontend's
+    block-sparse kernels where installed and faster at the shape (their backward is not reproducible);
+    without them it runs Triton's atomic-free kernels, untimed. Megatron's deterministic_mode and
     torch.use_deterministic_algorithms(True) force True."""
     coarse_remainder: bool = False
     """Add the unselected KV blocks back as pooled keys and values (one per block, logit offset by the log of
@@ -121,8 +123,10 @@ class DSVConfig:
 
     # Execution.
     backend: str = "auto"
-    """Block-sparse attention kernels: 'auto' (on GPU the faster of Triton and, where installed and able
-    to run the shape, cuDNN frontend's; reference elsewhere), 'triton', 'cudnn' or 'reference'.
+    """Block-sparse attention kernels: 'auto' (on GPU the faster of Triton's and, where installed, allowed
+    (deterministic_backward=False) and able to run the shape, cuDNN frontend's; reference elsewhere),
+    'triton', 'cudnn', 'reference' or 'triton-one-recompute' (a backward that computes P once and adds dq
+    with float32 atomics: not reproducible, and slower than 'triton' everywhere it was measured).
     Selection always runs our kernels (Triton on GPU)."""
     cuda_graphs: bool = True
     """Replay a stage-2 layer's selection + sparse attention (forward and backward), and a stage-1 layer's
@@ -207,6 +211,9 @@ class DSVConfig:
         for name in ("cuda_graphs", "coarse_remainder", "deterministic_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DSVConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.deterministic_backward and self.backend in NON_REPRODUCIBLE_BACKENDS:
+            raise ValueError(f"DSVConfig.backend={self.backend!r} is not bitwise reproducible and "
+                             "DSVConfig.deterministic_backward=True asks for reproducible kernels; drop one")
         if self.cp_head_parallel_size is not None:
             _int_in("cp_head_parallel_size", self.cp_head_parallel_size, 1, 1 << 20)
         _int_in("cp_replan_interval", self.cp_replan_interval, 1, 1 << 30)

@@ -45,9 +45,26 @@ def test_layer_with_cudnn_backend_checks_head_dim_and_determinism_when_built(meg
 
     with pytest.raises(NotImplementedError, match="head dim 128"):
         core(DSVConfig(**SMALL, backend="cudnn", deterministic_backward=False), d=64)
-    with pytest.raises(ValueError, match="not bitwise reproducible"):
-        core(DSVConfig(**SMALL, backend="cudnn"), d=128)
-    assert core(DSVConfig(**SMALL, backend="cudnn", deterministic_backward=False), d=128).cfg.backend == "cudnn"
+    with pytest.raises(ValueError, match="not bitwise reproducible.*deterministic_mode"):
+        core(DSVConfig(**SMALL, backend="cudnn"), d=128, deterministic_mode=True)
+    assert core(DSVConfig(**SMALL, backend="cudnn"), d=128).cfg.backend == "cudnn"
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "triton-one-recompute"])
+def test_non_reproducible_backends_refuse_deterministic_requests(backend):
+    with pytest.raises(ValueError, match="backend.*deterministic_backward"):
+        DSVConfig(backend=backend, deterministic_backward=True)
+    assert DSVConfig(backend=backend).deterministic_backward is False   # allowed by default, as in FlashAttention
+
+
+def test_one_recompute_backend_refuses_a_deterministic_call():
+    q = torch.randn(1, 64, 1, 32)
+    idx, cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="triton-one-recompute.*not bitwise reproducible"):
+        block_sparse_attention(q, q, q, idx, cnt, block_q=64, block_kv=64, backend="triton-one-recompute",
+                               deterministic=True)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):   # off the GPU, without the interpreter
+        block_sparse_attention(q, q, q, idx, cnt, block_q=64, block_kv=64, backend="triton-one-recompute")
 
 
 def test_auto_times_only_between_several_allowed_kernels():
@@ -148,7 +165,7 @@ def test_auto_times_both_backends_once_per_shape(capsys):
         block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, deterministic=False)
     timed = [line for line in capsys.readouterr().err.splitlines() if "forward + backward" in line]
     assert len(timed) == 1, timed
-    assert all(name in timed[0] for name in ("triton ", "triton-one-recompute ", "cudnn ")), timed
+    assert all(name in timed[0] for name in ("triton ", "cudnn ")) and "one-recompute" not in timed[0], timed
     assert list(backend_choice._CHOSEN.values()) == [timed[0].split("-> ")[-1]]
     # A reproducible call runs Triton's atomic-free kernels, untimed.
     block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, deterministic=True)

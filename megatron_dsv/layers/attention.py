@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from ..config import DSVConfig
+from ..config import NON_REPRODUCIBLE_BACKENDS, DSVConfig
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
@@ -180,16 +180,13 @@ class DSVDotProductAttention(_CoreAttention):
         self.cfg = dsv_config if dsv_config is not None else DSVConfig()
         if not isinstance(self.cfg, DSVConfig):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
-        triton_here = self.cfg.backend in ("triton", "cudnn") or (self.cfg.backend == "auto"
-                                                                  and torch.cuda.is_available())
-        if self.cfg.backend == "cudnn":
-            if self.head_dim != 128:
-                raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
-                                          f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
-            if self.cfg.deterministic_backward or getattr(config, "deterministic_mode", False):
-                raise ValueError("DSVDotProductAttention: backend='cudnn' is not bitwise reproducible; set "
-                                 "DSVConfig.deterministic_backward=False (--no-dsv-deterministic-backward) and "
-                                 "leave Megatron's deterministic_mode off, or use backend='auto'")
+        triton_here = self.cfg.backend != "reference" and (self.cfg.backend != "auto" or torch.cuda.is_available())
+        if self.cfg.backend == "cudnn" and self.head_dim != 128:
+            raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
+                                      f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
+        if self.cfg.backend in NON_REPRODUCIBLE_BACKENDS and getattr(config, "deterministic_mode", False):
+            raise ValueError(f"DSVDotProductAttention: backend={self.cfg.backend!r} is not bitwise reproducible "
+                             "and Megatron's deterministic_mode is on; use backend='auto' or 'triton'")
         if triton_here and self.head_dim not in HEAD_DIMS:
             # Checked now, not at the first stage-2 step after up to stage1_max_steps of training.
             raise NotImplementedError(

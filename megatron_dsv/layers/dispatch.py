@@ -86,7 +86,7 @@ class CostDispatch:
     def measured(self, device: torch.device, distributed_cp: bool) -> bool:
         """Whether this call can be decided from measured times."""
         mode = self.cfg.dispatch
-        can = device.type == "cuda" and self.cfg.backend in ("auto", "triton", "cudnn") and not distributed_cp
+        can = device.type == "cuda" and self.cfg.backend != "reference" and not distributed_cp
         if mode == "measured" and not can:
             raise ValueError("DSVConfig.dispatch='measured' needs GPU kernels on CUDA and no context "
                              f"parallelism (device {device}, backend {self.cfg.backend!r}, context parallel "

@@ -1,9 +1,9 @@
 """Which kernels run a block_sparse_attention call.
 
-backend='auto' runs the reference off the GPU. On the GPU, a deterministic call runs the Triton
-kernels' atomic-free schedule; a call that allows non-reproducible kernels (deterministic=False)
-may also run Triton's one-recompute schedule and, where installed and able to run the call, cuDNN
-frontend's block-sparse kernels: each is timed once per shape (forward + backward on the call's
+backend='auto' runs the reference off the GPU. On the GPU, it runs the Triton kernels (atomic-free,
+reproducible); a call that allows non-reproducible kernels (deterministic=False, the default) may
+also run cuDNN frontend's block-sparse kernels where installed and able to run the call: then each
+is timed once per shape (forward + backward on the call's
 own inputs, compiles excluded, calls issued back to back), the fastest is kept and a one-line
 notice gives the times. Inside a CUDA-graph capture or a torch.compile trace nothing is timed: a
 shape seen before keeps its choice, a new one runs the first (Triton's atomic-free schedule).
@@ -37,8 +37,8 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
             # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups. The calls
             # run back to back, as a training loop issues them: synchronised one by one, a call's host
             # time adds to its device time instead of overlapping it. That form kept Triton at 5%
-            # density, where ours took 1.09x cuDNN's time in a loop; host time is the likely cause,
-            # and this form is not yet measured (bench/NOTES_kernels.md).
+            # density, where ours took 1.09x cuDNN's time in a loop; back to back, cuDNN was kept at 5%
+            # and 10%, 64k and 128k (H200, bench/results/auto_h200/kernels_auto_b2b_*).
             times[name] = throughput_ms(run, device, warmup=3, iters=5)
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
@@ -54,11 +54,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     backend='auto' picks another GPU kernel, or backend='cudnn')."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
-    if backend == "triton" and not triton_usable(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}")
+    if backend in ("triton", "triton-one-recompute") and not triton_usable(device):
+        raise ValueError(f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}")
     if backend in ("auto", "cudnn"):
         return "triton" if device.type == "cuda" else "reference"
-    return backend
+    return "reference" if backend == "reference" else "triton"
 
 
 def choose_kernel(key: tuple, names: Sequence[str], runners: Callable[[], Dict[str, Callable[[], None]]],

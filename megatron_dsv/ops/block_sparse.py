@@ -65,14 +65,13 @@ def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
 
 
 def _gpu_kernels(deterministic: bool, cudnn_reason) -> dict:
-    """The GPU kernels a call may run, in order of preference: name -> function(q, k, v, kv_idx, kv_cnt,
-    **call). Reproducible calls run Triton's atomic-free schedule only (and cuDNN's, were it reproducible):
-    nothing to time."""
+    """The GPU kernels backend='auto' may run, in order of preference: name -> function(q, k, v, kv_idx,
+    kv_cnt, **call). Triton's atomic-free kernels, and cuDNN's where installed, able to run the call and
+    allowed: alone, Triton's run untimed. Triton's one-recompute schedule is not a candidate: it was
+    slower than the atomic-free one at every shape measured (bench/NOTES_kernels.md)."""
     from .triton_attention import triton_block_sparse_attention
 
-    kernels = {"triton": functools.partial(triton_block_sparse_attention, deterministic=True)}
-    if not deterministic:
-        kernels["triton-one-recompute"] = functools.partial(triton_block_sparse_attention, deterministic=False)
+    kernels = {"triton": triton_block_sparse_attention}
     # cuDNN's backward is not reproducible; traced code (torch.compile) runs our kernels only.
     allowed = not deterministic or cudnn_attention.BITWISE_REPRODUCIBLE
     if allowed and not torch.compiler.is_compiling() and cudnn_reason() is None:
@@ -93,7 +92,7 @@ def _timing_runs(kernels: dict, q, k, v, kv_idx, kv_cnt, call: dict) -> dict:
 
 
 def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=None, layout="bshd",
-                           backend="auto", return_lse=False, segments=None, kv_lens=None, deterministic=True):
+                           backend="auto", return_lse=False, segments=None, kv_lens=None, deterministic=False):
     """Exact softmax attention of each query block over its selected KV blocks.
 
     Args:
@@ -103,9 +102,12 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             block; entries past the count are ignored.
         kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
         scale: softmax scale (default 1/sqrt(d)).
-        backend: "triton", "reference", "cudnn" (cuDNN frontend's block-sparse kernels, where
-            installed and able to run the call, see ops/cudnn_attention.py) or "auto" (reference
-            off the GPU; on it, the fastest kernel `deterministic` allows, timed once per shape:
+        backend: "triton" (our kernels, atomic-free: bitwise reproducible), "reference", "cudnn"
+            (cuDNN frontend's block-sparse kernels, where installed and able to run the call, see
+            ops/cudnn_attention.py), "triton-one-recompute" (ours with a backward that computes P
+            once and adds dq with float32 atomics; slower than "triton" wherever measured) or "auto"
+            (reference off the GPU; on it Triton's, or the faster of Triton's and cuDNN's where
+            cuDNN's are installed, able to run the call and allowed, timed once per shape:
             ops/backend_choice.py).
         return_lse: also return the log-sum-exp [b, h, Sq] float32 (-inf for rows with no keys).
         segments: packed clips (:class:`megatron_dsv.ops.Segments`), self-attention only: every
@@ -116,11 +118,11 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
             g exist; the rest are masked (no attention weight, zero dk/dv). For KV buffers that
             hold padded blocks in an order of their own (the CP exchange); packed sequences in their
             own layout pass ``segments`` instead, which implies the lengths.
-        deterministic: True (default): bitwise reproducible kernels only (Triton's atomic-free
-            schedule). False: also non-reproducible ones: backend="triton" runs the one-recompute
-            schedule (dq accumulated with float32 atomics), "auto" the fastest of those and cuDNN's.
-            Ignored (True) while torch.use_deterministic_algorithms is on. The reference backend is
-            deterministic either way; cuDNN's backward is not (cudnn_attention.BITWISE_REPRODUCIBLE).
+        deterministic: True: bitwise reproducible kernels only; "cudnn" and "triton-one-recompute"
+            then raise, "auto" keeps to Triton's. False (default, as in FlashAttention): "auto" may
+            pick cuDNN's. True while torch.use_deterministic_algorithms is on. "triton" and the
+            reference are reproducible either way; cuDNN's backward is not
+            (cudnn_attention.BITWISE_REPRODUCIBLE).
 
     Returns out in q's layout and dtype (and lse), differentiable in q, k, v.
     """
@@ -144,6 +146,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     scale = d ** -0.5 if scale is None else float(scale)
 
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    if backend == "triton-one-recompute" and deterministic:
+        raise ValueError("backend='triton-one-recompute' is not bitwise reproducible (dq by float32 atomics); "
+                         "pass deterministic=False, with torch.use_deterministic_algorithms off")
     call = dict(block_q=block_q, block_kv=block_kv, scale=scale, layout=layout, return_lse=return_lse,
                 segments=segments, kv_lens=kv_lens)
 
@@ -159,10 +164,10 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         if not torch.compiler.is_compiling():   # host checks of device values: kept out of compiled graphs
             check_block_mask_values(kv_idx, kv_cnt, -(-s_kv // block_kv), segments, block_q, block_kv)
         fn = block_sparse_attention_reference
-    elif backend == "triton":
+    elif backend in ("triton", "triton-one-recompute"):
         from .triton_attention import triton_block_sparse_attention
 
-        fn = functools.partial(triton_block_sparse_attention, deterministic=deterministic)
+        fn = functools.partial(triton_block_sparse_attention, one_recompute=backend == "triton-one-recompute")
     else:  # "auto" on the GPU
         kernels = _gpu_kernels(deterministic, cudnn_reason)
         key = (str(q.device), q.dtype, layout, tuple(q.shape), s_kv, block_q, block_kv,

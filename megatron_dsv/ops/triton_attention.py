@@ -1,4 +1,4 @@
-"""Block-sparse flash attention in Triton: forward with online softmax, deterministic backward.
+"""Block-sparse flash attention in Triton: forward with online softmax, atomic-free backward.
 
 Layout of the work (one program = one tile of output; no atomics on the default, deterministic path):
   forward  grid (n_qblocks, b*h): one query block against the KV blocks of its list; several
@@ -8,10 +8,12 @@ Layout of the work (one program = one tile of output; no atomics on the default,
   dk/dv    grid (n_kvblocks, b*h): one KV block against the query blocks that selected it, read
            from the transposed (KV block -> query blocks) list that `transpose_block_lists` builds
            on the GPU with a sort (no host sync).
-  one-recompute backward (deterministic=False): only the dk/dv walk, whose dS also gives each query
+  one-recompute backward (one_recompute=True): only the dk/dv walk, whose dS also gives each query
            sub-tile's share of dq, added in float32 with atomics: P and dP are computed once instead of
            twice (7 matrix products per tile for forward + backward instead of 9), but the order of
-           the additions, so dq's last bits, varies from run to run.
+           the additions, so dq's last bits, varies from run to run. Slower than the default wherever
+           measured (1.5-1.7x its backward on an H200 at 64k-128k: writing a float32 share of dq per
+           64 x 64 tile costs more than the two products it saves; bench/NOTES_kernels.md).
 Tensors are read through their strides: bshd and sbhd views need no copies; on the GPU whole
 blocks are loaded through TMA tensor descriptors over the [b, s, h, d] view where that measured
 faster. Softmax runs in base 2 (exp2); the log-sum-exp saved for the backward is base 2, the one
@@ -634,15 +636,15 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, 
 
 
 def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
-              deterministic=True, q_varlen=False):
-    """deterministic: dq over each query block's list, then dk/dv over each KV block's (no atomics,
+              one_recompute=False, q_varlen=False):
+    """Default: dq over each query block's list, then dk/dv over each KV block's (no atomics,
     bitwise reproducible; P and dP computed twice). Otherwise the one-recompute schedule: one pass
     over each KV block's list gives dk, dv and dq, dq added in float32 with atomics."""
     do = _unit_last(do)
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
-    if deterministic:
+    if not one_recompute:
         # dk/dv gather query blocks from each head's Q and dO: passes over the query span (see L2_SHARE).
         n_q = kv_idx.shape[2]
         passes = _passes(n_q, block_q, q.shape[-1], q.element_size(), q.device)
@@ -675,7 +677,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                           kv_cnt: torch.Tensor, block_q: int, block_kv: int, scale: float,
                           layout: str, kv_len: Optional[torch.Tensor] = None,
                           q_len: Optional[torch.Tensor] = None,
-                          deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          one_recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out contiguous in q's layout, base-2 lse [b, h, Sq] float32). kv_len: int32 [1 or b*h, n_kvblocks]
     valid keys at the start of each KV block, shared by all heads or per (batch, head) (None: all).
     q_len: int32 [n_qblocks] valid rows at the start of each query block (None: all); the others get
@@ -684,7 +686,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None, q_len=None, deterministic=True):
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len=None, q_len=None, one_recompute=False):
     b, s_q, h, _ = split_dims(q, layout)
     return q.new_empty(q.shape), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -695,28 +697,28 @@ def block_sparse_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           block_q: int, block_kv: int, scale: float, layout: str,
                           dlse2: Optional[torch.Tensor] = None,
                           kv_len: Optional[torch.Tensor] = None,
-                          deterministic: bool = True,
+                          one_recompute: bool = False,
                           q_varlen: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each contiguous in its input's layout. dlse2: gradient of the base-2 lse
-    [b, h, Sq] (None: the lse was not used). deterministic=False: the one-recompute schedule (dq by
+    [b, h, Sq] (None: the lse was not used). one_recompute: the one-recompute schedule (dq by
     float32 atomics, not bitwise reproducible). q_varlen: the forward had padding rows (q_len): they
     get zero gradients and give none, whatever q and dO hold there."""
     return _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
-                     deterministic, q_varlen)
+                     one_recompute, q_varlen)
 
 
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, out, lse2, kv_idx, kv_cnt, block_q, block_kv, scale, layout, dlse2=None, kv_len=None,
-      deterministic=True, q_varlen=False):
+      one_recompute=False, q_varlen=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, q_len, deterministic = inputs
+    q, k, v, kv_idx, kv_cnt, block_q, block_kv, scale, layout, kv_len, q_len, one_recompute = inputs
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2, kv_idx, kv_cnt, kv_len)
     ctx.args = (block_q, block_kv, scale, layout)
-    ctx.deterministic, ctx.q_varlen = deterministic, q_len is not None
+    ctx.one_recompute, ctx.q_varlen = one_recompute, q_len is not None
     # Unused outputs give None instead of a zero tensor: no lse gradient is the common case.
     ctx.set_materialize_grads(False)
 
@@ -726,7 +728,7 @@ def _backward_rule(ctx, dout, dlse2):
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
     dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse2, kv_idx, kv_cnt, *ctx.args, dlse2, kv_len,
-                                       ctx.deterministic, ctx.q_varlen)
+                                       ctx.one_recompute, ctx.q_varlen)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -734,7 +736,7 @@ block_sparse_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_con
 
 
 def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
-                                  return_lse, segments=None, kv_lens=None, deterministic=True):
+                                  return_lse, segments=None, kv_lens=None, one_recompute=False):
     """Triton backend of :func:`megatron_dsv.ops.block_sparse_attention` (inputs already validated).
 
     kv_idx entries must be valid block ids within each count (not re-checked here: that would
@@ -753,7 +755,7 @@ def triton_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv,
         kv_lens = segments.block_lens(block_kv, q.device).view(1, -1)
         q_lens = segments.block_lens(block_q, q.device)
     out, lse2 = block_sparse_attn_fwd(q, k, v, kv_idx, kv_cnt, block_q, block_kv, float(scale), layout, kv_lens,
-                                      q_lens, deterministic)
+                                      q_lens, one_recompute)
     if not return_lse:
         return out
     lse = lse2 * math.log(2.0)

@@ -159,9 +159,9 @@ TOP_BLOCKS_MAX_WIDTH = 16384
 
 
 def _top_blocks_warps(w_pad: int) -> int:
-    """4 warps were fastest (or tied) at 256, 1024 and 2048 keys per row on H200, 16 heads, 10%
-    (0.034 / 0.24 / 1.08 ms; bench/results/sel_h200/sel_tune_*.json). Longer rows (unmeasured) keep
-    at most 32 keys per thread."""
+    """4 warps were fastest (or tied) at 256, 1024, 2048 and 4096 keys per row on H200, 16 heads, 10%
+    (0.034 / 0.24 / 1.08 / 4.9 ms; bench/results/sel_h200/sel_tune_*.json, tune_sel_r32_262144.json).
+    Longer rows (unmeasured) keep at most 32 keys per thread."""
     return min(16, max(4, w_pad // 1024))
 
 
@@ -230,12 +230,13 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     # The interpreter's bf16 arithmetic is wrong, so off the GPU bf16 keys go through tf32x3 too.
     prec = CONFIG_OVERRIDE.get("score_precision",
                                "bf16x3" if k_lr.dtype == torch.bfloat16 and k_lr.is_cuda else SCORE_PRECISION)
-    # bf16x3: 64 query blocks per program (H200, 16 heads, rank 16, 64k, block_kv 64: 0.41 ms against
-    # 0.76 with 32 and 0.54 with 128; 256 keys per step took 0.38 ms there, but has not run at the
-    # layers' rank 32, where 128 has). Packed clips and other precisions (not timed so) keep 32.
-    qb = min(64, max(16, triton.next_power_of_2(n_q))) if prec == "bf16x3" and kv_range is None else \
-        (32 if n_q > 16 else 16)
-    block_n = max(block_kv, 128)
+    # bf16x3: 64 query blocks per program and 256 keys per step (H200, 16 heads, block_kv 64; rank 16 at
+    # 64k: 0.38 ms against 0.41 with 128 keys, 0.76 with 32 query blocks and 0.54 with 128; rank 32:
+    # 0.47 against 0.52 ms at 64k, 7.0 against 7.3 at 256k). Packed clips and other precisions (not
+    # timed so) keep 32 query blocks and 128 keys.
+    fast = prec == "bf16x3" and kv_range is None
+    qb = min(64, max(16, triton.next_power_of_2(n_q))) if fast else (32 if n_q > 16 else 16)
+    block_n = max(block_kv, 256 if fast else 128)
     qb = CONFIG_OVERRIDE.get("score_qb", qb)
     block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](

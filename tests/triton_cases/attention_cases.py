@@ -60,13 +60,13 @@ def clip_block_mask(b, h, segments, block_q, block_kv, gen):
 
 
 def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", counts="random",
-             packed=False, seed=0, loss="out", clips=None, kv_lens=None, deterministic=True):
+             packed=False, seed=0, loss="out", clips=None, kv_lens=None, backend="triton"):
     """loss: "out" (gradient on out only), "out+lse" (also a random gradient on the finite lse
     entries, as the CP ring merge gives) or "lse" (lse only: out unused).
     clips: lengths of clips packed into one sequence (Segments), each starting on a block boundary;
     s_q and s_kv are then ignored and padding holds zeros.
     kv_lens: "shared" ([n_kv]) or "per_head" ([b, h, n_kv]) random valid keys per KV block, 0 and
-    block_kv included. deterministic=False: the one-recompute backward (dq by atomics)."""
+    block_kv included. backend: "triton" or "triton-one-recompute" (dq by atomics)."""
     gen = torch.Generator().manual_seed(seed)
     segments = None
     if clips is not None:
@@ -100,8 +100,8 @@ def run_case(*, b, h, s_q, s_kv, d, block_q, block_kv, dtype, layout="bshd", cou
         q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kw = dict(block_q=block_q, block_kv=block_kv, layout=layout, segments=segments)
-    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend="triton", return_lse=True,
-                                      kv_lens=kv_lens, deterministic=deterministic, **kw)
+    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, backend=backend, return_lse=True,
+                                      kv_lens=kv_lens, **kw)
     if kv_lens is not None:  # the reference takes the checked [1 or b*h, n_kv] form
         kw["kv_lens"] = kv_lens.reshape(-1, n_kv)
     dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEVICE) if loss != "lse" else None
@@ -215,13 +215,13 @@ def test_kv_block_lengths(dtype, block_q, block_kv, layout, kv_lens):
 ], ids=["partial_tiles_lse", "small_kv_blocks_sbhd", "kv_lens", "packed_clips"])
 def test_one_recompute_backward(dtype, case):
     # dk, dv and dq from one pass over each KV block's list, dq by float32 atomics: the same checks
-    # against the float64 reference as the deterministic backward.
-    run_case(dtype=dtype, deterministic=False, **case)
+    # against the float64 reference as the default backward.
+    run_case(dtype=dtype, backend="triton-one-recompute", **case)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "one_recompute"])
+@pytest.mark.parametrize("backend", ["triton", "triton-one-recompute"], ids=["deterministic", "one_recompute"])
 @pytest.mark.parametrize("poison_value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_padding_of_packed_clips_never_reaches_real_tokens(deterministic, poison_value):
+def test_padding_of_packed_clips_never_reaches_real_tokens(backend, poison_value):
     """NaN or Inf in the padding of packed clips (q, k or v, and the output gradient there) leaves the
     output and every gradient of the real tokens as with clean padding, and gives the padding
     itself zero gradients."""
@@ -238,7 +238,7 @@ def test_padding_of_packed_clips_never_reaches_real_tokens(deterministic, poison
     def run(tensors, grad):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
         out = block_sparse_attention(*leaves, kv_idx, kv_cnt, block_q=32, block_kv=32, segments=packed,
-                                     backend="triton", deterministic=deterministic)
+                                     backend=backend)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
 
     clean = run((q, k, v), dout.masked_fill(mask, 0.0))
@@ -248,7 +248,8 @@ def test_padding_of_packed_clips_never_reaches_real_tokens(deterministic, poison
         got = run(dirty, dout.masked_fill(mask, poison_value))
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
             assert torch.isfinite(a).all() and (a.masked_select(mask) == 0).all(), (which, name)
-            torch.testing.assert_close(a, b, rtol=0 if deterministic else 1e-5, atol=0 if deterministic else 1e-6,
+            exact = backend == "triton"
+            torch.testing.assert_close(a, b, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6,
                                        msg=lambda m: f"poisoned {'qkv'[which]}, {name}: {m}")
 
 
@@ -364,13 +365,12 @@ def test_kv_pass_lists_sort_and_split_each_list():
     dict(b=1, h=2, s_q=0, s_kv=0, d=32, block_q=32, block_kv=32, dtype=torch.float16, clips=[70, 5, 100, 33],
          loss="out+lse", seed=52),
     dict(b=2, h=2, s_q=150, s_kv=200, d=32, block_q=64, block_kv=32, dtype=torch.float32, loss="out+lse", seed=53,
-         deterministic=False),
+         backend="triton-one-recompute"),
 ], ids=["partial_tiles_lse_fp32", "small_kv_blocks_kv_lens_fp16", "packed_clips_fp16", "one_recompute_fp32"])
 def test_passes_over_the_span(monkeypatch, case):
     """Long spans run in passes that each fit in L2 (forward and dq over the KV span, dk/dv over the
     query span; a later pass resumes from what the earlier ones wrote): the same checks against the
-    float64 reference as one pass. The bytes per pass are forced small, so these shapes take 3-7 passes
-    (the one-recompute backward: in the forward only)."""
+    float64 reference as one pass. The bytes per pass are forced small, so these shapes take 3-7 passes."""
     from megatron_dsv.ops import triton_attention as ta
 
     monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", 8192)
@@ -401,8 +401,8 @@ def test_tma_paths(monkeypatch, layout, packed):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors exist on the GPU only")
 @pytest.mark.usefixtures("poison")
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "one_recompute"])
-def test_passes_tma_paths(monkeypatch, deterministic):
+@pytest.mark.parametrize("backend", ["triton", "triton-one-recompute"], ids=["deterministic", "one_recompute"])
+def test_passes_tma_paths(monkeypatch, backend):
     """Passes through the TMA loads of whole 64-row blocks (the GPU's default path), bf16, head dim 128,
     a partial last block: 8 passes over 10 blocks, against the float64 reference."""
     from megatron_dsv.ops import triton_attention as ta
@@ -410,4 +410,4 @@ def test_passes_tma_paths(monkeypatch, deterministic):
     monkeypatch.setitem(ta.CONFIG_OVERRIDE, "pass_bytes", 8192)
     assert ta._passes(10, 64, 128, 2, torch.device(DEVICE)) == ta.MAX_PASSES
     run_case(b=2, h=2, s_q=600, s_kv=620, d=128, block_q=64, block_kv=64, dtype=torch.bfloat16, loss="out+lse",
-             deterministic=deterministic, seed=54)
+             backend=backend, seed=54)
