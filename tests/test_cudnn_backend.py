@@ -151,7 +151,7 @@ def test_cudnn_reproducibility_is_as_declared():
     assert same == cudnn_attention.BITWISE_REPRODUCIBLE, f"cuDNN backward bitwise reproducible: {same}"
     if not cudnn_attention.BITWISE_REPRODUCIBLE:
         with pytest.raises(ValueError, match="not bitwise reproducible"):
-            block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, backend="cudnn")
+            block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, backend="cudnn", deterministic=True)
 
 
 @gpu
@@ -170,3 +170,38 @@ def test_auto_times_both_backends_once_per_shape(capsys):
     # A reproducible call runs Triton's atomic-free kernels, untimed.
     block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, deterministic=True)
     assert len(backend_choice._CHOSEN) == 1
+
+
+@gpu
+def test_cudnn_kernels_replay_from_a_cuda_graph():
+    """auto may pick cuDNN's kernels (the default allows them) in a layer whose steps then replay from CUDA
+    graphs: a captured forward + backward, replayed on new inputs, gives what eager calls give."""
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, d = 1, 4096, 4, 128
+    make = lambda: torch.randn(b, s, h, d, generator=gen).cuda().bfloat16()  # noqa: E731
+    idx, cnt = _mask(b, h, s // 64, s // 64, gen, "cuda")
+    leaves = [make().requires_grad_() for _ in range(3)]
+    dout = make()
+
+    def step(q, k, v):
+        out = block_sparse_attention(q, k, v, idx, cnt, block_q=64, block_kv=64, backend="cudnn")
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(*leaves)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step(*leaves)
+    for _ in range(2):
+        fresh = [make() for _ in range(3)]
+        with torch.no_grad():
+            for leaf, x in zip(leaves, fresh):
+                leaf.copy_(x)
+        graph.replay()
+        eager = step(*(x.clone().requires_grad_() for x in fresh))
+        for name, a, e in zip(("out", "dq", "dk", "dv"), static, eager):
+            torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
