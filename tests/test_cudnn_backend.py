@@ -174,8 +174,8 @@ def test_auto_times_both_backends_once_per_shape(capsys):
 
 @gpu
 def test_cudnn_kernels_replay_from_a_cuda_graph():
-    """auto may pick cuDNN's kernels (the default allows them) in a layer whose steps then replay from CUDA
-    graphs: a captured forward + backward, replayed on new inputs, gives what eager calls give."""
+    """cuDNN's kernels captured in a CUDA graph (auto may pick them, as the default allows, in a layer whose
+    steps replay from graphs): the forward + backward replayed on new inputs gives what eager calls give."""
     gen = torch.Generator().manual_seed(5)
     b, s, h, d = 1, 4096, 4, 128
     make = lambda: torch.randn(b, s, h, d, generator=gen).cuda().bfloat16()  # noqa: E731

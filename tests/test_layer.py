@@ -634,10 +634,10 @@ def test_unsupported_head_dim_fails_when_the_layer_is_built(megatron_parallel):
 
 
 @pytest.mark.parametrize("field, mode, expected", [(True, False, True), (False, False, False), (False, True, True)])
-def test_backward_schedule_follows_config_and_megatron_deterministic_mode(megatron_parallel, monkeypatch, field,
-                                                                           mode, expected):
-    """DSVConfig.deterministic_backward picks the sparse backward; Megatron's deterministic_mode forces the
-    atomic-free one."""
+def test_deterministic_kernels_follow_config_and_megatron_deterministic_mode(megatron_parallel, monkeypatch, field,
+                                                                            mode, expected):
+    """The sparse attention is asked for reproducible kernels where DSVConfig.deterministic_backward or
+    Megatron's deterministic_mode says so (auto then keeps to Triton's)."""
     import megatron_dsv.layers.attention as attention
 
     seen = []

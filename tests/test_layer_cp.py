@@ -44,12 +44,17 @@ def _worker(rank, world, out_dir, head_parallel, packed):
     from megatron.core import parallel_state
 
     from megatron_dsv import DSVConfig
+    from megatron_dsv.cp import kv_exchange
 
+    # The packed runs ask for reproducible kernels: every sparse call of the CP path must be told so.
+    seen = set()
+    real = kv_exchange.block_sparse_attention
+    kv_exchange.block_sparse_attention = lambda *a, **kw: seen.add(kw["deterministic"]) or real(*a, **kw)
     parallel_state.initialize_model_parallel(context_parallel_size=world)
     dsv = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4, stage1_min_steps=4,
                     stage1_max_steps=4, profile_interval_stage1=2, profile_interval_stage2=2, predictor_lr=1e-2,
                     layer_sparsity_threshold=0.0, budget_floor=0.0, budget_ceiling=0.5,
-                    cp_head_parallel_size=head_parallel)
+                    cp_head_parallel_size=head_parallel, deterministic_backward=packed)
     cp_layer, ref = _layer(world, dsv), _layer(1, dsv)
     shard = slice(rank * S // world, (rank + 1) * S // world)
     gen = torch.Generator().manual_seed(7)  # every rank draws the same full batch
@@ -80,6 +85,7 @@ def _worker(rank, world, out_dir, head_parallel, packed):
     errors["recall_end"] = float((cp_layer.controller.recall - ref.controller.recall).abs().max())
     errors["stage"] = cp_layer.controller.host()["stage"]
     errors["step"] = cp_layer.controller.host()["step"]
+    errors["deterministic_seen"] = sorted(seen)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(errors, f)
 
@@ -94,6 +100,7 @@ def test_cp_layer_matches_single_process(tmp_path, head_parallel, packed):
         assert e["predictor"] < 1e-4 and e["profile"] < 1e-5, e
         assert e["predictor_end"] < 1e-4 and e["recall_end"] < 1e-5, e
         assert e["stage"] == 2 and e["step"] == STEPS and e["sparse_steps"] == STEPS - 4, e
+        assert e["deterministic_seen"] == [packed], e
 
 
 def _fault_worker(rank, world, out_dir, fault):

@@ -72,7 +72,7 @@ def _wait(pending, group, device) -> None:
 
 def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, plan: CPPlan, block_q: int,
                      block_kv: int, scale: Optional[float] = None, backend: str = "auto",
-                     return_selection: bool = False, segments=None):
+                     return_selection: bool = False, segments=None, deterministic: bool = False):
     """Stage-2 sparse attention of this rank's sequence shard under hybrid context parallelism.
 
     Args:
@@ -86,6 +86,7 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
             plan splits is computed by several ranks, each on its share of the query blocks.
         segments: packed clips (:class:`megatron_dsv.ops.Segments`) of the whole sequence, starting
             on multiples of max(block_q, block_kv).
+        backend, deterministic: the attention kernels (:func:`megatron_dsv.ops.block_sparse_attention`).
     Returns out [s_local, b, H, d], differentiable in q, k, v; with return_selection also
     (kv_idx, kv_cnt) of this rank's heads ``plan.heads_of[u]`` and segment (global KV block ids).
     """
@@ -130,7 +131,8 @@ def dsv_cp_attention(q, k, v, wq_lr, wk_lr, budgets, *, group: HybridCPGroup, pl
     kv_lens = segments.block_lens(block_kv, q.device) if segments is not None and segments.is_padded else None
     _wait(pending, group, q.device)
     out_h = sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group, plan.U, block_q=block_q, block_kv=block_kv,
-                                scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens)
+                                scale=scale, schedule=plan.schedule, backend=backend, kv_lens=kv_lens,
+                                deterministic=deterministic)
     out = _zero_padding(head_to_seq(out_h, group, plan.U, plan.heads_of, H), segments, group)
     return (out, (kv_idx, kv_cnt)) if return_selection else out
 

@@ -351,7 +351,7 @@ def _finish(pending):
 
 def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int, *, block_q: int,
                         block_kv: int, scale=None, schedule: str = "gather", backend: str = "auto",
-                        kv_lens=None):
+                        kv_lens=None, deterministic: bool = False):
     """Block-sparse attention of this rank's segment queries over globally indexed KV blocks.
 
     Args:
@@ -364,6 +364,7 @@ def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int
         schedule: "gather" (one all-to-all) or "ring" (R - 1 overlapped rounds).
         kv_lens: int [n_kv_total]: valid keys at the start of every global KV block (packed clips:
             a clip's last block is partial); the rest are masked wherever the block is attended.
+        backend, deterministic: the kernels of each block-sparse call (:func:`block_sparse_attention`).
     Returns out [seg, b, n, d], differentiable in qh, kh, vh (remote dK/dV go back to their owners).
     """
     if schedule not in SCHEDULES:
@@ -378,7 +379,7 @@ def sparse_kv_attention(qh, kh, vh, kv_idx, kv_cnt, group: HybridCPGroup, U: int
     if kv_lens is not None and tuple(kv_lens.shape) != (seg * grid.R // block_kv,):
         raise ValueError(f"kv_lens must be [{seg * grid.R // block_kv}] (all KV blocks of the sequence), "
                          f"got {tuple(kv_lens.shape)}")
-    opts = dict(block_q=block_q, block_kv=block_kv, scale=scale, backend=backend)
+    opts = dict(block_q=block_q, block_kv=block_kv, scale=scale, backend=backend, deterministic=deterministic)
     if grid.R == 1:   # the segment is the whole sequence: every selected block is local, nothing to exchange
         with group.phase("attention", qh.device):
             return block_sparse_attention(qh, kh, vh, kv_idx, kv_cnt, layout="sbhd", kv_lens=kv_lens, **opts)

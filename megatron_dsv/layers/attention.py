@@ -184,6 +184,8 @@ class DSVDotProductAttention(_CoreAttention):
         if self.cfg.backend == "cudnn" and self.head_dim != 128:
             raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
                                       f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
+        # Reproducible kernels only: asked for by DSVConfig or by Megatron's deterministic_mode.
+        self.deterministic = self.cfg.deterministic_backward or bool(getattr(config, "deterministic_mode", False))
         if self.cfg.backend in NON_REPRODUCIBLE_BACKENDS and getattr(config, "deterministic_mode", False):
             raise ValueError(f"DSVDotProductAttention: backend={self.cfg.backend!r} is not bitwise reproducible "
                              "and Megatron's deterministic_mode is on; use backend='auto' or 'triton'")
@@ -263,7 +265,7 @@ class DSVDotProductAttention(_CoreAttention):
                 with self.timer("attention", query.device):
                     if sparse:
                         out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
-                                        step, segments)
+                                        step, segments, self.deterministic)
                         learn_inputs = cp.learn_inputs(query, key) if learn else None
                     else:
                         out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
@@ -413,9 +415,8 @@ class DSVDotProductAttention(_CoreAttention):
         """Block-sparse attention of [s, b, n, d] q, k, v over `selection`, with the unselected blocks
         added back pooled when cfg.coarse_remainder is set."""
         cfg = self.cfg
-        deterministic = cfg.deterministic_backward or bool(getattr(self.config, "deterministic_mode", False))
         opts = dict(block_q=cfg.block_q, block_kv=cfg.block_kv, scale=self.softmax_scale, layout="sbhd")
-        kernel = dict(backend=cfg.backend, deterministic=deterministic)
+        kernel = dict(backend=cfg.backend, deterministic=self.deterministic)
         if not cfg.coarse_remainder:
             return block_sparse_attention(q, k, v, *selection, segments=segments, **kernel, **opts)
         if segments is not None:

@@ -120,12 +120,13 @@ class LayerContextParallel:
         mode = self.cfg.cp_plan_search
         return mode == "measured" or (mode == "auto" and q.is_cuda)
 
-    def sparse(self, q, k, v, predictor, budgets, scale, step: int, segments=None):
-        """Stage-2 attention. budgets: per-head ints, or an int tensor [heads, clips] for packed clips."""
+    def sparse(self, q, k, v, predictor, budgets, scale, step: int, segments=None, deterministic=False):
+        """Stage-2 attention. budgets: per-head ints, or an int tensor [heads, clips] for packed clips.
+        deterministic: reproducible kernels only (the layer's DSVConfig and Megatron's deterministic_mode)."""
         s_local, b = q.shape[:2]
         plan_budgets = budgets if segments is None else _work_budgets(budgets, segments, self.cfg)
         opts = dict(group=self.group, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv, scale=scale,
-                    backend=self.cfg.backend, segments=segments)
+                    backend=self.cfg.backend, segments=segments, deterministic=deterministic)
 
         def measure(p):   # the layer's attention under plan p, forward + backward, on detached copies
             with torch.enable_grad():

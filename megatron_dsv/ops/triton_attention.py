@@ -72,8 +72,8 @@ def _dkdv_config(block_q, block_kv, atomic_dq=False):
     # (33.1 vs 37.4 ms at block_kv 16), and pointer loads beat TMA there (33.1 vs 39.5 ms).
     # The one-recompute kernel (atomic_dq) also holds each sub-tile's dq: its own config and override
     # key. Of 12 variants on H200 (64k, 64x64, density 0.1) dk^T/dv^T accumulators with pointer loads
-    # were fastest, 39.3 ms against 48.8 ms for the dk/dv kernel's config (which alone takes 13.0 ms).
-    # dq_tma: its adds as TMA bulk reductions (DQ_TMA in the kernel) where a descriptor can be made.
+    # were fastest, 39.0 ms with dq_tma (its adds as TMA bulk reductions, DQ_TMA in the kernel, where a
+    # descriptor can be made) against 39.6 with scalar atomics; the dk/dv kernel alone takes 13.0 ms.
     cfg = dict(BLOCK_M=min(block_q, 64), num_warps=4 if block_kv <= 64 else 8, num_stages=2,
                tma=block_kv >= 64 and not atomic_dq, D_MAJOR=block_kv < 64 or atomic_dq)
     if atomic_dq:
@@ -99,8 +99,8 @@ def _tma_descriptor(x: torch.Tensor, layout: str, rows: int):
 
 def _dq_acc_descriptor(dq_acc: Optional[torch.Tensor], rows: int):
     """A TMA descriptor over the one-recompute backward's float32 dq accumulator [b, h, Sq, d] seen as
-    [b*h, Sq, d], for bulk reductions of [1, rows, 1, d] tiles; None where TMA cannot be used."""
-    if dq_acc is None or _interpreting() or not dq_acc.is_cuda:
+    [b*h, Sq, d], for bulk reductions of [1, rows, d] tiles; None where TMA cannot be used."""
+    if dq_acc is None or _interpreting() or not dq_acc.is_cuda or dq_acc.numel() == 0:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -638,8 +638,9 @@ def _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, 
 def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
               one_recompute=False, q_varlen=False):
     """Default: dq over each query block's list, then dk/dv over each KV block's (no atomics,
-    bitwise reproducible; P and dP computed twice). Otherwise the one-recompute schedule: one pass
-    over each KV block's list gives dk, dv and dq, dq added in float32 with atomics."""
+    bitwise reproducible; P and dP computed twice). Otherwise the one-recompute schedule: one walk
+    over each KV block's list (in L2-sized passes over the query span) gives dk, dv and dq, dq added
+    in float32 with atomics."""
     do = _unit_last(do)
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
@@ -653,8 +654,8 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
                         q_varlen)
         dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout, q_varlen)
         return dq, dk, dv
-    # Passes over the query span as for the deterministic dk/dv, counting dq's float32 accumulator
-    # beside Q and dO: 8 bytes per element of the two bf16 tensors instead of 4.
+    # Passes over the query span as for the atomic-free dk/dv, counting dq's float32 accumulator beside
+    # Q and dO as if their elements were twice as wide (right for bf16 and fp16; fp32 gets more passes).
     n_q = kv_idx.shape[2]
     passes = _passes(n_q, block_q, q.shape[-1], 2 * q.element_size(), q.device)
     q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
