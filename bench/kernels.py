@@ -11,6 +11,8 @@ Also checks the sparse output against Flex (same mask) and, at density 1, agains
     python bench/kernels.py --tune   # launch-config variants at the target point
     python bench/kernels.py --seqs 65536 --densities 0.1 --no-flex --resources  # + what each kernel uses
     python bench/kernels.py --seqs 65536 131072 --densities 0.1 0.05 --block-q 64 --block-kvs 64 --peers
+    python bench/kernels.py --seqs 16384 --densities 0.1 --block-q 64 --block-kvs 64 --no-flex --heads 8 \
+        --head-dim 64 --rank 32 --graphed   # + selection and forward replayed from CUDA graphs
 
 Writes JSON (device name included) and prints a table last. Does not import megatron.
 """
@@ -61,6 +63,21 @@ def inputs(s, gen_seed=0):
     q, k, v, do = (torch.randn(1, s, H, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(4))
     q_lr, k_lr = (torch.randn(1, s, H, RANK, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
     return q, k, v, do, q_lr, k_lr
+
+
+def graph_ms(fn):
+    """ms of fn replayed from a CUDA graph, as a DSV layer's training steps run selection and attention
+    at short lengths: no host work per call (each replay is one launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return ms(graph.replay)
 
 
 def time_fwd_bwd(fwd, q, k, v, do):
@@ -193,7 +210,7 @@ def flex_coarse(q, k, v, do, s, density):
 
 
 def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_flex, dense_out=None,
-                 one_recompute=False, with_peers=False):
+                 one_recompute=False, with_peers=False, graphed=False):
     n_kv = -(-s // block_kv)
     topk = max(1, round(density * n_kv))
     sel = lambda: select_blocks(q_lr, k_lr, topk, block_q=block_q, block_kv=block_kv, backend="triton")  # noqa: E731
@@ -210,6 +227,10 @@ def sparse_point(q, k, v, do, q_lr, k_lr, s, block_q, block_kv, density, with_fl
     rec["fwd_ms"], rec["fwdbwd_ms"], rec["peak_bytes"] = time_fwd_bwd(fwd, q, k, v, do)
     rec["bwd_ms"] = rec["fwdbwd_ms"] - rec["fwd_ms"]
     rec["total_ms"] = rec["fwdbwd_ms"] + rec["select_ms"]
+    if graphed:
+        rec["select_graph_ms"] = graph_ms(sel)
+        rec["fwd_graph_ms"] = graph_ms(lambda: fwd(q, k, v))
+        rec["select_share_of_fwd_graph"] = rec["select_graph_ms"] / rec["fwd_graph_ms"]
     if one_recompute:  # the one-recompute backward (dq by atomics) on the same mask, and its gradients' gap
         def fwd1(q_, k_, v_):
             return block_sparse_attention(q_, k_, v_, kv_idx, kv_cnt, block_q=block_q, block_kv=block_kv,
@@ -454,6 +475,8 @@ def main():
     ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
+    ap.add_argument("--graphed", action="store_true",
+                    help="also time selection and the sparse forward replayed from CUDA graphs (no host time)")
     ap.add_argument("--one-recompute", action="store_true",
                     help="also time the one-recompute backward (backend='triton-one-recompute') on each sparse point")
     ap.add_argument("--peers", action="store_true",
@@ -490,7 +513,8 @@ def main():
                     try:
                         r = sparse_point(q, k, v, do, q_lr, k_lr, s, args.block_q, block_kv, density,
                                          with_flex=not args.no_flex, dense_out=dense_out,
-                                         one_recompute=args.one_recompute, with_peers=args.peers)
+                                         one_recompute=args.one_recompute, with_peers=args.peers,
+                                         graphed=args.graphed)
                     except Exception:  # noqa: BLE001 - recorded, the sweep goes on
                         r = dict(S=s, block_kv=block_kv, density=density, error=traceback.format_exc()[-800:])
                         print(r["error"], file=sys.stderr)
@@ -546,6 +570,12 @@ def main():
               f"{r.get('flex_fwdbwd_ms', float('nan')):7.2f} {r.get('flex128_fwdbwd_ms', float('nan')):7.2f}"
               + (f" bwd1R {r['one_recompute_bwd_ms']:.2f} (err {r['one_recompute_grad_rel_err']:.1e})"
                  if "one_recompute_bwd_ms" in r else ""))
+    if args.graphed:
+        print("\nreplayed from CUDA graphs (no host time): selection, sparse forward, selection / forward")
+        for r in sparse:
+            if "select_graph_ms" in r:
+                print(f"{r['S']:>7} {r['block_kv']:>4} {r['density']:5.3f} {r['select_graph_ms']:7.3f} "
+                      f"{r['fwd_graph_ms']:7.3f} {r['select_share_of_fwd_graph']:6.2f}")
     if args.peers:
         print("\nbackend='auto', deterministic=False (times the installed kernels once per shape), with selection")
         for r in sparse:

@@ -16,6 +16,7 @@ of keys holds only its clip's blocks (as many entries as the largest clip has bl
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,8 +37,8 @@ _BUDGET_CACHE: dict = {}
 # scores from three bf16 products.
 SCORE_PRECISION = "tf32x3"
 
-# Launch-config overrides for bench/kernels.py (keys: "top_blocks_warps", "score_precision",
-# "score_qb", "score_block_n", "score_warps").
+# Launch-config overrides for bench/kernels.py and tests (keys: "top_blocks_warps", "score_precision",
+# "score_qb", "score_block_n", "score_warps", "score_spans").
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -49,10 +50,13 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 @triton.jit
 def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
                              sk_b, sk_s, sk_h, sk_r,
-                             H, N_Q, N_KV, S_KV, R, W,
+                             H, N_Q, N_KV, S_KV, R, W, SPAN,
                              QB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr,
-                             R_PAD: tl.constexpr, PREC: tl.constexpr, RANGED: tl.constexpr):
-    """Keys rows hold W entries. RANGED: query block i scores only key tokens [KvRange[i, 0],
+                             R_PAD: tl.constexpr, PREC: tl.constexpr, RANGED: tl.constexpr,
+                             SPLIT: tl.constexpr):
+    """Program (i, bh, t) scores query blocks i*QB.. of one (batch, head); with SPLIT only against the
+    key tokens [t * SPAN, (t + 1) * SPAN) (SPAN a multiple of BLOCK_N): each span writes its own
+    entries. Keys rows hold W entries. RANGED: query block i scores only key tokens [KvRange[i, 0],
     KvRange[i, 1]) (a block-aligned start), and entry j of its row is the block KvRange[i, 0] /
     BLOCK_KV + j; otherwise entry j is block j (W = N_KV).
     PREC "bf16x3" (k_lr in bf16): the float32 proxy is split into three bf16 parts whose sum is
@@ -90,6 +94,13 @@ def _block_score_keys_kernel(Proxy, K, Keys, KvRange,
         lo_tok = tl.min(tl.where(live, row_lo, S_KV), 0) // BLOCK_N * BLOCK_N
         hi_tok = tl.max(tl.where(live, row_hi, 0), 0)
         first = row_lo // BLOCK_KV
+    if SPLIT:
+        span_lo = tl.program_id(2) * SPAN
+        if RANGED:
+            lo_tok = tl.maximum(lo_tok, span_lo)
+        else:
+            lo_tok = span_lo
+        hi_tok = tl.minimum(hi_tok, span_lo + SPAN)
     for start in range(lo_tok, hi_tok, BLOCK_N):
         tok = start + offs_n
         t_ok = tok < S_KV
@@ -218,6 +229,23 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 _NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _score_spans(programs: int, s_kv: int, block_n: int, device: torch.device) -> int:
+    """Key spans per (query-block group, batch, head). Short sequences give fewer scoring programs than
+    the GPU has SMs: `small`'s layer at 16k tokens (8 heads, batch 1, 64 query blocks per program) runs
+    32 programs on the H200's 132 SMs, and its selection, mostly these scores, took 0.134 ms replayed
+    from a CUDA graph against a 0.147 ms sparse forward (bench/results/step_h200/s14/). The keys are
+    then cut into spans, one program each, for at least one program per SM; longer sequences keep one
+    span (64k: 256 programs; the tiling measured above). Not yet timed on the GPU."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(triton.cdiv(_sm_count(device), programs), triton.cdiv(s_kv, block_n)))
+
+
 def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     b, h, n_q, r = proxy.shape
     s_kv = k_lr.shape[1]
@@ -239,10 +267,13 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     block_n = max(block_kv, 256 if fast else 128)
     qb = CONFIG_OVERRIDE.get("score_qb", qb)
     block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
-    _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h)](
+    programs = triton.cdiv(n_q, qb) * b * h
+    spans = CONFIG_OVERRIDE.get("score_spans", _score_spans(programs, s_kv, block_n, proxy.device))
+    span = triton.cdiv(triton.cdiv(s_kv, spans), block_n) * block_n
+    _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h, triton.cdiv(s_kv, span))](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
-        h, n_q, n_kv, s_kv, r, keys.shape[-1], QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
-        PREC=prec, RANGED=kv_range is not None,
+        h, n_q, n_kv, s_kv, r, keys.shape[-1], span, QB=qb, BLOCK_N=block_n, BLOCK_KV=block_kv, R_PAD=r_pad,
+        PREC=prec, RANGED=kv_range is not None, SPLIT=span < s_kv,
         num_warps=CONFIG_OVERRIDE.get("score_warps", 4), num_stages=3)
     return keys
 

@@ -216,3 +216,26 @@ def test_budgets_kept_on_the_device_select_as_host_budgets(backend):
         k = want_idx.shape[-1]
         assert got_idx.shape[-1] == 8 and torch.equal(got_cnt, want_cnt)
         assert torch.equal(got_idx[..., :k], want_idx) and (got_idx[..., k:] == -1).all()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_clips"])
+@pytest.mark.parametrize("spans", [2, 3])
+def test_key_spans_select_as_one_span(monkeypatch, packed, spans):
+    # Short sequences cut the keys into spans scored by separate programs (_score_spans); every span
+    # writes its own entries, so the result equals one span's exactly (same tiles, same arithmetic).
+    from megatron_dsv.ops import triton_selection as ts
+
+    gen = torch.Generator().manual_seed(11 + spans)
+    block_q, block_kv = 32, 16
+    segments = Segments([70, 5, 100, 33, 150], align=block_q) if packed else None
+    s = segments.total if packed else 420
+    b, h, r = 2, 2, 8
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    budgets = torch.tensor([[1, 1, 3, 2, 4], [2, 0, 5, 1, 7]]) if packed else torch.tensor([3, 9])
+    kw = dict(block_q=block_q, block_kv=block_kv, backend="triton", segments=segments)
+    monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_block_n", 64)   # several steps per span
+    monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_spans", 1)
+    one = select_blocks(q_lr, k_lr, budgets, **kw)
+    monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_spans", spans)
+    cut = select_blocks(q_lr, k_lr, budgets, **kw)
+    assert torch.equal(one[0], cut[0]) and torch.equal(one[1], cut[1])
