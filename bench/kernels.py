@@ -317,6 +317,9 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
     if k_lr.dtype == torch.bfloat16:
         variants += [(f"bf16x3_qb{qb}_n{n}_w{w}", dict(score_qb=qb, score_block_n=n, score_warps=w))
                      for qb in (32, 64, 128) for n in sorted({max(block_kv, 128), 256}) for w in (4, 8)]
+        # The keys cut into spans, one program each (short sequences: more programs than SMs).
+        variants += [(f"bf16x3_qb64_n256_w4_s{sp}", dict(score_qb=64, score_block_n=256, score_warps=4,
+                                                          score_spans=sp)) for sp in (2, 4, 8)]
     for name, cfg in variants:
         tsel.CONFIG_OVERRIDE.clear()
         tsel.CONFIG_OVERRIDE.update(cfg, score_precision=name.split("_")[0])

@@ -16,7 +16,6 @@ of keys holds only its clip's blocks (as many entries as the largest clip has bl
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -229,23 +228,6 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 _NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _score_spans(programs: int, s_kv: int, block_n: int, device: torch.device) -> int:
-    """Key spans per (query-block group, batch, head). Short sequences give fewer scoring programs than
-    the GPU has SMs: `small`'s layer at 16k tokens (8 heads, batch 1, 64 query blocks per program) runs
-    32 programs on the H200's 132 SMs, and its selection, mostly these scores, took 0.134 ms replayed
-    from a CUDA graph against a 0.147 ms sparse forward (bench/results/step_h200/s14/). The keys are
-    then cut into spans, one program each, for at least one program per SM; longer sequences keep one
-    span (64k: 256 programs; the tiling measured above). Not yet timed on the GPU."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(triton.cdiv(_sm_count(device), programs), triton.cdiv(s_kv, block_n)))
-
-
 def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     b, h, n_q, r = proxy.shape
     s_kv = k_lr.shape[1]
@@ -267,8 +249,12 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     block_n = max(block_kv, 256 if fast else 128)
     qb = CONFIG_OVERRIDE.get("score_qb", qb)
     block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
-    programs = triton.cdiv(n_q, qb) * b * h
-    spans = CONFIG_OVERRIDE.get("score_spans", _score_spans(programs, s_kv, block_n, proxy.device))
+    # Key spans per program group: short sequences give fewer scoring programs than the GPU has SMs
+    # (`small`'s layer at 16k tokens, 8 heads, batch 1: 32 programs on the H200's 132 SMs, and its
+    # selection took 0.134 ms replayed from a CUDA graph against a 0.147 ms sparse forward). Cutting the
+    # keys into spans, one program each, is supported and tested; it stays off by default until timed
+    # on the GPU (bench/kernels.py --tune --tune-kernels sel times 2, 4 and 8 spans).
+    spans = CONFIG_OVERRIDE.get("score_spans", 1)
     span = triton.cdiv(triton.cdiv(s_kv, spans), block_n) * block_n
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h, triton.cdiv(s_kv, span))](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
