@@ -65,9 +65,8 @@ def inputs(s, gen_seed=0):
     return q, k, v, do, q_lr, k_lr
 
 
-def graph_ms(fn):
-    """ms of fn replayed from a CUDA graph, as a DSV layer's training steps run selection and attention
-    at short lengths: no host work per call (each replay is one launch)."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured as one CUDA graph, after three warm-up calls (compiles, autotuning) on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -77,7 +76,13 @@ def graph_ms(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return ms(graph.replay)
+    return graph
+
+
+def graph_ms(fn):
+    """ms of fn replayed from a CUDA graph, as a DSV layer's training steps run selection and attention
+    at short lengths: no host work per call (each replay is one launch)."""
+    return ms(capture_graph(fn).replay)
 
 
 def time_fwd_bwd(fwd, q, k, v, do):

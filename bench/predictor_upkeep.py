@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import capture_graph  # noqa: E402
 from megatron_dsv.layers.predictor import LowRankPredictor, key_gram  # noqa: E402
 
 
@@ -30,16 +31,9 @@ def upkeep(q_rows, k, wq, wk, scale):
 
 
 def graphed(fn, args, replays: int):
-    """(ms per replay, kernels in the graph) of fn(*args) captured as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):   # warm-up (and torch.compile's compilation) outside the capture
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*args)
+    """(ms per replay, kernels in the graph) of fn(*args) captured as one CUDA graph (the warm-up runs
+    torch.compile's compilation outside the capture)."""
+    graph = capture_graph(lambda: fn(*args))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()

@@ -645,20 +645,17 @@ def _backward(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, bl
     if dlse2 is not None:
         dlse2 = dlse2.to(torch.float32).contiguous()  # read as [b*h, Sq] rows
     n_kv = -(-split_dims(k, layout)[1] // block_kv)
+    # dk/dv gather query blocks from each head's Q and dO: passes over the query span (see L2_SHARE). The
+    # one-recompute schedule also adds into dq's float32 accumulator there: counted as if Q's and dO's
+    # elements were twice as wide (right for bf16 and fp16; fp32 gets more passes).
+    elem = q.element_size() * (2 if one_recompute else 1)
+    passes = _passes(kv_idx.shape[2], block_q, q.shape[-1], elem, q.device)
+    q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
     if not one_recompute:
-        # dk/dv gather query blocks from each head's Q and dO: passes over the query span (see L2_SHARE).
-        n_q = kv_idx.shape[2]
-        passes = _passes(n_q, block_q, q.shape[-1], q.element_size(), q.device)
-        q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
         dq, delta = _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv, scale, layout,
                         q_varlen)
         dk, dv = _dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, kv_len, block_q, block_kv, scale, layout, q_varlen)
         return dq, dk, dv
-    # Passes over the query span as for the atomic-free dk/dv, counting dq's float32 accumulator beside
-    # Q and dO as if their elements were twice as wide (right for bf16 and fp16; fp32 gets more passes).
-    n_q = kv_idx.shape[2]
-    passes = _passes(n_q, block_q, q.shape[-1], 2 * q.element_size(), q.device)
-    q_idx, q_bounds = transpose_block_lists(kv_idx, kv_cnt, n_kv, passes)
     # delta = rowsum(dO * O) - dlse (per natural-log unit), as the dq kernel computes it.
     delta = (to_bhsd(do, layout).float() * to_bhsd(out, layout).float()).sum(-1)
     if dlse2 is not None:
