@@ -310,21 +310,37 @@ def dense_point(q, k, v, do, s):
     return rec, outs.get("cudnn")
 
 
-def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base):
-    """Time the parts of select_blocks: the score precisions and tilings (with the share of rows
-    each picks as float32 FMAs do), and the top-k kernel at each warp count."""
+def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base, ms=ms):
+    """Time the parts of select_blocks (with ms=graph_ms: each replayed from a CUDA graph): the block
+    means of q_lr (the kernel, and the reference's torch formula), the score precisions, tilings and
+    key spans (with the share of rows each picks as float32 FMAs do), and the top-k kernel at each
+    warp count."""
     from megatron_dsv.ops import triton_selection as tsel
+    from megatron_dsv.ops.reference import _pad_seq
     recs = []
-    proxy = tsel._proxies(q_lr, block_q)
-    recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._proxies(q_lr, block_q))))
+    proxy = tsel._block_means(q_lr, block_q)
+    recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._block_means(q_lr, block_q))))
+    r = q_lr.shape[-1]
+    for cols in sorted({max(16, r), 2 * r, 4 * r, 8 * r}):   # columns (heads x rank) per program
+        for warps in (1, 2, 4):
+            tsel.CONFIG_OVERRIDE.update(means_cols=cols, means_warps=warps)
+            recs.append(dict(base, kernel=f"sel_proxies_c{cols}_w{warps}", ms=ms(lambda: tsel._block_means(q_lr, block_q))))
+    tsel.CONFIG_OVERRIDE.clear()
+
+    def torch_means():
+        qh = q_lr.permute(0, 2, 1, 3).float()
+        count = torch.clamp(qh.shape[2] - torch.arange(proxy.shape[2], device=qh.device) * block_q, max=block_q)
+        return _pad_seq(qh, block_q).unflatten(2, (-1, block_q)).sum(3) / count.view(1, 1, -1, 1)
+    recs.append(dict(base, kernel="sel_proxies_torch", ms=ms(torch_means),
+                     max_abs_diff=float((torch_means() - proxy).abs().max())))
     picks = {}
     variants = [("ieee", {}), ("tf32x3", {}), ("tf32", {})]
     if k_lr.dtype == torch.bfloat16:
-        variants += [(f"bf16x3_qb{qb}_n{n}_w{w}", dict(score_qb=qb, score_block_n=n, score_warps=w))
-                     for qb in (32, 64, 128) for n in sorted({max(block_kv, 128), 256}) for w in (4, 8)]
-        # The keys cut into spans, one program each (short sequences: more programs than SMs).
-        variants += [(f"bf16x3_qb64_n256_w4_s{sp}", dict(score_qb=64, score_block_n=256, score_warps=4,
-                                                          score_spans=sp)) for sp in (2, 4, 8)]
+        # spans: the keys cut into spans, one program each (short sequences: more programs than SMs).
+        variants += [(f"bf16x3_qb{qb}_n{n}_w{w}_s{sp}", dict(score_qb=qb, score_block_n=n, score_warps=w,
+                                                             score_spans=sp))
+                     for qb in (32, 64, 128) for n in sorted({max(block_kv, 128), 256}) for w in (4, 8)
+                     for sp in (1, 2, 4, 8)]
     for name, cfg in variants:
         tsel.CONFIG_OVERRIDE.clear()
         tsel.CONFIG_OVERRIDE.update(cfg, score_precision=name.split("_")[0])
@@ -400,7 +416,8 @@ def tune(args, results):
                                              "bshd", False, dq_acc=dq_acc), 2.5),
         }
         if "sel" in args.tune_kernels:
-            results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base))
+            results.extend(selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base,
+                                               ms=graph_ms if args.graphed else ms))
         for kernel, cfgs in variants.items():
             if kernel not in args.tune_kernels:
                 continue
@@ -484,7 +501,8 @@ def main():
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--graphed", action="store_true",
-                    help="also time selection and the sparse forward replayed from CUDA graphs (no host time)")
+                    help="also time selection and the sparse forward replayed from CUDA graphs (no host time); "
+                    "with --tune, time the selection's parts so")
     ap.add_argument("--one-recompute", action="store_true",
                     help="also time the one-recompute backward (backend='triton-one-recompute') on each sparse point")
     ap.add_argument("--peers", action="store_true",

@@ -18,7 +18,9 @@ from typing import Optional, Tuple
 
 ESTIMATORS = ("lowrank", "pooled")
 BACKENDS = ("auto", "triton", "reference", "cudnn", "triton-one-recompute")
-# Kernels whose backward is not bitwise reproducible (need deterministic_backward=False).
+# Kernels whose backward is not bitwise reproducible (need deterministic_backward=False): cuDNN's
+# (ops/cudnn_attention.BITWISE_REPRODUCIBLE, checked on the GPU by tests/test_cudnn_backend.py) and
+# the one-recompute schedule's (dq by float32 atomics).
 NON_REPRODUCIBLE_BACKENDS = ("cudnn", "triton-one-recompute")
 BUDGET_POLICIES = ("theta", "target", "uniform")
 BUDGET_SCOPES = ("layer", "model")

@@ -57,6 +57,12 @@ def test_non_reproducible_backends_refuse_deterministic_requests(backend):
     assert DSVConfig(backend=backend).deterministic_backward is False   # allowed by default, as in FlashAttention
 
 
+def test_config_lists_cudnn_as_its_kernels_declare():
+    # DSVConfig's list is the policy; cudnn_attention.BITWISE_REPRODUCIBLE the fact (checked on the GPU).
+    from megatron_dsv.config import NON_REPRODUCIBLE_BACKENDS
+    assert ("cudnn" in NON_REPRODUCIBLE_BACKENDS) is (not cudnn_attention.BITWISE_REPRODUCIBLE)
+
+
 def test_one_recompute_backend_refuses_a_deterministic_call():
     q = torch.randn(1, 64, 1, 32)
     idx, cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)

@@ -64,17 +64,17 @@ def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
     return kv_lens.reshape(-1, n_kv).to(torch.int32).clamp(0, block_kv)
 
 
-def _gpu_kernels(deterministic: bool, cudnn_reason) -> dict:
+def _gpu_kernels(cudnn_reason) -> dict:
     """The GPU kernels backend='auto' may run, in order of preference: name -> function(q, k, v, kv_idx,
     kv_cnt, **call). Triton's atomic-free kernels, and cuDNN's where installed, able to run the call and
-    allowed: alone, Triton's run untimed. Triton's one-recompute schedule is not a candidate: it was
-    slower than the atomic-free one at every shape measured (bench/NOTES_kernels.md)."""
+    allowed (cudnn_reason() None: a deterministic call is refused there): alone, Triton's run untimed.
+    Triton's one-recompute schedule is not a candidate: it was slower than the atomic-free one at every
+    shape measured (bench/NOTES_kernels.md)."""
     from .triton_attention import triton_block_sparse_attention
 
     kernels = {"triton": triton_block_sparse_attention}
-    # cuDNN's backward is not reproducible; traced code (torch.compile) runs our kernels only.
-    allowed = not deterministic or cudnn_attention.BITWISE_REPRODUCIBLE
-    if allowed and not torch.compiler.is_compiling() and cudnn_reason() is None:
+    # Traced code (torch.compile) runs our kernels only.
+    if not torch.compiler.is_compiling() and cudnn_reason() is None:
         kernels["cudnn"] = cudnn_attention.cudnn_block_sparse_attention
     return kernels
 
@@ -169,7 +169,7 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
 
         fn = functools.partial(triton_block_sparse_attention, one_recompute=backend == "triton-one-recompute")
     else:  # "auto" on the GPU
-        kernels = _gpu_kernels(deterministic, cudnn_reason)
+        kernels = _gpu_kernels(cudnn_reason)
         key = (str(q.device), q.dtype, layout, tuple(q.shape), s_kv, block_q, block_kv,
                1 << max(kv_idx.shape[-1] - 1, 0).bit_length())  # work grows with k_max: power-of-two buckets
         runs = lambda: _timing_runs(kernels, q, k, v, kv_idx, kv_cnt, call)  # noqa: E731

@@ -8,6 +8,8 @@ The kernel stores each score as an int64 key (order-preserving float bits << 32 
 so the top-k over unique keys (a threshold search per row in registers, _top_blocks_kernel) gives
 the reference's order, ties going to the lower id, with no host sync.
 kv_reduce="mean" scores proxy . mean(k_lr) per block: one small batched matmul, O(n_q x n_kv).
+Block means (the proxies, and mean(k_lr)) are one launch of _block_means_kernel, not the five small
+torch ops of the reference's formula (each a node a CUDA-graph replay launches).
 Packed clips (segments): proxies average only a block's valid rows, each query block scores only
 the keys of its own clip (a tile of query blocks streams the union of its clips' keys), and a row
 of keys holds only its clip's blocks (as many entries as the largest clip has blocks, the rest a
@@ -16,14 +18,13 @@ of keys holds only its clip's blocks (as many entries as the largest clip has bl
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import to_bhsd
-from .reference import _pad_seq
 
 # Per-head budget tensors kept on the device, keyed by (budgets, device): a step captured in a
 # CUDA graph then reads a persistent buffer instead of a host-to-device copy baked into the graph.
@@ -37,13 +38,41 @@ _BUDGET_CACHE: dict = {}
 SCORE_PRECISION = "tf32x3"
 
 # Launch-config overrides for bench/kernels.py and tests (keys: "top_blocks_warps", "score_precision",
-# "score_qb", "score_block_n", "score_warps", "score_spans").
+# "score_qb", "score_block_n", "score_warps", "score_spans", "means_cols", "means_warps").
 CONFIG_OVERRIDE: dict = {}
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Allocation of every kernel output; tests replace it to poison outputs."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _block_means_kernel(X, Count, Out, sx_b, sx_s, sx_h, sx_r, H, S, N_B, R,
+                        BLOCK: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, COUNTED: tl.constexpr):
+    """Program (i, b, c): the float32 mean of tokens [i * BLOCK, (i + 1) * BLOCK) of x [b, s, h, r] (any
+    strides) over COLS of its (head, rank) columns, the c-th group -> Out[b, head, i, :]. One program
+    reads every head of a token: a contiguous row where x is (a slice of) a projection's output. The
+    divisor is Count[i] (COUNTED: valid tokens of a packed block, whose padding rows are zero) or the
+    tokens the block holds (the last one cut at S)."""
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    col = tl.program_id(2) * COLS + tl.arange(0, COLS)
+    col_ok = col < H * R
+    head = (col // R).to(tl.int64)
+    rank = col % R
+    base = X + b * sx_b + head * sx_h + rank * sx_r
+    total = tl.zeros([COLS], tl.float32)
+    for r0 in tl.static_range(0, BLOCK, ROWS):
+        rows = i * BLOCK + r0 + tl.arange(0, ROWS)
+        x = tl.load(base[None, :] + rows[:, None].to(tl.int64) * sx_s,
+                    mask=(rows < S)[:, None] & col_ok[None, :], other=0.0)
+        total += tl.sum(x.to(tl.float32), 0)
+    if COUNTED:
+        count = tl.load(Count + i)
+    else:
+        count = tl.minimum(S - i * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + ((b * H + head) * N_B + i) * R + rank, total / count, mask=col_ok)
 
 
 @triton.jit
@@ -169,10 +198,11 @@ TOP_BLOCKS_MAX_WIDTH = 16384
 
 
 def _top_blocks_warps(w_pad: int) -> int:
-    """4 warps were fastest (or tied) at 256, 1024, 2048 and 4096 keys per row on H200, 16 heads, 10%
-    (0.034 / 0.24 / 1.08 / 4.9 ms; bench/results/sel_h200/sel_tune_*.json, tune_sel_r32_262144.json).
-    Longer rows (unmeasured) keep at most 32 keys per thread."""
-    return min(16, max(4, w_pad // 1024))
+    """Replayed from CUDA graphs on H200 (10% of the blocks): 256 keys per row (16k tokens, 8 heads) 1 warp
+    13.4 us, 4 warps 20.4; 1024 keys (64k, 16 heads) 4 warps 0.240 ms, 1 warp 0.312, 8 warps 0.347
+    (bench/results/sel_h200/s15/). Eagerly, 4 warps were fastest at 2048 and 4096 keys too (1.08 / 4.9 ms;
+    sel_tune_*.json, tune_sel_r32_262144.json). Longer rows (unmeasured) keep at most 32 keys per thread."""
+    return max(1, w_pad // 256) if w_pad < 1024 else min(16, max(4, w_pad // 1024))
 
 
 def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int):
@@ -205,14 +235,22 @@ def _block_counts(s: int, block: int, valid: Optional[torch.Tensor], device) -> 
     return torch.clamp(s - torch.arange(n, device=device) * block, max=block)
 
 
-def _proxies(q_lr, block_q, q_count=None):
-    """[b, h, n_q, r] float32 mean of each query block's q_lr (same arithmetic as the reference;
-    padding rows of packed clips are zero, so a sum over the block divided by its valid rows)."""
-    qh = to_bhsd(q_lr, "bshd").float()
-    b, h, s_q, r = qh.shape
-    n_q = -(-s_q // block_q)
-    count = _block_counts(s_q, block_q, q_count, qh.device)
-    return _pad_seq(qh, block_q).view(b, h, n_q, block_q, r).sum(3) / count.view(1, 1, n_q, 1)
+def _block_means(x, block, count=None):
+    """[b, h, n_blocks, r] float32 mean of each block of x [b, s, h, r] (the reference's formula, its
+    sum in the kernel's order; padding rows of packed clips are zero, so a sum over the block divided
+    by count, its valid rows)."""
+    b, s, h, r = x.shape
+    n_b = -(-s // block)
+    out = _empty((b, h, n_b, r), torch.float32, x.device)
+    counted = count is not None
+    # One head's columns per program (at least 16): `small` at 16k tokens (8 heads, rank 32, H200, replayed
+    # from a CUDA graph) 8.9 us with 2048 such programs, 15.9 us with 256 reading all heads of a block.
+    cols = CONFIG_OVERRIDE.get("means_cols", max(16, triton.next_power_of_2(r)))
+    _block_means_kernel[(n_b, b, triton.cdiv(h * r, cols))](
+        x, _block_counts(s, block, count, x.device) if counted else out, out, *x.stride(), h, s, n_b, r,
+        BLOCK=block, COLS=cols, ROWS=min(block, 8192 // cols), COUNTED=counted,
+        num_warps=CONFIG_OVERRIDE.get("means_warps", 2))
+    return out
 
 
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -226,6 +264,26 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 
 # Key of a -inf score (block id part 0): entries of a packed row past its clip's blocks.
 _NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
+
+
+# Key spans: a span holds at least this many scoring steps (BLOCK_N keys each).
+MIN_SPAN_STEPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _score_spans(tiles: int, s_kv: int, block_n: int, device: torch.device) -> int:
+    """Key spans per tile of query blocks, one program each: at least two programs per SM, spans of at
+    least MIN_SPAN_STEPS steps. Short sequences give fewer tiles than the GPU has SMs. Replayed from CUDA
+    graphs on H200 (bench/results/sel_h200/s15/), `small`'s layer at 16k tokens (8 heads, batch 1, rank 32:
+    32 tiles on 132 SMs) scored in 88.4 us with one span, 44.8 / 25.8 / 21.1 us with 2 / 4 / 8; at 64k
+    (16 heads, 256 tiles) 468 us with one, 451 with 2, 448 with 4. Off the GPU: one span."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(-(-2 * _sm_count(device) // tiles), s_kv // (MIN_SPAN_STEPS * block_n)))
 
 
 def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
@@ -249,12 +307,8 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     block_n = max(block_kv, 256 if fast else 128)
     qb = CONFIG_OVERRIDE.get("score_qb", qb)
     block_n = CONFIG_OVERRIDE.get("score_block_n", block_n)
-    # Key spans per program group: short sequences give fewer scoring programs than the GPU has SMs
-    # (`small`'s layer at 16k tokens, 8 heads, batch 1: 32 programs on the H200's 132 SMs, and its
-    # selection took 0.134 ms replayed from a CUDA graph against a 0.147 ms sparse forward). Cutting the
-    # keys into spans, one program each, is supported and tested; it stays off by default until timed
-    # on the GPU (bench/kernels.py --tune --tune-kernels sel times 2, 4 and 8 spans).
-    spans = CONFIG_OVERRIDE.get("score_spans", 1)
+    tiles = triton.cdiv(n_q, qb) * b * h
+    spans = CONFIG_OVERRIDE.get("score_spans", _score_spans(tiles, s_kv, block_n, proxy.device))
     span = triton.cdiv(triton.cdiv(s_kv, spans), block_n) * block_n
     _block_score_keys_kernel[(triton.cdiv(n_q, qb), b * h, triton.cdiv(s_kv, span))](
         proxy.contiguous(), k_lr, keys, keys if kv_range is None else kv_range, *k_lr.stride(),
@@ -265,19 +319,15 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
 
 
 def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count, width):
-    kh = to_bhsd(k_lr, "bshd").float()
-    b, h, s_kv, r = kh.shape
-    n_kv = -(-s_kv // block_kv)
-    count = _block_counts(s_kv, block_kv, kv_count, kh.device)
-    k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / count.view(1, 1, n_kv, 1)
-    keys = _order_keys(torch.einsum("bhir,bhjr->bhij", proxy, k_mean))
+    n_kv = -(-k_lr.shape[1] // block_kv)
+    keys = _order_keys(torch.einsum("bhir,bhjr->bhij", proxy, _block_means(k_lr, block_kv, kv_count)))
     if kv_range is None:
         return keys
     # Row i of a packed sequence: its clip's blocks kv_range[i, 0] / block_kv + j, j < width.
     lo, hi = (kv_range[:, 0] // block_kv).long(), (-(-kv_range[:, 1] // block_kv)).long()
-    cols = lo[:, None] + torch.arange(width, device=kh.device)
+    cols = lo[:, None] + torch.arange(width, device=keys.device)
     inside = cols < hi[:, None]
-    picked = keys.gather(-1, cols.clamp(max=n_kv - 1).expand(b, h, -1, -1))
+    picked = keys.gather(-1, cols.clamp(max=n_kv - 1).expand(*keys.shape[:2], -1, -1))
     return torch.where(inside, picked, _NEG_INF_KEY)
 
 
@@ -310,7 +360,7 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
     runs over rows of clip_blocks entries instead of all KV blocks."""
     b, s_q, h, _ = q_lr.shape
     n_kv = -(-k_lr.shape[1] // block_kv)
-    proxy = _proxies(q_lr, block_q, q_valid)
+    proxy = _block_means(q_lr, block_q, q_valid)
     if kv_reduce == "max":
         keys = _score_keys_max(proxy, k_lr, block_kv, kv_range, clip_blocks)
     else:

@@ -90,7 +90,7 @@ def test_bf16_scores_are_float32_accurate():
     gen = torch.Generator().manual_seed(3)
     b, h, s, r, block_q, block_kv = 1, 2, 4096, 16, 64, 64
     q_lr, k_lr = (random_lr(b, s, h, r, gen).to(torch.bfloat16) for _ in range(2))
-    proxy = ts._proxies(q_lr, block_q)                                     # float32 [b, h, n_q, r]
+    proxy = ts._block_means(q_lr, block_q)                                 # float32 [b, h, n_q, r]
     order = (ts._score_keys_max(proxy, k_lr, block_kv, None, 0) >> 32).to(torch.int32)
     got = torch.where(order >= 0, order, order ^ 0x7FFFFFFF).view(torch.float32)  # the keys' scores
     tokens = torch.einsum("bhir,bshr->bhis", proxy.double(), k_lr.double())
@@ -239,3 +239,24 @@ def test_key_spans_select_as_one_span(monkeypatch, packed, spans):
     monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_spans", spans)
     cut = select_blocks(q_lr, k_lr, budgets, **kw)
     assert torch.equal(one[0], cut[0]) and torch.equal(one[1], cut[1])
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["whole_blocks", "valid_counts"])
+@pytest.mark.parametrize("h,r", [(3, 24), (5, 120)], ids=["one_program_per_block", "column_groups_row_chunks"])
+def test_block_means_match_the_reference_formula(counted, h, r):
+    # The proxies (and mean(k_lr)) in one kernel: the reference's sum over each block / its tokens, the
+    # last block cut at S; a strided input, as a slice of a fused projection gives. 600 columns take two
+    # programs per block, each summing its rows in chunks.
+    from megatron_dsv.ops import triton_selection as ts
+    from megatron_dsv.ops.reference import _pad_seq
+
+    gen = torch.Generator().manual_seed(5 + counted)
+    b, s, block = 2, 300, 64
+    x = random_lr(b, s, h, r, gen, packed=True)
+    n = -(-s // block)
+    count = torch.randint(1, block + 1, (n,), generator=gen).float() if counted else None
+    got = ts._block_means(x, block, count.to(DEVICE) if counted else None).cpu()
+    divisor = count if counted else torch.clamp(s - torch.arange(n) * block, max=block).float()
+    want = _pad_seq(x.cpu().permute(0, 2, 1, 3), block).unflatten(2, (n, block)).sum(3) / divisor.view(1, 1, n, 1)
+    assert got.shape == (b, h, n, r)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
