@@ -11,6 +11,8 @@ compared. Arms (the `small` model, 16k tokens x batch 2, as bench/step.py builds
                                predictor's training replayed from a per-layer CUDA graph
   dsv-stage1, no CUDA graphs   the same with DSVConfig.cuda_graphs off (launched op by op)
   dense / dsv-stage1, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
+  ..., upkeep on the step stream   the DSV arms with the predictor's upkeep on the step's own stream
+                               (megatron_dsv.layers.upkeep_stream.ENABLED False), as before 2026-12-01
 
 After the rounds, one step of each eager arm runs under torch.cuda.set_sync_debug_mode("warn"): the
 host syncs that mode reports are listed (a sync empties the launch queue and leaves the GPU waiting
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from step import Trainer, init_single_process, record, set_state, DSVConfig, PRESETS  # noqa: E402 (bench/ is on the path)
+from megatron_dsv.layers import upkeep_stream  # noqa: E402
 
 
 def syncs_of_one_step(trainer) -> list:
@@ -76,7 +79,12 @@ def main():
     if not args.smoke:   # step graphs need the GPU
         arms.update({"dense, step graph": Trainer(dit, None, args, device, step_graph=True),
                      "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True)})
-    for trainer in arms.values():
+    for name in [n for n in arms if n.startswith("dsv")]:
+        arms[name + ", upkeep on the step stream"] = Trainer(dit, arms[name].cfg, args, device,
+                                                             step_graph=arms[name].captured is not None)
+    aside = {name: not name.endswith("upkeep on the step stream") for name in arms}
+    for name, trainer in arms.items():
+        upkeep_stream.ENABLED = aside[name]
         if trainer.dsv:
             set_state(trainer.layers, stage=1, step=1)
         for _ in range(args.warmup):
@@ -84,7 +92,9 @@ def main():
     times = {name: [] for name in arms}
     for _ in range(args.rounds):
         for name, trainer in arms.items():
+            upkeep_stream.ENABLED = aside[name]
             times[name].append(trainer.step())
+    upkeep_stream.ENABLED = True
     syncs = ({} if args.smoke else
              {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")})
     # bench/step.py's record of each arm's medians (step ms = train ms, host ms), plus the step's quartiles.
@@ -109,11 +119,11 @@ def main():
             print("   ", line)
     print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of "
           f"{args.rounds} interleaved rounds")
-    print(f"{'mode':>28} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'x graphed dense':>15}")
+    print(f"{'mode':>54} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'x graphed dense':>15}")
     for r in rows:
         q1, _, q3 = r["step_ms_quartiles"]
         graphed = f"{r['speedup_vs_dense_step_graph']:.2f}" if graphed_dense else "-"
-        print(f"{r['mode']:>28} {r['step_ms']:>8.1f} {q1:>6.1f}-{q3:<6.1f} {r['train_host_ms']:>8.1f} "
+        print(f"{r['mode']:>54} {r['step_ms']:>8.1f} {q1:>6.1f}-{q3:<6.1f} {r['train_host_ms']:>8.1f} "
               f"{r['speedup_vs_dense']:>8.2f} {graphed:>15}")
 
 

@@ -102,7 +102,7 @@ class Trainer:
         self.layers = dsv_layers(self.model)
         self.captured = (CapturedTrainStep(self.model, self.master.params if self.master else params)
                          if step_graph else None)
-        self.dsv = dsv_cfg is not None
+        self.dsv, self.cfg = dsv_cfg is not None, dsv_cfg
         self.n = 0
 
     def step(self):

@@ -626,6 +626,35 @@ def test_graphed_predictor_training_matches_eager(megatron_parallel, monkeypatch
     assert int(layers[0].controller.step) == 12 and not layers[0].controller.in_stage2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the upkeep's own stream is a CUDA stream")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphed_upkeep", "launched_upkeep"])
+def test_upkeep_on_its_own_stream_trains_as_on_the_step_stream(megatron_parallel, monkeypatch, cuda_graphs):
+    """Stage-1 steps whose predictor training and profiles run on the upkeep stream (upkeep_stream.py, beside
+    the backward) leave predictor, Adam moments and controller state bit for bit as on the step's own
+    stream, for two layers in one backward (the second forks while the first's upkeep may still run), the
+    inputs freed by the backward as it goes."""
+    from megatron_dsv.layers import upkeep_stream
+
+    cfg = DSVConfig(block_q=64, cube=(4, 4, 4), block_kv=64, sample_stride=4, stage1_min_steps=100,
+                    stage1_max_steps=100, profile_interval_stage1=5, cuda_graphs=cuda_graphs)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(upkeep_stream, "ENABLED", enabled)
+        pair = [core(cfg, heads=4, d=64).cuda() for _ in range(2)]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            qkv = torch.randn(1024, 2, 4, 3 * 64, generator=gen).cuda().bfloat16().requires_grad_()
+            out = pair[0](*qkv.split(64, dim=-1), None)
+            q2 = out.view(1024, 2, 4, 64).repeat(1, 1, 1, 3)   # the second layer reads the first's output
+            pair[1](*q2.split(64, dim=-1), None).float().square().sum().backward()
+        runs.append([{**layer.predictor.state_dict(), **layer.controller.state_dict()} for layer in pair])
+        assert not upkeep_stream._held   # joined at the end of every backward
+    for got, want in zip(*runs):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert int(runs[0][0]["step"]) == 8 and not torch.equal(runs[0][0]["wq"], runs[0][0]["wk"])
+
+
 def test_unsupported_head_dim_fails_when_the_layer_is_built(megatron_parallel):
     """A head dim the Triton kernels lack fails at construction, not at the first stage-2 step."""
     with pytest.raises(NotImplementedError, match="head dims"):

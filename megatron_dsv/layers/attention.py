@@ -12,6 +12,7 @@ Both take query/key/value [s, b, heads, d] (tokens in cube order for DSV) and re
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -40,6 +41,7 @@ from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_bloc
 from .predictor import LowRankPredictor, key_gram
 from .profiler import profile_mass, row_logits, selection_recall, token_rows
 from .step_plan import StepPlan
+from . import upkeep_stream
 from ..timing import ForwardTimer
 
 # Bytes of float32 a profile holds at once per chunk of heads: the token rows' logits (rows x keys) and
@@ -467,8 +469,11 @@ class DSVDotProductAttention(_CoreAttention):
         in the same backward (non-reentrant checkpointing) selects exactly the blocks the first
         one did.
         """
+        engine = torch.autograd.Variable._execution_engine
+        if learn_inputs is not None:   # first: the upkeep queued aside below is done before its results are read
+            engine.queue_callback(functools.partial(upkeep_stream.join, learn_inputs[1].device))
         if not self.in_step_graph:
-            torch.autograd.Variable._execution_engine.queue_callback(self.commit)
+            engine.queue_callback(self.commit)
         if learn_inputs is None:
             self._pending = {}
             return
@@ -491,12 +496,14 @@ class DSVDotProductAttention(_CoreAttention):
                 selection = self._select(q, k, self._clip_budgets(segments)[heads], some_heads, segments, q_start,
                                          cached_weights=not self.in_step_graph)
         plain = train and not profile and some_heads is None and segments is None and q_start == 0
-        if (plain and self.cfg.cuda_graphs and not self.in_step_graph and not torch.compiler.is_compiling()
-                and self.graphed_upkeep.fits(q) and self.controller.step.device == q.device):
-            stats = self._graphed_rows_step(q, k)
-        else:
-            stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments, q_start)
-        self._reduce_replicas(stats)
+        with upkeep_stream.aside(q.device, (q, k, selection)):   # beside the rest of the backward (upkeep_stream.py)
+            if (plain and self.cfg.cuda_graphs and not self.in_step_graph and not torch.compiler.is_compiling()
+                    and self.graphed_upkeep.fits(q) and self.controller.step.device == q.device):
+                stats = self._graphed_rows_step(q, k)
+            else:
+                stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments,
+                                                q_start)
+            self._reduce_replicas(stats)
         if self.in_step_graph:
             self.graph_stats = stats
         else:

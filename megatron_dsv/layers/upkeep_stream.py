@@ -1,0 +1,68 @@
+"""The DSV layers' upkeep in the backward (the predictor's training, profiles) on a CUDA stream of its own.
+
+In a stage-1 step every DSV layer's backward trains its predictor: the keys' Gram matrix, the loss and
+its gradients, the reduction over replicas, some 40 small kernels per layer, each bound by launch
+latency. On the step's stream they lengthen the step by their latency: `small` at 16k tokens x batch 1,
+both replayed from step graphs on H200, stage 1 ran 0.64 ms more kernel time and 0.35 ms more gaps
+between kernels than dense's 53.7 ms step (bench/results/step_h200/s15/). On a stream of their own (high
+priority, so their few blocks are scheduled as soon as an SM frees) they run while the backward goes on;
+in a captured step they become a branch of the graph.
+
+Protocol, per device (all layers share one upkeep stream):
+- `aside(device, inputs)` around a layer's upkeep: the current stream waits for the upkeep forked before
+  in this backward (one layer earlier: it had that layer's backward to run), the upkeep stream waits for
+  the work queued on the current stream (the upkeep reads what the backward produced), and the upkeep
+  is queued on the upkeep stream. Its inputs are held until that next wait: freed earlier, the current
+  stream's allocator could give their memory to later kernels while the upkeep still reads it. Holding
+  one layer's inputs at a time keeps the extra memory to one layer's q and k.
+- `join(device)` at the end of the backward (a final callback, which runs on the stream backward() was
+  called on): the current stream waits for all of it, and the inputs are released.
+The upkeep's outputs are allocated on the upkeep stream and read on the current stream only after a wait;
+their memory goes back to the upkeep stream's pool when freed, and the upkeep stream reuses it only after
+its next wait for the current stream, which orders it after every read queued before. Off CUDA, or with
+ENABLED False, `aside` runs the work where it is.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, Sequence
+
+import torch
+
+# The upkeep runs on its own stream (False: on the current stream, as before; bench/eager_ab.py compares).
+ENABLED = True
+
+_streams: Dict[torch.device, torch.cuda.Stream] = {}
+_held: Dict[torch.device, tuple] = {}
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _streams:
+        lo, hi = torch.cuda.Stream.priority_range()
+        _streams[device] = torch.cuda.Stream(device=device, priority=min(lo, hi))
+    return _streams[device]
+
+
+@contextmanager
+def aside(device: torch.device, inputs: Sequence) -> Iterator[None]:
+    """Run the enclosed upkeep, which reads `inputs` (tensors, or objects holding them), on the upkeep
+    stream of `device` (see the module)."""
+    if device.type != "cuda" or not ENABLED:
+        yield
+        return
+    side, current = _stream(device), torch.cuda.current_stream(device)
+    if device in _held:   # an upkeep forked before in this backward: it is done before its inputs may go
+        # (Only then: the first fork of a captured backward must not wait on work outside the capture.)
+        current.wait_stream(side)
+    side.wait_stream(current)
+    _held[device] = tuple(inputs)
+    with torch.cuda.stream(side):
+        yield
+
+
+def join(device: torch.device) -> None:
+    """The current stream waits for every upkeep forked on `device`; their inputs are released."""
+    if device in _held:
+        torch.cuda.current_stream(device).wait_stream(_streams[device])
+        del _held[device]
