@@ -51,10 +51,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 def _block_means_kernel(X, Count, Out, sx_b, sx_s, sx_h, sx_r, H, S, N_B, R,
                         BLOCK: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, COUNTED: tl.constexpr):
     """Program (i, b, c): the float32 mean of tokens [i * BLOCK, (i + 1) * BLOCK) of x [b, s, h, r] (any
-    strides) over COLS of its (head, rank) columns, the c-th group -> Out[b, head, i, :]. One program
-    reads every head of a token: a contiguous row where x is (a slice of) a projection's output. The
-    divisor is Count[i] (COUNTED: valid tokens of a packed block, whose padding rows are zero) or the
-    tokens the block holds (the last one cut at S)."""
+    strides) over the c-th group of COLS of its (head, rank) columns -> Out[b, head, i, :], summing ROWS
+    tokens at a time. The divisor is Count[i] (COUNTED: valid tokens of a packed block, whose padding
+    rows are zero) or the tokens the block holds (the last one cut at S)."""
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     col = tl.program_id(2) * COLS + tl.arange(0, COLS)

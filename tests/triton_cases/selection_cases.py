@@ -242,14 +242,16 @@ def test_key_spans_select_as_one_span(monkeypatch, packed, spans):
 
 
 @pytest.mark.parametrize("counted", [False, True], ids=["whole_blocks", "valid_counts"])
-@pytest.mark.parametrize("h,r", [(3, 24), (5, 120)], ids=["one_program_per_block", "column_groups_row_chunks"])
-def test_block_means_match_the_reference_formula(counted, h, r):
+@pytest.mark.parametrize("h,r,cols", [(3, 24, None), (5, 120, 512)], ids=["default_columns", "row_chunks"])
+def test_block_means_match_the_reference_formula(monkeypatch, counted, h, r, cols):
     # The proxies (and mean(k_lr)) in one kernel: the reference's sum over each block / its tokens, the
-    # last block cut at S; a strided input, as a slice of a fused projection gives. 600 columns take two
-    # programs per block, each summing its rows in chunks.
+    # last block cut at S; a strided input, as a slice of a fused projection gives. Rank 24 puts parts of
+    # two heads in one program's 32 columns; 512 columns per program sum a block 16 rows at a time.
     from megatron_dsv.ops import triton_selection as ts
     from megatron_dsv.ops.reference import _pad_seq
 
+    if cols is not None:
+        monkeypatch.setitem(ts.CONFIG_OVERRIDE, "means_cols", cols)
     gen = torch.Generator().manual_seed(5 + counted)
     b, s, block = 2, 300, 64
     x = random_lr(b, s, h, r, gen, packed=True)
