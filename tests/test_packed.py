@@ -16,8 +16,10 @@ from megatron_dsv.ops import Segments, block_sparse_attention, dense_attention, 
 from megatron_dsv.video import PackedClips
 
 HEADS, D = 2, 16
+# backend "reference" (as "auto" resolves on CPU): on a GPU machine "auto" would build the layer for the
+# Triton kernels, which refuse head dim 16.
 CFG = dict(rank=4, block_q=32, cube=(2, 4, 4), block_kv=16, sample_stride=2, budget_floor=0.0,
-           layer_sparsity_threshold=0.0, dense_fallback_density=1.0)
+           layer_sparsity_threshold=0.0, dense_fallback_density=1.0, backend="reference")
 # 1-5 clips of different (T, H, W), tiny ones (fewer tokens than one block) included.
 CLIP_SETS = [
     [(2, 4, 8)],
