@@ -23,7 +23,7 @@ from megatron_dsv.layers.profiler import profile_logits, selection_recall
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
                                  get_dsv_layer_spec)
 from megatron_dsv.ops import block_sparse_attention
-from triton_cases.runner import run_interpreted
+from triton_cases.runner import run_cases
 
 SMALL = dict(rank=8, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=4)
 
@@ -207,9 +207,9 @@ def test_predictor_gram_loss_equals_the_loss_of_the_logits():
     torch.testing.assert_close(got32[2].double().cpu(), grad_k, rtol=1e-3, atol=1e-5)
 
 
-def test_triton_cosine_rows_interpreted():
+def test_triton_cosine_rows():
     """The row terms of gram_loss from the Triton kernel (tests/triton_cases/cosine_rows_cases.py)."""
-    run_interpreted("cosine_rows_cases.py")
+    run_cases("cosine_rows_cases.py")
 
 
 @pytest.mark.parametrize("estimator, chunk_bytes", [("lowrank", 256 << 20), ("pooled", 256 << 20), ("lowrank", 1)])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from triton_cases.runner import run_interpreted
+from triton_cases.runner import run_cases
 
 from megatron_dsv.layers.budget import curve_on_grid
 from megatron_dsv.layers.profiler import (cube_means, held_curve, profile_logits, recall_budget, row_logits,
@@ -122,9 +122,9 @@ def test_a_partial_last_cube_is_the_mean_of_its_own_rows():
     torch.testing.assert_close(prof.mass_curve, curve_on_grid(held_curve(per_head(cubes), per_head(scores))).float())
 
 
-def test_triton_row_block_mass_interpreted():
+def test_triton_row_block_mass():
     """The profiler's block masses from the Triton kernel (tests/triton_cases/row_mass_cases.py)."""
-    run_interpreted("row_mass_cases.py")
+    run_cases("row_mass_cases.py")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else []))

@@ -1,15 +1,15 @@
-"""Triton block-sparse attention (forward, lse, dq/dk/dv) under TRITON_INTERPRET=1 on CPU.
+"""Triton block-sparse attention (forward, lse, dq/dk/dv): under TRITON_INTERPRET=1 on CPU, compiled on a
+CUDA machine.
 
 The cases live in tests/triton_cases/attention_cases.py and run in a child pytest process
-(tests/triton_cases/runner.py says why); on a CUDA machine run that file directly with pytest
-to check the compiled kernels (bfloat16 included).
+(tests/triton_cases/runner.py says why).
 """
 
-from triton_cases.runner import run_interpreted
+from triton_cases.runner import run_cases
 
 
-def test_triton_block_sparse_attention_interpreted():
-    run_interpreted("attention_cases.py")
+def test_triton_block_sparse_attention():
+    run_cases("attention_cases.py")
 
 
 def test_passes_keep_each_span_within_the_l2_share(monkeypatch):

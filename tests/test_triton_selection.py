@@ -1,11 +1,11 @@
-"""Triton block selection under TRITON_INTERPRET=1 on CPU.
+"""Triton block selection: under TRITON_INTERPRET=1 on CPU, compiled on a CUDA machine.
 
 The cases live in tests/triton_cases/selection_cases.py and run in a child pytest process
-(tests/triton_cases/runner.py says why); on a CUDA machine run that file directly with pytest.
+(tests/triton_cases/runner.py says why).
 """
 
-from triton_cases.runner import run_interpreted
+from triton_cases.runner import run_cases
 
 
-def test_triton_select_blocks_interpreted():
-    run_interpreted("selection_cases.py")
+def test_triton_select_blocks():
+    run_cases("selection_cases.py")

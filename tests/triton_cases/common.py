@@ -1,8 +1,8 @@
 """Shared helpers of the Triton kernel cases (run under TRITON_INTERPRET=1 on CPU, or on CUDA).
 
 These files are not collected by the outer pytest run (their names do not start with test_);
-tests/test_triton_*.py run them in a child pytest process whose environment sets
-TRITON_INTERPRET=1 before triton is first imported.
+tests/test_triton_*.py run them in a child pytest process (runner.py): compiled on a CUDA machine,
+elsewhere with TRITON_INTERPRET=1 set before triton is first imported.
 """
 
 import os
