@@ -324,7 +324,8 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base, ms=ms):
     for cols in sorted({max(16, r), 2 * r, 4 * r, 8 * r}):   # columns (heads x rank) per program
         for warps in (1, 2, 4):
             tsel.CONFIG_OVERRIDE.update(means_cols=cols, means_warps=warps)
-            recs.append(dict(base, kernel=f"sel_proxies_c{cols}_w{warps}", ms=ms(lambda: tsel._block_means(q_lr, block_q))))
+            recs.append(dict(base, kernel=f"sel_proxies_c{cols}_w{warps}",
+                             ms=ms(lambda: tsel._block_means(q_lr, block_q))))
     tsel.CONFIG_OVERRIDE.clear()
 
     def torch_means():
