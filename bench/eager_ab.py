@@ -12,7 +12,8 @@ compared. Arms (the `small` model, 16k tokens x batch 2, as bench/step.py builds
   dsv-stage1, no CUDA graphs   the same with DSVConfig.cuda_graphs off (launched op by op)
   dense / dsv-stage1, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
   ..., upkeep on the step stream   the DSV arms with the predictor's upkeep on the step's own stream
-                               (megatron_dsv.layers.upkeep_stream.ENABLED False), as before 2026-12-01
+                               (megatron_dsv.layers.upkeep_stream.ENABLED False), as before 2026-12-01;
+                               on the GPU only (on CPU there is no upkeep stream)
 
 After the rounds, one step of each eager arm runs under torch.cuda.set_sync_debug_mode("warn"): the
 host syncs that mode reports are listed (a sync empties the launch queue and leaves the GPU waiting
