@@ -187,8 +187,9 @@ class DSVDotProductAttention(_CoreAttention):
             raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
                                       f"block-sparse backward), this layer has {self.head_dim} (kv_channels)")
         # Reproducible kernels only: asked for by DSVConfig or by Megatron's deterministic_mode.
-        self.deterministic = self.cfg.deterministic_backward or bool(getattr(config, "deterministic_mode", False))
-        if self.cfg.backend in NON_REPRODUCIBLE_BACKENDS and getattr(config, "deterministic_mode", False):
+        megatron_deterministic = bool(getattr(config, "deterministic_mode", False))
+        self.deterministic = self.cfg.deterministic_backward or megatron_deterministic
+        if self.cfg.backend in NON_REPRODUCIBLE_BACKENDS and megatron_deterministic:
             raise ValueError(f"DSVDotProductAttention: backend={self.cfg.backend!r} is not bitwise reproducible "
                              "and Megatron's deterministic_mode is on; use backend='auto' or 'triton'")
         if triton_here and self.head_dim not in HEAD_DIMS:

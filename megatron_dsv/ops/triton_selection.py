@@ -357,7 +357,6 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
     kv_range (int32 [n_q, 2] key tokens each query block may score), q_valid / kv_valid (valid
     tokens per query / KV block) and clip_blocks (KV blocks of the largest clip): the top-k then
     runs over rows of clip_blocks entries instead of all KV blocks."""
-    b, s_q, h, _ = q_lr.shape
     n_kv = -(-k_lr.shape[1] // block_kv)
     proxy = _block_means(q_lr, block_q, q_valid)
     if kv_reduce == "max":
