@@ -401,6 +401,24 @@ def test_eager_ab_bench_smoke(tmp_path):
     assert all(0 < r["train_host_ms"] <= r["step_ms"] and len(r["step_ms_quartiles"]) == 3 for r in res["results"])
 
 
+def test_host_time_bench_smoke(tmp_path):
+    """bench/host_time.py times the layers' functions in both arms (CPU, tiny shapes) and writes its JSON: every
+    probed DSV function is met, each in the arm it belongs to; timings mean nothing here."""
+    import json
+
+    out = tmp_path / "host_time.json"
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / "host_time.py"), "--smoke", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    met = {(r["arm"], r["function"].strip()) for r in res["functions"] if r["calls_per_step"] > 0 and r["us_per_step"] > 0}
+    assert {f for arm, f in met if arm == "dense"} == {"SDPA core attention forward", "dense_attention"}
+    assert {f for arm, f in met if arm == "dsv-stage1"} >= {"DSV core attention forward", "SDPA core attention forward",
+                                                            "backward: _learn", "end of backward: commit", "record_loss",
+                                                            "apply_grads", "OnBackward.apply", "upkeep_stream.aside (entry + exit)"}
+    assert set(res["step_host_ms"]) == {"dense", "dsv-stage1"}
+
+
 def test_cp_bench_smoke(tmp_path):
     """bench/cp_bench.py runs every plan on 2 gloo processes (CPU, reference kernels) and writes its JSON: one
     row per (U, assignment, schedule), the three planner rows, phases and predictions; timings mean nothing."""

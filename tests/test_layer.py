@@ -693,11 +693,12 @@ class _FakeGraph:
 def _fake_upkeep_capture(monkeypatch, captures: list) -> None:
     from megatron_dsv.layers import graphed_upkeep as gu
 
-    def capture(fn, q, k):
+    def capture(fn, q, k):   # as the real one: fn runs once (the warm-up); the capture runs nothing
         captures.append(fn)
         inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t) for t in (q, k))
         out = fn(*inputs)
-        return inputs, _FakeGraph(fn, inputs, out), out
+        static = {name: torch.empty_like(t) for name, t in out.items()}
+        return out, (inputs, _FakeGraph(fn, inputs, static), static)
 
     monkeypatch.setattr(gu.GraphedUpkeep, "_capture", staticmethod(capture))
 
@@ -728,16 +729,20 @@ def test_graphed_upkeep_keys_captures_and_releases(monkeypatch):
     assert not upkeep._graphs and not upkeep._seen
 
 
-def test_graphed_upkeep_path_trains_the_predictor_as_eager_steps(megatron_parallel, monkeypatch):
+@pytest.mark.parametrize("replicas", [False, True], ids=["adam_in_graph", "adam_after_reduction"])
+def test_graphed_upkeep_path_trains_the_predictor_as_eager_steps(megatron_parallel, monkeypatch, replicas):
     """The layer's use of the graphed upkeep, on CPU with replays simulated (the real capture is checked on the
     GPU: test_graphed_predictor_training_matches_eager): over stage-1 steps with a profile step in between and
     keys sliced from a fused projection, a layer that replays its upkeep keeps predictor, Adam moments and
-    controller equal to eager training's, so nothing holds a replay's outputs past the next replay."""
+    controller equal to eager training's, so nothing holds a replay's outputs past the next replay. Without
+    replicas the graph holds the Adam step; with them (here one rank playing several) it runs after the
+    reduction over them, outside the graph."""
     from megatron_dsv.layers import graphed_upkeep as gu
 
     captures = []
     _fake_upkeep_capture(monkeypatch, captures)
     monkeypatch.setattr(gu.GraphedUpkeep, "fits", staticmethod(lambda q: True))
+    monkeypatch.setattr(DSVDotProductAttention, "_has_replicas", lambda self: replicas)
     cfg = DSVConfig(**{**SMALL, "sample_stride": 2}, stage1_min_steps=100, stage1_max_steps=100,
                     profile_interval_stage1=5)
     layers = [core(c) for c in (cfg, cfg.replace(cuda_graphs=False))]

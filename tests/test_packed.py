@@ -198,7 +198,7 @@ def test_training_on_packed_clips_learns_per_clip(megatron_parallel):
     layer(q, k, v, None, packed_seq_params=many.packed_seq_params()).square().mean().backward()
     m = layer.metrics()
     # One step: its loss is recorded, and enters the EMA (predictor_loss) at the next record.
-    assert m["step"] == 1 and 0 < float(layer.controller.loss_pending) < 2
+    assert m["step"] == 1 and 0 < float(layer.controller.state_dict()["loss_pending"]) < 2
     assert all(0 <= x <= 1 + 1e-6 for x in m["block_sparsity"] + m["recall"])
     assert not torch.equal(w0, layer.predictor.wq)
 

@@ -2,7 +2,7 @@
 
 On CPU a "replay" is simulated by running the step's forward and backward inside capturing() and
 then calling replayed(): what a real replay does, except that the kernels are launched by the
-host. Such steps must equal eager training steps in outputs, gradients and every piece of DSV
+host. Before it, as before a real capture, a warm-up pass runs inside capturing(warm_up=True). Such steps must equal eager training steps in outputs, gradients and every piece of DSV
 state, and replay_key must say None exactly for the steps a graph cannot replay. The real capture
 (examples/video_dit/step_graph.py) is checked against eager steps on the GPU in test_example.py.
 """
@@ -31,6 +31,10 @@ def block():
 def step(model, x, as_replay: bool):
     x = x.clone().requires_grad_()
     if as_replay:
+        with capturing(model, warm_up=True):   # no training step: it must leave every DSV state as it is
+            model(x, attention_mask=None).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
         with capturing(model) as captured:
             out = model(x, attention_mask=None)
             out.square().mean().backward()
@@ -74,9 +78,10 @@ def test_replayed_steps_equal_eager_steps(megatron_parallel):
 
 def test_replayed_stage1_steps_train_the_predictor_as_eager_steps(megatron_parallel):
     """Stage-1 steps replay, those that train the predictor and those that also profile (with the profile's
-    own selection, at budgets plan_step placed on the device): the loss, gradients and profile come from
-    the captured pass on the rows the device's step counter picks, the Adam step and the profile's EMAs
-    follow the replay, and predictor, controller state and outputs equal an eager run's bit for bit."""
+    own selection, at budgets plan_step placed on the device): the loss, gradients, Adam step and profile
+    come from the captured pass on the rows the device's step counter picks (not from the warm-up pass
+    before it), the loss's and the profile's EMAs follow the replay, and predictor, controller state and
+    outputs equal an eager run's bit for bit."""
     cfg = CFG.replace(stage1_min_steps=8, stage1_max_steps=8, profile_interval_stage1=4, sample_stride=2)
     models = []
     for _ in range(2):

@@ -105,7 +105,7 @@ class CapturedTrainStep:
             p.grad = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with capturing(self.layers), torch.cuda.stream(side):
+        with capturing(self.layers, warm_up=True), torch.cuda.stream(side):
             flow_matching_loss(self.model, *inputs[:2], t=inputs[2], noise=inputs[3]).backward()
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:

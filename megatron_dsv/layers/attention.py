@@ -219,6 +219,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.last_used_sparse = False
         self.last_n_kv = None
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
+        self.warm_up_pass = False   # ... in the capture's warm-up pass, which is no training step
         self.step_plan = None       # that step's decisions, fixed when it began (plan_step)
         self.device_budgets = DeviceBudgets()   # what a training step's selection reads
         self.recall_budgets = DeviceBudgets()   # what a profile's own selection reads (_learn)
@@ -304,8 +305,8 @@ class DSVDotProductAttention(_CoreAttention):
         return self._output(out, fmt)
 
     def _decide(self, query, key, value, segments, training_step: bool):
-        """This call's (KV blocks, per-head budgets, whether it runs sparse, whether it trains the predictor
-        or profiles, the step), from the controller's host state."""
+        """This call's (KV blocks, per-head budgets (None where it runs dense), whether it runs sparse,
+        whether it trains the predictor or profiles, the step), from the controller's host state."""
         return self._decide_at(tuple(query.shape), query.dtype, query.device, segments, training_step,
                                lambda: (query, key, value))
 
@@ -317,13 +318,12 @@ class DSVDotProductAttention(_CoreAttention):
         """_decide for q of this shape, dtype and device; tensors() gives q, k, v where a kernel time must
         be measured."""
         cfg, ctl, cp = self.cfg, self.controller, self.cp
-        if segments is None:
-            n_kv = math.ceil(shape[0] * (cp.size if cp else 1) / cfg.block_kv)
-            budgets = ctl.budgets(n_kv)
-        else:
-            n_kv = work_weighted_blocks(segments, cfg.block_kv)
-            budgets = self._clip_budgets(segments)
+        n_kv = (math.ceil(shape[0] * (cp.size if cp else 1) / cfg.block_kv) if segments is None else
+                work_weighted_blocks(segments, cfg.block_kv))
         sparse = self._sparse_now(shape, dtype, device, n_kv, segments, tensors)
+        budgets = None   # only a sparse call reads them
+        if sparse:
+            budgets = ctl.budgets(n_kv) if segments is None else self._clip_budgets(segments)
         if sparse and training_step and segments is None and cp is None:
             self.device_budgets.hold(budgets, n_kv, device, annealing=ctl.annealing())
         learn = training_step and ctl.learns_now()
@@ -465,16 +465,15 @@ class DSVDotProductAttention(_CoreAttention):
         clip, for packed `segments`) of `heads` (None: all of this rank's heads); with None, only
         the step count advances.
 
-        The update is only staged here and committed when the backward pass ends: within one
-        training step the predictor, budgets and stage stay fixed, so a forward recomputed later
-        in the same backward (non-reentrant checkpointing) selects exactly the blocks the first
-        one did.
+        The predictor's Adam step runs here, where its gradients are made (_update): in a graph of the
+        training work, or of the whole step, it is one more node, not ~0.1 ms of host time per layer
+        after the replay. Nothing reads this layer's predictor later in its backward: activation
+        recomputation reruns the layer's forward before the layer's backward reaches this point. The
+        rest (loss EMA, profile EMAs, step count, stage) is only staged here and committed when the
+        backward pass ends, so budgets and stage stay fixed within one training step.
         """
-        engine = torch.autograd.Variable._execution_engine
-        if learn_inputs is not None:   # first: the upkeep queued aside below is done before its results are read
-            engine.queue_callback(functools.partial(upkeep_stream.join, learn_inputs[1].device))
-        if not self.in_step_graph:
-            engine.queue_callback(self.commit)
+        torch.autograd.Variable._execution_engine.queue_callback(
+            functools.partial(self._backward_done, None if learn_inputs is None else learn_inputs[1].device))
         if learn_inputs is None:
             self._pending = {}
             return
@@ -502,25 +501,51 @@ class DSVDotProductAttention(_CoreAttention):
                     and self.graphed_upkeep.fits(q) and self.controller.step.device == q.device):
                 stats = self._graphed_rows_step(q, k)
             else:
-                stats = self._sampled_rows_step(q, k, heads, selection if profile else None, train, segments,
-                                                q_start)
-            self._reduce_replicas(stats)
+                stats = self._update(self._sampled_rows_step(q, k, heads, selection if profile else None, train,
+                                                             segments, q_start))
         if self.in_step_graph:
             self.graph_stats = stats
         else:
             self._pending = stats
 
+    def _backward_done(self, device) -> None:
+        """At the end of the backward pass: wait for the upkeep queued aside on `device` (None: none), then
+        commit what _learn staged (a captured step's is committed after each replay)."""
+        if device is not None:
+            upkeep_stream.join(device)
+        if not self.in_step_graph:
+            self.commit()
+
     def _graphed_rows_step(self, q, k) -> dict:
-        """_sampled_rows_step's predictor loss and gradients at a plain eager training step (all heads, one
-        sequence, no profile), replayed from this layer's CUDA graph (graphed_upkeep.py)."""
+        """_update(_sampled_rows_step(...)) at a plain eager training step (all heads, one sequence, no
+        profile), replayed from this layer's CUDA graph (graphed_upkeep.py). A layer with replicas (data
+        or tensor parallel) reduces over them between the graph's loss and gradients and the Adam step:
+        the graph holds no collective, so it runs on any process group."""
         pred, heads = self.predictor, list(range(self.heads))
+        local = not self._has_replicas()
         key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), q.dtype,
                self._sample_plan(0, q.shape[0], 0, k.shape[0]), pred.wq.data_ptr(), pred.wk.data_ptr(),
-               self.controller.step.data_ptr())
-        return self.graphed_upkeep(key, lambda q_, k_: self._sampled_rows_step(q_, k_, heads, None, True), q, k)
+               self.controller.step.data_ptr(), local, self.controller.predictor_lr())
+
+        def rows_step(q_, k_):
+            stats = self._sampled_rows_step(q_, k_, heads, None, True)
+            return self._update(stats) if local else stats
+
+        stats = self.graphed_upkeep(key, rows_step, q, k)
+        return stats if local else self._update(stats)
+
+    def _update(self, stats: dict) -> dict:
+        """Reduce `stats` over the replicas (_reduce_replicas) and take the predictor's Adam step on their
+        gradients, if they hold any; returns the rest (loss, profile) for commit."""
+        self._reduce_replicas(stats)
+        if "grad_q" in stats:
+            grads = stats.pop("grad_q"), stats.pop("grad_k")
+            if not self.warm_up_pass:
+                self.predictor.apply_grads(*grads, self.controller.predictor_lr())
+        return stats
 
     def commit(self) -> None:
-        """Apply the update staged by the last backward: predictor step, profile, step count.
+        """Apply the update staged by the last backward: loss, profile, step count.
         Runs at the end of the backward pass; also before a state_dict is taken or metrics read
         (where there is mostly nothing to apply: that case costs no more than the check)."""
         self.graphed.in_flight = False  # the backward pass is over: a replayed forward it skipped is dropped
@@ -531,9 +556,9 @@ class DSVDotProductAttention(_CoreAttention):
     @torch.no_grad()
     def _commit_stats(self, stats: dict) -> None:
         ctl = self.controller
-        if "grad_q" in stats:
+        if "loss" in stats:   # the predictor trained (_update); a replayed step ran its update without the host
             ctl.record_loss(stats["loss"])
-            self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
+            self.predictor.weights_updated()
         if "recall" in stats:
             ctl.record_profile(stats)
         ctl.end_step()
@@ -542,8 +567,8 @@ class DSVDotProductAttention(_CoreAttention):
 
     def replayed(self, stats: Optional[dict]) -> None:
         """The bookkeeping of a training step replayed from a step graph: commit what an eager pass left,
-        then the predictor update and profile the replay computed (`stats`, what the capture left in
-        graph_stats), or with None only the step count."""
+        then the loss and profile the replay computed (`stats`, what the capture left in graph_stats; the
+        replay took the predictor's Adam step), or with None only the step count."""
         self.commit()
         self._pending = stats if stats is not None else {}
         self.commit()
@@ -697,6 +722,10 @@ class DSVDotProductAttention(_CoreAttention):
         cubes, in order) against keys k_est [b, S, n, r]: what the selection ranks blocks by."""
         return block_scores_reference(q_est, k_est, block_q=self.cfg.block_q, block_kv=self.cfg.block_kv,
                                       kv_reduce=self._kv_reduce)
+
+    def _has_replicas(self) -> bool:
+        """Whether _reduce_replicas reduces over other ranks (data or tensor parallel)."""
+        return _group_size(self.dp_group) > 1 or _group_size(self.tp_group) > 1
 
     def _reduce_replicas(self, stats: dict) -> None:
         """Average every per-head tensor over all sampled rows of the ranks that measured that head:

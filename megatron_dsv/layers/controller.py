@@ -20,6 +20,7 @@ host-side mirror refreshed only when the state changes, so forwards never sync t
 from __future__ import annotations
 
 import math
+import struct
 from typing import List, Optional
 
 import torch
@@ -58,8 +59,9 @@ class StageController(Float32State):
         self.heads = heads
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("stage", torch.ones((), dtype=torch.int64, device=device))
+        # The predictor loss's EMA, and the last recorded loss, folded into it when the next one is recorded
+        # (NaN: none). Both live on the host between checkpoints (_save_to_state_dict writes them here).
         self.register_buffer("loss_ema", torch.full((), float("nan"), device=device))
-        # The last recorded predictor loss, folded into loss_ema when the next one is recorded (NaN: none).
         self.register_buffer("loss_pending", torch.full((), float("nan"), device=device))
         self.register_buffer("profiles", torch.zeros((), dtype=torch.int64, device=device))
         for name in PER_HEAD_BUFFERS:
@@ -70,7 +72,9 @@ class StageController(Float32State):
         self.register_buffer("anneal_from", torch.full((), float("nan"), device=device))
         self.policy = BudgetPolicy(cfg, heads, owner=self)
         self._host: Optional[dict] = None
-        self._pending_copy = None  # (pinned host scalar, CUDA event) of loss_pending's copy to the host
+        # The last recorded loss: a float, or (pinned host scalar, CUDA event) of its copy to the host under way.
+        self._pending_loss = math.nan
+        self._loss_copy = None     # the pair a copy uses, made once: a pinned allocation per step costs host time
         self._profile_copy = None  # (pinned host columns, CUDA event) of the last profile's copy to the host
 
     # ------------------------------------------------------------ host mirror
@@ -116,7 +120,19 @@ class StageController(Float32State):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
         self._profile_copy = None
-        self._copy_pending_loss()   # so the first record after the load does not wait for the device either
+        self._pending_loss = self._loss_to_host(self.loss_pending)   # the first record then waits for nothing
+
+    def _apply(self, fn, *args, **kwargs):
+        self._loss_copy = None   # moved: the next copy records an event of the new device
+        return super()._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, *args, **kwargs):
+        # The host holds the loss EMA and the pending loss between checkpoints: writing both to the device at
+        # every record cost two launches per layer and step (bench/host_time.py).
+        if self._host is not None:   # (None: the buffers hold the state loaded or made)
+            self.loss_ema.fill_(self._host["loss_ema"])
+        self.loss_pending.fill_(self._pending_value())
+        super()._save_to_state_dict(*args, **kwargs)
 
     # -------------------------------------------------------------- decisions
     @property
@@ -167,7 +183,7 @@ class StageController(Float32State):
     def _start_anneal(self) -> None:
         h = self._host
         # The mirror holds what the float32 buffer holds, so a resumed run anneals identically.
-        h["stage2_start"], h["anneal_from"] = h["step"], float(torch.tensor(self._theta_density()).float())
+        h["stage2_start"], h["anneal_from"] = h["step"], _float32(self._theta_density())
         self.stage2_start.fill_(h["stage2_start"])
         self.anneal_from.fill_(h["anneal_from"])
         self.policy.invalidate()
@@ -183,29 +199,35 @@ class StageController(Float32State):
         behind; a checkpoint holds the pending loss, so a resumed run folds what an uninterrupted
         one would."""
         self._fold_pending()
-        self.loss_pending.copy_(loss.detach())
-        self._copy_pending_loss()
+        self._pending_loss = self._loss_to_host(loss.detach())
 
-    def _copy_pending_loss(self) -> None:
-        """Start loss_pending's copy to the host (on the GPU; on CPU _fold_pending reads it)."""
-        self._pending_copy = _copy_to_host(self.loss_pending) if self.loss_pending.is_cuda else None
+    def _loss_to_host(self, loss: torch.Tensor):
+        """_pending_loss for the scalar `loss`: its copy to the host started (on the GPU), or its value."""
+        if not loss.is_cuda:
+            return float(loss)
+        if self._loss_copy is None:
+            self._loss_copy = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+        host, done = self._loss_copy
+        done.synchronize()   # a copy into `host` still under way (a load's, unread) ends first
+        host.copy_(loss, non_blocking=True)
+        done.record()
+        return self._loss_copy
+
+    def _pending_value(self) -> float:
+        if isinstance(self._pending_loss, tuple):
+            host, done = self._pending_loss
+            done.synchronize()   # recorded a training step ago: in practice already complete
+            return float(host)
+        return self._pending_loss
 
     def _fold_pending(self) -> None:
-        if self._pending_copy is not None:
-            host, done = self._pending_copy
-            done.synchronize()   # recorded a training step ago: in practice already complete
-            loss = float(host)
-        else:   # on CPU, or the first record after construction (NaN)
-            loss = float(self.loss_pending)
-        self._pending_copy = None
+        loss, self._pending_loss = self._pending_value(), math.nan
         if math.isnan(loss):
             return
         a = self.cfg.ema_alpha
         old = self._mirror()["loss_ema"]
         new = loss if math.isnan(old) else a * old + (1 - a) * loss
-        new = float(torch.tensor(new, dtype=self.loss_ema.dtype))  # the mirror holds what the buffer holds
-        self.loss_ema.fill_(new)
-        self._mirror()["loss_ema"] = new
+        self._mirror()["loss_ema"] = _float32(new)  # what the float32 buffer holds once written
 
     @torch.no_grad()
     def record_profile(self, profiled: dict) -> None:
@@ -242,6 +264,11 @@ class StageController(Float32State):
             h["stage"] = 2
             self.stage.fill_(2)
             self._start_anneal()
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32, as a float32 buffer holds it (struct: no tensor made for one number)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _copy_to_host(t: torch.Tensor) -> tuple:

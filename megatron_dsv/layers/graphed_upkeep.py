@@ -10,11 +10,13 @@ x batch 1) 5% faster; at batch 2 the GPU's ~100 ms of work hides most of it.
 Only the plain training step is graphed: the same shapes every step, all heads, no packed clips and
 no profile (a profile step, one in profile_interval_stage1, runs eagerly). The sampled rows follow
 the controller's step counter on the device, and the predictor's weights are read from their
-parameters, updated in place, so neither needs a recapture. A graph is captured for a key once it has
-been met STABLE_CALLS times; up to MAX_GRAPHS keys keep theirs, since a sequence whose query blocks are
-not a multiple of the sample stride alternates between two sample plans. Its outputs are static
-tensors: the layer consumes them (_reduce_replicas makes new ones) before the next replay. The layer
-releases the graphs once they can no longer replay (stage 2, or a whole step captured).
+parameters, updated in place (by the graph itself, where it holds the Adam step), so neither needs a
+recapture. A graph is captured for a key once it has been met STABLE_CALLS times; that call's work is
+the capture's warm-up (a graph that updates the predictor must not also be replayed then); up to
+MAX_GRAPHS keys keep theirs, since a sequence whose query blocks are not a multiple of the sample
+stride alternates between two sample plans. Its outputs are static tensors: the layer consumes them
+before the next replay. The layer releases the graphs once they can no longer replay (stage 2, or a
+whole step captured).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class GraphedUpkeep:
         return GraphedSparseAttention.fits(q) and not torch.cuda.is_current_stream_capturing()
 
     def __call__(self, key: tuple, fn: Callable[..., dict], q: torch.Tensor, k: torch.Tensor) -> dict:
-        """fn(q, k) -> {name: tensor} (no side effects), replayed from a graph once `key` has been met
-        STABLE_CALLS times; eagerly before."""
+        """fn(q, k) -> {name: tensor}, replayed from a graph once `key` has been met STABLE_CALLS times;
+        eagerly before. fn's side effects on the device (in-place updates) happen once per call."""
         if key not in self._graphs:
             if len(self._seen) > 16 * MAX_GRAPHS:   # keys met once or twice (other shapes) are not kept for good
                 self._seen.clear()
@@ -49,9 +51,10 @@ class GraphedUpkeep:
             if self._seen[key] < STABLE_CALLS:
                 return fn(q, k)
             del self._seen[key]
-            self._graphs[key] = self._capture(fn, q, k)
+            out, self._graphs[key] = self._capture(fn, q, k)
             if len(self._graphs) > MAX_GRAPHS:   # (a plain CUDAGraph holds no reference cycle: dropping it frees its pool)
                 self._graphs.popitem(last=False)
+            return out
         self._graphs.move_to_end(key)
         inputs, graph, out = self._graphs[key]
         for static, t in zip(inputs, (q, k)):
@@ -66,20 +69,24 @@ class GraphedUpkeep:
 
     @staticmethod
     def _capture(fn, q, k) -> tuple:
+        """(fn(q, k) run as the capture's warm-up, (static inputs, graph, static outputs))."""
         # Same strides as the inputs (e.g. slices of a fused QKV projection), so the capture takes the path
         # an eager call takes on them (key_gram's parts) and gives its results bit for bit. A slice keeps
         # its projection's footprint (3x for a slice of a fused QKV); rotary embeddings leave q and k packed.
         inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
                        for t in (q, k))
         # A warm-up on the capture's stream first: libraries set up per-stream state (cuBLAS workspaces) there.
-        stream = torch.cuda.Stream(q.device)
-        stream.wait_stream(torch.cuda.current_stream(q.device))
+        # It is this call's work; its outputs are read on the current stream, which the allocator is told.
+        current, stream = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            fn(*inputs)
-        torch.cuda.current_stream(q.device).wait_stream(stream)
+            out = fn(*inputs)
+        current.wait_stream(stream)
+        for t in out.values():
+            t.record_stream(current)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture runs on the autograd engine's thread, while the thread that called
         # backward() waits.
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            out = fn(*inputs)
-        return inputs, graph, out
+            static = fn(*inputs)
+        return out, (inputs, graph, static)

@@ -101,7 +101,7 @@ class LowRankPredictor(Float32State):
         src = self.wq if which == "q" else self.wk
         if cached and not torch.compiler.is_compiling():   # (a compiled graph fuses the cast into its use)
             key = (which, x.dtype, x.device)
-            # Storage and in-place updates (loads, copies; apply_grads clears the cache itself).
+            # Storage and in-place updates (loads, copies; after apply_grads, weights_updated clears the cache).
             version = (src.data_ptr(), src._version)
             if key not in self._cast or self._cast[key][0] != version:
                 self._cast[key] = (version, src.detach().to(x.dtype))
@@ -161,7 +161,8 @@ class LowRankPredictor(Float32State):
 
     @torch.no_grad()
     def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:
-        """One Adam step on (wq, wk) with the given gradients."""
+        """One Adam step on (wq, wk) with the given gradients. Call weights_updated() once it has run (after
+        the replay, where a CUDA graph holds it)."""
         steps = [self.adam_step.clone(), self.adam_step.clone()]  # adam() increments these
         functional_adam(
             [self.wq, self.wk], [grad_q, grad_k],
@@ -169,12 +170,14 @@ class LowRankPredictor(Float32State):
             steps,
             amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0,
             eps=ADAM_EPS, maximize=False, foreach=False,
-            # On the GPU the step count stays there (otherwise Adam reads it: a device sync per update), and
-            # one fused kernel updates both weights: the single-tensor update launched ~30 kernels per
-            # layer, after each replayed step (bench/results/step_h200/s8).
-            capturable=self.wq.is_cuda, fused=self.wq.is_cuda,
+            # One fused kernel updates both weights (the single-tensor update launched ~30 kernels per layer,
+            # bench/results/step_h200/s8), reading the step count where it is (the single-tensor update read
+            # it on the host: a device sync per update, and a graph capture that fails).
+            capturable=self.wq.is_cuda, fused=True,
         )
         self.adam_step += 1
-        # The fused update writes the weights without bumping their version counters (torch 2.11),
-        # by which project() tells a cast copy stale: drop them here.
+
+    def weights_updated(self) -> None:
+        """Drop the weights' cast copies (project): the fused Adam update writes the weights without
+        bumping their version counters (torch 2.11), by which project() tells a cast copy stale."""
         self._cast.clear()

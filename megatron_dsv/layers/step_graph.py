@@ -14,10 +14,10 @@ the capture launched and none of the layers' Python, so
   replay_key updates in place (device_budgets.py), so a graph replays across the anneal's levels
   and the profiles' budget changes of equal k_max. It is None where the next step cannot be
   replayed (a layer that has not trained yet; packed clips; context parallelism), which then runs
-  eagerly. Steps that train the predictor or profile replay too: the predictor's loss and
-  gradients and the profile's statistics are computed in the graph, on sampled rows that follow
-  the device's step counter, and applied after the replay. A profile step has a key of its own
-  (it computes more), so a caller holds a graph for the plain steps and one for the profiles.
+  eagerly. Steps that train the predictor or profile replay too: the predictor's loss, gradients
+  and Adam step and the profile's statistics are computed in the graph, on sampled rows that
+  follow the device's step counter; the loss and the profile are recorded after the replay. A
+  profile step has a key of its own (it computes more), so a caller holds a graph for the plain steps and one for the profiles.
   The key is read at the shape of each layer's last training step (evaluations, at any shape, do
   not change it); a caller adds its input shapes to its own key (the example does);
 - the capture and its warm-up run inside `capturing(model)`, which fixes each layer's decisions for
@@ -25,11 +25,12 @@ the capture launched and none of the layers' Python, so
   step whole, with no guard on the step counter. The layers launch plain kernels (no
   CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
   the graph so that training them in place needs no recapture); what the step computes for the
-  bookkeeping (predictor loss and gradients, profile) is not applied, since neither is a
-  training step, but kept in the CapturedStep that capturing() yields: the graph's tensors, which
-  each replay refreshes;
-- after each replay, `replayed(model, captured)` does that bookkeeping from them (the predictor's
-  Adam step, the profile's statistics, each layer counts the step, which may start an anneal or
+  bookkeeping (predictor loss, profile) is not recorded, since neither is a training step, but kept
+  in the CapturedStep that capturing() yields: the graph's tensors, which each replay refreshes.
+  The predictor's Adam step is part of the captured step; the warm-up pass, run inside
+  `capturing(model, warm_up=True)`, leaves it out, so the predictor trains once per replay;
+- after each replay, `replayed(model, captured)` does that bookkeeping from them (the predictor
+  loss's EMA, the profile's statistics, each layer counts the step, which may start an anneal or
   a profile: the next key says so).
 
 Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps only.
@@ -52,7 +53,7 @@ def replay_key(model) -> Optional[tuple]:
 
 class CapturedStep:
     """What the DSV layers of one captured step compute for their bookkeeping: per layer, the predictor's
-    loss and gradients and the profile (the graph's tensors, refreshed by each replay), or None."""
+    loss and the profile (the graph's tensors, refreshed by each replay), or None."""
 
     def __init__(self, layers):
         self.layers = layers
@@ -60,9 +61,10 @@ class CapturedStep:
 
 
 @contextmanager
-def capturing(model) -> Iterator[CapturedStep]:
+def capturing(model, warm_up: bool = False) -> Iterator[CapturedStep]:
     """Forwards and backwards inside run as a captured step must (see the module docstring); yields the
-    CapturedStep that replayed() takes."""
+    CapturedStep that replayed() takes. warm_up: a pass run before the capture (on its stream, as
+    torch.cuda.graph expects), which leaves the predictors as they are."""
     layers = dsv_layers(model)
     for layer in layers:
         if layer.cp is not None:
@@ -73,7 +75,7 @@ def capturing(model) -> Iterator[CapturedStep]:
             raise RuntimeError(f"step capture: DSV layer {layer.layer_number} cannot run its next step planned "
                                f"(a layer that has not trained yet, packed clips): step_graph.replay_key is None for "
                                f"it; run that step eagerly")
-        layer.in_step_graph = True
+        layer.in_step_graph, layer.warm_up_pass = True, warm_up
         layer.graph_stats = None
         layer.graphed_upkeep.release()   # the graphs of its eager steps' upkeep: captured steps replace them
     captured = CapturedStep(layers)
@@ -82,13 +84,13 @@ def capturing(model) -> Iterator[CapturedStep]:
     finally:
         for i, layer in enumerate(layers):
             captured.stats[i], layer.graph_stats = layer.graph_stats, None
-            layer.in_step_graph = False
+            layer.in_step_graph = layer.warm_up_pass = False
             layer.step_plan = None
 
 
 def replayed(model, captured: CapturedStep) -> None:
     """The bookkeeping of one training step replayed from the graph `captured` was recorded with: what
-    each layer's backward would have staged (its predictor update and profile) is committed."""
+    each layer's backward would have staged (its predictor loss and profile) is committed."""
     layers = dsv_layers(model)
     if [id(layer) for layer in layers] != [id(layer) for layer in captured.layers]:
         raise ValueError("step_graph.replayed: the CapturedStep was recorded on another model's DSV layers")
