@@ -22,10 +22,11 @@ MAX_PENDING = 256  # resolve old CUDA events past this many, so the list stays b
 
 class ForwardTimer:
     def __init__(self):
-        self._pending = []  # (name, start event, end event, device index)
+        self._pending = []  # (name, start event, end event, device)
         self._total_ms = defaultdict(float)
         # Events read and free for reuse, per device: a new pair per timed region cost ~0.1 ms of host time
-        # (an eager step of `small` times 8 regions; bench/host_time.py).
+        # (an eager step of `small` times 8 regions; bench/host_time.py). torch.Event records on its device's
+        # current stream without the Stream object torch.cuda.Event.record() builds (~5 us of host time).
         self._free = defaultdict(list)
 
     @contextmanager
@@ -33,13 +34,12 @@ class ForwardTimer:
         if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             yield   # a traced or captured region is not timed (a graph holds no clocks or host events)
         elif device.type == "cuda":
-            index, stream = torch.cuda.current_device(), torch.cuda.current_stream()   # (each lookup costs ~5 us)
-            free = self._free[index]
-            start, end = free.pop() if free else _timing_events()
-            start.record(stream)
+            free = self._free[device]
+            start, end = free.pop() if free else _timing_events(device)
+            start.record()
             yield
-            end.record(stream)
-            self._pending.append((name, start, end, index))
+            end.record()
+            self._pending.append((name, start, end, device))
             if len(self._pending) > MAX_PENDING:
                 self._resolve(self._pending[: MAX_PENDING // 2])
                 del self._pending[: MAX_PENDING // 2]
@@ -49,10 +49,10 @@ class ForwardTimer:
             self._total_ms[name] += (time.perf_counter() - t0) * 1e3
 
     def _resolve(self, events):
-        for name, start, end, index in events:
+        for name, start, end, device in events:
             end.synchronize()
             self._total_ms[name] += start.elapsed_time(end)
-            self._free[index].append((start, end))
+            self._free[device].append((start, end))
 
     def read(self) -> dict:
         """Milliseconds per region since the last read (syncs on pending CUDA events)."""
@@ -63,8 +63,8 @@ class ForwardTimer:
         return totals
 
 
-def _timing_events() -> tuple:
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _timing_events(device: torch.device) -> tuple:
+    return torch.Event(device, enable_timing=True), torch.Event(device, enable_timing=True)
 
 
 @contextmanager

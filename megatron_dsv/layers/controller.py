@@ -206,7 +206,8 @@ class StageController(Float32State):
         if not loss.is_cuda:
             return float(loss)
         if self._loss_copy is None:
-            self._loss_copy = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+            # (torch.Event records on its device's current stream without building a Stream object: ~5 us less)
+            self._loss_copy = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.Event(loss.device))
         host, done = self._loss_copy
         done.synchronize()   # a copy into `host` still under way (a load's, unread) ends first
         host.copy_(loss, non_blocking=True)

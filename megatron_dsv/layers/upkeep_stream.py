@@ -40,16 +40,12 @@ _held: Dict[torch.device, tuple] = {}
 def _stream(device: torch.device) -> tuple:
     # The events are recorded anew at every fork and join (a wait takes the record made before it): creating
     # them per call, as Stream.wait_stream does, cost ~0.1 ms of host time per layer (bench/host_time.py).
+    # torch.Event records on, and waits in, its device's current stream without building a Stream object.
     if device not in _streams:
         lo, hi = torch.cuda.Stream.priority_range()
-        _streams[device] = (torch.cuda.Stream(device=device, priority=min(lo, hi)), torch.cuda.Event(),
-                            torch.cuda.Event())
+        _streams[device] = (torch.cuda.Stream(device=device, priority=min(lo, hi)), torch.Event(device),
+                            torch.Event(device))
     return _streams[device]
-
-
-def _wait(waiting: torch.cuda.Stream, on: torch.cuda.Stream, event: torch.cuda.Event) -> None:
-    event.record(on)
-    waiting.wait_event(event)
 
 
 @contextmanager
@@ -59,22 +55,26 @@ def aside(device: torch.device, inputs: Sequence) -> Iterator[None]:
     if device.type != "cuda" or not ENABLED:
         yield
         return
-    (side, fork, join_), current = _stream(device), torch.cuda.current_stream(device)
+    side, fork, join_ = _stream(device)
     if device in _held:   # an upkeep forked before in this backward: it is done before its inputs may go
         # (Only then: the first fork of a captured backward must not wait on work outside the capture.)
-        _wait(current, side, join_)
-    _wait(side, current, fork)
+        join_.record(side)
+        join_.wait()
+    fork.record()
+    side.wait_event(fork)
     _held[device] = tuple(inputs)
-    torch.cuda.set_stream(side)
+    current = torch.accelerator.current_stream(device)
+    torch.accelerator.set_stream(side)
     try:
         yield
     finally:
-        torch.cuda.set_stream(current)
+        torch.accelerator.set_stream(current)
 
 
 def join(device: torch.device) -> None:
     """The current stream waits for every upkeep forked on `device`; their inputs are released."""
     if device in _held:
         side, _, join_ = _streams[device]
-        _wait(torch.cuda.current_stream(device), side, join_)
+        join_.record(side)
+        join_.wait()
         del _held[device]
