@@ -4,7 +4,8 @@ bench/step.py times its arms one after another, each for ~10 steps. Eager steps 
 depend on how fast the host launches, and a shared host's speed drifts within a minute: in one run
 eager dense took 119 ms, in the next 104 ms (bench/results/step_h200/s12). Here every round runs one
 step of each arm, in turn, so a drift reaches all arms alike; the medians over the rounds are
-compared. Arms (the `small` model, 16k tokens x batch 2, as bench/step.py builds it):
+compared, and the median of each round's ratio ("paired"). Arms (the `small` model, 16k tokens x batch 2, as
+bench/step.py builds it):
 
   dense                        SDPADotProductAttention, eager
   dsv-stage1                   DSV in stage 1 (dense attention + predictor training), eager: the
@@ -104,8 +105,12 @@ def main():
             for name, parts in times.items()]
     dense = rows[0]["step_ms"]
     graphed_dense = next((r["step_ms"] for r in rows if r["mode"] == "dense, step graph"), None)
-    for r in rows:
+    for r, (name, parts) in zip(rows, times.items()):
         r["speedup_vs_dense"] = dense / r["step_ms"]
+        # Paired: the median over rounds of dense's step over this arm's step of the same round, which a drift
+        # of the host's speed from round to round moves less than it moves either median.
+        r["paired_speedup_vs_dense"] = statistics.median(d[1] / t[1] for d, t in zip(times["dense"], parts))
+        r["step_ms_per_round"] = [t[1] for t in parts]
         if graphed_dense:
             r["speedup_vs_dense_step_graph"] = graphed_dense / r["step_ms"]
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
@@ -120,12 +125,13 @@ def main():
             print("   ", line)
     print(f"\n{name}; {args.model}, {dit.num_tokens} tokens x batch {args.micro_batch_size}; medians of "
           f"{args.rounds} interleaved rounds")
-    print(f"{'mode':>54} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'x graphed dense':>15}")
+    print(f"{'mode':>54} {'step ms':>8} {'quartiles':>13} {'host ms':>8} {'x dense':>8} {'paired':>7} "
+          f"{'x graphed dense':>15}")
     for r in rows:
         q1, _, q3 = r["step_ms_quartiles"]
-        graphed = f"{r['speedup_vs_dense_step_graph']:.2f}" if graphed_dense else "-"
+        graphed = f"{r['speedup_vs_dense_step_graph']:.3f}" if graphed_dense else "-"
         print(f"{r['mode']:>54} {r['step_ms']:>8.1f} {q1:>6.1f}-{q3:<6.1f} {r['train_host_ms']:>8.1f} "
-              f"{r['speedup_vs_dense']:>8.2f} {graphed:>15}")
+              f"{r['speedup_vs_dense']:>8.3f} {r['paired_speedup_vs_dense']:>7.3f} {graphed:>15}")
 
 
 if __name__ == "__main__":

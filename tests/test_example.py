@@ -399,6 +399,8 @@ def test_eager_ab_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["results"]] == ["dense", "dsv-stage1", "dsv-stage1, no CUDA graphs"]
     assert all(0 < r["train_host_ms"] <= r["step_ms"] and len(r["step_ms_quartiles"]) == 3 for r in res["results"])
+    assert res["results"][0]["paired_speedup_vs_dense"] == 1.0
+    assert all(len(r["step_ms_per_round"]) == res["rounds"] and r["paired_speedup_vs_dense"] > 0 for r in res["results"])
 
 
 def test_host_time_bench_smoke(tmp_path):
