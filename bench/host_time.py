@@ -46,10 +46,10 @@ PROBES = [
     ("  upkeep_stream.aside (entry + exit)", upkeep_stream, "aside", True),
     ("  graphed upkeep (copies + replay)", graphed_upkeep.GraphedUpkeep, "__call__", False),
     ("  _reduce_replicas", DSV, "_reduce_replicas", False),
+    ("  apply_grads", predictor.LowRankPredictor, "apply_grads", False),   # (none while the upkeep replays)
     ("end of backward: commit", DSV, "commit", False),
     ("  upkeep_stream.join", upkeep_stream, "join", False),
     ("  record_loss", controller.StageController, "record_loss", False),
-    ("  apply_grads", predictor.LowRankPredictor, "apply_grads", False),
     ("  end_step", controller.StageController, "end_step", False),
 ]
 

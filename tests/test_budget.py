@@ -258,6 +258,19 @@ def test_model_scope_needs_the_target_policy():
         DSVConfig(budget_scope="model", budget_policy="theta")
 
 
+def test_partial_load_keeps_the_live_loss_ema_and_pending_loss():
+    """The loss EMA and the pending loss live on the host between checkpoints: a state dict without them
+    (strict=False) leaves them as they are, and the next record folds the pending loss as before."""
+    cfg = DSVConfig(ema_alpha=0.5)
+    ctl = StageController(cfg, heads=2)
+    for loss in (0.8, 0.4):
+        ctl.record_loss(torch.tensor(loss))
+    ctl.load_state_dict({"step": torch.tensor(5)}, strict=False)
+    assert ctl.host()["step"] == 5 and ctl.host()["loss_ema"] == pytest.approx(0.8)
+    ctl.record_loss(torch.tensor(0.2))
+    assert ctl.host()["loss_ema"] == pytest.approx(0.6)
+
+
 def test_loss_ema_folds_each_loss_once_a_step_behind_and_resumes_exactly():
     """record_loss reads no device value at once: the EMA takes in the previous step's loss. Every loss
     is folded exactly once, in order, and a controller loaded from a checkpoint taken between two

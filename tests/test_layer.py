@@ -393,14 +393,26 @@ def test_stage2_output_is_block_sparse_attention_of_the_selection(megatron_paral
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_recompute_trains_once_and_selects_consistently(megatron_parallel, reentrant):
+@pytest.mark.parametrize("inputs", ["planted", "random"])
+def test_recompute_trains_once_and_selects_consistently(megatron_parallel, reentrant, inputs):
+    """Under activation recomputation of the core attention (reentrant or not) a layer trains as without it:
+    every stage-2 step here learns, so the predictor changes at each, and a recomputed forward must select
+    with the predictor the first one selected with (non-reentrant recomputation runs after the backward
+    hook of the layer's output, where the predictor trains)."""
     gen = torch.Generator().manual_seed(3)
-    cfg = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
-                    stage1_min_steps=3, stage1_max_steps=3, profile_interval_stage2=1,
-                    layer_sparsity_threshold=0.3, budget_floor=0.0)
+    # (random inputs: no layer would be sparse by its profile, so every layer runs sparse)
+    forced = {} if inputs == "planted" else dict(predictor_lr=0.3, layer_sparsity_threshold=0.0,
+                                                 dense_fallback_density=1.0)
+    cfg = DSVConfig(**{**dict(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32, sample_stride=2, predictor_lr=3e-2,
+                              stage1_min_steps=3, stage1_max_steps=3, profile_interval_stage2=1,
+                              layer_sparsity_threshold=0.3, budget_floor=0.0), **forced})
     plain, recomputed = core(cfg), core(cfg)
-    batches = [planted_batch(gen) for _ in range(6)]
+    batches = [planted_batch(gen) if inputs == "planted" else
+               tuple(torch.randn(256, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(6)]
+    select, read = recomputed._select, []
+    recomputed._select = lambda *a, **kw: read.append(recomputed.predictor.wq.clone()) or select(*a, **kw)
     for q, k, v in batches:
+        read.clear()
         grads = []
         for layer in (plain, recomputed):
             qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
@@ -412,7 +424,8 @@ def test_recompute_trains_once_and_selects_consistently(megatron_parallel, reent
             grads.append((qi.grad, ki.grad, vi.grad))
         for g0, g1 in zip(*grads):
             torch.testing.assert_close(g0, g1, rtol=0, atol=0)
-    assert recomputed.controller.host()["step"] == 6 and recomputed.controller.in_stage2
+        assert all(torch.equal(w, read[0]) for w in read[1:]), "a recomputed forward selected with another predictor"
+    assert recomputed.controller.host()["step"] == 6 and recomputed.controller.in_stage2 and recomputed.last_used_sparse
     for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -534,9 +547,9 @@ def test_profiling_steps_bookkeeping_reads_nothing_from_the_device(megatron_para
     layer = _stage2_layer(**cfg)[0] if stage == 2 else core(DSVConfig(**{**SMALL, **cfg}))
     learn, seen = layer._learn, []
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         with HostReads() as reads:
-            learn(*args)
+            learn(*args, **kwargs)
         seen.extend(reads.seen)
 
     layer._learn = watched

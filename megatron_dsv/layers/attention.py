@@ -224,7 +224,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.device_budgets = DeviceBudgets()   # what a training step's selection reads
         self.recall_budgets = DeviceBudgets()   # what a profile's own selection reads (_learn)
         self.last_training_call = None   # (shape, dtype, device, packed) of the last training step's q [s, b, n, d]
-        self.graph_stats = None     # the predictor update and profile a captured step computes (its tensors)
+        self.graph_stats = None     # the predictor loss and profile a captured step computes (its tensors)
         self.last_costs = None  # measured attention fwd+bwd ms at the last shape: dense, and sparse at its density
         self._pending = None  # update staged in backward, committed when the backward pass ends
 
@@ -297,9 +297,9 @@ class DSVDotProductAttention(_CoreAttention):
             # The bookkeeping runs in backward: exactly once per training step per layer, also under
             # activation recomputation (reentrant: the first, no-grad pass builds no graph and only
             # the recomputed pass is differentiated; non-reentrant: the recomputed pass is never
-            # differentiated), and never in evaluation. In a captured step only the predictor's
-            # loss and gradients are computed there; step_graph.replayed applies them.
-            out = OnBackward.apply(out, lambda: self._learn(learn_inputs, segments))
+            # differentiated), and never in evaluation. In a captured step the predictor's loss, gradients
+            # and (dense steps) Adam step are computed there; step_graph.replayed records the rest.
+            out = OnBackward.apply(out, lambda: self._learn(learn_inputs, segments, read_predictor=sparse))
         if packing is not None:
             out = packing.from_blocks(out)
         return self._output(out, fmt)
@@ -458,19 +458,21 @@ class DSVDotProductAttention(_CoreAttention):
 
     # ------------------------------------------------------ DSV bookkeeping
     @torch.no_grad()
-    def _learn(self, learn_inputs, segments=None):
+    def _learn(self, learn_inputs, segments=None, read_predictor=False):
         """One training step of DSV bookkeeping (runs in backward). With learn_inputs = (heads, q, k,
         selection, q_start): predictor loss/gradients and profile on sampled rows of q [s, b, n, d]
         (tokens from q_start on) against the keys k [S, b, n, d] of the whole sequence (of the row's
         clip, for packed `segments`) of `heads` (None: all of this rank's heads); with None, only
-        the step count advances.
+        the step count advances. read_predictor: the forward selected with the predictor (it ran sparse).
 
-        The predictor's Adam step runs here, where its gradients are made (_update): in a graph of the
-        training work, or of the whole step, it is one more node, not ~0.1 ms of host time per layer
-        after the replay. Nothing reads this layer's predictor later in its backward: activation
-        recomputation reruns the layer's forward before the layer's backward reaches this point. The
-        rest (loss EMA, profile EMAs, step count, stage) is only staged here and committed when the
-        backward pass ends, so budgets and stage stay fixed within one training step.
+        Where the forward ran dense (all of stage 1), the predictor's Adam step runs here, where its
+        gradients are made (_update): in a graph of the training work, or of the whole step, it is one
+        more node, not ~0.1 ms of host time per layer after the replay, and a recomputation of the
+        forward (non-reentrant checkpointing reruns it after this hook) reads no predictor. Where it
+        selected with the predictor, the step waits for the end of the backward, so a recomputed
+        forward selects exactly the blocks the first one did. The rest (loss EMA, profile EMAs, step
+        count, stage) is staged here and committed when the backward pass ends, so budgets and stage
+        stay fixed within one training step.
         """
         torch.autograd.Variable._execution_engine.queue_callback(
             functools.partial(self._backward_done, None if learn_inputs is None else learn_inputs[1].device))
@@ -502,7 +504,7 @@ class DSVDotProductAttention(_CoreAttention):
                 stats = self._graphed_rows_step(q, k)
             else:
                 stats = self._update(self._sampled_rows_step(q, k, heads, selection if profile else None, train,
-                                                             segments, q_start))
+                                                             segments, q_start), now=not read_predictor)
         if self.in_step_graph:
             self.graph_stats = stats
         else:
@@ -527,18 +529,19 @@ class DSVDotProductAttention(_CoreAttention):
                self._sample_plan(0, q.shape[0], 0, k.shape[0]), pred.wq.data_ptr(), pred.wk.data_ptr(),
                self.controller.step.data_ptr(), local, self.controller.predictor_lr())
 
-        def rows_step(q_, k_):
+        def rows_step(q_, k_):   # (a plain step is a stage-1 step: its forward ran dense)
             stats = self._sampled_rows_step(q_, k_, heads, None, True)
-            return self._update(stats) if local else stats
+            return self._update(stats, now=True) if local else stats
 
         stats = self.graphed_upkeep(key, rows_step, q, k)
-        return stats if local else self._update(stats)
+        return stats if local else self._update(stats, now=True)
 
-    def _update(self, stats: dict) -> dict:
-        """Reduce `stats` over the replicas (_reduce_replicas) and take the predictor's Adam step on their
-        gradients, if they hold any; returns the rest (loss, profile) for commit."""
+    def _update(self, stats: dict, now: bool) -> dict:
+        """Reduce `stats` over the replicas (_reduce_replicas); with `now`, take the predictor's Adam step on
+        their gradients, if they hold any (they then leave `stats`; else commit takes the step). Returns
+        `stats` for commit."""
         self._reduce_replicas(stats)
-        if "grad_q" in stats:
+        if now and "grad_q" in stats:
             grads = stats.pop("grad_q"), stats.pop("grad_k")
             if not self.warm_up_pass:
                 self.predictor.apply_grads(*grads, self.controller.predictor_lr())
@@ -556,7 +559,9 @@ class DSVDotProductAttention(_CoreAttention):
     @torch.no_grad()
     def _commit_stats(self, stats: dict) -> None:
         ctl = self.controller
-        if "loss" in stats:   # the predictor trained (_update); a replayed step ran its update without the host
+        if "grad_q" in stats:   # the forward selected with the predictor: its update waited for this (_learn)
+            self.predictor.apply_grads(stats["grad_q"], stats["grad_k"], ctl.predictor_lr())
+        if "loss" in stats:   # the predictor trained (a replayed update ran without the host)
             ctl.record_loss(stats["loss"])
             self.predictor.weights_updated()
         if "recall" in stats:
@@ -568,7 +573,8 @@ class DSVDotProductAttention(_CoreAttention):
     def replayed(self, stats: Optional[dict]) -> None:
         """The bookkeeping of a training step replayed from a step graph: commit what an eager pass left,
         then the loss and profile the replay computed (`stats`, what the capture left in graph_stats; the
-        replay took the predictor's Adam step), or with None only the step count."""
+        replay took the predictor's Adam step where the step ran dense, else the gradients are here), or
+        with None only the step count."""
         self.commit()
         self._pending = stats if stats is not None else {}
         self.commit()

@@ -15,23 +15,25 @@ the capture launched and none of the layers' Python, so
   and the profiles' budget changes of equal k_max. It is None where the next step cannot be
   replayed (a layer that has not trained yet; packed clips; context parallelism), which then runs
   eagerly. Steps that train the predictor or profile replay too: the predictor's loss, gradients
-  and Adam step and the profile's statistics are computed in the graph, on sampled rows that
-  follow the device's step counter; the loss and the profile are recorded after the replay. A
-  profile step has a key of its own (it computes more), so a caller holds a graph for the plain steps and one for the profiles.
-  The key is read at the shape of each layer's last training step (evaluations, at any shape, do
-  not change it); a caller adds its input shapes to its own key (the example does);
-- the capture and its warm-up run inside `capturing(model)`, which fixes each layer's decisions for
-  the step on entry (plan_step): the forward reads no host state, so torch.compile traces a stage-2
-  step whole, with no guard on the step counter. The layers launch plain kernels (no
+  and (a layer that ran dense) Adam step and the profile's statistics are computed in the graph, on
+  sampled rows that follow the device's step counter; the loss and the profile are recorded, and a
+  sparse layer's Adam step taken, after the replay. A profile step has a key of its own (it
+  computes more), so a caller holds a graph for the plain steps and one for the profiles. The key
+  is read at the shape of each layer's last training step (evaluations, at any shape, do not
+  change it); a caller adds its input shapes to its own key (the example does);
+- the capture and its warm-up run inside `capturing(model)` (the warm-up with warm_up=True), which
+  fixes each layer's decisions for the step on entry (plan_step): the forward reads no host state,
+  so torch.compile traces a stage-2 step whole, with no guard on the step counter. The layers
+  launch plain kernels (no
   CUDA graphs of their own, no timing events while capturing, the predictor's weights cast inside
   the graph so that training them in place needs no recapture); what the step computes for the
   bookkeeping (predictor loss, profile) is not recorded, since neither is a training step, but kept
   in the CapturedStep that capturing() yields: the graph's tensors, which each replay refreshes.
-  The predictor's Adam step is part of the captured step; the warm-up pass, run inside
+  A dense layer's Adam step is part of the captured step; the warm-up pass, run inside
   `capturing(model, warm_up=True)`, leaves it out, so the predictor trains once per replay;
 - after each replay, `replayed(model, captured)` does that bookkeeping from them (the predictor
-  loss's EMA, the profile's statistics, each layer counts the step, which may start an anneal or
-  a profile: the next key says so).
+  loss's EMA, a sparse layer's Adam step, the profile's statistics, each layer counts the step,
+  which may start an anneal or a profile: the next key says so).
 
 Forward timings (dsv_metrics' selection_ms / attention_ms) cover eager steps only.
 """
@@ -53,7 +55,8 @@ def replay_key(model) -> Optional[tuple]:
 
 class CapturedStep:
     """What the DSV layers of one captured step compute for their bookkeeping: per layer, the predictor's
-    loss and the profile (the graph's tensors, refreshed by each replay), or None."""
+    loss (and a sparse layer's gradients) and the profile (the graph's tensors, refreshed by each replay),
+    or None."""
 
     def __init__(self, layers):
         self.layers = layers
@@ -90,7 +93,8 @@ def capturing(model, warm_up: bool = False) -> Iterator[CapturedStep]:
 
 def replayed(model, captured: CapturedStep) -> None:
     """The bookkeeping of one training step replayed from the graph `captured` was recorded with: what
-    each layer's backward would have staged (its predictor loss and profile) is committed."""
+    each layer's backward would have staged (its predictor loss, a sparse layer's predictor update, the
+    profile) is committed."""
     layers = dsv_layers(model)
     if [id(layer) for layer in layers] != [id(layer) for layer in captured.layers]:
         raise ValueError("step_graph.replayed: the CapturedStep was recorded on another model's DSV layers")
