@@ -51,19 +51,21 @@ def syncs_of_one_step(trainer) -> list:
             if "synchroniz" in str(w.message)]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, smoke_help: str) -> tuple:
+    """(args, device, DiT config, DSV stage-1 config) of an interleaved eager stage-1 benchmark (this one,
+    bench/host_time.py): its command line parsed, the process set up."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", choices=sorted(PRESETS))
-    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--micro-batch-size", type=int, default=micro_batch_size)
     p.add_argument("--data", default="images", choices=["shapes", "images"])
     p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--json", default=None)
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager arms only: checks the script")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     args = p.parse_args()
     if not (args.smoke or torch.cuda.is_available()):
-        raise SystemExit("bench/eager_ab.py needs a GPU (use --smoke to check the script on CPU)")
+        raise SystemExit(f"{script} needs a GPU (use --smoke to check the script on CPU)")
     device = torch.device("cpu" if args.smoke else "cuda")
     init_single_process(device)
     dit = PRESETS[args.model]
@@ -74,6 +76,12 @@ def main():
         dit = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
         stage1 = stage1.replace(block_q=32, block_kv=32, cube=(2, 4, 4))
         args.cube = list(stage1.cube)
+    return args, device, dit, stage1
+
+
+def main():
+    args, device, dit, stage1 = stage1_setup(__doc__, "bench/eager_ab.py", micro_batch_size=2, rounds=30,
+                                             smoke_help="CPU, tiny shapes, eager arms only: checks the script")
     tokens = dit.num_tokens * args.micro_batch_size
     arms = {"dense": Trainer(dit, None, args, device),
             "dsv-stage1": Trainer(dit, stage1, args, device),

@@ -17,7 +17,6 @@ it with the device name.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from step import Trainer, init_single_process, set_state, DSVConfig, PRESETS  # noqa: E402 (bench/ is on the path)
+from eager_ab import stage1_setup  # noqa: E402 (bench/ is on the path)
+from step import Trainer, set_state  # noqa: E402
 from megatron_dsv import timing  # noqa: E402
 from megatron_dsv.layers import attention, controller, graphed_upkeep, on_backward, predictor, upkeep_stream  # noqa: E402
 
@@ -115,28 +115,8 @@ class Probes:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", choices=sorted(PRESETS))
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--data", default="images", choices=["shapes", "images"])
-    p.add_argument("--cube", type=int, nargs=3, default=[4, 4, 4])
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--json", default=None)
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script")
-    args = p.parse_args()
-    if not (args.smoke or torch.cuda.is_available()):
-        raise SystemExit("bench/host_time.py needs a GPU (use --smoke to check the script on CPU)")
-    device = torch.device("cpu" if args.smoke else "cuda")
-    init_single_process(device)
-    dit = PRESETS[args.model]
-    # Stage 1 for good, no profile steps (as bench/eager_ab.py's dsv-stage1 arm).
-    stage1 = DSVConfig(loss_threshold=0.0, stage1_max_steps=1 << 40, profile_interval_stage1=1 << 30)
-    if args.smoke:   # bench/step.py's smoke shapes
-        args.model, args.warmup, args.rounds, args.data = "tiny", 1, 2, "shapes"
-        dit = PRESETS["tiny"].replace(latent_shape=(4, 16, 16))
-        stage1 = stage1.replace(block_q=32, block_kv=32, cube=(2, 4, 4))
-        args.cube = list(stage1.cube)
+    args, device, dit, stage1 = stage1_setup(__doc__, "bench/host_time.py", micro_batch_size=1, rounds=20,
+                                             smoke_help="CPU, tiny shapes: checks the script")
     arms = {"dense": Trainer(dit, None, args, device), "dsv-stage1": Trainer(dit, stage1, args, device)}
     set_state(arms["dsv-stage1"].layers, stage=1, step=1)
     probes = Probes()
