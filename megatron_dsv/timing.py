@@ -24,8 +24,9 @@ class ForwardTimer:
     def __init__(self):
         self._pending = []  # (name, start event, end event, device)
         self._total_ms = defaultdict(float)
-        # Events read and free for reuse, per device: a new pair per timed region cost ~0.1 ms of host time
-        # (an eager step of `small` times 8 regions; bench/host_time.py).
+        # Events read and free for reuse, per device: making and recording a new one cost ~9 us of host time
+        # against ~2 for recording one (bench/results/step_h200/s16/host_calls_probe.txt; 3-5x that inside
+        # a step), and an eager step of `small` times 8 regions.
         self._free = defaultdict(list)
 
     @contextmanager
