@@ -430,6 +430,17 @@ def test_recompute_trains_once_and_selects_consistently(megatron_parallel, reent
         assert torch.equal(a, b), name
 
 
+def test_a_layer_run_twice_before_one_backward_learns_once(megatron_parallel):
+    """Two forwards of one layer summed into one loss are one training step: one Adam step of the predictor
+    (stage 1, where it trains in the backward) and one count, as for a single forward."""
+    layer = core(DSVConfig(**SMALL, stage1_min_steps=100, stage1_max_steps=100))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        q, k, v = (torch.randn(128, 1, 2, 32, generator=gen).requires_grad_() for _ in range(3))
+        (layer(q, k, v, None).square().mean() + layer(2 * q, k, v, None).square().mean()).backward()
+    assert layer.controller.host()["step"] == 2 and int(layer.predictor.adam_step) == 2
+
+
 # ---------------------------------------------------------------------- bad input
 
 

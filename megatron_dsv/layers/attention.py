@@ -466,16 +466,20 @@ class DSVDotProductAttention(_CoreAttention):
         the step count advances. read_predictor: the forward selected with the predictor (it ran sparse).
 
         Where the forward ran dense (all of stage 1), the predictor's Adam step runs here, where its
-        gradients are made (_update): in a graph of the training work, or of the whole step, it is one
-        more node, not ~0.1 ms of host time per layer after the replay, and a recomputation of the
+        gradients are made (_update): in a graph of the training work (without replicas to reduce over
+        first), or of the whole step, it is one more node, not ~0.1 ms of host time per layer after the
+        replay, and a recomputation of the
         forward (non-reentrant checkpointing reruns it after this hook) reads no predictor. Where it
         selected with the predictor, the step waits for the end of the backward, so a recomputed
         forward selects exactly the blocks the first one did. The rest (loss EMA, profile EMAs, step
         count, stage) is staged here and committed when the backward pass ends, so budgets and stage
-        stay fixed within one training step.
+        stay fixed within one training step. A layer that ran more than once before this backward
+        learns at its first call here only: one training step, one update.
         """
         torch.autograd.Variable._execution_engine.queue_callback(
             functools.partial(self._backward_done, None if learn_inputs is None else learn_inputs[1].device))
+        if (self.graph_stats if self.in_step_graph else self._pending) is not None:   # staged in this backward
+            return
         if learn_inputs is None:
             self._pending = {}
             return
@@ -548,7 +552,8 @@ class DSVDotProductAttention(_CoreAttention):
         return stats
 
     def commit(self) -> None:
-        """Apply the update staged by the last backward: loss, profile, step count.
+        """Apply the update staged by the last backward: loss, profile, step count (and a sparse step's
+        predictor update).
         Runs at the end of the backward pass; also before a state_dict is taken or metrics read
         (where there is mostly nothing to apply: that case costs no more than the check)."""
         self.graphed.in_flight = False  # the backward pass is over: a replayed forward it skipped is dropped

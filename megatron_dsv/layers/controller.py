@@ -14,7 +14,9 @@ the EMA. With a plain EMA, a head whose attention spreads out as it trains keeps
 too-small budget for many profiles (recall below theta); fewer blocks only cost time.
 
 All state lives in buffers (saved, loaded and TP-sharded with the model); decisions read a
-host-side mirror refreshed only when the state changes, so forwards never sync the device.
+host-side mirror refreshed only when the state changes, so forwards never sync the device. The
+predictor loss's EMA and the last recorded loss are the mirror's between checkpoints: they reach
+their buffers when a state dict is saved or loaded.
 """
 
 from __future__ import annotations
@@ -282,8 +284,8 @@ def _copy_to_host(t: torch.Tensor) -> tuple:
     the host reads it once the event is done."""
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
+    done = torch.Event(t.device)
+    done.record(torch.accelerator.current_stream(t.device))
     return host, done
 
 

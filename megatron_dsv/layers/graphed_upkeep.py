@@ -76,14 +76,15 @@ class GraphedUpkeep:
         inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
                        for t in (q, k))
         # A warm-up on the capture's stream first: libraries set up per-stream state (cuBLAS workspaces) there.
-        # It is this call's work; its outputs are read on the current stream, which the allocator is told.
+        # It is this call's work; its outputs are handed on as copies made on the current stream, whose
+        # memory the allocator orders as any eager call's.
         current, stream = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            out = fn(*inputs)
+            warm = fn(*inputs)
         current.wait_stream(stream)
-        for t in out.values():
-            t.record_stream(current)
+        out = {name: t.clone() for name, t in warm.items()}
+        del warm
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture runs on the autograd engine's thread, while the thread that called
         # backward() waits.

@@ -43,6 +43,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
+from . import upkeep_stream
 from .metrics import dsv_layers
 
 
@@ -69,6 +70,7 @@ def capturing(model, warm_up: bool = False) -> Iterator[CapturedStep]:
     CapturedStep that replayed() takes. warm_up: a pass run before the capture (on its stream, as
     torch.cuda.graph expects), which leaves the predictors as they are."""
     layers = dsv_layers(model)
+    upkeep_stream.join_all()   # the capture must not wait on upkeep forked outside it
     for layer in layers:
         if layer.cp is not None:
             raise NotImplementedError("step capture: DSV layers under context parallelism plan and exchange per "

@@ -76,6 +76,12 @@ def aside(device: torch.device, inputs: Sequence) -> Iterator[None]:
         torch.cuda.set_stream(current)
 
 
+def join_all() -> None:
+    """join() every device with upkeep forked (before a capture: a backward that raised may have left one)."""
+    for device in list(_held):
+        join(device)
+
+
 def join(device: torch.device) -> None:
     """The current stream waits for every upkeep forked on `device`; their inputs are released."""
     if device in _held:
