@@ -468,13 +468,12 @@ class DSVDotProductAttention(_CoreAttention):
         Where the forward ran dense (all of stage 1), the predictor's Adam step runs here, where its
         gradients are made (_update): in a graph of the training work (without replicas to reduce over
         first), or of the whole step, it is one more node, not ~0.1 ms of host time per layer after the
-        replay, and a recomputation of the
-        forward (non-reentrant checkpointing reruns it after this hook) reads no predictor. Where it
-        selected with the predictor, the step waits for the end of the backward, so a recomputed
-        forward selects exactly the blocks the first one did. The rest (loss EMA, profile EMAs, step
-        count, stage) is staged here and committed when the backward pass ends, so budgets and stage
-        stay fixed within one training step. A layer that ran more than once before this backward
-        learns at its first call here only: one training step, one update.
+        replay, and a recomputation of the forward (non-reentrant checkpointing reruns it after this
+        hook) reads no predictor. Where it selected with the predictor, the step waits for the end of
+        the backward, so a recomputed forward selects exactly the blocks the first one did. The rest
+        (loss EMA, profile EMAs, step count, stage) is staged here and committed when the backward pass
+        ends, so budgets and stage stay fixed within one training step. A layer that ran more than once
+        before this backward learns at its first call here only: one training step, one update.
         """
         torch.autograd.Variable._execution_engine.queue_callback(
             functools.partial(self._backward_done, None if learn_inputs is None else learn_inputs[1].device))
