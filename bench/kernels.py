@@ -316,7 +316,7 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base, ms=ms):
     key spans (with the share of rows each picks as float32 FMAs do), and the top-k kernel at each
     warp count."""
     from megatron_dsv.ops import triton_selection as tsel
-    from megatron_dsv.ops.reference import _pad_seq
+    from megatron_dsv.ops.reference import block_means_reference
     recs = []
     proxy = tsel._block_means(q_lr, block_q)
     recs.append(dict(base, kernel="sel_proxies", ms=ms(lambda: tsel._block_means(q_lr, block_q))))
@@ -329,9 +329,7 @@ def selection_breakdown(q_lr, k_lr, topk, block_q, block_kv, base, ms=ms):
     tsel.CONFIG_OVERRIDE.clear()
 
     def torch_means():
-        qh = q_lr.permute(0, 2, 1, 3).float()
-        count = torch.clamp(qh.shape[2] - torch.arange(proxy.shape[2], device=qh.device) * block_q, max=block_q)
-        return _pad_seq(qh, block_q).unflatten(2, (-1, block_q)).sum(3) / count.view(1, 1, -1, 1)
+        return block_means_reference(q_lr.permute(0, 2, 1, 3), block_q)
     recs.append(dict(base, kernel="sel_proxies_torch", ms=ms(torch_means),
                      max_abs_diff=float((torch_means() - proxy).abs().max())))
     picks = {}

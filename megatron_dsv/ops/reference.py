@@ -22,6 +22,17 @@ def _pad_seq(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def block_means_reference(x: torch.Tensor, block: int, count=None) -> torch.Tensor:
+    """[b, h, n_blocks, r] float32 mean of each block of tokens (dim 2) of x [b, h, s, r]: the sum over the
+    block (zero-padded at the end) over count [n_blocks] (default: the tokens it holds, the last block
+    cut at s)."""
+    x = x.float()
+    n = -(-x.shape[2] // block)
+    if count is None:
+        count = torch.clamp(x.shape[2] - torch.arange(n, device=x.device) * block, max=block)
+    return _pad_seq(x, block).unflatten(2, (n, block)).sum(3) / count.view(1, 1, n, 1)
+
+
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout,
                                      return_lse, segments=None, kv_lens=None):
     """Exact softmax attention of each query block over its selected KV blocks.
@@ -117,13 +128,10 @@ def block_scores_reference(q_lr, k_lr, *, block_q, block_kv, kv_reduce="max"):
     n_q = -(-s_q // block_q)
     n_kv = -(-s_kv // block_kv)
 
-    q_count = torch.clamp(s_q - torch.arange(n_q, device=qh.device) * block_q, max=block_q)
-    proxy = _pad_seq(qh, block_q).view(b, h, n_q, block_q, r).sum(3) / q_count.view(1, 1, n_q, 1)
+    proxy = block_means_reference(qh, block_q)
 
     if kv_reduce == "mean":
-        kv_count = torch.clamp(s_kv - torch.arange(n_kv, device=kh.device) * block_kv, max=block_kv)
-        k_mean = _pad_seq(kh, block_kv).view(b, h, n_kv, block_kv, r).sum(3) / kv_count.view(1, 1, n_kv, 1)
-        return torch.einsum("bhir,bhjr->bhij", proxy, k_mean)
+        return torch.einsum("bhir,bhjr->bhij", proxy, block_means_reference(kh, block_kv))
 
     # A few heads at a time keep the [n_q, S_kv] token-score buffer within SCORE_CHUNK_BYTES; all of them
     # at once where it fits (few query blocks: the profiler's sampled cubes), in a handful of launches.

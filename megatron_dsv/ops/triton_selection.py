@@ -235,7 +235,7 @@ def _block_counts(s: int, block: int, valid: Optional[torch.Tensor], device) -> 
 
 
 def _block_means(x, block, count=None):
-    """[b, h, n_blocks, r] float32 mean of each block of x [b, s, h, r] (the reference's formula, its
+    """[b, h, n_blocks, r] float32 mean of each block of x [b, s, h, r] (block_means_reference, its
     sum in the kernel's order; padding rows of packed clips are zero, so a sum over the block divided
     by count, its valid rows)."""
     b, s, h, r = x.shape

@@ -248,7 +248,7 @@ def test_block_means_match_the_reference_formula(monkeypatch, counted, h, r, col
     # last block cut at S; a strided input, as a slice of a fused projection gives. Rank 24 puts parts of
     # two heads in one program's 32 columns; 512 columns per program sum a block 16 rows at a time.
     from megatron_dsv.ops import triton_selection as ts
-    from megatron_dsv.ops.reference import _pad_seq
+    from megatron_dsv.ops.reference import block_means_reference
 
     if cols is not None:
         monkeypatch.setitem(ts.CONFIG_OVERRIDE, "means_cols", cols)
@@ -258,7 +258,6 @@ def test_block_means_match_the_reference_formula(monkeypatch, counted, h, r, col
     n = -(-s // block)
     count = torch.randint(1, block + 1, (n,), generator=gen).float() if counted else None
     got = ts._block_means(x, block, count.to(DEVICE) if counted else None).cpu()
-    divisor = count if counted else torch.clamp(s - torch.arange(n) * block, max=block).float()
-    want = _pad_seq(x.cpu().permute(0, 2, 1, 3), block).unflatten(2, (n, block)).sum(3) / divisor.view(1, 1, n, 1)
+    want = block_means_reference(x.cpu().permute(0, 2, 1, 3), block, count)
     assert got.shape == (b, h, n, r)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
