@@ -504,7 +504,7 @@ class DSVDotProductAttention(_CoreAttention):
         with upkeep_stream.aside(q.device, (q, k, selection)):   # beside the rest of the backward (upkeep_stream.py)
             if (plain and self.cfg.cuda_graphs and not self.in_step_graph and not torch.compiler.is_compiling()
                     and self.graphed_upkeep.fits(q) and self.controller.step.device == q.device):
-                stats = self._graphed_rows_step(q, k)
+                stats = self._graphed_rows_step(q, k, heads)
             else:
                 stats = self._update(self._sampled_rows_step(q, k, heads, selection if profile else None, train,
                                                              segments, q_start), now=not read_predictor)
@@ -521,12 +521,12 @@ class DSVDotProductAttention(_CoreAttention):
         if not self.in_step_graph:
             self.commit()
 
-    def _graphed_rows_step(self, q, k) -> dict:
+    def _graphed_rows_step(self, q, k, heads: list) -> dict:
         """_update(_sampled_rows_step(...)) at a plain eager training step (all heads, one sequence, no
         profile), replayed from this layer's CUDA graph (graphed_upkeep.py). A layer with replicas (data
         or tensor parallel) reduces over them between the graph's loss and gradients and the Adam step:
-        the graph holds no collective, so it runs on any process group."""
-        pred, heads = self.predictor, list(range(self.heads))
+        the graph holds no collective, so it runs on any process group. heads: all of them."""
+        pred = self.predictor
         local = not self._has_replicas()
         key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), q.dtype,
                self._sample_plan(0, q.shape[0], 0, k.shape[0]), pred.wq.data_ptr(), pred.wk.data_ptr(),

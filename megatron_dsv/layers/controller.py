@@ -212,13 +212,7 @@ class StageController(Float32State):
         """_pending_loss for the scalar `loss`: its copy to the host started (on the GPU), or its value."""
         if not loss.is_cuda:
             return float(loss)
-        if self._loss_copy is None:
-            self._loss_copy = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.Event(loss.device))
-        host, done = self._loss_copy
-        done.synchronize()   # a copy into `host` still under way (a load's, unread) ends first
-        host.copy_(loss, non_blocking=True)
-        # (torch.accelerator's stream lookup costs ~3 us of host time, torch.cuda.current_stream()'s ~7)
-        done.record(torch.accelerator.current_stream(loss.device))
+        self._loss_copy = _copy_to_host(loss, self._loss_copy)
         return self._loss_copy
 
     def _pending_value(self) -> float:
@@ -279,14 +273,18 @@ def _float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _copy_to_host(t: torch.Tensor) -> tuple:
-    """(pinned host tensor, CUDA event): a copy of the device tensor t started without waiting for it;
-    the host reads it once the event is done."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+def _copy_to_host(t: torch.Tensor, into: Optional[tuple] = None) -> tuple:
+    """(pinned host tensor, event): a copy of the device tensor t started without waiting for it; the host
+    reads it once the event is done. `into`: such a pair to reuse (a copy into it still under way, e.g. a
+    load's, unread, ends first)."""
+    if into is None:
+        into = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.Event(t.device))
+    host, done = into
+    done.synchronize()
     host.copy_(t, non_blocking=True)
-    done = torch.Event(t.device)
+    # (torch.accelerator's stream lookup costs ~3 us of host time, torch.cuda.current_stream()'s ~7)
     done.record(torch.accelerator.current_stream(t.device))
-    return host, done
+    return into
 
 
 def _profiled_lists(columns: torch.Tensor) -> dict:
