@@ -7,8 +7,10 @@ setup(
     packages=find_packages(include=["megatron_dsv", "megatron_dsv.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
+        # The oldest releases with the APIs used (bmm's out_dtype, Triton's host-side TMA descriptors);
+        # tested with torch 2.11 and 2.13, Triton 3.6 and 3.9 (README).
+        "torch>=2.8",
+        "triton>=3.4",
         "megatron-core>=0.16.1",
         "numpy",
     ],

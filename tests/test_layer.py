@@ -457,6 +457,28 @@ def test_unsupported_configurations_raise(megatron_parallel):
         DSVDotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "self", dsv_config={"rank": 4})
 
 
+@pytest.mark.parametrize("graphs, refused", [
+    (dict(cuda_graph_impl="local"), True),                                  # layerwise, whole layer
+    (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"), True),
+    (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="attn,mlp"), True),
+    (dict(enable_cuda_graph=True), True),                                   # deprecated spellings
+    (dict(external_cuda_graph=True), True),
+    (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="mlp"), False),   # attention left out
+    (dict(cuda_graph_impl="local", cuda_graph_scope="mlp"), False),
+    (dict(), False),
+])
+def test_megatron_cuda_graphs_over_the_attention_raise(megatron_parallel, graphs, refused):
+    """Megatron's CUDA graphs would replay a DSV layer without its Python (stage, decisions and bookkeeping
+    frozen at the capture): a config whose graphs cover the attention fails when the layer is built; graphs
+    of the MLP alone are fine, and so is the dense core attention under any of them."""
+    if refused:
+        with pytest.raises(NotImplementedError, match="Megatron's CUDA graphs .*cuda_graph_impl"):
+            core(**graphs)
+    else:
+        assert core(**graphs).heads == 2
+    SDPADotProductAttention(tconfig(**graphs), 1, AttnMaskType.no_mask, "self")
+
+
 def test_unsupported_inputs_raise(megatron_parallel):
     layer = core()
     q = torch.randn(64, 1, 2, 32)

@@ -35,6 +35,7 @@ from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
 from .graphed import GraphedSparseAttention
 from .graphed_upkeep import GraphedUpkeep
+from .megatron_cuda_graphs import check_megatron_cuda_graphs
 from .on_backward import OnBackward
 from .controller import PER_HEAD_BUFFERS, PROFILE_COLUMNS, StageController, profiled_columns, split_profiled
 from .packing import as_sbhd, block_aligned, packed_segments, work_weighted_blocks
@@ -182,6 +183,7 @@ class DSVDotProductAttention(_CoreAttention):
         self.cfg = dsv_config if dsv_config is not None else DSVConfig()
         if not isinstance(self.cfg, DSVConfig):
             raise ValueError(f"dsv_config must be a DSVConfig, got {type(self.cfg).__name__}")
+        check_megatron_cuda_graphs(config, "DSVDotProductAttention")
         triton_here = self.cfg.backend != "reference" and (self.cfg.backend != "auto" or torch.cuda.is_available())
         if self.cfg.backend == "cudnn" and self.head_dim != 128:
             raise NotImplementedError(f"DSVDotProductAttention: backend='cudnn' needs head dim 128 (cuDNN's "
