@@ -1,7 +1,7 @@
 """Megatron-Core's own CUDA graphs over a DSV layer's attention: refused when the layer is built.
 
-Megatron captures a layer (cuda_graph_impl "local" or "transformer_engine", with a cuda_graph_scope
-of the whole layer or "attn") or a whole iteration ("full_iteration") and replays it without running
+Megatron captures a layer (cuda_graph_impl "local" or "transformer_engine", over the whole layer or
+its "attn" region) or a whole iteration ("full_iteration") and replays it without running
 the modules' Python. A DSV layer decides on the host, per step, its stage, sparse or dense, what the
 predictor trains on, and commits that bookkeeping when the backward ends; replayed by Megatron, all of
 it would freeze at the capture (a layer captured in stage 1 would stay dense for good), silently.
@@ -14,25 +14,27 @@ from __future__ import annotations
 
 from typing import Optional
 
-_WHOLE_LAYER = ("full",)          # the scope's deprecated spelling of the whole layer, before __post_init__
+_WHOLE_LAYER = ("full",)          # the deprecated spelling of the whole layer, before __post_init__
 _COVERING = ("attn", "full_iteration")
 
 
-def _scope_names(scope) -> list:
-    """cuda_graph_scope as names: a list of CudaGraphScope (after TransformerConfig's __post_init__), a
-    comma-separated string, or None / empty (the whole layer)."""
-    if scope is None:
+def _module_names(modules) -> list:
+    """Megatron's per-layer capture regions as names: a list of enums (after TransformerConfig's
+    __post_init__), a comma-separated string, or None / empty (the whole layer)."""
+    if modules is None:
         return []
-    if isinstance(scope, str):
-        return [s for s in scope.split(",") if s]
-    if not isinstance(scope, (list, tuple)):
-        scope = [scope]
-    return [getattr(s, "name", str(s)) for s in scope]
+    if isinstance(modules, str):
+        return [s for s in modules.split(",") if s]
+    if not isinstance(modules, (list, tuple)):
+        modules = [modules]
+    return [getattr(s, "name", str(s)) for s in modules]
 
 
 def megatron_graphs_over_attention(config) -> Optional[str]:
-    """A description of the Megatron CUDA graphs that would capture a layer's self-attention under
-    `config` (a TransformerConfig), or None where there are none."""
+    """A description of the training CUDA graphs Megatron would capture a layer's self-attention in under
+    `config` (a TransformerConfig), or None where there are none. Megatron-Core 0.16 names the per-layer
+    regions cuda_graph_scope (where "full_iteration" is one), 0.19 cuda_graph_modules (and has a
+    cuda_graph_impl "full_iteration"); inference graphs are not training steps and are left alone."""
     impl = getattr(config, "cuda_graph_impl", "none") or "none"
     if getattr(config, "enable_cuda_graph", False):   # deprecated spellings (converted by __post_init__)
         impl = "local"
@@ -40,10 +42,13 @@ def megatron_graphs_over_attention(config) -> Optional[str]:
         impl = "transformer_engine"
     if impl == "none":
         return None
-    names = _scope_names(getattr(config, "cuda_graph_scope", None))
+    if impl == "full_iteration":
+        return "cuda_graph_impl='full_iteration'"
+    field = "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
+    names = _module_names(getattr(config, field, None))
     if names and not any(n in _COVERING + _WHOLE_LAYER for n in names):
         return None
-    return f"cuda_graph_impl={impl!r}, cuda_graph_scope={names or 'the whole layer'}"
+    return f"cuda_graph_impl={impl!r}, {field}={names or 'the whole layer'}"
 
 
 def check_megatron_cuda_graphs(config, name: str) -> None:
@@ -56,4 +61,5 @@ def check_megatron_cuda_graphs(config, name: str) -> None:
             "bookkeeping at the capture. DSV replays its own selection, sparse attention and predictor "
             "training from CUDA graphs (DSVConfig.cuda_graphs, on by default), and a whole training step "
             "through megatron_dsv.layers.step_graph. Keep the attention out of Megatron's graphs: "
-            "cuda_graph_scope of the MLP or MoE parts only, or cuda_graph_impl='none'")
+            "graphs of the MLP or MoE parts only (cuda_graph_modules, cuda_graph_scope before Megatron-Core 0.19), "
+            "or cuda_graph_impl='none'")
