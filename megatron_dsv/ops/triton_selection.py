@@ -38,7 +38,7 @@ _BUDGET_CACHE: dict = {}
 SCORE_PRECISION = "tf32x3"
 
 # Launch-config overrides for bench/kernels.py and tests (keys: "top_blocks_warps", "score_precision",
-# "score_qb", "score_block_n", "score_warps", "score_spans", "means_cols", "means_warps").
+# "score_qb", "score_block_n", "score_warps", "score_spans", "means_cols", "means_warps", "score_part_rows").
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -265,6 +265,24 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 _NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
 
 
+# Bytes of score keys the selection holds at once. The keys of all (query block, KV block) pairs grow with
+# the square of the sequence: [b, h, n_q, n_kv] int64, for 16 heads at blocks of 64 x 64 134 MB at 64k
+# tokens, 2.1 GB at 256k and 8.6 GB at 512k, beside the activations of the layer. Past this budget the
+# query blocks are scored and picked in parts of whole scoring tiles, each part's keys freed before the
+# next's are made; the parts' results are the whole's exactly (each row's keys and top-k are its own).
+SCORE_KEYS_BYTES = 1 << 30
+PART_ROWS = 64   # a part holds whole scoring tiles (at most 64 query blocks each)
+
+
+def _rows_per_part(keys_per_row: int, n_q: int) -> int:
+    """Query blocks per part of the selection: all of them where their keys (keys_per_row int64 each: batch
+    x heads x row width) fit SCORE_KEYS_BYTES (CONFIG_OVERRIDE "score_part_rows" sets it)."""
+    if "score_part_rows" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["score_part_rows"]
+    fit = SCORE_KEYS_BYTES // (8 * max(keys_per_row, 1))
+    return n_q if fit >= n_q else max(PART_ROWS, fit // PART_ROWS * PART_ROWS)
+
+
 # Key spans: a span holds at least this many scoring steps (BLOCK_N keys each).
 MIN_SPAN_STEPS = 8
 
@@ -317,9 +335,10 @@ def _score_keys_max(proxy, k_lr, block_kv, kv_range, width):
     return keys
 
 
-def _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_count, width):
-    n_kv = -(-k_lr.shape[1] // block_kv)
-    keys = _order_keys(torch.einsum("bhir,bhjr->bhij", proxy, _block_means(k_lr, block_kv, kv_count)))
+def _score_keys_mean(proxy, k_means, block_kv, kv_range, width):
+    """Keys of proxy . mean(k_lr) (k_means: _block_means of k_lr, [b, h, n_kv, r])."""
+    n_kv = k_means.shape[2]
+    keys = _order_keys(torch.einsum("bhir,bhjr->bhij", proxy, k_means))
     if kv_range is None:
         return keys
     # Row i of a packed sequence: its clip's blocks kv_range[i, 0] / block_kv + j, j < width.
@@ -359,11 +378,23 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
     runs over rows of clip_blocks entries instead of all KV blocks."""
     n_kv = -(-k_lr.shape[1] // block_kv)
     proxy = _block_means(q_lr, block_q, q_valid)
-    if kv_reduce == "max":
-        keys = _score_keys_max(proxy, k_lr, block_kv, kv_range, clip_blocks)
-    else:
-        keys = _score_keys_mean(proxy, k_lr, block_kv, kv_range, kv_valid, clip_blocks)
-    return _top_blocks(keys, counts, k_max, n_kv)
+    k_means = _block_means(k_lr, block_kv, kv_valid) if kv_reduce == "mean" else None
+    b, h, n_q, _ = proxy.shape
+    # ("mean" scores every KV block of a row before it keeps its clip's)
+    rows = _rows_per_part(b * h * (clip_blocks if kv_range is not None and kv_reduce == "max" else n_kv), n_q)
+    parts = []
+    for r0 in range(0, n_q, rows):   # one part, but where the score keys would outgrow SCORE_KEYS_BYTES
+        part = slice(r0, r0 + rows)
+        ranges = None if kv_range is None else kv_range[part]
+        if kv_reduce == "max":
+            keys = _score_keys_max(proxy[:, :, part], k_lr, block_kv, ranges, clip_blocks)
+        else:
+            keys = _score_keys_mean(proxy[:, :, part], k_means, block_kv, ranges, clip_blocks)
+        parts.append(_top_blocks(keys, counts[:, part] if counts.shape[1] > 1 else counts, k_max, n_kv))
+        del keys   # freed before the next part's are made
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
 
 @select_blocks_op.register_fake

@@ -261,3 +261,35 @@ def test_block_means_match_the_reference_formula(monkeypatch, counted, h, r, col
     want = block_means_reference(x.cpu().permute(0, 2, 1, 3), block, count)
     assert got.shape == (b, h, n, r)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_reduce", ["max", "mean"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed"])
+def test_parts_select_as_the_whole(monkeypatch, kv_reduce, packed):
+    # Long sequences score and pick their query blocks in parts (SCORE_KEYS_BYTES): each row's keys and
+    # top-k are its own, so the parts' result equals the whole's exactly, with per-row counts (packed clips)
+    # and clip ranges cut along with the rows; a last part shorter than the others.
+    from megatron_dsv.ops import triton_selection as ts
+
+    gen = torch.Generator().manual_seed(23 + packed)
+    block_q, block_kv = 16, 16
+    segments = Segments([70, 5, 100, 33, 150], align=block_q) if packed else None
+    s = segments.total if packed else 300
+    b, h, r = 2, 2, 8
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    budgets = torch.tensor([[1, 1, 3, 2, 4], [2, 0, 5, 1, 7]]) if packed else torch.tensor([3, 9])
+    kw = dict(block_q=block_q, block_kv=block_kv, backend="triton", kv_reduce=kv_reduce, segments=segments)
+    whole = select_blocks(q_lr, k_lr, budgets, **kw)
+    monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_part_rows", 6)
+    parts = select_blocks(q_lr, k_lr, budgets, **kw)
+    assert -(-s // block_q) % 6   # the last part is shorter
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
+
+
+def test_parts_follow_the_keys_budget(monkeypatch):
+    from megatron_dsv.ops import triton_selection as ts
+
+    monkeypatch.setattr(ts, "SCORE_KEYS_BYTES", 8 * 4 * 1024 * 200)   # 200 rows of 4 x 1024 keys
+    assert ts._rows_per_part(4 * 1024, 150) == 150          # they fit: one part
+    assert ts._rows_per_part(4 * 1024, 1000) == 192         # whole tiles of 64 rows
+    assert ts._rows_per_part(4 * 1024 * 100, 1000) == 64    # at least one tile
