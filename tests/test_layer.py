@@ -278,9 +278,13 @@ def test_profiled_statistics_reach_the_host_mirror_at_its_next_read(megatron_par
     # (stage, copy under way after the step) of each profile: stage 1 profiles every step (0-2), stage 2 at
     # step 4; the switch to stage 2 (after step 2) reads the profile at once (its density starts the anneal)
     assert profiled_in == [(1, True), (1, True), (1, False), (2, True)], profiled_in
-    # a state reload restarts the copy of the pending predictor loss (the next record need not wait either)
-    ctl.load_state_dict(ctl.state_dict())
-    assert ctl._pending_copy is not None
+    # a state reload restarts the copy of the pending predictor loss (the next record need not wait either),
+    # and that copy holds the loss the checkpoint pended
+    state = ctl.state_dict()
+    ctl.load_state_dict(state)
+    assert isinstance(ctl._pending_loss, tuple)
+    want, got = float(state["loss_pending"]), ctl._pending_value()
+    assert not math.isnan(want) and got == want
 
 
 @pytest.mark.parametrize("layout", ["packed", "sbh3d", "s3bhd"])
