@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from triton_cases.runner import interpreter_problem
 
 WORKER = Path(__file__).parent / "cp_workers" / "worker.py"
 
@@ -59,4 +61,9 @@ def test_cp_gloo(world, suites, tmp_path):
 
 
 def test_cp_gloo_triton_backend(tmp_path):
+    problem = interpreter_problem()   # gloo moves CPU tensors: the workers interpret the kernels, even on a GPU machine
+    if problem is not None:
+        if torch.cuda.is_available():   # there the other tests check the kernels compiled; CPU CI checks this one
+            pytest.skip(problem)
+        raise AssertionError(problem)
     launch("triton", 2, tmp_path, TRITON_INTERPRET="1")

@@ -23,16 +23,24 @@ def _version(module) -> tuple:
     return tuple(int(part) for part in module.__version__.split("+")[0].split(".")[:2])
 
 
+def interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels here, or None."""
+    import numpy
+    import triton
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):   # a loop over range(0, n) already fails
+        return (f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
+                "install numpy<2.4 or triton>=3.7 to check the kernels on CPU")
+    return None
+
+
 def run_cases(cases_file: str, timeout: float = 600.0) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     if not torch.cuda.is_available():
-        import numpy
-        import triton
-        if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):   # a loop over range(0, n) already fails
-            raise AssertionError(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy "
-                                 f"{numpy.__version__}: install numpy<2.4 or triton>=3.7 to check the kernels on CPU")
+        problem = interpreter_problem()
+        if problem is not None:
+            raise AssertionError(problem)
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / cases_file)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
