@@ -400,6 +400,14 @@ def tune(args, results):
                      if bm <= block_q for w in (4, 8) for st in (2, 3) for t in (False, True) for dm in (False, True)
                      if not (bm == 128 and w == 4) and (t or st == 2)],
         }
+        # Occupancy: one stage (no software pipelining) leaves shared memory for more programs per SM, whose
+        # warps might hide each other's load latency; a register cap (maxnreg) lets registers allow them too.
+        # --tune-occupancy times only these (the defaults among them).
+        for kernel, tiled in (("fwd", dict(BLOCK_N=bn)), ("dq", dict(BLOCK_N=bn)), ("dkdv", dict(BLOCK_M=64, D_MAJOR=False))):
+            occupancy = [dict(tiled, num_warps=4, num_stages=st, tma=True, **({"maxnreg": r} if r else {}))
+                         for st in (1, 2) for r in (None, 128, 168)]
+            variants[kernel] = occupancy if args.tune_occupancy else variants[kernel] + [
+                c for c in occupancy if c not in variants[kernel]]
         # dq's adds as TMA bulk reductions (dq_tma), each dk/dv config; and the scalar atomics' best config.
         variants["dkdv_atomic"] = [dict(c, dq_tma=True) for c in variants["dkdv"]] + [
             dict(BLOCK_M=64, num_warps=4, num_stages=2, tma=False, D_MAJOR=True, dq_tma=False)]
@@ -497,6 +505,8 @@ def main():
     ap.add_argument("--tune-blocks", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="+",
                     default=[(128, 64), (64, 64), (128, 16)])
     ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
+    ap.add_argument("--tune-occupancy", action="store_true",
+                    help="time only one- and two-stage configs with and without a register cap (maxnreg)")
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--graphed", action="store_true",

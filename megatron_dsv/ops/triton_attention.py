@@ -55,7 +55,11 @@ CONFIG_OVERRIDE: dict = {}
 # 4 warps beat 8 for the forward and dk/dv; TMA loads of whole KV (or query) blocks beat pointer
 # gathers by 5-15%; a tile of two 64-row blocks was slower than one block per step.
 def _fwd_config(block_q, block_kv):
-    cfg = dict(BLOCK_N=max(block_kv, 64), num_warps=4, num_stages=2, tma=True)
+    # Whole KV blocks (TMA-able) in one stage, without software pipelining of the K/V loads (H200, 16 heads x
+    # 128, 10%, 64 x 64 blocks: 7.16 ms against 8.11 with two stages at 64k, 34.5 against 34.7 at 128k; at
+    # small's 16k x 8 heads x 64 0.153 against 0.148 ms; why is not established: bench/NOTES_kernels.md,
+    # "One stage").
+    cfg = dict(BLOCK_N=max(block_kv, 64), num_warps=4, num_stages=1 if block_kv >= 64 else 2, tma=True)
     cfg.update(CONFIG_OVERRIDE.get("fwd", {}))
     return cfg
 
