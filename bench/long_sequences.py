@@ -1,7 +1,8 @@
 """DSV's ops at the long end of the users' range (256k-512k tokens, one GPU): the selection's transient
 memory, with its keys held whole and in parts (triton_selection.SCORE_KEYS_BYTES), and a forward +
 backward of the block-sparse attention at 512k, its output checked on sampled query blocks against
-attention computed directly over their selected keys.
+attention computed directly over their selected keys. The attention's peak is what a step allocates above
+q, k, v and their gradients (held from the step before, as in training between micro-batches).
 
     python bench/long_sequences.py --json bench/results/long_h200/long_sequences.json
 
@@ -90,15 +91,16 @@ def attention_at(s: int, density: float, samples: int = 8) -> dict:
     worst = 0.0
     blocks = torch.randint(0, n_kv, (samples,), generator=torch.Generator().manual_seed(s)).tolist()
     blocks[-1] = n_kv - 1   # the last query block: offsets at their largest
-    for h in range(H):
-        for i in blocks:
-            ids = kv_idx[0, h, i, :kv_cnt[0, h, i]].long()
-            tok = (ids[:, None] * BLOCK + torch.arange(BLOCK, device="cuda")).flatten()
-            qi = q[0, i * BLOCK:(i + 1) * BLOCK, h].float()
-            p = torch.softmax(qi @ k[0, tok, h].float().T * D ** -0.5, dim=-1)
-            want = p @ v[0, tok, h].float()
-            got = out[0, i * BLOCK:(i + 1) * BLOCK, h].float()
-            worst = max(worst, float((got - want).norm() / want.norm()))
+    with torch.no_grad():
+        for h in range(H):
+            for i in blocks:
+                ids = kv_idx[0, h, i, :kv_cnt[0, h, i]].long()
+                tok = (ids[:, None] * BLOCK + torch.arange(BLOCK, device="cuda")).flatten()
+                qi = q[0, i * BLOCK:(i + 1) * BLOCK, h].float()
+                p = torch.softmax(qi @ k[0, tok, h].float().T * D ** -0.5, dim=-1)
+                want = p @ v[0, tok, h].float()
+                got = out[0, i * BLOCK:(i + 1) * BLOCK, h].float()
+                worst = max(worst, float((got - want).norm() / want.norm()))
     return dict(tokens=s, ms_select_fwd_bwd=ms, peak_mb=peak, sampled_blocks_per_head=len(blocks),
                 max_rel_err_vs_direct=worst, finite_grads=all(bool(t.grad.isfinite().all()) for t in (q, k, v)))
 

@@ -269,17 +269,22 @@ _NEG_INF_KEY = int(_order_keys(torch.full((1,), float("-inf")))[0])
 # the square of the sequence: [b, h, n_q, n_kv] int64, for 16 heads at blocks of 64 x 64 134 MB at 64k
 # tokens, 2.1 GB at 256k and 8.6 GB at 512k, beside the activations of the layer. Past this budget the
 # query blocks are scored and picked in parts of whole scoring tiles, each part's keys freed before the
-# next's are made; the parts' results are the whole's exactly (each row's keys and top-k are its own).
+# next's are made; the parts' results are the whole's exactly (each row's keys and top-k are its own). The
+# parts' block lists are joined at the end, so those (4 bytes per kept pair: 5% of the keys' bytes at 10%)
+# are held twice for a moment.
 SCORE_KEYS_BYTES = 1 << 30
 PART_ROWS = 64   # a part holds whole scoring tiles (at most 64 query blocks each)
+# Bytes per entry while a part's keys are made: the "max" kernel writes the int64 keys; "mean" goes through
+# float32 scores and the int32 / int64 steps of _order_keys, about 28 bytes of temporaries at once.
+KEY_BYTES = {"max": 8, "mean": 28}
 
 
-def _rows_per_part(keys_per_row: int, n_q: int) -> int:
-    """Query blocks per part of the selection: all of them where their keys (keys_per_row int64 each: batch
-    x heads x row width) fit SCORE_KEYS_BYTES (CONFIG_OVERRIDE "score_part_rows" sets it)."""
+def _rows_per_part(entries_per_row: int, n_q: int, key_bytes: int = KEY_BYTES["max"]) -> int:
+    """Query blocks per part of the selection: all of them where their entries (entries_per_row each: batch
+    x heads x row width, key_bytes each) fit SCORE_KEYS_BYTES (CONFIG_OVERRIDE "score_part_rows" sets it)."""
     if "score_part_rows" in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE["score_part_rows"]
-    fit = SCORE_KEYS_BYTES // (8 * max(keys_per_row, 1))
+    fit = SCORE_KEYS_BYTES // (key_bytes * max(entries_per_row, 1))
     return n_q if fit >= n_q else max(PART_ROWS, fit // PART_ROWS * PART_ROWS)
 
 
@@ -381,7 +386,8 @@ def select_blocks_op(q_lr: torch.Tensor, k_lr: torch.Tensor, counts: torch.Tenso
     k_means = _block_means(k_lr, block_kv, kv_valid) if kv_reduce == "mean" else None
     b, h, n_q, _ = proxy.shape
     # ("mean" scores every KV block of a row before it keeps its clip's)
-    rows = _rows_per_part(b * h * (clip_blocks if kv_range is not None and kv_reduce == "max" else n_kv), n_q)
+    rows = _rows_per_part(b * h * (clip_blocks if kv_range is not None and kv_reduce == "max" else n_kv), n_q,
+                          KEY_BYTES[kv_reduce])
     parts = []
     for r0 in range(0, n_q, rows):   # one part, but where the score keys would outgrow SCORE_KEYS_BYTES
         part = slice(r0, r0 + rows)

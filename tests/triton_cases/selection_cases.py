@@ -293,3 +293,25 @@ def test_parts_follow_the_keys_budget(monkeypatch):
     assert ts._rows_per_part(4 * 1024, 150) == 150          # they fit: one part
     assert ts._rows_per_part(4 * 1024, 1000) == 192         # whole tiles of 64 rows
     assert ts._rows_per_part(4 * 1024 * 100, 1000) == 64    # at least one tile
+    assert ts._rows_per_part(4 * 1024, 1000, key_bytes=28) == 64   # "mean"'s temporaries
+
+
+@pytest.mark.parametrize("kv_reduce", ["max", "mean"])
+def test_the_op_splits_where_its_keys_outgrow_the_budget(monkeypatch, kv_reduce):
+    # The op's own estimate (batch x heads x KV blocks per row, the reduction's bytes per entry) decides the
+    # parts: a budget of 64 rows' keys gives two parts (64 + 6 query blocks), with the whole's result.
+    from megatron_dsv.ops import triton_selection as ts
+
+    gen = torch.Generator().manual_seed(31)
+    b, h, r, block = 2, 2, 8, 16
+    s = 70 * block
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    kw = dict(block_q=block, block_kv=block, backend="triton", kv_reduce=kv_reduce)
+    whole = select_blocks(q_lr, k_lr, torch.tensor([3, 9]), **kw)
+    calls = []
+    top_blocks = ts._top_blocks
+    monkeypatch.setattr(ts, "_top_blocks", lambda keys, *a: calls.append(keys.shape[2]) or top_blocks(keys, *a))
+    monkeypatch.setattr(ts, "SCORE_KEYS_BYTES", ts.KEY_BYTES[kv_reduce] * b * h * 70 * 64)
+    parts = select_blocks(q_lr, k_lr, torch.tensor([3, 9]), **kw)
+    assert calls == [64, 6]
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
