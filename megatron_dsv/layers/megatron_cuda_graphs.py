@@ -3,8 +3,9 @@
 Megatron captures a layer (cuda_graph_impl "local" over the whole layer, which any region but the MoE
 router's or Mamba's makes it take; "transformer_engine" over the whole layer or its "attn" region) or a
 whole iteration ("full_iteration") and replays it without running the modules' Python. A DSV layer
-decides on the host, per step, its stage, sparse or dense, what the predictor trains on, and commits that bookkeeping when the backward ends; replayed by Megatron, all of
-it would freeze at the capture (a layer captured in stage 1 would stay dense for good), silently.
+decides on the host, per step, its stage, sparse or dense, what the predictor trains on, and commits
+that bookkeeping when the backward ends; replayed by Megatron, all of it would freeze at the capture (a
+layer captured in stage 1 would stay dense for good), silently.
 DSV replays its own work from CUDA graphs instead (DSVConfig.cuda_graphs), and a whole training step
 through the protocol of megatron_dsv.layers.step_graph, which re-keys the graph when the decisions
 change. Graphs that leave the attention out (Transformer Engine's of the MLP or MoE parts, the local
