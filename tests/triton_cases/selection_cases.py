@@ -50,6 +50,16 @@ def random_lr(b, s, h, r, gen, integer=False, block=None, packed=False):
     return x.to(DEVICE)
 
 
+def clips_or_one_sequence(packed, block_q, length, gen, b=2, h=2, r=8):
+    """(segments or None, q_lr, k_lr, budgets): five packed clips of mixed lengths (per-clip budgets, one of them
+    0) or one sequence of `length` tokens."""
+    segments = Segments([70, 5, 100, 33, 150], align=block_q) if packed else None
+    s = segments.total if packed else length
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    budgets = torch.tensor([[1, 1, 3, 2, 4], [2, 0, 5, 1, 7]]) if packed else torch.tensor([3, 9])
+    return segments, q_lr, k_lr, budgets
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_q,block_kv", [(64, 32), (32, 16), (64, 128)])
 def test_max_reduce_is_a_valid_topk(block_q, block_kv, dtype):
@@ -225,13 +235,8 @@ def test_key_spans_select_as_one_span(monkeypatch, packed, spans):
     # writes its own entries, so the result equals one span's exactly (same tiles, same arithmetic).
     from megatron_dsv.ops import triton_selection as ts
 
-    gen = torch.Generator().manual_seed(11 + spans)
     block_q, block_kv = 32, 16
-    segments = Segments([70, 5, 100, 33, 150], align=block_q) if packed else None
-    s = segments.total if packed else 420
-    b, h, r = 2, 2, 8
-    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
-    budgets = torch.tensor([[1, 1, 3, 2, 4], [2, 0, 5, 1, 7]]) if packed else torch.tensor([3, 9])
+    segments, q_lr, k_lr, budgets = clips_or_one_sequence(packed, block_q, 420, torch.Generator().manual_seed(11 + spans))
     kw = dict(block_q=block_q, block_kv=block_kv, backend="triton", segments=segments)
     monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_block_n", 64)   # several steps per span
     monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_spans", 1)
@@ -271,18 +276,13 @@ def test_parts_select_as_the_whole(monkeypatch, kv_reduce, packed):
     # and clip ranges cut along with the rows; a last part shorter than the others.
     from megatron_dsv.ops import triton_selection as ts
 
-    gen = torch.Generator().manual_seed(23 + packed)
     block_q, block_kv = 16, 16
-    segments = Segments([70, 5, 100, 33, 150], align=block_q) if packed else None
-    s = segments.total if packed else 300
-    b, h, r = 2, 2, 8
-    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
-    budgets = torch.tensor([[1, 1, 3, 2, 4], [2, 0, 5, 1, 7]]) if packed else torch.tensor([3, 9])
+    segments, q_lr, k_lr, budgets = clips_or_one_sequence(packed, block_q, 300, torch.Generator().manual_seed(23 + packed))
     kw = dict(block_q=block_q, block_kv=block_kv, backend="triton", kv_reduce=kv_reduce, segments=segments)
     whole = select_blocks(q_lr, k_lr, budgets, **kw)
     monkeypatch.setitem(ts.CONFIG_OVERRIDE, "score_part_rows", 6)
     parts = select_blocks(q_lr, k_lr, budgets, **kw)
-    assert -(-s // block_q) % 6   # the last part is shorter
+    assert -(-q_lr.shape[1] // block_q) % 6   # the last part is shorter
     assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
 
 
