@@ -286,6 +286,26 @@ def test_parts_select_as_the_whole(monkeypatch, kv_reduce, packed):
     assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kv_reduce", ["max", "mean"])
+def test_non_finite_projections_still_give_valid_lists(backend, kv_reduce):
+    # A diverging run hands the selection NaN and inf. Its lists must stay lists the attention kernels can
+    # read (ids in range, ascending, exactly the budget per row): the NaN then reaches the loss, where the
+    # training loop's checks see it, instead of an out-of-range gather faulting on the device.
+    gen = torch.Generator().manual_seed(41)
+    b, h, s, r, block = 2, 2, 200, 8, 32
+    q_lr, k_lr = random_lr(b, s, h, r, gen), random_lr(b, s, h, r, gen)
+    q_lr[0, :40] = float("nan")                    # whole query blocks of NaN
+    q_lr[1, 70, 1] = float("nan")                  # one NaN token in a block
+    k_lr[0, 100:140] = float("inf")
+    k_lr[1, :, :, 3] = -float("inf")               # inf - inf: NaN scores everywhere in batch element 1
+    budgets = torch.tensor([2, 5])
+    n = -(-s // block)
+    kv_idx, kv_cnt = select_blocks(q_lr, k_lr, budgets, block_q=block, block_kv=block, backend=backend,
+                                   kv_reduce=kv_reduce)
+    check_structure(kv_idx, kv_cnt, budgets, b, n, n)
+
+
 def test_parts_follow_the_keys_budget(monkeypatch):
     from megatron_dsv.ops import triton_selection as ts
 
