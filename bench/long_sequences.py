@@ -41,15 +41,16 @@ def peak_mb(fn) -> float:
     return peak / 2 ** 20
 
 
-def selection_arms(s: int, density: float) -> list:
-    g = torch.Generator(device="cuda").manual_seed(s)
+def selector(s: int, density: float, g: torch.Generator):
+    """select() -> (kv_idx, kv_cnt) of random rank-RANK projections of s tokens at this density, and n_kv."""
     q_lr, k_lr = (torch.randn(1, s, H, RANK, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
     n_kv = -(-s // BLOCK)
     topk = max(1, round(density * n_kv))
+    return (lambda: select_blocks(q_lr, k_lr, topk, block_q=BLOCK, block_kv=BLOCK, backend="triton")), n_kv
 
-    def select():
-        return select_blocks(q_lr, k_lr, topk, block_q=BLOCK, block_kv=BLOCK, backend="triton")
 
+def selection_arms(s: int, density: float) -> list:
+    select, n_kv = selector(s, density, torch.Generator(device="cuda").manual_seed(s))
     rows = []
     results = {}
     for arm, part_rows in (("whole", n_kv), ("parts", None)):
@@ -72,22 +73,19 @@ def attention_at(s: int, density: float, samples: int = 8) -> dict:
     against softmax(q k^T) v over their selected keys, in float32."""
     g = torch.Generator(device="cuda").manual_seed(s + 1)
     q, k, v, do = (torch.randn(1, s, H, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(4))
-    q_lr, k_lr = (torch.randn(1, s, H, RANK, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
-    n_kv = -(-s // BLOCK)
-    topk = max(1, round(density * n_kv))
+    select, n_kv = selector(s, density, g)
     for t in (q, k, v):
         t.requires_grad_(True)
 
     def step():
-        kv_idx, kv_cnt = select_blocks(q_lr, k_lr, topk, block_q=BLOCK, block_kv=BLOCK, backend="triton")
-        out = block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q=BLOCK, block_kv=BLOCK, backend="triton")
+        out = block_sparse_attention(q, k, v, *select(), block_q=BLOCK, block_kv=BLOCK, backend="triton")
         out.backward(do)
         return out
 
     out = step()
     ms = do_bench(step, warmup=1, rep=5, return_mode="median")
     peak = peak_mb(step)
-    kv_idx, kv_cnt = select_blocks(q_lr, k_lr, topk, block_q=BLOCK, block_kv=BLOCK, backend="triton")
+    kv_idx, kv_cnt = select()
     worst = 0.0
     blocks = torch.randint(0, n_kv, (samples,), generator=torch.Generator().manual_seed(s)).tolist()
     blocks[-1] = n_kv - 1   # the last query block: offsets at their largest
