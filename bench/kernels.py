@@ -403,7 +403,8 @@ def tune(args, results):
         # Occupancy: one stage (no software pipelining) leaves shared memory for more programs per SM, whose
         # warps might hide each other's load latency; a register cap (maxnreg) lets registers allow them too.
         # --tune-occupancy times only these (the defaults among them).
-        for kernel, tiled in (("fwd", dict(BLOCK_N=bn)), ("dq", dict(BLOCK_N=bn)), ("dkdv", dict(BLOCK_M=64, D_MAJOR=False))):
+        tiles = {"fwd": dict(BLOCK_N=bn), "dq": dict(BLOCK_N=bn), "dkdv": dict(BLOCK_M=64, D_MAJOR=False)}
+        for kernel, tiled in tiles.items():
             occupancy = [dict(tiled, num_warps=4, num_stages=st, tma=True, **({"maxnreg": r} if r else {}))
                          for st in (1, 2) for r in (None, 128, 168)]
             variants[kernel] = occupancy if args.tune_occupancy else variants[kernel] + [
