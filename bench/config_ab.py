@@ -1,10 +1,12 @@
-"""A/B of the dq and dk/dv kernels' pipeline stages (2 against 3) at block 64x64, density 0.1.
+"""A/B of a launch-config change of the dq and dk/dv kernels (arm B) against their defaults (arm A), at
+block 64x64, density 0.1.
 
-    python bench/stages_ab.py --json bench/results/kernels_stages_ab_h200.json
+    python bench/config_ab.py --b '{"num_stages": 3}' --json bench/results/kernels_stages_ab_h200.json
 
 bench/kernels.py --tune times each launch config once; this alternates the two arms over rounds, so
 a drift of the machine falls on both (bench/NOTES_kernels.md). Single-pass kernel calls (no L2-sized
-passes at 128k), selection from random rank-16 projections, 16 heads x 128, bf16.
+passes at 128k), selection from random rank-16 projections, 16 heads x 128, bf16. (Named stages_ab.py
+while it compared pipeline stages only.)
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--kernels", nargs="+", default=["dq", "dkdv"], choices=["dq", "dkdv"])
+    ap.add_argument("--b", type=json.loads, required=True, help="arm B's config entries, as JSON")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    out = {"device": torch.cuda.get_device_name(), "rows": []}
+    out = {"device": torch.cuda.get_device_name(), "b": args.b, "rows": []}
     bq = bkv = 64
     scale = kb.D ** -0.5
     for s in args.seqs:
@@ -39,17 +43,17 @@ def main():
         calls = {"dq": lambda: ta._dq(do, q, k, v, o, lse2, None, kv_idx, kv_cnt, None, bq, bkv, scale, "bshd", False),
                  "dkdv": lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, bq, bkv, scale, "bshd",
                                           False)}
-        for kern, fn in calls.items():
-            times = {2: [], 3: []}
+        for kern in args.kernels:
+            times = {"a": [], "b": []}
             for _ in range(args.rounds):
-                for stages in times:
+                for arm in times:
                     ta.CONFIG_OVERRIDE.clear()
-                    ta.CONFIG_OVERRIDE[kern] = {"num_stages": stages}
-                    times[stages].append(kb.ms(fn, rep=150))
+                    ta.CONFIG_OVERRIDE[kern] = args.b if arm == "b" else {}
+                    times[arm].append(kb.ms(calls[kern], rep=150))
             ta.CONFIG_OVERRIDE.clear()
-            out["rows"].append({"S": s, "kernel": kern, **{f"stages{st}": t for st, t in times.items()}})
-            print(s, kern, "3 stages / 2 stages, medians: %.3f" % (statistics.median(times[3]) /
-                                                                   statistics.median(times[2])), flush=True)
+            out["rows"].append({"S": s, "kernel": kern, **times})
+            print(s, kern, "B / A, medians: %.3f (A %.3f ms)" % (statistics.median(times["b"]) /
+                  statistics.median(times["a"]), statistics.median(times["a"])), flush=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
 
