@@ -409,19 +409,6 @@ def tune(args, results):
                          for st in (1, 2) for r in (None, 128, 168)]
             variants[kernel] = occupancy if args.tune_occupancy else variants[kernel] + [
                 c for c in occupancy if c not in variants[kernel]]
-        # Issue order (--tune-order): V's load before the scores (fwd), the next block's scores before this
-        # block's softmax (fwd, PREFETCH_S), dP's product right after S's (dq, dk/dv); the results are the same
-        # bits, checked against the default config's below (not for dk/dv's other tiles: 32-row query
-        # sub-tiles, which would need fewer registers than its 255, and transposed accumulators).
-        if args.tune_order:
-            defaults = {"fwd": ta._fwd_config(block_q, block_kv), "dq": ta._dq_config(block_q, block_kv),
-                        "dkdv": ta._dkdv_config(block_q, block_kv)}
-            switches = {"fwd": ({}, {"EARLY_V": True}, {"PREFETCH_S": True}),
-                        "dq": ({}, {"EARLY_DP": True}),
-                        "dkdv": ({}, {"EARLY_DP": True}, {"BLOCK_M": 32}, {"BLOCK_M": 32, "EARLY_DP": True},
-                                 {"D_MAJOR": True, "EARLY_DP": True})}
-            variants = {kernel: [dict(defaults[kernel], num_stages=st, **sw) for sw in switches[kernel]
-                                 for st in ((1, 2) if kernel == "fwd" else (2, 3))] for kernel in switches}
         # dq's adds as TMA bulk reductions (dq_tma), each dk/dv config; and the scalar atomics' best config.
         variants["dkdv_atomic"] = [dict(c, dq_tma=True) for c in variants["dkdv"]] + [
             dict(BLOCK_M=64, num_warps=4, num_stages=2, tma=False, D_MAJOR=True, dq_tma=False)]
@@ -443,8 +430,6 @@ def tune(args, results):
             if kernel not in args.tune_kernels:
                 continue
             fn, flop_mult = calls[kernel]
-            ta.CONFIG_OVERRIDE.clear()
-            expected = fn() if args.tune_order else None
             for cfg in cfgs:
                 ta.CONFIG_OVERRIDE.clear()
                 ta.CONFIG_OVERRIDE[kernel] = cfg
@@ -452,8 +437,6 @@ def tune(args, results):
                 try:
                     rec["ms"] = ms(fn, rep=200)
                     rec["tflops"] = tflops(flop_mult * f, rec["ms"])
-                    if expected is not None:
-                        rec["same_bits"] = all(torch.equal(a, b) for a, b in zip(fn(), expected))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 results.append(rec)
@@ -525,9 +508,6 @@ def main():
     ap.add_argument("--tune-kernels", nargs="+", default=["fwd", "dq", "dkdv", "sel"])
     ap.add_argument("--tune-occupancy", action="store_true",
                     help="time only one- and two-stage configs with and without a register cap (maxnreg)")
-    ap.add_argument("--tune-order", action="store_true",
-                    help="time only the default configs with and without each issue-order switch, at two stage "
-                         "counts, and check that each gives the default's bits")
     ap.add_argument("--resources", action="store_true", help="report each kernel's registers, spills, "
                     "shared memory and SASS opcode counts after the sweep")
     ap.add_argument("--graphed", action="store_true",

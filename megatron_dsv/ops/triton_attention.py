@@ -57,8 +57,8 @@ CONFIG_OVERRIDE: dict = {}
 def _fwd_config(block_q, block_kv):
     # Whole KV blocks (TMA-able) in one stage, without software pipelining of the K/V loads (H200, 16 heads x
     # 128, 10%, 64 x 64 blocks: 7.16 ms against 8.11 with two stages at 64k, 34.5 against 34.7 at 128k; at
-    # small's 16k x 8 heads x 64 0.153 against 0.148 ms; why is not established: bench/NOTES_kernels.md,
-    # "One stage").
+    # small's 16k x 8 heads x 64 0.153 against 0.148 ms). One stage takes 126 registers and 32 KB of shared
+    # memory, so four programs fit per SM; two stages' 82 KB fit two (bench/NOTES_kernels.md, "One stage").
     cfg = dict(BLOCK_N=max(block_kv, 64), num_warps=4, num_stages=1 if block_kv >= 64 else 2, tma=True)
     cfg.update(CONFIG_OVERRIDE.get("fwd", {}))
     return cfg
@@ -175,8 +175,7 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
                 H, S_Q, S_KV, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
-                VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr, SPLIT: tl.constexpr, RESUME: tl.constexpr,
-                EARLY_V: tl.constexpr = False, PREFETCH_S: tl.constexpr = False):
+                VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr, SPLIT: tl.constexpr, RESUME: tl.constexpr):
     """Q_VARLEN: rows past the query block's valid length (QLen: padding of packed clips) get
     output 0 and a base-2 lse of +inf, which makes their probabilities 0 in the backward (no
     dq, no dk/dv contribution, whatever gradient reaches them).
@@ -217,35 +216,13 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
-    if PREFETCH_S:
-        # The first block's scores before the loop; each step then issues the next block's product before
-        # this block's softmax (FA3's overlap within one warpgroup). The last step recomputes its own block.
-        row0, tok, ok = _kv_rows(idx_ptr, si_k, tl.minimum(beg, tl.maximum(cnt - 1, 0)), cnt, len_ptr, S_KV,
-                                 BLOCK_N, BLOCK_KV, USE_TMA, VARLEN)
-        row0 = tl.where(cnt > 0, row0, 0)
-        k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-        s_next = tl.dot(q, tl.trans(k), input_precision=PREC)
     for start in range(beg, cnt, PACK):
-        if PREFETCH_S:
-            v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-            s = s_next
-            s_ok = ok
-            nxt = start + PACK
-            if USE_TMA:
-                nxt = tl.minimum(nxt, cnt - 1)
-            row0, tok, ok = _kv_rows(idx_ptr, si_k, nxt, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA, VARLEN)
-            k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-            s_next = tl.dot(q, tl.trans(k), input_precision=PREC)
-        else:
-            row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
-                                      VARLEN)
-            k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-            if EARLY_V:
-                v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)   # unscaled: the scale goes into the exponent's FMA
-            s_ok = ok
+        row0, tok, ok = _kv_rows(idx_ptr, si_k, start, cnt, len_ptr, S_KV, BLOCK_N, BLOCK_KV, USE_TMA,
+                                  VARLEN)
+        k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)   # unscaled: the scale goes into the exponent's FMA
         if MASK_KV:
-            s = tl.where(s_ok[None, :], s, float("-inf"))
+            s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale2)   # the scale is positive: max(c s) = c max(s)
         m_ref = m_new
         if VARLEN:  # no valid key so far (blocks of length 0): exp2 of (-inf) - (-inf) would be NaN
@@ -253,8 +230,7 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s * qk_scale2 - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not EARLY_V and not PREFETCH_S:
-            v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
+        v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -278,7 +254,7 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLe
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
                HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr,
-               SPLIT: tl.constexpr, RESUME: tl.constexpr, EARLY_DP: tl.constexpr = False):
+               SPLIT: tl.constexpr, RESUME: tl.constexpr):
     """Q_VARLEN: padding rows (lse +inf, see _fwd_kernel) read as zero q and dO, so whatever they
     hold (NaN included) gives them dq 0 and delta 0.
     SPLIT, RESUME: one pass of several over the KV span, as in _fwd_kernel; a later pass adds its
@@ -325,13 +301,10 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLe
         k = _load_rows(k_base, KDesc, sk_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         v = _load_rows(v_base, VDesc, sv_s, b32, h32, row0, tok, ok, BLOCK_N, HEAD_DIM, USE_TMA, MASK_KV)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
-        if EARLY_DP:
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         p = tl.exp2(s - lse2[:, None])
         if MASK_KV:
             p = tl.where(ok[None, :], p, 0.0)
-        if not EARLY_DP:
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows * sdq_s + offs_d[None, :]
@@ -361,7 +334,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_Q: tl.constexpr,
                  D_MAJOR: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                 Q_VARLEN: tl.constexpr, RESUME: tl.constexpr, EARLY_DP: tl.constexpr = False):
+                 Q_VARLEN: tl.constexpr, RESUME: tl.constexpr):
     """D_MAJOR: accumulate dk^T, dv^T [HEAD_DIM, BLOCK_KV] so that every product has a large M
     (query rows or head dim) even for 16-row KV blocks, instead of M = BLOCK_KV.
     VARLEN: keys past the block's valid length (KvLen) read as 0 and get zero gradients (they are
@@ -428,12 +401,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
             delta = tl.where(live, delta, 0.0)
         if D_MAJOR:
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
-            if EARLY_DP:
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             p = tl.exp2(s - lse2[:, None])
             dv += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=PREC)
-            if not EARLY_DP:
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PREC)
             if ATOMIC_DQ:
@@ -441,12 +411,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, DQ, Lse2, Delta, QIdx, QBeg, QEnd, KvLen, 
                 _add_dq(DQ, DQDesc, bh, row_base, row0, offs_m, m_ok, dq * scale, BLOCK_M, HEAD_DIM, DQ_TMA)
         else:
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
-            if EARLY_DP:
-                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             pt = tl.exp2(st - lse2[None, :])
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            if not EARLY_DP:
-                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
             if ATOMIC_DQ:
