@@ -213,6 +213,9 @@ class DSVConfig:
         for name in ("cuda_graphs", "coarse_remainder", "deterministic_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DSVConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.dispatch == "measured" and self.backend == "reference":
+            raise ValueError("DSVConfig.dispatch='measured' times the GPU kernels, and DSVConfig.backend='reference' "
+                             "runs none; use dispatch='density' or 'auto', or another backend")
         if self.deterministic_backward and self.backend in NON_REPRODUCIBLE_BACKENDS:
             raise ValueError(f"DSVConfig.backend={self.backend!r} is not bitwise reproducible and "
                              "DSVConfig.deterministic_backward=True asks for reproducible kernels; drop one")

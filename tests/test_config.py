@@ -53,6 +53,7 @@ def test_from_args_round_trip():
     (dict(cube=64), "cube must be three positive ints"),
     (dict(cube=None), "cube must be three positive ints"),
     (dict(cuda_graphs=1), "cuda_graphs must be a bool"),
+    (dict(dispatch="measured", backend="reference"), "dispatch='measured' times the GPU kernels"),
 ])
 def test_values_of_the_wrong_type_are_not_coerced(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_dsv import DSVConfig
 from megatron_dsv.layers.controller import StageController, profiled_columns
 from megatron_dsv.layers.device_budgets import DeviceBudgets
+from megatron_dsv.layers.predictor import LowRankPredictor
 from megatron_dsv.layers import attention as attention_module
 from megatron_dsv.layers.profiler import profile_logits, selection_recall
 from megatron_dsv.layers import (DSVDotProductAttention, SDPADotProductAttention, apply_dsv, dsv_metrics,
@@ -335,6 +336,39 @@ def test_predictor_learns_planted_pattern(megatron_parallel):
     assert min(m["block_sparsity"]) > 0.5
 
 
+def test_a_step_with_overflowed_activations_leaves_the_predictor_and_its_statistics_finite(megatron_parallel):
+    """One stage-1 step whose q and k hold an inf (a step the model's loss scaler would skip): the
+    predictor's Adam step is skipped on the device (weights, moments and step count unchanged), its loss
+    is not folded into the EMA and its profile not into the profiled EMAs; the next steps train as usual.
+    Without the skip the weights turned NaN for good and stage 1 could end only at stage1_max_steps."""
+    gen = torch.Generator().manual_seed(5)
+    layer = core(DSVConfig(**SMALL, stage1_min_steps=50, stage1_max_steps=60, profile_interval_stage1=1))
+    pred, ctl = layer.predictor, layer.controller
+    bad = torch.randn(128, 1, 2, 32, generator=gen)
+    bad[5, 0, 0, 0] = float("inf")
+    before = {name: t.clone() for name, t in pred.state_dict().items()}
+    train_steps(layer, [(bad, bad, bad)])
+    assert all(torch.equal(t, before[name]) for name, t in pred.state_dict().items()), "the update was not skipped"
+    train_steps(layer, [tuple(torch.randn(128, 1, 2, 32, generator=gen) for _ in range(3)) for _ in range(3)])
+    assert int(pred.adam_step) == 3 and all(bool(torch.isfinite(w).all()) for w in (pred.wq, pred.wk))
+    host = ctl.host()
+    assert host["step"] == 4 and math.isfinite(host["loss_ema"]), host
+    assert all(bool(torch.isfinite(c).all()) for c in profiled_columns(ctl)), "a non-finite profile was folded in"
+
+
+def test_the_predictor_skips_updates_whose_gradients_are_not_finite():
+    pred = LowRankPredictor(2, 16, 4, seed=1)
+    grads = [torch.randn_like(pred.wq) for _ in range(2)]
+    for poison in (float("nan"), float("inf")):
+        state = {name: t.clone() for name, t in pred.state_dict().items()}
+        grads[1][0, 3, 1] = poison
+        pred.apply_grads(*grads, 1e-2)
+        assert all(torch.equal(t, state[name]) for name, t in pred.state_dict().items()), poison
+    grads[1][0, 3, 1] = 0.0
+    pred.apply_grads(*grads, 1e-2)
+    assert int(pred.adam_step) == 1 and not torch.equal(pred.wq, state["wq"])
+
+
 # ------------------------------------------------------------------- checkpointing
 
 
@@ -513,9 +547,13 @@ def test_unsupported_inputs_raise(megatron_parallel):
         layer(q, q, q, torch.ones(1, 1, 64, 64, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="causal"):
         layer(q, q, q, None, attn_mask_type=AttnMaskType.causal)
+    with pytest.raises(NotImplementedError, match="attn_mask_type='causal'"):   # a string, not the enum
+        layer(q, q, q, None, attn_mask_type="causal")
     with pytest.raises(ValueError, match=r"query must be \[s, b, heads=2, d=32\]"):
         layer(torch.randn(64, 1, 4, 16), q, q, None)
     layer(q, q, q, torch.zeros(1, 1, 64, 64, dtype=torch.bool))  # an all-False mask masks nothing
+    with pytest.raises(ValueError, match="dispatch='measured' needs GPU kernels on CUDA"):   # at the first call,
+        core(DSVConfig(**SMALL, dispatch="measured"))(q, q, q, None)       # not at the first stage-2 step
 
 
 def test_metrics_summary(megatron_parallel):

@@ -144,7 +144,12 @@ def test_block_sparse_low_precision_close_to_float64():
     (dict(kv_idx=torch.full((1, 2, 2, 2), 9, dtype=torch.int32)), "outside"),
     (dict(kv_idx=torch.zeros(1, 2, 2, 2, dtype=torch.int32)), "twice"),
     (dict(v=torch.randn(1, 64, 1, 16)), "grouped-query"),
+    (dict(v=torch.randn(1, 64, 2, 32)), "value head dim"),
     (dict(backend="cuda"), "backend"),
+    (dict(kv_lens=torch.full((4,), 16, device="meta")), "kv_lens must be on q's device"),
+    (dict(segments=[32, 32]), "segments must be a megatron_dsv.ops.Segments"),
+    (dict(return_lse="no"), "return_lse must be True or False"),
+    (dict(deterministic=1), "deterministic must be True or False"),
     (dict(kv_lens=torch.full((3,), 16)), "kv_lens must be"),
     (dict(kv_lens=torch.full((4,), 1.0)), "int tensor"),
     (dict(q=torch.ones(1, 64, 2, 16, dtype=torch.int64), k=torch.ones(1, 64, 2, 16, dtype=torch.int64),
@@ -161,6 +166,24 @@ def test_block_sparse_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("kv_idx"),
                                args.pop("kv_cnt"), **args)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), "x"])
+def test_dense_attention_needs_a_positive_scale(scale):
+    q = torch.randn(1, 16, 1, 8)
+    with pytest.raises(ValueError, match="scale must be"):
+        dense_attention(q, q, q, scale=scale)
+
+
+def test_the_interpreter_refuses_bfloat16(monkeypatch):
+    """Triton's interpreter computes bfloat16 wrongly: both Triton ops refuse it there (before any kernel)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 64, 1, 32, dtype=torch.bfloat16)
+    kv_idx, kv_cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="interpreter"):
+        block_sparse_attention(q, q, q, kv_idx, kv_cnt, block_q=64, block_kv=64, backend="triton")
+    with pytest.raises(NotImplementedError, match="interpreter"):
+        select_blocks(q, q, 1, block_q=64, block_kv=64, backend="triton")
 
 
 def brute_force_scores(q_lr, k_lr, block_q, block_kv):

@@ -71,6 +71,9 @@ def test_segments_from_cu_seqlens_and_bad_offsets():
         Segments.from_cu_seqlens([0, 9, 4])
     with pytest.raises(ValueError, match="at least its cu_seqlens length"):
         Segments.from_cu_seqlens([0, 5, 12], [0, 4, 12])
+    for bad in (torch.tensor([[0, 5, 12]]), torch.tensor([0.0, 5.0, 12.0]), [0, 5.5, 12], "0,5,12"):
+        with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int tensor"):
+            Segments.from_cu_seqlens(bad)
     with pytest.raises(ValueError, match="multiple of max"):
         Segments([5, 7]).check(12, 32, 16)
     with pytest.raises(ValueError, match="segments describe 64 tokens"):
@@ -214,6 +217,8 @@ def test_bad_packed_params_raise(megatron_parallel):
         (PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu[:-1]), f"describes {int(cu[1])}"),
         (PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu[:2]), "sequences"),
     ]
+    for bad in (cu.view(1, -1), cu.float(), cu.tolist()):   # a batch dim left in, floats, a Python list
+        cases.append((PackedSeqParams(qkv_format="thd", cu_seqlens_q=bad), "cu_seqlens_q must be a 1-D int tensor"))
     wrong_shapes = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.clone())
     wrong_shapes.dsv_clips = PackedClips([(1, 2, 3), (4, 8, 8)], cube=CFG["cube"])  # same total, other order
     cases.append((wrong_shapes, "dsv_clips has clips of"))

@@ -62,6 +62,11 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _mask_name(mask_type) -> str:
+    """An AttnMaskType's name, or the repr of whatever else was passed as one (a string, None)."""
+    return mask_type.name if isinstance(mask_type, AttnMaskType) else repr(mask_type)
+
+
 class _CoreAttention(MegatronModule):
     """Constructor checks and head bookkeeping shared by the dense and DSV core attentions."""
 
@@ -74,7 +79,7 @@ class _CoreAttention(MegatronModule):
         name = type(self).__name__
         if attn_mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
             raise NotImplementedError(
-                f"{name} computes full (bidirectional) attention; attn_mask_type={attn_mask_type.name} "
+                f"{name} computes full (bidirectional) attention; attn_mask_type={_mask_name(attn_mask_type)} "
                 "is not supported (video DiT self-attention needs no mask)"
             )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -135,7 +140,8 @@ class _CoreAttention(MegatronModule):
             raise NotImplementedError(f"{name} does not support attention_bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
-            raise NotImplementedError(f"{name} does not support attn_mask_type={mask_type.name}")
+            raise NotImplementedError(f"{name} does not support attn_mask_type={_mask_name(mask_type)} (only "
+                                      "AttnMaskType.no_mask and .padding)")
         if attention_mask is not None and not bool(torch.is_tensor(attention_mask) and
                                                    not attention_mask.any()):
             # Megatron's convention: True = masked out. An all-False mask masks nothing.
@@ -240,6 +246,8 @@ class DSVDotProductAttention(_CoreAttention):
         if key.shape[0] != query.shape[0] or kv_seg != q_seg:
             raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
                              f"query {query.shape[0]} (packed: {kv_seg} vs {q_seg})")
+        if cfg.dispatch == "measured":   # raises where it cannot measure: now, not at the first stage-2 step
+            self.dispatch.measured(query.device, cp is not None)
         packing = segments = None
         if q_seg is not None:
             align = max(cfg.block_q, cfg.block_kv)

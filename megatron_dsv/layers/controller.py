@@ -224,7 +224,7 @@ class StageController(Float32State):
 
     def _fold_pending(self) -> None:
         loss, self._pending_loss = self._pending_value(), math.nan
-        if math.isnan(loss):
+        if not math.isfinite(loss):   # none pending (NaN), or a step whose q or k overflowed: not folded
             return
         a = self.cfg.ema_alpha
         old = self._mirror()["loss_ema"]
@@ -240,7 +240,10 @@ class StageController(Float32State):
             buf = getattr(self, name)
             new = profiled[name].to(buf)
             ema = torch.where(torch.isnan(buf), new, a * buf + (1 - a) * new)
-            buf.copy_(torch.minimum(ema, new) if name == "block_sparsity" else ema)
+            if name == "block_sparsity":
+                ema = torch.minimum(ema, new)
+            # A profile of non-finite q or k (a step that overflowed) leaves the EMA where it was.
+            buf.copy_(torch.where(torch.isfinite(new), ema, buf))
         self.profiles += 1
         host["profiles"] += 1
         if self.profiles.is_cuda:

@@ -51,6 +51,13 @@ def packed_segments(packed_seq_params, name: str) -> Tuple[Segments, Segments]:
         raise NotImplementedError(f"{name} supports packed sequences in qkv_format 'thd' or 'sbhd', got {fmt!r}")
     if psp.cu_seqlens_q is None:
         raise ValueError(f"{name}: packed_seq_params.cu_seqlens_q is required")
+    for field in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        offsets = getattr(psp, field, None)   # (tensors, as Megatron's PackedSeqParams holds them)
+        if offsets is not None and not (torch.is_tensor(offsets) and offsets.dim() == 1 and not
+                                        offsets.is_floating_point() and offsets.dtype != torch.bool):
+            raise ValueError(f"{name}: packed_seq_params.{field} must be a 1-D int tensor, got "
+                             + (f"a {offsets.dtype} tensor of shape {tuple(offsets.shape)}" if torch.is_tensor(offsets)
+                                else type(offsets).__name__))
     q = _segments(psp.cu_seqlens_q, psp.cu_seqlens_q_padded)
     cu_kv = psp.cu_seqlens_kv if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q
     kv_padded = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q_padded

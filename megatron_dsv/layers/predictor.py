@@ -92,6 +92,9 @@ class LowRankPredictor(Float32State):
             self.register_buffer(f"{name}_exp_avg", torch.zeros_like(getattr(self, name)))
             self.register_buffer(f"{name}_exp_avg_sq", torch.zeros_like(getattr(self, name)))
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.float32, device=device))
+        # apply_grads' check of the gradients (not state: not in checkpoints)
+        self.register_buffer("found_inf", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("unit_scale", torch.ones((), device=device), persistent=False)
         self._cast = {}  # (which, dtype) -> weights cast to the activations' dtype, until the next update
 
     # ------------------------------------------------------------- projection
@@ -161,8 +164,14 @@ class LowRankPredictor(Float32State):
 
     @torch.no_grad()
     def apply_grads(self, grad_q: torch.Tensor, grad_k: torch.Tensor, lr: float) -> None:
-        """One Adam step on (wq, wk) with the given gradients. Call weights_updated() once it has run (after
-        the replay, where a CUDA graph holds it)."""
+        """One Adam step on (wq, wk) with the given gradients, skipped on the device where any of them is not
+        finite (a step whose q or k overflowed: one such update would leave the weights NaN for good, as the
+        model's own loss scaler skips its step). Call weights_updated() once it has run (after the replay,
+        where a CUDA graph holds it)."""
+        # The check GradScaler runs before a fused optimizer, which then skips its update (and step count)
+        # where found_inf is set: no host sync, so it also runs inside CUDA graphs.
+        found_inf = self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_([grad_q, grad_k], found_inf, self.unit_scale)
         steps = [self.adam_step.clone(), self.adam_step.clone()]  # adam() increments these
         functional_adam(
             [self.wq, self.wk], [grad_q, grad_k],
@@ -173,9 +182,9 @@ class LowRankPredictor(Float32State):
             # One fused kernel updates both weights (the single-tensor update launched ~30 kernels per layer,
             # bench/results/step_h200/s8), reading the step count where it is (the single-tensor update read
             # it on the host: a device sync per update, and a graph capture that fails).
-            capturable=self.wq.is_cuda, fused=True,
+            capturable=self.wq.is_cuda, fused=True, found_inf=found_inf,
         )
-        self.adam_step += 1
+        self.adam_step.copy_(steps[0])
 
     def weights_updated(self) -> None:
         """Drop the weights' cast copies (project): the fused Adam update writes the weights without

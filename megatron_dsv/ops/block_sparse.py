@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -11,8 +10,9 @@ from ..config import BLOCK_SIZES
 from ..timing import timing_autograd
 from . import cudnn_attention
 from .backend_choice import choose_kernel, resolve_backend
-from .checks import check_qkv
+from .checks import check_flags, check_qkv, check_scale
 from .reference import block_sparse_attention_reference
+from .segments import Segments
 
 
 def check_block_sizes(block_q, block_kv):
@@ -54,10 +54,12 @@ def check_block_mask_values(kv_idx, kv_cnt, n_kv, segments=None, block_q=None, b
         raise ValueError("kv_idx lists a KV block twice for one query block")
 
 
-def check_kv_lens(kv_lens, b, h, n_kv, block_kv) -> torch.Tensor:
-    """kv_lens [n_kv] or [b, h, n_kv] -> int32 [1 or b*h, n_kv] (no device sync)."""
+def check_kv_lens(kv_lens, b, h, n_kv, block_kv, device) -> torch.Tensor:
+    """kv_lens [n_kv] or [b, h, n_kv] on `device` -> int32 [1 or b*h, n_kv] (no device sync)."""
     if not torch.is_tensor(kv_lens) or kv_lens.is_floating_point() or kv_lens.dtype == torch.bool:
         raise ValueError(f"kv_lens must be an int tensor, got {kv_lens!r:.60}")
+    if kv_lens.device != device:
+        raise ValueError(f"kv_lens must be on q's device {device}, got {kv_lens.device}")
     if tuple(kv_lens.shape) not in ((n_kv,), (b, h, n_kv)):
         raise ValueError(f"kv_lens must be [n_kv_blocks={n_kv}] or [batch={b}, heads={h}, n_kv_blocks={n_kv}], "
                          f"got {tuple(kv_lens.shape)}")
@@ -101,6 +103,12 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         kv_idx: [b, h, ceil(Sq/block_q), k_max] int32/int64: KV block ids (of k/v) of each query
             block; entries past the count are ignored.
         kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
+            The values of kv_idx and kv_cnt are checked (ValueError) by the reference backend only:
+            on the GPU a check would need a host sync per call. There counts are clipped to
+            [0, k_max] and ids outside [0, n_kv_blocks) read nothing out of bounds, but such ids, or
+            an id listed twice, give wrong results. A hand-made mask can be checked once with
+            ``megatron_dsv.ops.block_sparse.check_block_mask_values``; ``select_blocks`` makes
+            valid ones.
         scale: softmax scale (default 1/sqrt(d)).
         backend: "triton" (our kernels, atomic-free: bitwise reproducible), "reference", "cudnn"
             (cuDNN frontend's block-sparse kernels, where installed and able to run the call, see
@@ -133,19 +141,21 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     n_q = -(-s_q // block_q)
     check_block_mask(kv_idx, kv_cnt, b, h, n_q)
     if segments is not None:
+        if not isinstance(segments, Segments):
+            raise ValueError(f"segments must be a megatron_dsv.ops.Segments (Segments.from_cu_seqlens), got "
+                             f"{type(segments).__name__}")
         if s_kv != s_q:
             raise ValueError(f"segments (packed clips) need self-attention lengths; got Sq={s_q}, Skv={s_kv}")
         segments.check(s_q, block_q, block_kv)
     if kv_lens is not None:
         if segments is not None:
             raise ValueError("pass segments or kv_lens, not both: segments imply the KV block lengths")
-        kv_lens = check_kv_lens(kv_lens, b, h, -(-s_kv // block_kv), block_kv)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be a positive finite number (or None for 1/sqrt(d)), got {scale!r}")
+        kv_lens = check_kv_lens(kv_lens, b, h, -(-s_kv // block_kv), block_kv, q.device)
+    check_scale(scale)
     scale = d ** -0.5 if scale is None else float(scale)
+    check_flags(return_lse=return_lse, deterministic=deterministic)
 
-    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if backend == "triton-one-recompute" and deterministic:
         raise ValueError("backend='triton-one-recompute' is not bitwise reproducible (dq by float32 atomics); "
                          "pass deterministic=False, with torch.use_deterministic_algorithms off")

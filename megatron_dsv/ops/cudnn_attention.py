@@ -117,10 +117,12 @@ cudnn_block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_co
 def cudnn_block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale, layout, return_lse=False,
                                  segments=None, kv_lens=None, deterministic=True):
     """cuDNN backend of :func:`megatron_dsv.ops.block_sparse_attention` (inputs already validated and
-    :func:`unsupported` already None). Entries of kv_idx past each count are never read."""
+    :func:`unsupported` already None). Entries of kv_idx past each count are never read; counts are
+    clipped to kv_idx's width on the device, as the Triton kernels clip them."""
     del return_lse, segments, kv_lens, deterministic  # cases `unsupported` excludes
     out, _ = cudnn_block_sparse_fwd(_bshd(q, layout), _bshd(k, layout), _bshd(v, layout),
-                                    kv_idx.to(torch.int32).contiguous(), kv_cnt.to(torch.int32).contiguous(),
+                                    kv_idx.to(torch.int32).contiguous(),
+                                    kv_cnt.to(torch.int32).clamp(0, kv_idx.shape[-1]).contiguous(),
                                     block_q, float(scale))
     # sbhd callers get sbhd-contiguous output, as from the Triton kernels (a copy of o only).
     return out if layout == "bshd" else out.transpose(0, 1).contiguous()

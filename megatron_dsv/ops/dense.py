@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .checks import check_qkv
+from .checks import check_qkv, check_scale
 from .layout import from_bhsd, seq_dim, to_bhsd
 
 try:  # Optional: used when importable, never required.
@@ -37,6 +37,7 @@ def dense_attention(q, k, v, *, scale=None, layout="bshd", segments=None, kv_seg
     (kv_segments defaults to segments): sequence i of q attends to sequence i of k/v only, one
     dense call per sequence; query padding gets zeros."""
     check_qkv(q, k, v, layout)
+    check_scale(scale)
     if segments is not None:
         return _dense_packed(q, k, v, scale, layout, segments, kv_segments or segments)
     d = q.shape[-1]

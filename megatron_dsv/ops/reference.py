@@ -199,6 +199,7 @@ def topk_blocks(scores: torch.Tensor, budgets: torch.Tensor, k_max: int):
     Returns kv_idx [b, h, n_q, k_max] int32 (-1 past the count) and kv_cnt [b, h, n_q] int32.
     """
     b, h, n_q, n_kv = scores.shape
+    budgets = budgets.clamp(0, k_max)   # device budgets (select_blocks' k_max) are not checked on the host
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_max]
     keep = torch.arange(k_max, device=scores.device).view(1, 1, 1, k_max) < budgets.view(1, h, 1, 1)
     ids = torch.where(keep, order, n_kv).sort(dim=-1).values

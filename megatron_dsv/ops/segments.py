@@ -63,14 +63,13 @@ class Segments:
     def from_cu_seqlens(cls, cu_seqlens, cu_seqlens_padded=None) -> "Segments":
         """From Megatron/TE packed-sequence offsets (host lists or tensors; one sync if on device):
         valid lengths from ``cu_seqlens``, clip starts and total from ``cu_seqlens_padded``."""
-        cu = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+        cu = _offsets(cu_seqlens, "cu_seqlens")
         if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu}")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu_seqlens_padded is None:
             return cls(lengths, starts=cu[:-1], total=cu[-1])
-        pad = [int(x) for x in (cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded)
-                                else cu_seqlens_padded)]
+        pad = _offsets(cu_seqlens_padded, "cu_seqlens_padded")
         if len(pad) != len(cu) or pad[0] != 0 or any(b - a < n for a, b, n in zip(pad, pad[1:], lengths)):
             raise ValueError(f"cu_seqlens_padded {pad} must start at 0 and leave each clip at least "
                              f"its cu_seqlens length {lengths}")
@@ -178,3 +177,15 @@ class Segments:
             ends = starts + torch.tensor(self.lengths + (0,), dtype=torch.int64)[clip]
             return torch.stack([starts, ends], 1).int()
         return self._device(("kv_range", block_q), device, build)
+
+
+def _offsets(x, name: str) -> list:
+    """Packed-sequence offsets as a list of ints, from a 1-D int tensor or a sequence of ints."""
+    if torch.is_tensor(x):
+        if x.dim() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D int tensor (or a list of ints), got a {x.dtype} tensor of "
+                             f"shape {tuple(x.shape)}")
+        return x.tolist()
+    if not isinstance(x, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in x):
+        raise ValueError(f"{name} must be a 1-D int tensor or a list of ints, got {x!r:.80}")
+    return list(x)

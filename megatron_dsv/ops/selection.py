@@ -69,8 +69,8 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         k_max: with topk an int tensor [h] on q_lr's device, the budgets stay there: the host never
             reads them (no sync), and a CUDA graph or compiled graph that ran this call runs again
             with whatever values the tensor then holds. k_max (the last dimension of kv_idx) is then
-            given, and the budgets must lie in [0, min(k_max, KV blocks)], which is not checked. Not
-            with segments.
+            given; budgets outside [0, k_max] are clipped to it on the device (not reported: that
+            would need a host sync), so kv_cnt never exceeds kv_idx's width. Not with segments.
 
     The proxy of a query block is the mean of its tokens' q_lr. Ties go to the lower block id.
 

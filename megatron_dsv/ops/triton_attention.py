@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_interpreted_dtype
 from .layout import from_bhsd, split_dims, to_bhsd
 
 LOG2E = 1.4426950408889634
@@ -131,7 +132,10 @@ def _kv_rows(idx_ptr, stride_slot, start, cnt, len_ptr, S_KV,
     """First token, token ids and validity of the BLOCK_N KV rows made of list slots
     start .. start + BLOCK_N / BLOCK_KV (with TMA, one whole block: BLOCK_N == BLOCK_KV).
     A row is valid if its token exists and, with VARLEN, lies within its block's valid length
-    (len_ptr[block]; padding of packed clips sits at the end of a clip's last block)."""
+    (len_ptr[block]; padding of packed clips sits at the end of a clip's last block).
+    Block ids are not checked on the host (that needs a sync): one outside [0, n_kv) reads nothing out of
+    bounds (TMA zero-fills rows outside the tensor; a gather reads block 0 instead, and the block's
+    length is not read), but its result is wrong, as for any invalid list."""
     offs_n = tl.arange(0, BLOCK_N)
     if USE_TMA:
         blk = tl.load(idx_ptr + start * stride_slot)
@@ -139,11 +143,17 @@ def _kv_rows(idx_ptr, stride_slot, start, cnt, len_ptr, S_KV,
         tok = row0 + offs_n
         ok = tok < S_KV
         if VARLEN:
-            ok = ok & (offs_n < tl.load(len_ptr + blk))
+            blk_ok = (blk >= 0) & (blk <= (S_KV - 1) // BLOCK_KV)
+            ok = ok & (offs_n < tl.load(len_ptr + blk, mask=blk_ok, other=0))
     else:
         slot = start + offs_n // BLOCK_KV
         slot_ok = slot < cnt
         blk = tl.load(idx_ptr + slot * stride_slot, mask=slot_ok, other=0)
+        # An id out of range reads block 0 instead (loads are unmasked where blocks are whole). Compared as
+        # ids: blk * BLOCK_KV of a far-out id would wrap around in int32.
+        blk_ok = (blk >= 0) & (blk <= (S_KV - 1) // BLOCK_KV)
+        slot_ok = slot_ok & blk_ok
+        blk = tl.where(blk_ok, blk, 0)
         tok = blk * BLOCK_KV + offs_n % BLOCK_KV
         ok = slot_ok & (tok < S_KV)
         if VARLEN:
@@ -172,7 +182,7 @@ def _load_rows(base, desc, stride_s, b, h, row0, tok, ok,
 def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDesc,
                 sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                 si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
-                H, S_Q, S_KV, qk_scale2,
+                H, S_Q, S_KV, K_MAX, qk_scale2,
                 BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
                 VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr, SPLIT: tl.constexpr, RESUME: tl.constexpr):
@@ -198,7 +208,7 @@ def _fwd_kernel(Q, K, V, Out, Lse2, KvIdx, KvCnt, KvBeg, KvLen, QLen, KDesc, VDe
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
-    cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+    cnt = tl.minimum(tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q), K_MAX)   # (not checked on the host)
     beg = 0
     if SPLIT:
         beg = tl.load(KvBeg + b * sc_b + h * sc_h + qb * sc_q)
@@ -250,7 +260,7 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLe
                sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
                si_b, si_h, si_q, si_k, sc_b, sc_h, sc_q, sl_bh,
-               H, S_Q, S_KV, qk_scale2, scale,
+               H, S_Q, S_KV, K_MAX, qk_scale2, scale,
                BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, MASK_KV: tl.constexpr,
                HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, Q_VARLEN: tl.constexpr,
@@ -289,7 +299,7 @@ def _dq_kernel(Q, K, V, O, DO, DQ, Lse2, DLse2, Delta, KvIdx, KvCnt, KvBeg, KvLe
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     idx_ptr = KvIdx + b * si_b + h * si_h + qb * si_q
-    cnt = tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q)
+    cnt = tl.minimum(tl.load(KvCnt + b * sc_b + h * sc_h + qb * sc_q), K_MAX)   # (not checked on the host)
     beg = 0
     if SPLIT:
         beg = tl.load(KvBeg + b * sc_b + h * sc_h + qb * sc_q)
@@ -545,6 +555,7 @@ def _check_supported(q, d):
         raise NotImplementedError(f"triton block-sparse attention supports head dims {HEAD_DIMS}, got {d}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise NotImplementedError(f"triton block-sparse attention supports fp16/bf16/fp32, got {q.dtype}")
+    check_interpreted_dtype(q.dtype)
 
 
 def _kv_passes(kv_idx, kv_cnt, s_kv, block_kv, k):
@@ -579,7 +590,7 @@ def _forward(q, k, v, kv_idx, kv_cnt, kv_len, q_len, block_q, block_kv, scale, l
             *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
             *_bsh_strides(out, layout),
             *ids.stride(), *end.stride(), _len_stride(kv_len),
-            h, s_q, s_kv, scale * LOG2E,
+            h, s_q, s_kv, ids.shape[-1], scale * LOG2E,
             BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
             MASK_KV=mask_kv, VARLEN=kv_len is not None, Q_VARLEN=q_len is not None, SPLIT=beg is not end,
             RESUME=resume, **cfg)
@@ -605,7 +616,7 @@ def _dq(do, q, k, v, out, lse2, dlse2, kv_idx, kv_cnt, kv_len, block_q, block_kv
             *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
             *_bsh_strides(out, layout), *_bsh_strides(do, layout), *_bsh_strides(dq, layout),
             *ids.stride(), *end.stride(), _len_stride(kv_len),
-            h, s_q, s_kv, scale * LOG2E, scale,
+            h, s_q, s_kv, ids.shape[-1], scale * LOG2E, scale,
             BLOCK_Q=block_q, BLOCK_KV=block_kv, HEAD_DIM=d, PREC=_precision(q), USE_TMA=use_tma,
             MASK_KV=mask_kv, HAS_DLSE=dlse2 is not None, VARLEN=kv_len is not None, Q_VARLEN=q_varlen,
             SPLIT=beg is not end, RESUME=resume, **cfg)

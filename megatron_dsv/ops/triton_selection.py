@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_interpreted_dtype
+
 
 # Per-head budget tensors kept on the device, keyed by (budgets, device): a step captured in a
 # CUDA graph then reads a persistent buffer instead of a host-to-device copy baked into the graph.
@@ -164,7 +166,8 @@ def _top_blocks_kernel(Keys, Counts, KvIdx, KvCnt, sc_h, sc_q, H, N_Q, W, N_KV, 
     row = tl.program_id(0).to(tl.int64)
     q = row % N_Q
     h = (row // N_Q) % H
-    cnt = tl.load(Counts + h * sc_h + q * sc_q).to(tl.int32)
+    # Budgets kept on the device are not checked on the host (select_blocks' k_max): clipped here to the row.
+    cnt = tl.minimum(tl.maximum(tl.load(Counts + h * sc_h + q * sc_q).to(tl.int32), 0), K_MAX)
     offs = tl.arange(0, W_PAD)
     in_row = offs < W
     keys = tl.load(Keys + row * W + offs, mask=in_row, other=0)
@@ -208,8 +211,8 @@ def _top_blocks(keys: torch.Tensor, counts: torch.Tensor, k_max: int, n_kv: int)
     """kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32 of
     keys [b, h, n_q, W] and counts [h, 1] or [h, n_q]."""
     b, h, n_q, w = keys.shape
-    kv_cnt = counts.unsqueeze(0).expand(b, h, n_q)
     if w > TOP_BLOCKS_MAX_WIDTH or not keys.is_contiguous():
+        kv_cnt = counts.clamp(0, k_max).unsqueeze(0).expand(b, h, n_q)
         top = torch.topk(keys, k_max, dim=-1).values  # descending, keys are unique
         ids = n_kv - 1 - (top & 0xFFFFFFFF)
         keep = torch.arange(k_max, device=keys.device) < kv_cnt.unsqueeze(-1)
@@ -421,6 +424,7 @@ def triton_select_blocks(q_lr, k_lr, budgets, k_max, *, block_q, block_kv, kv_re
     are cut to its query blocks.
     Returns kv_idx [b, h, n_q, k_max] int32 (ascending, -1 past the count), kv_cnt [b, h, n_q] int32.
     """
+    check_interpreted_dtype(q_lr.dtype, k_lr.dtype)
     device = q_lr.device
     counts = _device_counts(budgets, segments, block_q, device)
     packed = {}

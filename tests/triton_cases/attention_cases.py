@@ -4,6 +4,8 @@ Run by tests/test_triton_attention.py in a child process with TRITON_INTERPRET=1
 directly with pytest on a CUDA machine (then bfloat16 is covered too).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -384,6 +386,27 @@ def test_unsupported_head_dim_raises():
     kv_cnt = torch.ones(1, 1, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(NotImplementedError, match="head dims"):
         block_sparse_attention(q, q, q, kv_idx, kv_cnt, block_q=32, block_kv=32, backend="triton")
+
+
+@pytest.mark.parametrize("s,block", [(256, 64), (200, 32)], ids=["whole_blocks", "partial_last_block"])
+def test_invalid_lists_read_in_bounds(s, block):
+    """The kernels do not check list values (a host sync): counts above the lists' width read as the width,
+    negative counts as 0, and ids outside [0, n_kv) (-1, n_kv, far out) read nothing out of bounds, so
+    outputs and gradients stay finite (wrong, as the docstring of block_sparse_attention says). On the GPU
+    the whole blocks go through TMA."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, s, 2, 64, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    n_q, n_kv = -(-s // block), -(-s // block)
+    kv_idx, kv_cnt = random_block_mask(1, 2, n_q, n_kv, counts=torch.full((1, 2, n_q), 2), gen=gen)
+    kv_idx, kv_cnt = kv_idx.to(DEVICE), kv_cnt.to(DEVICE)
+    run = functools.partial(block_sparse_attention, q, k, v, block_q=block, block_kv=block, backend="triton")
+    assert torch.equal(run(kv_idx, kv_cnt + 5), run(kv_idx, kv_cnt))
+    assert torch.equal(run(kv_idx, -kv_cnt), torch.zeros_like(q))
+    for bad in (-1, n_kv, 1 << 30):
+        out = run(kv_idx.masked_fill(torch.arange(2, device=DEVICE) == 1, bad), kv_cnt)
+        out.sum().backward()
+        assert all(bool(torch.isfinite(t).all()) for t in (out, q.grad, k.grad, v.grad)), bad
+        q.grad = k.grad = v.grad = None
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TMA descriptors exist on the GPU only")

@@ -228,6 +228,23 @@ def test_budgets_kept_on_the_device_select_as_host_budgets(backend):
         assert torch.equal(got_idx[..., :k], want_idx) and (got_idx[..., k:] == -1).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("wide", [False, True], ids=["kernel", "topk_fallback"])
+def test_budgets_on_the_device_are_clipped_to_k_max(monkeypatch, backend, wide):
+    """Device budgets are not read by the host, so not checked: outside [0, k_max] they select as the
+    nearest end of it, and kv_cnt never exceeds kv_idx's width (the kernels would read past a list)."""
+    from megatron_dsv.ops import triton_selection
+
+    if wide:   # rows past the kernel's width go through torch.topk
+        monkeypatch.setattr(triton_selection, "TOP_BLOCKS_MAX_WIDTH", 4)
+    gen = torch.Generator().manual_seed(12)
+    q_lr, k_lr = random_lr(1, 320, 3, 8, gen), random_lr(1, 320, 3, 8, gen)
+    held = torch.tensor([-2, 9, 3], device=DEVICE)
+    got_idx, got_cnt = select_blocks(q_lr, k_lr, held, block_q=32, block_kv=32, backend=backend, k_max=3)
+    want_idx, want_cnt = select_blocks(q_lr, k_lr, [0, 3, 3], block_q=32, block_kv=32, backend=backend)
+    assert torch.equal(got_cnt, want_cnt) and torch.equal(got_idx, want_idx)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_clips"])
 @pytest.mark.parametrize("spans", [2, 3])
 def test_key_spans_select_as_one_span(monkeypatch, packed, spans):
