@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops import Segments
+from ..ops.segments import check_offsets
 
 # Segments per (cu_seqlens, cu_seqlens_padded) tensor objects: all layers of a step share one read.
 # Keyed by id and checked through weak references (tensors cannot be dict keys by value) and by the
@@ -52,12 +53,8 @@ def packed_segments(packed_seq_params, name: str) -> Tuple[Segments, Segments]:
     if psp.cu_seqlens_q is None:
         raise ValueError(f"{name}: packed_seq_params.cu_seqlens_q is required")
     for field in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
-        offsets = getattr(psp, field, None)   # (tensors, as Megatron's PackedSeqParams holds them)
-        if offsets is not None and not (torch.is_tensor(offsets) and offsets.dim() == 1 and not
-                                        offsets.is_floating_point() and offsets.dtype != torch.bool):
-            raise ValueError(f"{name}: packed_seq_params.{field} must be a 1-D int tensor, got "
-                             + (f"a {offsets.dtype} tensor of shape {tuple(offsets.shape)}" if torch.is_tensor(offsets)
-                                else type(offsets).__name__))
+        if getattr(psp, field, None) is not None:   # tensors, as Megatron's PackedSeqParams holds them
+            check_offsets(getattr(psp, field), f"{name}: packed_seq_params.{field}", tensor_only=True)
     q = _segments(psp.cu_seqlens_q, psp.cu_seqlens_q_padded)
     cu_kv = psp.cu_seqlens_kv if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q
     kv_padded = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv is not None else psp.cu_seqlens_q_padded

@@ -63,13 +63,15 @@ class Segments:
     def from_cu_seqlens(cls, cu_seqlens, cu_seqlens_padded=None) -> "Segments":
         """From Megatron/TE packed-sequence offsets (host lists or tensors; one sync if on device):
         valid lengths from ``cu_seqlens``, clip starts and total from ``cu_seqlens_padded``."""
-        cu = _offsets(cu_seqlens, "cu_seqlens")
+        check_offsets(cu_seqlens, "cu_seqlens")
+        cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
         if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu}")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu_seqlens_padded is None:
             return cls(lengths, starts=cu[:-1], total=cu[-1])
-        pad = _offsets(cu_seqlens_padded, "cu_seqlens_padded")
+        check_offsets(cu_seqlens_padded, "cu_seqlens_padded")
+        pad = cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else list(cu_seqlens_padded)
         if len(pad) != len(cu) or pad[0] != 0 or any(b - a < n for a, b, n in zip(pad, pad[1:], lengths)):
             raise ValueError(f"cu_seqlens_padded {pad} must start at 0 and leave each clip at least "
                              f"its cu_seqlens length {lengths}")
@@ -179,13 +181,13 @@ class Segments:
         return self._device(("kv_range", block_q), device, build)
 
 
-def _offsets(x, name: str) -> list:
-    """Packed-sequence offsets as a list of ints, from a 1-D int tensor or a sequence of ints."""
+def check_offsets(x, name: str, tensor_only: bool = False) -> None:
+    """Packed-sequence offsets: a 1-D int tensor or (unless tensor_only) a sequence of ints. Reads no
+    device values."""
     if torch.is_tensor(x):
         if x.dim() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise ValueError(f"{name} must be a 1-D int tensor (or a list of ints), got a {x.dtype} tensor of "
-                             f"shape {tuple(x.shape)}")
-        return x.tolist()
-    if not isinstance(x, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in x):
-        raise ValueError(f"{name} must be a 1-D int tensor or a list of ints, got {x!r:.80}")
-    return list(x)
+            raise ValueError(f"{name} must be a 1-D int tensor, got a {x.dtype} tensor of shape {tuple(x.shape)}")
+    elif tensor_only or not isinstance(x, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                for v in x):
+        raise ValueError(f"{name} must be a 1-D int tensor{'' if tensor_only else ' or a list of ints'}, got "
+                         f"{x!r:.80}")
