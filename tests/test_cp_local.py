@@ -60,3 +60,23 @@ def test_head_copies_take_any_alignment():
         dst = torch.empty(6, 2, 2, 8, dtype=torch.bfloat16)
         _copy_heads(dst, range(2), x, [2, 0])
         assert torch.equal(dst, x[:, :, [2, 0]])
+
+
+def test_a_failing_backward_phase_names_the_layer():
+    """A collective that fails in a backward phase ("_bwd": a timeout, a lost peer) raises naming the group's
+    label (its layer); forward phases, NotImplementedError and unlabelled groups pass errors on as they are."""
+    from types import SimpleNamespace
+
+    from megatron_dsv.cp.groups import HybridCPGroup
+
+    def fail(name, label="DSVDotProductAttention (layer 3)", error=RuntimeError("gloo: timed out")):
+        with HybridCPGroup.phase(SimpleNamespace(timer=None, label=label), name, torch.device("cpu")):
+            raise error
+
+    with pytest.raises(RuntimeError, match=r"^DSVDotProductAttention \(layer 3\): context-parallel a2a_bwd failed "
+                                           r"\(gloo: timed out\)"):
+        fail("a2a_bwd")
+    for name, label, error in (("a2a", "L", RuntimeError("gloo: timed out")), ("a2a_bwd", None, RuntimeError("x")),
+                               ("exchange_bwd", "L", NotImplementedError("no fp64"))):
+        with pytest.raises(type(error), match=f"^{error}$"):
+            fail(name, label, error)

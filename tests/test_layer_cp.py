@@ -112,8 +112,14 @@ def _fault_worker(rank, world, out_dir, fault):
 
     # Megatron's CP groups take distributed_timeout_minutes (a timedelta of minutes: half a minute here), and
     # DSV's checks take the CP group's timeout, so a stuck rank fails its peers fast.
-    parallel_state.initialize_model_parallel(context_parallel_size=world, distributed_timeout_minutes=0.5)
-    layer = _layer(world, DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32))
+    parallel_state.initialize_model_parallel(context_parallel_size=world,
+                                             distributed_timeout_minutes=0.2 if fault == "stuck_bwd" else 0.5)
+    dsv = DSVConfig(rank=4, block_q=32, cube=(2, 4, 4), block_kv=32)
+    if rank == 1 and fault in ("block_kv", "predictor_lr"):   # rank 1 built from another config
+        dsv = dsv.replace(**{fault: {"block_kv": 64, "predictor_lr": 1e-2}[fault]})
+    layer = _layer(world, dsv)
+    if rank == 1 and fault == "step":   # rank 1 resumed from another checkpoint: a step ahead
+        layer.controller.end_step()
     s_local = 96 if fault == "lengths" and rank == 1 else 128   # "lengths": rank 1 holds fewer tokens
     dtype = torch.float64 if fault == "dtypes" and rank == 1 else torch.float32   # "dtypes": rank 1 in float64
     q, k, v = (torch.randn(s_local, B, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -122,21 +128,32 @@ def _fault_worker(rank, world, out_dir, fault):
         time.sleep(45)  # alive but never reaches the collective (past the half-minute timeout)
         os._exit(0)
     try:
-        layer(q, k, v, None)
+        out = layer(q, k, v, None)
+        if fault == "stuck_bwd" and rank == 1:
+            time.sleep(16)  # ran the forward, never the backward (past the 12-second timeout)
+            os._exit(0)
+        if fault == "stuck_bwd":
+            out.sum().backward()
         message = "no error"
     except Exception as e:  # noqa: BLE001 - the test checks what was raised
         message = f"{type(e).__name__}: {e}"
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"message": message, "seconds": time.time() - t0}, f)
-    if fault == "stuck":
+    if fault.startswith("stuck"):
         os._exit(0)  # the stuck peer never joins a teardown
 
 
-@pytest.mark.parametrize("fault, ranks", [("lengths", "rank 0: (128, 1, 2, 16, 2, 0), rank 1: (96, 1, 2, 16, 2, 0)"),
-                                          ("dtypes", "rank 0: (128, 1, 2, 16, 2, 0), rank 1: (128, 1, 2, 16, 3, 0)")])
+@pytest.mark.parametrize("fault, ranks", [
+    ("lengths", "query tokens differ across the context-parallel ranks (rank 0: (128,), rank 1: (96,))"),
+    ("dtypes", "dtype (code) differ across the context-parallel ranks (rank 0: (2,), rank 1: (3,))"),
+    ("block_kv", "DSVConfig.block_kv differ across the context-parallel ranks (rank 0: (32,), rank 1: (64,))"),
+    ("predictor_lr", "DSVConfig.predictor_lr differ across the context-parallel ranks"),
+    ("step", "step differ across the context-parallel ranks (rank 0: (0,), rank 1: (1,))"),
+])
 def test_cp_ranks_with_different_shards_fail_on_every_rank_naming_the_layer(tmp_path, fault, ranks):
-    """Different lengths or dtypes on the CP ranks: a ValueError on every rank naming the layer and each
-    rank's shape, dtype code and packed-clip digest (not an abort in gloo's C++ code)."""
+    """Different lengths, dtypes, DSVConfig fields or controller states on the CP ranks: a ValueError on
+    every rank naming the layer, what differs and each rank's value (not an abort in gloo's C++ code, and
+    not silently wrong results, as ranks built from different configs gave)."""
     spawn(_fault_worker, 2, str(tmp_path), fault)
     for rank in range(2):
         message = json.loads((tmp_path / f"rank{rank}.json").read_text())["message"]
@@ -157,6 +174,23 @@ def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):
         proc.kill()
     rec = json.loads((tmp_path / "rank0.json").read_text())
     assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 45, rec
+
+
+def test_a_cp_rank_stuck_before_its_backward_fails_its_peer_naming_the_layer(tmp_path):
+    """A CP rank that ran the forward but never reaches the backward: its peer's backward collective (the
+    predictor's all-reduce or the all-to-all's backward) raises an error naming the layer after the CP
+    group's timeout (12 seconds here), not only gloo's own message."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path),
+                                                                            "stuck_bwd"))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+    rec = json.loads((tmp_path / "rank0.json").read_text())
+    assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 16, rec
+    assert "all-reduce" in rec["message"] or "_bwd failed" in rec["message"], rec   # a backward collective
 
 
 def _plan_search_worker(rank, world):

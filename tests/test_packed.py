@@ -251,6 +251,21 @@ def test_cp_planner_weighs_each_head_by_its_per_clip_work():
     assert _work_budgets(budgets, seg, DSVConfig(**CFG)) == [4, 1]  # ceil((2*4 + 1*1 + 4*9) / 14), ceil(1 / 14)
 
 
+def test_zero_length_sequences_hold_no_clip(megatron_parallel):
+    """cu_seqlens repeated to a fixed count (as for CUDA graphs) describe sequences of length 0: they hold
+    no clip, their padded span is padding, and the layer computes what it computes without them."""
+    assert Segments.from_cu_seqlens([0, 40, 80, 80, 80]) == Segments([40, 40])
+    assert Segments.from_cu_seqlens([0, 40, 40, 70], [0, 64, 96, 128]) == Segments([40, 30], starts=[0, 96], total=128)
+    with pytest.raises(ValueError, match="describe no tokens"):
+        Segments.from_cu_seqlens([0, 0, 0])
+    layer = core()
+    q, k, v = (torch.randn(80, 1, HEADS, D) for _ in range(3))
+    outs = [layer(q, k, v, None, packed_seq_params=PackedSeqParams(
+        qkv_format="sbhd", cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        cu_seqlens_kv=torch.tensor(cu, dtype=torch.int32))) for cu in ([0, 40, 80], [0, 40, 80, 80, 80])]
+    assert torch.equal(*outs)
+
+
 def test_select_window_bad_input():
     seg = Segments([40, 50], align=32)                  # 128 tokens
     q_lr, k_lr = torch.randn(1, 64, 2, 4), torch.randn(1, 128, 2, 4)
@@ -260,6 +275,8 @@ def test_select_window_bad_input():
     for q_start in (16, 96):  # not on a query block; past the packed sequence
         with pytest.raises(ValueError, match=r"q_lr holds tokens"):
             select_blocks(q_lr, k_lr, 1, segments=seg, q_start=q_start, **opts)
+    with pytest.raises(ValueError, match="q_start must be an int"):
+        select_blocks(q_lr, k_lr, 1, segments=seg, q_start=64.0, **opts)
 
 
 def test_cp_layer_plans_once_per_length_in_a_replan_interval(megatron_parallel, monkeypatch):

@@ -232,7 +232,9 @@ class _GatherSegments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _scatter_sum_segments(g.contiguous(), *ctx.args), None, None
+        group, grid = ctx.args
+        with group.phase("gather_bwd", g.device):
+            return _scatter_sum_segments(g.contiguous(), group, grid), None, None
 
 
 def gather_segments(x: torch.Tensor, group: HybridCPGroup, U: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..ops import dense_attention, select_blocks
+from ..ops import Segments, dense_attention, select_blocks
 from .all_to_all import all_gather_ints, check_heads_of, gather_segments, head_to_seq, seq_to_head
 from .groups import HybridCPGroup
 from .kv_exchange import sparse_kv_attention
@@ -29,6 +29,8 @@ from .planner import CPPlan, budget_blocks
 
 def _check_segments(segments, s_local, group, block_q, block_kv):
     if segments is not None:
+        if not isinstance(segments, Segments):
+            raise ValueError(f"segments must be a megatron_dsv.ops.Segments, got {type(segments).__name__}")
         segments.check(s_local * group.size, block_q, block_kv)
 
 
@@ -51,6 +53,8 @@ def _check_shard(q, k, v, group, U, block_q=None, block_kv=None):
         raise ValueError(f"q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if group.size % U:
         raise ValueError(f"plan has U={U} but the CP group has {group.size} ranks")
+    if U > q.shape[2]:   # (every rank raises: a rank left without heads would fail alone, its peers would wait)
+        raise ValueError(f"U={U} head-parallel ranks need at least {U} heads, q has {q.shape[2]}")
     for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
         if blk is not None and q.shape[0] % blk:
             raise ValueError(f"s_local={q.shape[0]} must be a multiple of {name}={blk}: ranks hold whole cubes")

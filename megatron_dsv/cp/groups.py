@@ -16,7 +16,7 @@ the contiguous segment j of length U * s_local.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -132,6 +132,7 @@ class HybridCPGroup:
         self.record = record
         self.log: List[CommRecord] = []
         self.timer = None
+        self.label = None   # whose collectives these are (a layer), named where a backward phase fails
 
     @property
     def size(self) -> int:
@@ -147,21 +148,35 @@ class HybridCPGroup:
     def grid(self, U: int) -> Grid:
         return Grid(self.size, U, self.index)
 
-    def check_same(self, what: str, values: Sequence[int]) -> None:
+    def check_same(self, what: str, values: Sequence[int], names: Optional[Sequence[str]] = None) -> None:
         """Raise on every rank, naming `what` and each rank's values, unless all CP ranks pass the same
-        ints. Over gloo on the host (a group of these ranks made once): no device synchronisation, and
-        the check precedes the first collective whose sizes depend on them (a mismatch there aborts in
-        the backend's C++ code or hangs)."""
+        ints (with `names`, one per value: `what` is whose values they are, and the message gives only the
+        names and values that differ). Over gloo on the host
+        (a group of these ranks made once): no device synchronisation, and the check precedes the first
+        collective whose sizes depend on them (a mismatch there aborts in the backend's C++ code or hangs)."""
         mine = torch.tensor([int(x) for x in values], dtype=torch.int64)
         gathered = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(gathered, mine, group=_host_group(self.group, tuple(self.ranks)))
         if any(not torch.equal(g, mine) for g in gathered):
-            per_rank = ", ".join(f"rank {r}: {tuple(g.tolist())}" for r, g in zip(self.ranks, gathered))
+            cols = range(len(mine))
+            if names is not None:
+                cols = [i for i in cols if any(g[i] != mine[i] for g in gathered)]
+                what = f"{what}: {', '.join(names[i] for i in cols)}"
+            per_rank = ", ".join(f"rank {r}: {tuple(g[i].item() for i in cols)}" for r, g in zip(self.ranks, gathered))
             raise ValueError(f"{what} differ across the context-parallel ranks ({per_rank})")
 
+    @contextmanager
     def phase(self, name: str, device: torch.device):
-        """Context of one CP phase, timed into ``self.timer`` when one is set."""
-        return self.timer(name, device) if self.timer is not None else nullcontext()
+        """Context of one CP phase, timed into ``self.timer`` when one is set. A backward phase ("_bwd")
+        whose collective fails (a timeout, a lost peer) raises naming ``self.label``, the layer whose
+        backward waited (in the forward the layer names itself)."""
+        try:
+            with self.timer(name, device) if self.timer is not None else nullcontext():
+                yield
+        except RuntimeError as e:
+            if self.label is None or not name.endswith("_bwd") or isinstance(e, NotImplementedError):
+                raise
+            raise RuntimeError(f"{self.label}: context-parallel {name} failed ({e})") from e
 
     def note(self, name: str, sent: int, received: int) -> None:
         if self.record:

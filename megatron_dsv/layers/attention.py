@@ -224,6 +224,7 @@ class DSVDotProductAttention(_CoreAttention):
                         else parallel_state.get_context_parallel_group())
             self.cp = LayerContextParallel(self.cfg, self.heads, self.head_dim, cp_group,
                                            dist.get_process_group_ranks(cp_group))
+            self.cp.group.label = f"DSVDotProductAttention (layer {self.layer_number})"
         self.last_used_sparse = False
         self.last_n_kv = None
         self.in_step_graph = False  # set while a whole training step is captured (step_graph.capturing)
@@ -275,7 +276,8 @@ class DSVDotProductAttention(_CoreAttention):
         learn_inputs = None
         if cp is not None:
             try:
-                cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments)
+                cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments,
+                               (self.controller.host()["stage"], step, sparse, learn))
                 with self.timer("attention", query.device):
                     if sparse:
                         out = cp.sparse(query, key, value, self.predictor, budgets, self.softmax_scale,
@@ -283,6 +285,8 @@ class DSVDotProductAttention(_CoreAttention):
                         learn_inputs = cp.learn_inputs(query, key) if learn else None
                     else:
                         out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
+            except NotImplementedError:   # (a RuntimeError too, but no collective's failure)
+                raise
             except RuntimeError as e:   # a collective that timed out or lost a peer: say which layer waited
                 raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): context-parallel "
                                    f"attention failed ({e})") from e
@@ -755,7 +759,11 @@ class DSVDotProductAttention(_CoreAttention):
         if dist.is_initialized() and _group_size(self.dp_group) > 1:
             keys = list(stats)
             flat = torch.cat([stats[key].reshape(-1) for key in keys])
-            dist.all_reduce(flat, group=self.dp_group)
+            try:
+                dist.all_reduce(flat, group=self.dp_group)
+            except RuntimeError as e:   # a replica that timed out or was lost: say which layer's backward waited
+                raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): the predictor's all-reduce "
+                                   f"over its data- and context-parallel replicas failed ({e})") from e
             for key, part in zip(keys, flat.split([stats[key].numel() for key in keys])):
                 stats[key] = part.view_as(stats[key])
         count = stats.pop("count")

@@ -17,7 +17,10 @@ the queries of its sequence segment and the keys of the whole sequence (detached
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import zlib
+from typing import Sequence
 
 import torch
 
@@ -32,6 +35,16 @@ def _default_head_parallel(P: int, heads: int, max_u: int = 8) -> int:
 
 # Codes of the dtypes check_shard compares across ranks (a mismatch would abort in the backend's C++ code).
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SHARD_NAMES = ("query tokens", "batch", "heads", "head dim", "dtype (code)", "packed clips (digest)")
+STATE_NAMES = ("stage", "step", "runs sparse", "learns")
+
+
+def _field_code(value) -> int:
+    """A DSVConfig field as an int every process computes alike: ints as they are, other values by a
+    CRC of their repr (Python's hash of strings differs from process to process)."""
+    if isinstance(value, int):
+        return int(value)
+    return zlib.crc32(repr(value).encode())
 
 
 class LayerContextParallel:
@@ -53,12 +66,18 @@ class LayerContextParallel:
     def size(self) -> int:
         return self.group.size
 
-    def check_shard(self, q: torch.Tensor, layer: str, segments=None) -> None:
+    def check_shard(self, q: torch.Tensor, layer: str, segments=None, state: Sequence[int] = ()) -> None:
         """Every rank's share: the same shape and dtype on all CP ranks (and the same packed clips, whose
-        boundaries every rank must read alike), whole cubes and blocks."""
+        boundaries every rank must read alike), whole cubes and blocks; the same DSVConfig and layer
+        `state` (STATE_NAMES: stage, step, this call's decisions) on every rank, which the collectives'
+        sizes and the plan follow (ranks that disagree abort in the backend's C++ code, or compute
+        wrong results without an error)."""
         clips = 0 if segments is None else hash(segments)   # by value, over ints: the same on every process
-        self.group.check_same(f"{layer}: query shapes [s, b, heads, d], dtypes (code) and packed clips (digest)",
-                              (*q.shape, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, clips))
+        config = [_field_code(getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg)]
+        self.group.check_same(layer, (*q.shape, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, clips,
+                                      *config, *state),
+                              names=(*SHARD_NAMES, *(f"DSVConfig.{f.name}" for f in dataclasses.fields(self.cfg)),
+                                     *STATE_NAMES[:len(state)]))
         s_local = q.shape[0]
         blk = max(self.cfg.block_q, self.cfg.block_kv)
         if s_local % blk:

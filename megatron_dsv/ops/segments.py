@@ -62,20 +62,29 @@ class Segments:
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens, cu_seqlens_padded=None) -> "Segments":
         """From Megatron/TE packed-sequence offsets (host lists or tensors; one sync if on device):
-        valid lengths from ``cu_seqlens``, clip starts and total from ``cu_seqlens_padded``."""
+        valid lengths from ``cu_seqlens``, clip starts and total from ``cu_seqlens_padded``. Sequences
+        of length 0 (offsets repeated to a fixed count, as for CUDA graphs) hold no clip: what their
+        padded span holds is padding."""
         check_offsets(cu_seqlens, "cu_seqlens")
         cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
         if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu}")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu_seqlens_padded is None:
-            return cls(lengths, starts=cu[:-1], total=cu[-1])
+            return cls._nonempty(lengths, cu[:-1], cu[-1])
         check_offsets(cu_seqlens_padded, "cu_seqlens_padded")
         pad = cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else list(cu_seqlens_padded)
         if len(pad) != len(cu) or pad[0] != 0 or any(b - a < n for a, b, n in zip(pad, pad[1:], lengths)):
             raise ValueError(f"cu_seqlens_padded {pad} must start at 0 and leave each clip at least "
                              f"its cu_seqlens length {lengths}")
-        return cls(lengths, starts=pad[:-1], total=pad[-1])
+        return cls._nonempty(lengths, pad[:-1], pad[-1])
+
+    @classmethod
+    def _nonempty(cls, lengths, starts, total) -> "Segments":
+        kept = [(n, s) for n, s in zip(lengths, starts) if n > 0]
+        if not kept:
+            raise ValueError(f"cu_seqlens describe no tokens (lengths {lengths})")
+        return cls([n for n, _ in kept], starts=[s for _, s in kept], total=total)
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -97,6 +97,8 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
         raise ValueError("q_start is for packed clips (segments): without them queries have no position")
     if segments is not None:
         segments.check(k_lr.shape[1], block_q, block_kv)
+        if isinstance(q_start, bool) or not isinstance(q_start, int):
+            raise ValueError(f"q_start must be an int, got {q_start!r}")
         if q_start % block_q or q_start < 0 or q_start + s_q > k_lr.shape[1]:
             raise ValueError(f"q_lr holds tokens [{q_start}, {q_start + s_q}) of the packed sequence of "
                              f"{k_lr.shape[1]} tokens; they must lie in it and start on a query block (block_q={block_q})")
