@@ -5,8 +5,9 @@ block 64x64, density 0.1.
 
 bench/kernels.py --tune times each launch config once; this alternates the two arms over rounds, so
 a drift of the machine falls on both (bench/NOTES_kernels.md). Single-pass kernel calls (no L2-sized
-passes at 128k), selection from random rank-16 projections, 16 heads x 128, bf16. (Named stages_ab.py
-while it compared pipeline stages only.)
+passes at 128k), the arms in ABBA order, selection from random rank-16 projections, 16 heads x 128, bf16.
+(Named stages_ab.py while it compared pipeline stages only; until 2026-12-01 it timed arm A first in every
+round and let dq run its two L2-sized passes at 128k.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch
 import kernels as kb
 from megatron_dsv.ops import triton_attention as ta
 from megatron_dsv.ops.selection import select_blocks
+
+
+SINGLE_PASS = 1 << 62   # CONFIG_OVERRIDE["pass_bytes"]: no L2-sized passes (dq would take two at 128k)
 
 
 def main():
@@ -45,10 +49,10 @@ def main():
                                           False)}
         for kern in args.kernels:
             times = {"a": [], "b": []}
-            for _ in range(args.rounds):
-                for arm in times:
+            for r in range(args.rounds):
+                for arm in ("a", "b") if r % 2 == 0 else ("b", "a"):   # ABBA: neither arm is always timed first
                     ta.CONFIG_OVERRIDE.clear()
-                    ta.CONFIG_OVERRIDE[kern] = args.b if arm == "b" else {}
+                    ta.CONFIG_OVERRIDE.update({kern: args.b if arm == "b" else {}, "pass_bytes": SINGLE_PASS})
                     times[arm].append(kb.ms(calls[kern], rep=150))
             ta.CONFIG_OVERRIDE.clear()
             out["rows"].append({"S": s, "kernel": kern, **times})

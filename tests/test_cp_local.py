@@ -63,8 +63,9 @@ def test_head_copies_take_any_alignment():
 
 
 def test_a_failing_backward_phase_names_the_layer():
-    """A collective that fails in a backward phase ("_bwd": a timeout, a lost peer) raises naming the group's
-    label (its layer); forward phases, NotImplementedError and unlabelled groups pass errors on as they are."""
+    """A collective that fails in a backward communication phase (a timeout, a lost peer) raises naming the
+    group's label (its layer); forward and compute phases, out-of-memory, NotImplementedError and unlabelled
+    groups pass errors on as they are."""
     from types import SimpleNamespace
 
     from megatron_dsv.cp.groups import HybridCPGroup
@@ -77,6 +78,8 @@ def test_a_failing_backward_phase_names_the_layer():
                                            r"\(gloo: timed out\)"):
         fail("a2a_bwd")
     for name, label, error in (("a2a", "L", RuntimeError("gloo: timed out")), ("a2a_bwd", None, RuntimeError("x")),
-                               ("exchange_bwd", "L", NotImplementedError("no fp64"))):
+                               ("exchange_bwd", "L", NotImplementedError("no fp64")),
+                               ("gather_bwd", "L", torch.OutOfMemoryError("out of memory")),
+                               ("attention_bwd", "L", RuntimeError("CUDA error"))):
         with pytest.raises(type(error), match=f"^{error}$"):
             fail(name, label, error)

@@ -133,6 +133,7 @@ def _fault_worker(rank, world, out_dir, fault):
             time.sleep(16)  # ran the forward, never the backward (past the 12-second timeout)
             os._exit(0)
         if fault == "stuck_bwd":
+            t0 = time.time()   # (the timeout counts from the backward's first collective)
             out.sum().backward()
         message = "no error"
     except Exception as e:  # noqa: BLE001 - the test checks what was raised

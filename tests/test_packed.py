@@ -258,6 +258,8 @@ def test_zero_length_sequences_hold_no_clip(megatron_parallel):
     assert Segments.from_cu_seqlens([0, 40, 40, 70], [0, 64, 96, 128]) == Segments([40, 30], starts=[0, 96], total=128)
     with pytest.raises(ValueError, match="describe no tokens"):
         Segments.from_cu_seqlens([0, 0, 0])
+    with pytest.raises(ValueError, match="must start with a clip"):   # padding of an empty sequence first
+        Segments.from_cu_seqlens([0, 0, 40], [0, 64, 128])
     layer = core()
     q, k, v = (torch.randn(80, 1, HEADS, D) for _ in range(3))
     outs = [layer(q, k, v, None, packed_seq_params=PackedSeqParams(

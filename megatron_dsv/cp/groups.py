@@ -96,6 +96,10 @@ def _timeout(group):
         return None
 
 
+# The backward phases that are collectives (attention_bwd computes).
+COMM_BWD_PHASES = ("a2a_bwd", "gather_bwd", "exchange_bwd")
+
+
 class HybridCPGroup:
     """Megatron-Core's context-parallel ranks, used as a U x R grid.
 
@@ -167,14 +171,16 @@ class HybridCPGroup:
 
     @contextmanager
     def phase(self, name: str, device: torch.device):
-        """Context of one CP phase, timed into ``self.timer`` when one is set. A backward phase ("_bwd")
-        whose collective fails (a timeout, a lost peer) raises naming ``self.label``, the layer whose
-        backward waited (in the forward the layer names itself)."""
+        """Context of one CP phase, timed into ``self.timer`` when one is set. A communication phase of the
+        backward (COMM_BWD_PHASES) whose collective fails synchronously (gloo: a timeout, a lost peer)
+        raises naming ``self.label``, the layer whose backward waited (in the forward the layer names
+        itself). Out-of-memory and NotImplementedError keep their types."""
         try:
             with self.timer(name, device) if self.timer is not None else nullcontext():
                 yield
         except RuntimeError as e:
-            if self.label is None or not name.endswith("_bwd") or isinstance(e, NotImplementedError):
+            if (self.label is None or name not in COMM_BWD_PHASES
+                    or isinstance(e, (NotImplementedError, torch.OutOfMemoryError))):
                 raise
             raise RuntimeError(f"{self.label}: context-parallel {name} failed ({e})") from e
 

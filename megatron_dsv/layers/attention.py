@@ -285,7 +285,7 @@ class DSVDotProductAttention(_CoreAttention):
                         learn_inputs = cp.learn_inputs(query, key) if learn else None
                     else:
                         out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
-            except NotImplementedError:   # (a RuntimeError too, but no collective's failure)
+            except (NotImplementedError, torch.OutOfMemoryError):   # (RuntimeErrors too, but no collective's)
                 raise
             except RuntimeError as e:   # a collective that timed out or lost a peer: say which layer waited
                 raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): context-parallel "

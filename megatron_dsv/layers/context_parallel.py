@@ -61,6 +61,17 @@ class LayerContextParallel:
                                     for u in range(self.dense_U))
         self._plans, self._plan_interval = {}, None
         self._pairs = {}   # (seq_len, batch) -> the measured (U, schedule), kept across re-plans
+        self._fields = tuple(f.name for f in dataclasses.fields(cfg))
+        self._config_names = tuple(f"DSVConfig.{name}" for name in self._fields)
+        self._config_key = self._config = None
+
+    def _config_codes(self) -> tuple:
+        """_field_code of every DSVConfig field, recomputed only when a field changed (the CRCs cost ~20 us
+        per forward; reading the fields a few)."""
+        key = tuple(getattr(self.cfg, name) for name in self._fields)
+        if key != self._config_key:
+            self._config_key, self._config = key, tuple(_field_code(v) for v in key)
+        return self._config
 
     @property
     def size(self) -> int:
@@ -73,11 +84,9 @@ class LayerContextParallel:
         sizes and the plan follow (ranks that disagree abort in the backend's C++ code, or compute
         wrong results without an error)."""
         clips = 0 if segments is None else hash(segments)   # by value, over ints: the same on every process
-        config = [_field_code(getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg)]
         self.group.check_same(layer, (*q.shape, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, clips,
-                                      *config, *state),
-                              names=(*SHARD_NAMES, *(f"DSVConfig.{f.name}" for f in dataclasses.fields(self.cfg)),
-                                     *STATE_NAMES[:len(state)]))
+                                      *self._config_codes(), *state),
+                              names=(*SHARD_NAMES, *self._config_names, *STATE_NAMES[:len(state)]))
         s_local = q.shape[0]
         blk = max(self.cfg.block_q, self.cfg.block_kv)
         if s_local % blk:

@@ -244,7 +244,7 @@ class StageController(Float32State):
                 ema = torch.minimum(ema, new)
             # A profile of non-finite q or k (a step that overflowed) leaves the EMA where it was.
             buf.copy_(torch.where(torch.isfinite(new), ema, buf))
-        self.profiles += 1
+        self.profiles += 1   # (a skipped profile is still counted: it was a profile step)
         host["profiles"] += 1
         if self.profiles.is_cuda:
             # The mirror takes the new values at its next read (host()), not now: a step replayed from a

@@ -93,8 +93,8 @@ class LowRankPredictor(Float32State):
             self.register_buffer(f"{name}_exp_avg_sq", torch.zeros_like(getattr(self, name)))
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.float32, device=device))
         # apply_grads' check of the gradients (not state: not in checkpoints)
-        self.register_buffer("found_inf", torch.zeros((), device=device), persistent=False)
-        self.register_buffer("unit_scale", torch.ones((), device=device), persistent=False)
+        self.register_buffer("found_inf", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("unit_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
         self._cast = {}  # (which, dtype) -> weights cast to the activations' dtype, until the next update
 
     # ------------------------------------------------------------- projection

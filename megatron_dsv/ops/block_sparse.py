@@ -105,8 +105,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
         kv_cnt: [b, h, ceil(Sq/block_q)]: how many entries of kv_idx are used. 0 -> zero output.
             The values of kv_idx and kv_cnt are checked (ValueError) by the reference backend only:
             on the GPU a check would need a host sync per call. There counts are clipped to
-            [0, k_max] and ids outside [0, n_kv_blocks) read nothing out of bounds, but such ids, or
-            an id listed twice, give wrong results. A hand-made mask can be checked once with
+            [0, k_max]; the Triton kernels read nothing out of bounds for ids outside [0, n_kv_blocks)
+            (cuDNN's get them as they are), but such ids, or an id listed twice, give wrong results.
+            A hand-made mask can be checked once with
             ``megatron_dsv.ops.block_sparse.check_block_mask_values``; ``select_blocks`` makes
             valid ones.
         scale: softmax scale (default 1/sqrt(d)).

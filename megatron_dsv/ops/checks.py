@@ -56,9 +56,14 @@ def check_flags(**flags) -> None:
             raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1, on CPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_interpreted_dtype(*dtypes: torch.dtype) -> None:
-    """Triton's interpreter (TRITON_INTERPRET=1, on CPU) computes bfloat16 wrongly (errors of order 1e9 in
-    attention): refused there rather than returning garbage."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and torch.bfloat16 in dtypes:
+    """Triton's interpreter computes bfloat16 wrongly (errors of order 1e9 in attention): refused there
+    rather than returning garbage."""
+    if interpreting() and torch.bfloat16 in dtypes:
         raise NotImplementedError("Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly; "
                                   "interpret float32 or float16 inputs, or run bfloat16 on the GPU")

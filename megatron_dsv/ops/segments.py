@@ -16,6 +16,7 @@ on the clip lengths. Device tensors derived from it are built once per device an
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -66,14 +67,14 @@ class Segments:
         of length 0 (offsets repeated to a fixed count, as for CUDA graphs) hold no clip: what their
         padded span holds is padding."""
         check_offsets(cu_seqlens, "cu_seqlens")
-        cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+        cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
         if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {cu}")
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu_seqlens_padded is None:
             return cls._nonempty(lengths, cu[:-1], cu[-1])
         check_offsets(cu_seqlens_padded, "cu_seqlens_padded")
-        pad = cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else list(cu_seqlens_padded)
+        pad = cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else [int(x) for x in cu_seqlens_padded]
         if len(pad) != len(cu) or pad[0] != 0 or any(b - a < n for a, b, n in zip(pad, pad[1:], lengths)):
             raise ValueError(f"cu_seqlens_padded {pad} must start at 0 and leave each clip at least "
                              f"its cu_seqlens length {lengths}")
@@ -84,6 +85,9 @@ class Segments:
         kept = [(n, s) for n, s in zip(lengths, starts) if n > 0]
         if not kept:
             raise ValueError(f"cu_seqlens describe no tokens (lengths {lengths})")
+        if kept[0][1] != 0:
+            raise ValueError(f"cu_seqlens_padded: the packing starts with {kept[0][1]} tokens of empty sequences "
+                             "(lengths 0); a packing must start with a clip")
         return cls([n for n, _ in kept], starts=[s for _, s in kept], total=total)
 
     def __len__(self) -> int:
@@ -196,7 +200,7 @@ def check_offsets(x, name: str, tensor_only: bool = False) -> None:
     if torch.is_tensor(x):
         if x.dim() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise ValueError(f"{name} must be a 1-D int tensor, got a {x.dtype} tensor of shape {tuple(x.shape)}")
-    elif tensor_only or not isinstance(x, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int)
+    elif tensor_only or not isinstance(x, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, Integral)
                                                                 for v in x):
         raise ValueError(f"{name} must be a 1-D int tensor{'' if tensor_only else ' or a list of ints'}, got "
                          f"{x!r:.80}")

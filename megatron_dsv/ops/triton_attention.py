@@ -26,22 +26,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .checks import check_interpreted_dtype
+from .checks import check_interpreted_dtype, interpreting
 from .layout import from_bhsd, split_dims, to_bhsd
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)  # the tested ones (interpreter: 32, 64; H100: 32, 64, 128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +85,7 @@ def _dkdv_config(block_q, block_kv, atomic_dq=False):
 def _tma_descriptor(x: torch.Tensor, layout: str, rows: int):
     """A TMA descriptor over x seen as [b, s, h, d] that loads [1, rows, 1, d] tiles, or None where
     TMA cannot be used (interpreter, CPU, strides or base not 16-byte aligned)."""
-    if _interpreting() or not x.is_cuda:
+    if interpreting() or not x.is_cuda:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -105,7 +100,7 @@ def _tma_descriptor(x: torch.Tensor, layout: str, rows: int):
 def _dq_acc_descriptor(dq_acc: Optional[torch.Tensor], rows: int):
     """A TMA descriptor over the one-recompute backward's float32 dq accumulator [b, h, Sq, d] seen as
     [b*h, Sq, d], for bulk reductions of [1, rows, d] tiles; None where TMA cannot be used."""
-    if dq_acc is None or _interpreting() or not dq_acc.is_cuda or dq_acc.numel() == 0:
+    if dq_acc is None or interpreting() or not dq_acc.is_cuda or dq_acc.numel() == 0:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -134,8 +129,8 @@ def _kv_rows(idx_ptr, stride_slot, start, cnt, len_ptr, S_KV,
     A row is valid if its token exists and, with VARLEN, lies within its block's valid length
     (len_ptr[block]; padding of packed clips sits at the end of a clip's last block).
     Block ids are not checked on the host (that needs a sync): one outside [0, n_kv) reads nothing out of
-    bounds (TMA zero-fills rows outside the tensor; a gather reads block 0 instead, and the block's
-    length is not read), but its result is wrong, as for any invalid list."""
+    bounds (TMA zero-fills rows outside the tensor; a gather reads block 0 instead, its rows masked where
+    MASK_KV; the block's length is not read), but its result is wrong, as for any invalid list."""
     offs_n = tl.arange(0, BLOCK_N)
     if USE_TMA:
         blk = tl.load(idx_ptr + start * stride_slot)
@@ -537,7 +532,10 @@ def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int,
     bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
     qi = torch.arange(n_q, device=dev).view(1, 1, n_q, 1)
     groups = b * h * n_kv
-    group = torch.where(slot_ok, bh * n_kv + kv_idx.long(), groups)   # past the count: the sentinel group
+    # Ids are not checked on the host: one out of range is taken as a block of its own head (clamped), never
+    # as another head's.
+    ids = kv_idx.long().clamp(0, n_kv - 1)
+    group = torch.where(slot_ok, bh * n_kv + ids, groups)   # past the count: the sentinel group
     keys = torch.sort((group * n_q + qi).reshape(-1)).values
     q_idx = (keys % n_q).to(torch.int32)
     starts = torch.arange(groups, device=dev) * n_q
