@@ -162,18 +162,24 @@ def test_cp_ranks_with_different_shards_fail_on_every_rank_naming_the_layer(tmp_
         assert ranks in message, message
 
 
+def _rank0_of_stuck_run(tmp_path, fault: str, wait: float) -> dict:
+    """What rank 0 recorded in a 2-rank run of _fault_worker whose rank 1 gets stuck (`fault`), in a process of
+    its own, killed after `wait` seconds."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path), fault))
+    proc.start()
+    proc.join(timeout=wait)
+    if proc.is_alive():
+        proc.kill()
+    return json.loads((tmp_path / "rank0.json").read_text())
+
+
 def test_a_stuck_cp_rank_fails_its_peers_within_a_minute(tmp_path):
     """A CP rank that is alive but never reaches the layer's collectives: its peer raises an error naming the
     layer after the CP group's timeout (half a minute here), well within a minute, before the stuck rank
     wakes up."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path), "stuck"))
-    proc.start()
-    proc.join(timeout=80)
-    if proc.is_alive():
-        proc.kill()
-    rec = json.loads((tmp_path / "rank0.json").read_text())
+    rec = _rank0_of_stuck_run(tmp_path, "stuck", 80)
     assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 45, rec
 
 
@@ -181,15 +187,7 @@ def test_a_cp_rank_stuck_before_its_backward_fails_its_peer_naming_the_layer(tmp
     """A CP rank that ran the forward but never reaches the backward: its peer's backward collective (the
     predictor's all-reduce or the all-to-all's backward) raises an error naming the layer after the CP
     group's timeout (12 seconds here), not only gloo's own message."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=spawn, args=(_fault_worker, 2, str(tmp_path),
-                                                                            "stuck_bwd"))
-    proc.start()
-    proc.join(timeout=60)
-    if proc.is_alive():
-        proc.kill()
-    rec = json.loads((tmp_path / "rank0.json").read_text())
+    rec = _rank0_of_stuck_run(tmp_path, "stuck_bwd", 60)
     assert rec["message"].startswith("RuntimeError: DSVDotProductAttention (layer 1)") and rec["seconds"] < 16, rec
     assert "all-reduce" in rec["message"] or "_bwd failed" in rec["message"], rec   # a backward collective
 
