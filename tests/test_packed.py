@@ -279,6 +279,8 @@ def test_select_window_bad_input():
             select_blocks(q_lr, k_lr, 1, segments=seg, q_start=q_start, **opts)
     with pytest.raises(ValueError, match="q_start must be an int"):
         select_blocks(q_lr, k_lr, 1, segments=seg, q_start=64.0, **opts)
+    with pytest.raises(ValueError, match="segments must be a megatron_dsv.ops.Segments"):
+        select_blocks(k_lr, k_lr, 1, segments=[40, 50], **opts)
 
 
 def test_cp_layer_plans_once_per_length_in_a_replan_interval(megatron_parallel, monkeypatch):

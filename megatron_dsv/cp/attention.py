@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..ops import Segments, dense_attention, select_blocks
+from ..ops import dense_attention, select_blocks
+from ..ops.segments import check_segments
 from .all_to_all import all_gather_ints, check_heads_of, gather_segments, head_to_seq, seq_to_head
 from .groups import HybridCPGroup
 from .kv_exchange import sparse_kv_attention
@@ -29,9 +30,7 @@ from .planner import CPPlan, budget_blocks
 
 def _check_segments(segments, s_local, group, block_q, block_kv):
     if segments is not None:
-        if not isinstance(segments, Segments):
-            raise ValueError(f"segments must be a megatron_dsv.ops.Segments, got {type(segments).__name__}")
-        segments.check(s_local * group.size, block_q, block_kv)
+        check_segments(segments, s_local * group.size, block_q, block_kv)
 
 
 def _zero_padding(out, segments, group):

@@ -12,7 +12,7 @@ from . import cudnn_attention
 from .backend_choice import choose_kernel, resolve_backend
 from .checks import check_flags, check_qkv, check_scale
 from .reference import block_sparse_attention_reference
-from .segments import Segments
+from .segments import check_segments
 
 
 def check_block_sizes(block_q, block_kv):
@@ -142,12 +142,9 @@ def block_sparse_attention(q, k, v, kv_idx, kv_cnt, *, block_q, block_kv, scale=
     n_q = -(-s_q // block_q)
     check_block_mask(kv_idx, kv_cnt, b, h, n_q)
     if segments is not None:
-        if not isinstance(segments, Segments):
-            raise ValueError(f"segments must be a megatron_dsv.ops.Segments (Segments.from_cu_seqlens), got "
-                             f"{type(segments).__name__}")
         if s_kv != s_q:
             raise ValueError(f"segments (packed clips) need self-attention lengths; got Sq={s_q}, Skv={s_kv}")
-        segments.check(s_q, block_q, block_kv)
+        check_segments(segments, s_q, block_q, block_kv)
     if kv_lens is not None:
         if segments is not None:
             raise ValueError("pass segments or kv_lens, not both: segments imply the KV block lengths")

@@ -204,3 +204,12 @@ def check_offsets(x, name: str, tensor_only: bool = False) -> None:
                                                                 for v in x):
         raise ValueError(f"{name} must be a 1-D int tensor{'' if tensor_only else ' or a list of ints'}, got "
                          f"{x!r:.80}")
+
+
+def check_segments(segments, seq_len: int, block_q: int, block_kv: int) -> None:
+    """The `segments` argument of the ops: a Segments (Segments.check: `seq_len` tokens, clips on block
+    boundaries)."""
+    if not isinstance(segments, Segments):
+        raise ValueError(f"segments must be a megatron_dsv.ops.Segments (Segments.from_cu_seqlens), got "
+                         f"{type(segments).__name__}")
+    segments.check(seq_len, block_q, block_kv)

@@ -9,6 +9,7 @@ import torch
 from .backend_choice import resolve_backend
 from .block_sparse import check_block_sizes
 from .reference import select_blocks_reference
+from .segments import check_segments
 
 KV_REDUCES = ("max", "mean")
 
@@ -96,7 +97,7 @@ def select_blocks(q_lr, k_lr, topk, *, block_q, block_kv, backend="auto", kv_red
     if segments is None and q_start:
         raise ValueError("q_start is for packed clips (segments): without them queries have no position")
     if segments is not None:
-        segments.check(k_lr.shape[1], block_q, block_kv)
+        check_segments(segments, k_lr.shape[1], block_q, block_kv)
         if isinstance(q_start, bool) or not isinstance(q_start, int):
             raise ValueError(f"q_start must be an int, got {q_start!r}")
         if q_start % block_q or q_start < 0 or q_start + s_q > k_lr.shape[1]:
