@@ -241,19 +241,20 @@ def _fmt_time(seconds):
 
 
 @torch.no_grad()
-def validate(model, val_data, args, device):
-    """Mean flow-matching loss on a fixed held-out set with fixed times and noise."""
+def validate(model, val_data, args, device) -> list:
+    """Flow-matching loss of each held-out batch, with fixed times and noise: batch i is the same for
+    every --eval-iters above i, so a run with more batches also gives a shorter run's mean."""
     model.eval()
     g = torch.Generator().manual_seed(args.seed + 7)
-    total = 0.0
+    losses = []
     for i in range(args.eval_iters):
         x, cap = val_data.batch(i * args.micro_batch_size, args.micro_batch_size)
         t = torch.linspace(0.1, 0.9, x.shape[0])
         noise = torch.randn(x.shape, generator=g)
-        total += float(flow_matching_loss(model, x.to(device), cap.to(device), t=t.to(device),
-                                          noise=noise.to(device)))
+        losses.append(float(flow_matching_loss(model, x.to(device), cap.to(device), t=t.to(device),
+                                               noise=noise.to(device))))
     model.train()
-    return total / args.eval_iters
+    return losses
 
 
 def save_checkpoint(path, model, opt, master, step, args):
@@ -432,9 +433,10 @@ def main(argv=None):
         stage = metrics["summary"]["stage"] if metrics else 0
         step_times.append((step_s, step_tokens, stage))
         train_s += step_s
-        val = None
+        val = val_losses = None
         if done % args.eval_interval == 0 or done == args.train_iters:
-            val = validate(model, val_data, args, device)
+            val_losses = validate(model, val_data, args, device)
+            val = sum(val_losses) / len(val_losses)
             if dsv_cfg:
                 dsv_metrics(dsv)  # drop validation's forward timings from the next step's
         if bar is not None:
@@ -457,8 +459,8 @@ def main(argv=None):
                 print(line, flush=True)
             if args.log_json:
                 with open(args.log_json, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "step_s": step_s,
-                                        "train_s": train_s, "tokens_per_s": tok_s, "dsv": summary}) + "\n")
+                    f.write(json.dumps({"step": done, "loss": loss_value, "val_loss": val, "val_losses": val_losses,
+                                        "step_s": step_s, "train_s": train_s, "tokens_per_s": tok_s, "dsv": summary}) + "\n")
         if writer is not None:
             writer.add_scalar("train/loss", loss_value, done)
             writer.add_scalar("train/step_time_s", step_s, done)

@@ -338,7 +338,7 @@ def test_main_job_tensorboard_and_jsonl_logs(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard (optional, for --tensorboard-dir) is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _run_job("--train-iters", "3", "--eval-interval", "3", "--tensorboard-dir", str(tmp_path / "tb"),
+    _run_job("--train-iters", "3", "--eval-interval", "3", "--eval-iters", "2", "--tensorboard-dir", str(tmp_path / "tb"),
              "--dsv-log", str(tmp_path / "dsv.jsonl"), "--log-json", str(tmp_path / "progress.jsonl"))
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
@@ -351,6 +351,9 @@ def test_main_job_tensorboard_and_jsonl_logs(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["layers"]) == 2
     progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["val_loss"] > 0 and progress[-1]["dsv"]["stage"] == 1
+    per_batch = progress[-1]["val_losses"]   # one per held-out batch (--eval-iters)
+    assert len(per_batch) == 2 and progress[-1]["val_loss"] == pytest.approx(sum(per_batch) / 2)
+    assert progress[0]["val_losses"] is None   # steps without a validation
 
 
 def test_e2e_bench_smoke(tmp_path):
