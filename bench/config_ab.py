@@ -1,4 +1,4 @@
-"""A/B of a launch-config change of the dq and dk/dv kernels (arm B) against their defaults (arm A), at
+"""A/B of a launch-config change of the forward, dq or dk/dv kernel (arm B) against its default (arm A), at
 block 64x64, density 0.1.
 
     python bench/config_ab.py --b '{"num_stages": 3}' --json bench/results/kernels_stages_ab_h200.json
@@ -30,7 +30,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--kernels", nargs="+", default=["dq", "dkdv"], choices=["dq", "dkdv"])
+    ap.add_argument("--kernels", nargs="+", default=["dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     ap.add_argument("--b", type=json.loads, required=True, help="arm B's config entries, as JSON")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
@@ -44,7 +44,8 @@ def main():
         o, lse2 = ta._forward(q, k, v, kv_idx, kv_cnt, None, None, bq, bkv, scale, "bshd")
         _, delta = ta._dq(do, q, k, v, o, lse2, None, kv_idx, kv_cnt, None, bq, bkv, scale, "bshd", False)
         q_idx, q_bounds = ta.transpose_block_lists(kv_idx, kv_cnt, n_kv)
-        calls = {"dq": lambda: ta._dq(do, q, k, v, o, lse2, None, kv_idx, kv_cnt, None, bq, bkv, scale, "bshd", False),
+        calls = {"fwd": lambda: ta._forward(q, k, v, kv_idx, kv_cnt, None, None, bq, bkv, scale, "bshd"),
+                 "dq": lambda: ta._dq(do, q, k, v, o, lse2, None, kv_idx, kv_cnt, None, bq, bkv, scale, "bshd", False),
                  "dkdv": lambda: ta._dkdv(do, q, k, v, lse2, delta, q_idx, q_bounds, None, bq, bkv, scale, "bshd",
                                           False)}
         for kern in args.kernels:

@@ -11,8 +11,11 @@ bench/step.py builds it):
   dsv-stage1                   DSV in stage 1 (dense attention + predictor training), eager: the
                                predictor's training replayed from a per-layer CUDA graph
   dsv-stage1, no CUDA graphs   the same with DSVConfig.cuda_graphs off (launched op by op)
-  dense / dsv-stage1, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
-  ..., upkeep on the step stream   the DSV arms with the predictor's upkeep on the step's own stream
+  dsv-stage2                   DSV in stage 2, every layer sparse at --density of its KV blocks (uniform
+                               budgets, as bench/step.py's dsv-stage2), steps that do not profile: the
+                               selection and attention replayed from per-layer CUDA graphs
+  dense / dsv-stage1 / dsv-stage2, step graph   forward + backward replayed from one CUDA graph: the step's GPU time
+  ..., upkeep on the step stream   the DSV stage-1 arms with the predictor's upkeep on the step's own stream
                                (megatron_dsv.layers.upkeep_stream.ENABLED False), as before 2026-12-01;
                                on the GPU only (on CPU there is no upkeep stream)
 
@@ -63,6 +66,7 @@ def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, s
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--density", type=float, default=0.12, help="stage-2 arms: share of KV blocks per head")
     args = p.parse_args()
     if not (args.smoke or torch.cuda.is_available()):
         raise SystemExit(f"{script} needs a GPU (use --smoke to check the script on CPU)")
@@ -83,20 +87,26 @@ def main():
     args, device, dit, stage1 = stage1_setup(__doc__, "bench/eager_ab.py", micro_batch_size=2, rounds=30,
                                              smoke_help="CPU, tiny shapes, eager arms only: checks the script")
     tokens = dit.num_tokens * args.micro_batch_size
+    # Stage 2 for good at uniform budgets, no profile steps (bench/step.py's dsv-stage2 arm).
+    stage2 = stage1.replace(budget_policy="theta", layer_sparsity_threshold=0.0, budget_floor=0.0,
+                            profile_interval_stage2=1 << 30)
     arms = {"dense": Trainer(dit, None, args, device),
             "dsv-stage1": Trainer(dit, stage1, args, device),
-            "dsv-stage1, no CUDA graphs": Trainer(dit, stage1.replace(cuda_graphs=False), args, device)}
+            "dsv-stage1, no CUDA graphs": Trainer(dit, stage1.replace(cuda_graphs=False), args, device),
+            "dsv-stage2": Trainer(dit, stage2, args, device)}
     if not args.smoke:   # step graphs need the GPU
         arms.update({"dense, step graph": Trainer(dit, None, args, device, step_graph=True),
-                     "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True)})
-    for name in [n for n in arms if n.startswith("dsv") and not args.smoke]:   # (on CPU there is no upkeep stream)
+                     "dsv-stage1, step graph": Trainer(dit, stage1, args, device, step_graph=True),
+                     "dsv-stage2, step graph": Trainer(dit, stage2, args, device, step_graph=True)})
+    for name in [n for n in arms if n.startswith("dsv-stage1") and not args.smoke]:   # (no upkeep stream on CPU)
         arms[name + ", upkeep on the step stream"] = Trainer(dit, arms[name].cfg, args, device,
                                                              step_graph=arms[name].captured is not None)
     aside = {name: not name.endswith("upkeep on the step stream") for name in arms}
     for name, trainer in arms.items():
         upkeep_stream.ENABLED = aside[name]
         if trainer.dsv:
-            set_state(trainer.layers, stage=1, step=1)
+            stage = 2 if name.startswith("dsv-stage2") else 1
+            set_state(trainer.layers, stage=stage, step=1, density=args.density if stage == 2 else None)
         for _ in range(args.warmup):
             trainer.step()
     times = {name: [] for name in arms}
@@ -106,7 +116,8 @@ def main():
             times[name].append(trainer.step())
     upkeep_stream.ENABLED = True
     syncs = ({} if args.smoke else
-             {name: syncs_of_one_step(arms[name]) for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dense")})
+             {name: syncs_of_one_step(arms[name])
+              for name in ("dsv-stage1", "dsv-stage1, no CUDA graphs", "dsv-stage2", "dense")})
     # bench/step.py's record of each arm's medians (step ms = train ms, host ms), plus the step's quartiles.
     rows = [record(name, [statistics.median(t[i] for t in parts) for i in range(4)], tokens,
                    step_ms_quartiles=statistics.quantiles([t[1] for t in parts], n=4))
@@ -119,6 +130,8 @@ def main():
         # of the host's speed from round to round moves less than it moves either median.
         r["paired_speedup_vs_dense"] = statistics.median(d[1] / t[1] for d, t in zip(times["dense"], parts))
         r["step_ms_per_round"] = [t[1] for t in parts]
+        if arms[name].dsv:   # the layers that ran sparse (at the captured forward, for a step graph)
+            r["sparse_layers"] = sum(bool(layer.last_used_sparse) for layer in arms[name].layers)
         if graphed_dense:
             r["speedup_vs_dense_step_graph"] = graphed_dense / r["step_ms"]
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()

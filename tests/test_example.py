@@ -400,7 +400,8 @@ def test_eager_ab_bench_smoke(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert [r["mode"] for r in res["results"]] == ["dense", "dsv-stage1", "dsv-stage1, no CUDA graphs"]
+    assert [r["mode"] for r in res["results"]] == ["dense", "dsv-stage1", "dsv-stage1, no CUDA graphs", "dsv-stage2"]
+    assert [r.get("sparse_layers") for r in res["results"]] == [None, 0, 0, 2]   # tiny: 2 layers
     assert all(0 < r["train_host_ms"] <= r["step_ms"] and len(r["step_ms_quartiles"]) == 3 for r in res["results"])
     assert res["results"][0]["paired_speedup_vs_dense"] == 1.0
     assert all(len(r["step_ms_per_round"]) == res["rounds"] and r["paired_speedup_vs_dense"] > 0 for r in res["results"])
