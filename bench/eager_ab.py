@@ -50,8 +50,9 @@ def syncs_of_one_step(trainer) -> list:
             trainer.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # (The mode's own notice on first use, "Synchronization debug mode is a prototype feature", is not a sync.)
     return [str(w.message).splitlines()[0] + " @ " + f"{w.filename}:{w.lineno}" for w in caught
-            if "synchroniz" in str(w.message)]
+            if "called a synchronizing" in str(w.message)]
 
 
 def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, smoke_help: str) -> tuple:
