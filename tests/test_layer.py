@@ -556,6 +556,37 @@ def test_unsupported_inputs_raise(megatron_parallel):
         core(DSVConfig(**SMALL, dispatch="measured"))(q, q, q, None)       # not at the first stage-2 step
 
 
+def test_empty_mask_read_once_per_mask(megatron_parallel, monkeypatch):
+    """An all-False attention_mask is read (a host sync on a GPU) once, not once per layer and call; a mask
+    changed in place, or another mask, is read again."""
+    from megatron_dsv.layers import attention_mask
+
+    class CountingMask(torch.Tensor):
+        reads = 0
+
+        def any(self, *args, **kwargs):
+            type(self).reads += 1
+            return super().any(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mask, "_last_empty", (None, -1))
+    layers = [core(), core()]
+    q = torch.randn(64, 1, 2, 32)
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool).as_subclass(CountingMask)
+    for _ in range(2):
+        for layer in layers:
+            layer(q, q, q, mask)
+    assert CountingMask.reads == 1
+    mask[0, 0, 3, 5] = True   # masks something now: read again, refused
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        layers[0](q, q, q, mask)
+    assert CountingMask.reads == 2
+    mask[0, 0, 3, 5] = False
+    other = torch.zeros(1, 1, 64, 64, dtype=torch.bool).as_subclass(CountingMask)
+    for m in (mask, mask, other, other):
+        layers[1](q, q, q, m)
+    assert CountingMask.reads == 4
+
+
 def test_metrics_summary(megatron_parallel):
     block = TransformerBlock(tconfig(), get_dsv_layer_spec(DSVConfig(**SMALL)))
     x = torch.randn(64, 1, 64, requires_grad=True)

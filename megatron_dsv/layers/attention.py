@@ -30,6 +30,7 @@ from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
 from ..ops.reference import block_scores_reference, topk_blocks
 from ..ops.row_mass import row_block_mass
+from .attention_mask import masks_nothing
 from .context_parallel import LayerContextParallel
 from .device_budgets import DeviceBudgets
 from .dispatch import CostDispatch, measure_costs
@@ -142,8 +143,7 @@ class _CoreAttention(MegatronModule):
         if mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
             raise NotImplementedError(f"{name} does not support attn_mask_type={_mask_name(mask_type)} (only "
                                       "AttnMaskType.no_mask and .padding)")
-        if attention_mask is not None and not bool(torch.is_tensor(attention_mask) and
-                                                   not attention_mask.any()):
+        if attention_mask is not None and not masks_nothing(attention_mask):
             # Megatron's convention: True = masked out. An all-False mask masks nothing.
             raise NotImplementedError(f"{name} computes full attention; a non-empty attention_mask is not supported")
         for t_name, t in (("query", query), ("key", key), ("value", value)):

@@ -1,0 +1,33 @@
+"""Whether an `attention_mask` passed to a core attention masks nothing, read once per mask.
+
+The DSV and SDPA core attentions compute full attention; Megatron passes them an attention_mask that
+is None or, in some recipes, a boolean tensor (True = masked out) that masks nothing. Telling the two
+apart reads the tensor, which waits for the device: once per layer and step, that is as many host
+syncs per step as there are layers, each one emptying the launch queue. The layers of one step get
+the same mask object, so the last mask found empty is remembered (by identity, and by its version
+counter, which in-place writes advance) and read again only when another mask, or a changed one,
+comes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_last_empty = (None, -1)   # (weak reference to the last mask found to mask nothing, its version then)
+
+
+@torch.compiler.disable   # (reading the mask's values is a graph break anyway)
+def masks_nothing(mask) -> bool:
+    """True where `mask` is a tensor with no True (nonzero) entry."""
+    global _last_empty
+    if not torch.is_tensor(mask):
+        return False
+    ref, version = _last_empty
+    if ref is not None and ref() is mask and version == mask._version:
+        return True
+    if bool(mask.any()):
+        return False
+    _last_empty = (weakref.ref(mask), mask._version)
+    return True
