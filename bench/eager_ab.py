@@ -55,9 +55,11 @@ def syncs_of_one_step(trainer) -> list:
             if "called a synchronizing" in str(w.message)]
 
 
-def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, smoke_help: str) -> tuple:
+def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, smoke_help: str,
+                 stage2_arms: bool = False) -> tuple:
     """(args, device, DiT config, DSV stage-1 config) of an interleaved eager stage-1 benchmark (this one,
-    bench/host_time.py): its command line parsed, the process set up."""
+    bench/host_time.py): its command line parsed (with stage2_arms, also the stage-2 arms' --density), the
+    process set up."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", choices=sorted(PRESETS))
     p.add_argument("--micro-batch-size", type=int, default=micro_batch_size)
@@ -67,7 +69,8 @@ def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, s
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help=smoke_help)
-    p.add_argument("--density", type=float, default=0.12, help="stage-2 arms: share of KV blocks per head")
+    if stage2_arms:
+        p.add_argument("--density", type=float, default=0.12, help="stage-2 arms: share of KV blocks per head")
     args = p.parse_args()
     if not (args.smoke or torch.cuda.is_available()):
         raise SystemExit(f"{script} needs a GPU (use --smoke to check the script on CPU)")
@@ -86,7 +89,8 @@ def stage1_setup(doc: str, script: str, *, micro_batch_size: int, rounds: int, s
 
 def main():
     args, device, dit, stage1 = stage1_setup(__doc__, "bench/eager_ab.py", micro_batch_size=2, rounds=30,
-                                             smoke_help="CPU, tiny shapes, eager arms only: checks the script")
+                                             smoke_help="CPU, tiny shapes, eager arms only: checks the script",
+                                             stage2_arms=True)
     tokens = dit.num_tokens * args.micro_batch_size
     # Stage 2 for good at uniform budgets, no profile steps (bench/step.py's dsv-stage2 arm).
     stage2 = stage1.replace(budget_policy="theta", layer_sparsity_threshold=0.0, budget_floor=0.0,
