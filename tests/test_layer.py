@@ -569,7 +569,7 @@ def test_empty_mask_read_once_per_mask(megatron_parallel, monkeypatch):
             return super().any(*args, **kwargs)
 
     monkeypatch.setattr(attention_mask, "_last_empty", (None, -1))
-    layers = [core(), core()]
+    layers = [core(), SDPADotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "self")]
     q = torch.randn(64, 1, 2, 32)
     mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool).as_subclass(CountingMask)
     for _ in range(2):
@@ -585,6 +585,27 @@ def test_empty_mask_read_once_per_mask(megatron_parallel, monkeypatch):
     for m in (mask, mask, other, other):
         layers[1](q, q, q, m)
     assert CountingMask.reads == 4
+    with torch.inference_mode():   # no version counter there: read at every call
+        frozen = torch.zeros(1, 1, 64, 64, dtype=torch.bool).as_subclass(CountingMask)
+        for layer in layers:
+            layer(q, q, q, frozen)
+        assert CountingMask.reads == 6
+        frozen_set = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+        with pytest.raises(NotImplementedError, match="attention_mask"):
+            layers[0](q, q, q, frozen_set)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture needs a GPU")
+def test_mask_refused_inside_capture():
+    """Inside a CUDA graph capture a mask is not read (a sync) but refused, by name."""
+    from megatron_dsv.layers.attention_mask import masks_nothing
+
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool, device="cuda")
+    masks_nothing(mask, "warm-up")   # found empty once: the capture must refuse it all the same
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="DSVDotProductAttention: an attention_mask tensor cannot be checked"):
+        with torch.cuda.graph(graph):
+            masks_nothing(mask, "DSVDotProductAttention")
 
 
 def test_metrics_summary(megatron_parallel):

@@ -143,7 +143,7 @@ class _CoreAttention(MegatronModule):
         if mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding):
             raise NotImplementedError(f"{name} does not support attn_mask_type={_mask_name(mask_type)} (only "
                                       "AttnMaskType.no_mask and .padding)")
-        if attention_mask is not None and not masks_nothing(attention_mask):
+        if attention_mask is not None and not masks_nothing(attention_mask, name):
             # Megatron's convention: True = masked out. An all-False mask masks nothing.
             raise NotImplementedError(f"{name} computes full attention; a non-empty attention_mask is not supported")
         for t_name, t in (("query", query), ("key", key), ("value", value)):
