@@ -84,7 +84,7 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--lr-warmup-iters", type=int, default=10)
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="largest gradient norm (0: no clipping)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--data", default="shapes", choices=["shapes", "images", "folder"],
                    help="moving shapes; camera pans/zooms over scikit-image's photos with sprites; or clips of "
@@ -145,6 +145,15 @@ def check_args(parser, args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        parser.error(f"--clip-grad must be a finite number, at least 0 (0: no clipping), got {args.clip_grad}")
+    if args.save_interval is not None and not args.save:
+        parser.error("--save-interval needs --save, the directory to save to")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        parser.error(f"--save {args.save}: exists and is not a directory")
+    for flag, path in (("--log-json", args.log_json), ("--dsv-log", args.dsv_log)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: its directory does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.dense and args.dsv:
@@ -270,7 +279,7 @@ def save_checkpoint(path, model, opt, master, step, args):
 
 # Saved arguments that must match for a checkpoint to load into this run (the model's own sizes are
 # compared as the preset and the flags resolve them: dit_config).
-MODEL_ARGS = ("dense", "dsv_rank", "dsv_block_q", "dsv_block_kv", "dsv_cube")
+MODEL_ARGS = ("dense", "dsv_rank", "dsv_block_q", "dsv_block_kv", "dsv_cube", "dsv_estimator")
 
 
 def load_checkpoint(path, model, opt, master=None, args=None):
@@ -388,6 +397,9 @@ def main(argv=None):
     step_times = []
     train_s = 0.0   # training steps' time so far (validation and checkpoints left out)
     end = min(args.train_iters, args.exit_interval or args.train_iters)
+    if dsv_cfg and end < dsv_cfg.stage1_min_steps:
+        print(f"note: the run ends at step {end}, before stage 2 can start (stage 1 takes at least "
+              f"{dsv_cfg.stage1_min_steps} steps, --dsv-stage1-min-steps): every step runs dense", flush=True)
     if args.load:
         print(f"resuming from step {start} of {args.load}" + ("" if start < end else
               f"; nothing to train: the run ends at step {end} (--train-iters / --exit-interval)"), flush=True)
@@ -419,7 +431,8 @@ def main(argv=None):
                 loss.backward()
         if master:
             master.grads_to_master()
-        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         opt.step()
         if master:
             master.master_to_params()

@@ -248,9 +248,12 @@ def _job_error(*extra):
 def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     code, out = _job_error("--load", str(tmp_path))
     assert code != 0 and "no checkpoint there" in out and "latest" in out and "Traceback" not in out
-    _run_job("--train-iters", "2", "--save", str(tmp_path / "ckpt"))
+    out = _run_job("--train-iters", "2", "--save", str(tmp_path / "ckpt"))
+    assert "note: the run ends at step 2, before stage 2 can start" in out   # _run_job: stage 1 takes 3 or more
     code, out = _job_error("--dense", "--train-iters", "3", "--load", str(tmp_path / "ckpt"))
     assert code != 0 and "another model" in out and "--dense False there, True here" in out
+    code, out = _job_error("--dsv-estimator", "pooled", "--train-iters", "3", "--load", str(tmp_path / "ckpt"))
+    assert code != 0 and "--dsv-estimator 'lowrank' there, 'pooled' here" in out   # (its predictor is untrained)
     # the preset's own hidden size given explicitly is the same model; a run that ends before the checkpoint
     # trains nothing and says so
     out = _run_job("--train-iters", "1", "--hidden-size", "128", "--load", str(tmp_path / "ckpt"))
@@ -275,6 +278,12 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     (["--latent-shape", "0", "16", "16"], "latent T must be at least 1"),
     (["--num-attention-heads", "3"], "not divisible by num_heads 3"),
     (["--data", "folder"], "--data folder needs --data-path"),
+    (["--clip-grad", "-1"], "--clip-grad must be a finite number, at least 0"),   # (it trained uphill)
+    (["--clip-grad", "nan"], "--clip-grad must be a finite number"),
+    (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--save", __file__], "exists and is not a directory"),   # (FileExistsError at the first save, after training)
+    (["--log-json", "/nonexistent-dir/progress.jsonl"], "--log-json /nonexistent-dir/progress.jsonl: its directory"),
+    (["--dsv-log", "/nonexistent-dir/dsv.jsonl"], "--dsv-log /nonexistent-dir/dsv.jsonl: its directory"),
 ])
 def test_bad_command_lines_are_usage_errors(argv, message, capsys):
     import pretrain_video_dit

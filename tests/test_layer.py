@@ -495,6 +495,20 @@ def test_unsupported_configurations_raise(megatron_parallel):
         DSVDotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "self", dsv_config={"rank": 4})
 
 
+@pytest.mark.parametrize("field, value", [("window_size", (8, 8)), ("softmax_type", "off-by-one"),
+                                          ("softmax_type", "learnable"), ("qk_clip", True)])
+def test_attention_variants_refused(megatron_parallel, field, value):
+    """Settings of the softmax or its span that these core attentions do not compute are refused, by name (before,
+    sliding windows and the other softmaxes silently ran plain full attention)."""
+    import dataclasses
+
+    if field not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        pytest.skip(f"this Megatron-Core has no TransformerConfig.{field}")
+    for cls in (DSVDotProductAttention, SDPADotProductAttention):
+        with pytest.raises(NotImplementedError, match=f"TransformerConfig.{field}="):
+            cls(tconfig(**{field: value}), 1, AttnMaskType.no_mask, "self")
+
+
 @pytest.mark.parametrize("graphs, refused", [
     (dict(cuda_graph_impl="local"), True),                                  # layerwise, whole layer
     (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"), True),
@@ -630,6 +644,17 @@ def test_dense_core_serves_cross_attention_and_dsv_rejects_it(megatron_parallel)
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="key has 10 tokens, query 64"):
         core()(q, kv, kv, None)
+
+
+@pytest.mark.parametrize("name, value", [("stage", 0), ("stage", 3), ("step", -5)])
+def test_loaded_stage_and_step_are_checked(megatron_parallel, name, value):
+    """A state whose stage is not 1 or 2, or whose step is negative, is refused by name (before, a layer loaded
+    with stage 0 or 3 stayed dense for good without a word)."""
+    layer = core()
+    state = layer.state_dict()
+    state[f"controller.{name}"] = torch.full_like(state[f"controller.{name}"], value)
+    with pytest.raises(ValueError, match=f"controller.{name}={value} must be"):
+        core().load_state_dict(state)
 
 
 def test_dsv_state_stays_float32_when_the_model_is_cast_to_bf16(megatron_parallel):

@@ -222,6 +222,9 @@ def test_bad_packed_params_raise(megatron_parallel):
     wrong_shapes = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.clone())
     wrong_shapes.dsv_clips = PackedClips([(1, 2, 3), (4, 8, 8)], cube=CFG["cube"])  # same total, other order
     cases.append((wrong_shapes, "dsv_clips has clips of"))
+    other_cube = PackedClips(CLIP_SETS[1], cube=(4, 4, 2)).packed_seq_params()   # same lengths, other token order
+    cases.append((other_cube, r"cubes of \(4, 4, 2\) but DSVConfig.cube is \(2, 4, 4\)"))
+    core(SDPADotProductAttention)(q, q, q, None, packed_seq_params=other_cube)   # dense attention: any order
     for params, message in cases:
         with pytest.raises(ValueError, match=message):
             layer(q, q, q, None, packed_seq_params=params)

@@ -86,6 +86,14 @@ class _CoreAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise NotImplementedError(f"{name} has no attention dropout; set attention_dropout=0 (got {dropout})")
+        # Variants of the softmax or of its span that some Megatron-Core versions configure here: computing
+        # plain full attention instead would be silently wrong (qk_clip also needs logit maxima kept here).
+        for field, plain in (("window_size", None), ("softmax_type", "vanilla"), ("qk_clip", False),
+                             ("chunked_attention_size", None)):
+            value = getattr(config, field, plain)
+            if value != plain:
+                raise NotImplementedError(f"{name} computes full attention with a plain softmax; "
+                                          f"TransformerConfig.{field}={value!r} is not supported (leave it {plain!r})")
         if config.num_query_groups not in (None, config.num_attention_heads):
             raise NotImplementedError(
                 f"{name} needs as many KV heads as query heads (no grouped-query attention); got "
@@ -110,14 +118,15 @@ class _CoreAttention(MegatronModule):
         self.head_offset = (dist.get_rank(self.tp_group) if tp_size > 1 else 0) * self.heads
 
     def _inputs(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params,
-                shards: int = 1):
+                shards: int = 1, cube=None):
         """Checked (query, key, value) as [s, b, heads, d], the packed format ("thd", "sbhd" or None)
         and the query and key/value Segments of packed sequences (None, None if not packed). With
-        context parallelism (`shards` ranks) the tensors hold 1/shards of the packed sequence."""
+        context parallelism (`shards` ranks) the tensors hold 1/shards of the packed sequence; `cube`: the
+        cube packed clips must be ordered in (None: any)."""
         name = type(self).__name__
         fmt = q_seg = kv_seg = None
         if packed_seq_params is not None:
-            q_seg, kv_seg = packed_segments(packed_seq_params, name)
+            q_seg, kv_seg = packed_segments(packed_seq_params, name, cube)
             fmt = packed_seq_params.qkv_format
             query, key, value = (as_sbhd(t, fmt, name) for t in (query, key, value))
             for t_name, t, seg in (("query", query, q_seg), ("key", key, kv_seg)):
@@ -243,7 +252,7 @@ class DSVDotProductAttention(_CoreAttention):
         cfg, cp = self.cfg, self.cp
         query, key, value, fmt, q_seg, kv_seg = self._inputs(query, key, value, attention_mask, attn_mask_type,
                                                              attention_bias, packed_seq_params,
-                                                             shards=cp.size if cp else 1)
+                                                             shards=cp.size if cp else 1, cube=cfg.cube)
         if key.shape[0] != query.shape[0] or kv_seg != q_seg:
             raise ValueError(f"DSVDotProductAttention is self-attention: key has {key.shape[0]} tokens, "
                              f"query {query.shape[0]} (packed: {kv_seg} vs {q_seg})")

@@ -119,6 +119,11 @@ class StageController(Float32State):
                 if prefix + name not in state_dict:
                     buf = getattr(self, name)
                     state_dict[prefix + name] = torch.full_like(buf, -1 if name == "stage2_start" else float("nan"))
+        for name, valid, rule in (("stage", lambda v: v in (1, 2), "1 or 2"), ("step", lambda v: v >= 0, "at least 0")):
+            value = state_dict.get(prefix + name)
+            if value is not None and not valid(int(value)):   # (else the layer stays dense, or never profiles, silently)
+                raise ValueError(f"DSV state {prefix}{name}={int(value)} must be {rule}: not a checkpoint this "
+                                 "code wrote, or an edited one")
         self._store_loss()   # a partial state dict (strict=False) without them keeps the live ones
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None

@@ -44,8 +44,9 @@ def _segments(cu_seqlens: torch.Tensor, cu_seqlens_padded: Optional[torch.Tensor
     return hit[1]
 
 
-def packed_segments(packed_seq_params, name: str) -> Tuple[Segments, Segments]:
-    """(query segments, key/value segments) of the tensors as Megatron passes them."""
+def packed_segments(packed_seq_params, name: str, cube=None) -> Tuple[Segments, Segments]:
+    """(query segments, key/value segments) of the tensors as Megatron passes them. cube: the layer's
+    DSVConfig.cube, which the clips' own (``dsv_clips``, where given) must equal."""
     psp = packed_seq_params
     fmt = getattr(psp, "qkv_format", None)
     if fmt not in ("thd", "sbhd"):
@@ -65,6 +66,9 @@ def packed_segments(packed_seq_params, name: str) -> Tuple[Segments, Segments]:
     if clips is not None and tuple(clips.lengths) != q.lengths:
         raise ValueError(f"{name}: packed_seq_params.dsv_clips has clips of {list(clips.lengths)} tokens "
                          f"(grids {list(clips.grids)}) but cu_seqlens_q gives {list(q.lengths)}")
+    if clips is not None and cube is not None and tuple(clips.cube) != tuple(cube):
+        raise ValueError(f"{name}: packed_seq_params.dsv_clips orders its clips in cubes of {tuple(clips.cube)} but "
+                         f"DSVConfig.cube is {tuple(cube)}: the query blocks would not be cubes (PackedClips(cube=...))")
     return q, kv
 
 
