@@ -15,21 +15,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 
 PANELS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "budget", "held_mass", "recall")
 
 
 def load_record(path: str, step=None) -> dict:
-    """The record of `step`, or the last one in the log."""
+    """The record of `step`, or the last one in the log. A last line cut short (a run killed while writing
+    it) is skipped with a notice; any other line that is not a DSV metrics record is an error."""
     record = None
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if step is None or rec["step"] == step:
-                    record = rec
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    for n, line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == lines[-1][0]:
+                print(f"{path}: line {n}, the last, is cut short ({e.msg}): skipped", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from e
+        if not (isinstance(rec, dict) and {"step", "layers", "summary"} <= rec.keys()):
+            raise ValueError(f"{path}: line {n} is not a DSV metrics record (it lacks 'step', 'layers' or "
+                             "'summary'): pass the --dsv-log file (megatron_dsv.layers.append_jsonl), not --log-json's")
+        if step is None or rec["step"] == step:
+            record = rec
     if record is None:
         raise ValueError(f"{path}: no record" + (f" for step {step}" if step is not None else ""))
+    if not record["layers"]:
+        raise ValueError(f"{path}: the record of step {record['step']} holds no DSV layer")
     return record
 
 
@@ -60,8 +74,9 @@ def plot(record: dict, out: str) -> None:
         ax.set_yticklabels(labels if ax is axes[0][0] else [])
         fig.colorbar(im, ax=ax, fraction=0.046)
     s = record["summary"]
+    recall = "n/a" if s.get("recall") is None else f"{s['recall']:.3f}"   # (None before the first profile)
     fig.suptitle(f"DSV step {record['step']}: stage {s['stage']}, {s['sparse_layers']}/{s['layers']} layers sparse "
-                 f"(* = sparse now), recall {s['recall']:.3f}")
+                 f"(* = sparse now), recall {recall}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -73,8 +88,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="dsv_profile.png")
     parser.add_argument("--step", type=int, default=None, help="record of this step (default: last)")
     args = parser.parse_args(argv)
-    plot(load_record(args.log, args.step), args.out)
-    print(f"wrote {args.out}")
+    out = args.out if os.path.splitext(args.out)[1] else args.out + ".png"   # (what matplotlib would write)
+    try:
+        record = load_record(args.log, args.step)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"megatron_dsv.plot: {e}") from e
+    plot(record, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,36 @@ def test_plot_writes_png(trained_metrics, tmp_path):
         load_record(str(trained_metrics), 9)
 
 
+def test_plot_bad_logs(trained_metrics, tmp_path, capsys):
+    """A log cut short in its last line (a killed run) still plots; other bad logs are named, not tracebacks."""
+    import json
+
+    lines = trained_metrics.read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines) + "\n" + lines[-1][:70])
+    assert load_record(str(cut)) == json.loads(lines[-1]) and "the last, is cut short" in capsys.readouterr().err
+    bad = {"middle.jsonl": lines[0][:70] + "\n" + lines[-1], "progress.jsonl": json.dumps({"step": 1, "loss": 0.5}),
+           "empty.jsonl": ""}
+    messages = {"middle.jsonl": "line 1 is not JSON", "progress.jsonl": "not a DSV metrics record",
+                "empty.jsonl": "no record"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=messages[name]):
+            plot_main([str(tmp_path / name)])
+    with pytest.raises(SystemExit, match="No such file"):
+        plot_main([str(tmp_path / "missing.jsonl")])
+    no_layers = json.loads(lines[-1])
+    no_layers["layers"] = []
+    (tmp_path / "no_layers.jsonl").write_text(json.dumps(no_layers))
+    with pytest.raises(SystemExit, match="holds no DSV layer"):
+        plot_main([str(tmp_path / "no_layers.jsonl")])
+    unprofiled = json.loads(lines[-1])
+    unprofiled["summary"]["recall"] = None
+    (tmp_path / "unprofiled.jsonl").write_text(json.dumps(unprofiled))
+    plot_main([str(tmp_path / "unprofiled.jsonl"), "--out", str(tmp_path / "noext")])
+    assert (tmp_path / "noext.png").is_file() and capsys.readouterr().out.strip().endswith("noext.png")
+
+
 def test_the_layers_found_once_read_as_the_model(megatron_parallel):
     """A training loop finds the DSV layers once (dsv_layers) and reads the metrics of that list every step:
     the list is taken as it is, and its metrics are the model's."""

@@ -133,6 +133,25 @@ def test_bad_input():
         layout.to_cube(torch.zeros(31, 1))
 
 
+def test_packing_and_sharding_bad_input():
+    """Named errors where bare ZeroDivisionError, TypeError or IndexError came from deeper down, and floats
+    that were accepted (a float cp_size gave a float share)."""
+    from megatron_dsv.video import CPShard, PackedClips
+
+    for align in (0, -64, 2.5, None, True):
+        with pytest.raises(ValueError, match="align must be a positive int"):
+            PackedClips([(2, 4, 4)], (2, 2, 2), align=align)
+    with pytest.raises(TypeError, match=r"a list of \(T, H, W\) grids, got \(2, 4, 4\): for one clip pass"):
+        PackedClips((2, 4, 4), (2, 2, 2))
+    with pytest.raises(TypeError, match="cp_size, cp_rank and align must be ints"):
+        CPShard((2, 4, 4), (2, 2, 2), cp_size=2.0, cp_rank=0, align=16)
+    shard = CPShard((2, 4, 4), (2, 2, 2), cp_size=2, cp_rank=1, align=16)
+    for x, dim in ((torch.zeros(32, 3), 2), (torch.zeros(32, 3), -3), (torch.tensor(1.0), 0)):
+        with pytest.raises(ValueError, match=f"seq_dim={dim} is not a dimension of a {x.dim()}-d tensor"):
+            shard.shard(x, seq_dim=dim)
+    assert shard.shard(torch.zeros(3, 32), seq_dim=-1).shape == (3, shard.s_local)
+
+
 @pytest.mark.parametrize("grid,P,align", [((4, 4, 8), 2, 32), ((3, 5, 7), 4, 16), ((2, 4, 4), 1, 32)])
 def test_cp_shards_tile_the_padded_cube_order(grid, P, align):
     """The P shares, in rank order, are the cube-ordered video zero-padded to a multiple of P x align; the

@@ -40,6 +40,8 @@ class Segments:
 
     def __init__(self, lengths: Sequence[int], starts: Optional[Sequence[int]] = None,
                  total: Optional[int] = None, align: int = 1):
+        if not isinstance(align, Integral) or isinstance(align, bool) or align < 1:
+            raise ValueError(f"Segments: align must be a positive int, got {align!r}")
         lengths = tuple(int(n) for n in lengths)
         if not lengths or any(n < 1 for n in lengths):
             raise ValueError(f"every clip needs at least one token, got lengths {list(lengths)}")

@@ -12,6 +12,7 @@ zeros).
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -28,6 +29,8 @@ class CPShard:
     """
 
     def __init__(self, grid: Sequence[int], cube: Sequence[int], cp_size: int, cp_rank: int, align: int):
+        if any(not isinstance(v, Integral) or isinstance(v, bool) for v in (cp_size, cp_rank, align)):
+            raise TypeError(f"cp_size, cp_rank and align must be ints, got {cp_size!r}, {cp_rank!r}, {align!r}")
         if cp_size < 1 or not 0 <= cp_rank < cp_size or align < 1:
             raise ValueError(f"need cp_size >= 1, 0 <= cp_rank < cp_size and align >= 1; got {cp_size}, {cp_rank}, "
                              f"{align}")
@@ -45,6 +48,8 @@ class CPShard:
     def shard(self, x: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
         """Raster-order tokens of the whole video (the first num_tokens along ``seq_dim``; trailing padding is
         ignored) -> this rank's share [s_local, ...] of the cube-ordered, zero-padded sequence."""
+        if not -x.dim() <= seq_dim < x.dim():
+            raise ValueError(f"seq_dim={seq_dim} is not a dimension of a {x.dim()}-d tensor {tuple(x.shape)}")
         if x.shape[seq_dim] < self.num_tokens:
             raise ValueError(f"expected at least {self.num_tokens} tokens (grid {self.grid}) on dim {seq_dim}, "
                              f"got {tuple(x.shape)}")

@@ -17,6 +17,7 @@ The params carry this object as ``dsv_clips``: the layer checks the clip shapes 
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import List, Sequence
 
 import torch
@@ -32,6 +33,9 @@ class PackedClips:
     def __init__(self, grids: Sequence[Sequence[int]], cube: Sequence[int], align: int = 1):
         if not grids:
             raise ValueError("PackedClips needs at least one clip")
+        if all(isinstance(g, Integral) for g in grids):   # one (T, H, W) where a list of them belongs
+            raise TypeError(f"PackedClips takes a list of (T, H, W) grids, got {tuple(grids)}: for one clip "
+                            f"pass [{tuple(grids)}]")
         self.layouts = [CubeLayout(g, cube) for g in grids]
         self.grids = [layout.grid for layout in self.layouts]
         self.cube = self.layouts[0].cube
