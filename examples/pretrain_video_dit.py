@@ -152,8 +152,8 @@ def check_args(parser, args) -> None:
     if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
         parser.error(f"--save {args.save}: exists and is not a directory")
     for flag, path in (("--log-json", args.log_json), ("--dsv-log", args.dsv_log)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            parser.error(f"{flag} {path}: its directory does not exist")
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            parser.error(f"{flag} {path}: is a directory, or its directory does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.dense and args.dsv:
@@ -397,7 +397,7 @@ def main(argv=None):
     step_times = []
     train_s = 0.0   # training steps' time so far (validation and checkpoints left out)
     end = min(args.train_iters, args.exit_interval or args.train_iters)
-    if dsv_cfg and end < dsv_cfg.stage1_min_steps:
+    if dsv_cfg and end <= dsv_cfg.stage1_min_steps:   # (stage 2 starts after that many steps)
         print(f"note: the run ends at step {end}, before stage 2 can start (stage 1 takes at least "
               f"{dsv_cfg.stage1_min_steps} steps, --dsv-stage1-min-steps): every step runs dense", flush=True)
     if args.load:

@@ -22,24 +22,24 @@ PANELS = ("token_sparsity", "block_sparsity", "oracle_block_sparsity", "budget",
 
 
 def load_record(path: str, step=None) -> dict:
-    """The record of `step`, or the last one in the log. A last line cut short (a run killed while writing
-    it) is skipped with a notice; any other line that is not a DSV metrics record is an error."""
+    """The record of `step`, or the last one in the log. A line cut short (a run killed while writing it; a
+    resumed run appends after it) is skipped with a notice; a record that is not DSV's metrics is an error."""
     record = None
     with open(path) as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    for n, line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == lines[-1][0]:
-                print(f"{path}: line {n}, the last, is cut short ({e.msg}): skipped", file=sys.stderr)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from e
-        if not (isinstance(rec, dict) and {"step", "layers", "summary"} <= rec.keys()):
-            raise ValueError(f"{path}: line {n} is not a DSV metrics record (it lacks 'step', 'layers' or "
-                             "'summary'): pass the --dsv-log file (megatron_dsv.layers.append_jsonl), not --log-json's")
-        if step is None or rec["step"] == step:
-            record = rec
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                print(f"{path}: line {n} is cut short or not JSON ({e.msg}): skipped", file=sys.stderr)
+                continue
+            if not (isinstance(rec, dict) and {"step", "layers", "summary"} <= rec.keys()):
+                raise ValueError(f"{path}: line {n} is not a DSV metrics record (it lacks 'step', 'layers' or "
+                                 "'summary'): pass the --dsv-log file (megatron_dsv.layers.append_jsonl), not "
+                                 "--log-json's")
+            if step is None or rec["step"] == step:
+                record = rec
     if record is None:
         raise ValueError(f"{path}: no record" + (f" for step {step}" if step is not None else ""))
     if not record["layers"]:

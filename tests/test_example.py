@@ -282,8 +282,9 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(tmp_path):
     (["--clip-grad", "nan"], "--clip-grad must be a finite number"),
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--save", __file__], "exists and is not a directory"),   # (FileExistsError at the first save, after training)
-    (["--log-json", "/nonexistent-dir/progress.jsonl"], "--log-json /nonexistent-dir/progress.jsonl: its directory"),
-    (["--dsv-log", "/nonexistent-dir/dsv.jsonl"], "--dsv-log /nonexistent-dir/dsv.jsonl: its directory"),
+    (["--log-json", "/nonexistent-dir/progress.jsonl"], "--log-json /nonexistent-dir/progress.jsonl: is a directory, or its"),
+    (["--dsv-log", "/nonexistent-dir/dsv.jsonl"], "--dsv-log /nonexistent-dir/dsv.jsonl: is a directory, or its"),
+    (["--log-json", "/"], "--log-json /: is a directory"),
 ])
 def test_bad_command_lines_are_usage_errors(argv, message, capsys):
     import pretrain_video_dit

@@ -496,7 +496,8 @@ def test_unsupported_configurations_raise(megatron_parallel):
 
 
 @pytest.mark.parametrize("field, value", [("window_size", (8, 8)), ("softmax_type", "off-by-one"),
-                                          ("softmax_type", "learnable"), ("qk_clip", True)])
+                                          ("softmax_type", "learnable"), ("qk_clip", True),
+                                          ("log_max_attention_logit", True)])
 def test_attention_variants_refused(megatron_parallel, field, value):
     """Settings of the softmax or its span that these core attentions do not compute are refused, by name (before,
     sliding windows and the other softmaxes silently ran plain full attention)."""
@@ -507,6 +508,20 @@ def test_attention_variants_refused(megatron_parallel, field, value):
     for cls in (DSVDotProductAttention, SDPADotProductAttention):
         with pytest.raises(NotImplementedError, match=f"TransformerConfig.{field}="):
             cls(tconfig(**{field: value}), 1, AttnMaskType.no_mask, "self")
+
+
+def test_full_attention_windows_accepted(megatron_parallel):
+    """A window of (-1, -1) is unbounded (full attention), and window_attn_skip_freq leaves some layers full: those
+    layers build; the windowed ones are refused."""
+    import dataclasses
+
+    if "window_attn_skip_freq" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        pytest.skip("this Megatron-Core has no per-layer sliding windows")
+    DSVDotProductAttention(tconfig(window_size=(-1, -1)), 1, AttnMaskType.no_mask, "self")
+    every_second_full = tconfig(window_size=(8, 8), window_attn_skip_freq=2)
+    DSVDotProductAttention(every_second_full, 2, AttnMaskType.no_mask, "self")
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        DSVDotProductAttention(every_second_full, 1, AttnMaskType.no_mask, "self")
 
 
 @pytest.mark.parametrize("graphs, refused", [

@@ -65,11 +65,13 @@ def test_plot_bad_logs(trained_metrics, tmp_path, capsys):
     lines = trained_metrics.read_text().splitlines()
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines) + "\n" + lines[-1][:70])
-    assert load_record(str(cut)) == json.loads(lines[-1]) and "the last, is cut short" in capsys.readouterr().err
-    bad = {"middle.jsonl": lines[0][:70] + "\n" + lines[-1], "progress.jsonl": json.dumps({"step": 1, "loss": 0.5}),
-           "empty.jsonl": ""}
-    messages = {"middle.jsonl": "line 1 is not JSON", "progress.jsonl": "not a DSV metrics record",
-                "empty.jsonl": "no record"}
+    n = len(lines) + 1
+    assert load_record(str(cut)) == json.loads(lines[-1]) and f"line {n} is cut short" in capsys.readouterr().err
+    resumed = json.loads(lines[-1])   # a resumed run appends: its record starts on a line of its own
+    append_jsonl(str(cut), {k: v for k, v in resumed.items() if k != "step"}, step=99)
+    assert load_record(str(cut))["step"] == 99 and f"line {n} is cut short" in capsys.readouterr().err
+    bad = {"progress.jsonl": json.dumps({"step": 1, "loss": 0.5}), "empty.jsonl": "", "garbage.jsonl": "{not json"}
+    messages = {"progress.jsonl": "not a DSV metrics record", "empty.jsonl": "no record", "garbage.jsonl": "no record"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=messages[name]):

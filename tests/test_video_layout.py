@@ -143,7 +143,7 @@ def test_packing_and_sharding_bad_input():
             PackedClips([(2, 4, 4)], (2, 2, 2), align=align)
     with pytest.raises(TypeError, match=r"a list of \(T, H, W\) grids, got \(2, 4, 4\): for one clip pass"):
         PackedClips((2, 4, 4), (2, 2, 2))
-    with pytest.raises(TypeError, match="cp_size, cp_rank and align must be ints"):
+    with pytest.raises(ValueError, match="cp_size, cp_rank and align must be ints"):
         CPShard((2, 4, 4), (2, 2, 2), cp_size=2.0, cp_rank=0, align=16)
     shard = CPShard((2, 4, 4), (2, 2, 2), cp_size=2, cp_rank=1, align=16)
     for x, dim in ((torch.zeros(32, 3), 2), (torch.zeros(32, 3), -3), (torch.tensor(1.0), 0)):

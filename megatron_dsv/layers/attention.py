@@ -63,6 +63,19 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _sliding_window(config: TransformerConfig, layer_number: int) -> bool:
+    """Whether Megatron gives this layer a sliding window: window_size set, other than (-1, -1) (unbounded,
+    i.e. full attention), and the layer not one that window_attn_skip_freq leaves full."""
+    window = getattr(config, "window_size", None)
+    if not window or tuple(window) == (-1, -1):
+        return False
+    try:
+        from megatron.core.transformer.utils import is_layer_window_attention
+    except ImportError:   # (versions without per-layer windows)
+        return True
+    return is_layer_window_attention(window, getattr(config, "window_attn_skip_freq", None), max(1, layer_number))
+
+
 def _mask_name(mask_type) -> str:
     """An AttnMaskType's name, or the repr of whatever else was passed as one (a string, None)."""
     return mask_type.name if isinstance(mask_type, AttnMaskType) else repr(mask_type)
@@ -86,10 +99,12 @@ class _CoreAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise NotImplementedError(f"{name} has no attention dropout; set attention_dropout=0 (got {dropout})")
-        # Variants of the softmax or of its span that some Megatron-Core versions configure here: computing
-        # plain full attention instead would be silently wrong (qk_clip also needs logit maxima kept here).
-        for field, plain in (("window_size", None), ("softmax_type", "vanilla"), ("qk_clip", False),
-                             ("chunked_attention_size", None)):
+        # Variants of the softmax or of its span that Megatron-Core configures here: computing plain full
+        # attention instead would be silently wrong (qk_clip and the logit logging read maxima kept here).
+        if _sliding_window(config, layer_number):
+            raise NotImplementedError(f"{name} computes full attention; TransformerConfig.window_size="
+                                      f"{config.window_size!r} gives this layer a sliding window (not supported)")
+        for field, plain in (("softmax_type", "vanilla"), ("qk_clip", False), ("log_max_attention_logit", False)):
             value = getattr(config, field, plain)
             if value != plain:
                 raise NotImplementedError(f"{name} computes full attention with a plain softmax; "

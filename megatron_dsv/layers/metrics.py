@@ -70,6 +70,9 @@ def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
 
 
 def append_jsonl(path: str, metrics: dict, step: int) -> None:
-    """Append one {"step": ..., **metrics} record (per-head lists included) to a JSON-lines log."""
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    """Append one {"step": ..., **metrics} record (per-head lists included) to a JSON-lines log. A log whose
+    last line a killed run left cut short gets a line break first, so a resumed run's records stay whole."""
+    with open(path, "a+b") as f:
+        if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+            f.write(b"\n")
+        f.write((json.dumps({"step": step, **metrics}) + "\n").encode())

@@ -30,7 +30,7 @@ class CPShard:
 
     def __init__(self, grid: Sequence[int], cube: Sequence[int], cp_size: int, cp_rank: int, align: int):
         if any(not isinstance(v, Integral) or isinstance(v, bool) for v in (cp_size, cp_rank, align)):
-            raise TypeError(f"cp_size, cp_rank and align must be ints, got {cp_size!r}, {cp_rank!r}, {align!r}")
+            raise ValueError(f"cp_size, cp_rank and align must be ints, got {cp_size!r}, {cp_rank!r}, {align!r}")
         if cp_size < 1 or not 0 <= cp_rank < cp_size or align < 1:
             raise ValueError(f"need cp_size >= 1, 0 <= cp_rank < cp_size and align >= 1; got {cp_size}, {cp_rank}, "
                              f"{align}")
