@@ -9,6 +9,7 @@ TensorBoard ``SummaryWriter`` or a W&B run (Megatron's ``get_tensorboard_writer(
 from __future__ import annotations
 
 import json
+import os
 from typing import List
 
 from .attention import DSVDotProductAttention
@@ -72,7 +73,9 @@ def log_dsv_metrics(metrics: dict, writer, step: int) -> None:
 def append_jsonl(path: str, metrics: dict, step: int) -> None:
     """Append one {"step": ..., **metrics} record (per-head lists included) to a JSON-lines log. A log whose
     last line a killed run left cut short gets a line break first, so a resumed run's records stay whole."""
-    with open(path, "a+b") as f:
-        if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
-            f.write(b"\n")
+    with open(path, "a+b") as f:   # (opened at the end; writes go there whatever is read)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
         f.write((json.dumps({"step": step, **metrics}) + "\n").encode())
