@@ -597,7 +597,7 @@ def test_empty_mask_read_once_per_mask(megatron_parallel, monkeypatch):
             type(self).reads += 1
             return super().any(*args, **kwargs)
 
-    monkeypatch.setattr(attention_mask, "_last_empty", (None, -1))
+    monkeypatch.setattr(attention_mask._empty, "_cache", {})
     layers = [core(), SDPADotProductAttention(tconfig(), 1, AttnMaskType.no_mask, "self")]
     q = torch.randn(64, 1, 2, 32)
     mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool).as_subclass(CountingMask)

@@ -10,38 +10,23 @@ The contract for DSV: every packed sequence is one video clip whose tokens are i
 ``dsv_clips`` (that PackedClips); its clip shapes are then checked against the lengths.
 
 The offsets are read on the host once per cu_seqlens tensor and content version (one device sync
-per step when they live on the GPU: all layers share the step's tensors) and cached.
+per step when they live on the GPU: all layers share the step's tensors; read_once.py).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from ..ops import Segments
 from ..ops.segments import check_offsets
+from .read_once import ReadOnce
 
-# Segments per (cu_seqlens, cu_seqlens_padded) tensor objects: all layers of a step share one read.
-# Keyed by id and checked through weak references (tensors cannot be dict keys by value) and by the
-# tensors' version counters, so a buffer the caller updates in place is read again.
-_SEGMENT_CACHE: dict = {}
-
-
-def _segments(cu_seqlens: torch.Tensor, cu_seqlens_padded: Optional[torch.Tensor]) -> Segments:
-    tensors = (cu_seqlens, cu_seqlens_padded)
-    key = tuple(id(t) for t in tensors)
-    versions = tuple(t._version if t is not None else None for t in tensors)
-    hit = _SEGMENT_CACHE.get(key)
-    if hit is None or hit[2] != versions or any(ref() is not t for ref, t in zip(hit[0], tensors)):
-        for stale in [k for k, (refs, *_) in _SEGMENT_CACHE.items() if any(r() is None for r in refs)]:
-            del _SEGMENT_CACHE[stale]
-        refs = tuple(weakref.ref(t) if t is not None else (lambda: None) for t in tensors)
-        hit = _SEGMENT_CACHE[key] = (refs, Segments.from_cu_seqlens(cu_seqlens, cu_seqlens_padded), versions)
-    return hit[1]
+# Segments of (cu_seqlens, cu_seqlens_padded): all layers of a step share one read of the offsets.
+_segments = ReadOnce(Segments.from_cu_seqlens)
 
 
 def packed_segments(packed_seq_params, name: str, cube=None) -> Tuple[Segments, Segments]:
