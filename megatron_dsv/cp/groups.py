@@ -100,6 +100,19 @@ def _timeout(group):
 COMM_BWD_PHASES = ("a2a_bwd", "gather_bwd", "exchange_bwd")
 
 
+@contextmanager
+def failures_named(message: str):
+    """A RuntimeError raised inside (a collective that timed out or lost a peer: gloo raises these
+    synchronously, NCCL's watchdog reports its own) re-raised as "message (error)", so it says who waited.
+    Out-of-memory and NotImplementedError keep their types."""
+    try:
+        yield
+    except (NotImplementedError, torch.OutOfMemoryError):   # (RuntimeErrors too, but no collective's)
+        raise
+    except RuntimeError as e:
+        raise RuntimeError(f"{message} ({e})") from e
+
+
 class HybridCPGroup:
     """Megatron-Core's context-parallel ranks, used as a U x R grid.
 
@@ -174,15 +187,11 @@ class HybridCPGroup:
         """Context of one CP phase, timed into ``self.timer`` when one is set. A communication phase of the
         backward (COMM_BWD_PHASES) whose collective fails synchronously (gloo: a timeout, a lost peer)
         raises naming ``self.label``, the layer whose backward waited (in the forward the layer names
-        itself). Out-of-memory and NotImplementedError keep their types."""
-        try:
-            with self.timer(name, device) if self.timer is not None else nullcontext():
-                yield
-        except RuntimeError as e:
-            if (self.label is None or name not in COMM_BWD_PHASES
-                    or isinstance(e, (NotImplementedError, torch.OutOfMemoryError))):
-                raise
-            raise RuntimeError(f"{self.label}: context-parallel {name} failed ({e})") from e
+        itself; failures_named)."""
+        named = self.label is not None and name in COMM_BWD_PHASES
+        with (failures_named(f"{self.label}: context-parallel {name} failed") if named else nullcontext()), \
+                (self.timer(name, device) if self.timer is not None else nullcontext()):
+            yield
 
     def note(self, name: str, sent: int, received: int) -> None:
         if self.record:

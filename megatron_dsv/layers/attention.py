@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import NON_REPRODUCIBLE_BACKENDS, DSVConfig
+from ..cp.groups import failures_named
 from ..ops import block_sparse_attention, dense_attention, select_blocks
 from ..ops.coarse import coarse_remainder
 from ..ops.triton_attention import HEAD_DIMS
@@ -299,7 +300,9 @@ class DSVDotProductAttention(_CoreAttention):
         # (heads or None for all, queries, keys of the whole sequence, selection or None, first query token)
         learn_inputs = None
         if cp is not None:
-            try:
+            # (a collective that timed out or lost a peer: say which layer waited)
+            with failures_named(f"DSVDotProductAttention (layer {self.layer_number}): context-parallel attention "
+                                "failed"):
                 cp.check_shard(query, f"DSVDotProductAttention (layer {self.layer_number})", segments,
                                (self.controller.host()["stage"], step, sparse, learn))
                 with self.timer("attention", query.device):
@@ -309,11 +312,6 @@ class DSVDotProductAttention(_CoreAttention):
                         learn_inputs = cp.learn_inputs(query, key) if learn else None
                     else:
                         out, learn_inputs = cp.dense(query, key, value, self.softmax_scale, learn, segments)
-            except (NotImplementedError, torch.OutOfMemoryError):   # (RuntimeErrors too, but no collective's)
-                raise
-            except RuntimeError as e:   # a collective that timed out or lost a peer: say which layer waited
-                raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): context-parallel "
-                                   f"attention failed ({e})") from e
         elif (sparse and training_step and not learn and segments is None and self.cfg.cuda_graphs
               and not self.in_step_graph and not torch.compiler.is_compiling() and self.graphed.fits(query)):   # (compile: mode="reduce-overhead")
             with self.timer("attention", query.device):  # selection included: one replay
@@ -783,11 +781,10 @@ class DSVDotProductAttention(_CoreAttention):
         if dist.is_initialized() and _group_size(self.dp_group) > 1:
             keys = list(stats)
             flat = torch.cat([stats[key].reshape(-1) for key in keys])
-            try:
+            # (a replica that timed out or was lost: say which layer's backward waited)
+            with failures_named(f"DSVDotProductAttention (layer {self.layer_number}): the predictor's all-reduce "
+                                "over its data- and context-parallel replicas failed"):
                 dist.all_reduce(flat, group=self.dp_group)
-            except RuntimeError as e:   # a replica that timed out or was lost: say which layer's backward waited
-                raise RuntimeError(f"DSVDotProductAttention (layer {self.layer_number}): the predictor's all-reduce "
-                                   f"over its data- and context-parallel replicas failed ({e})") from e
             for key, part in zip(keys, flat.split([stats[key].numel() for key in keys])):
                 stats[key] = part.view_as(stats[key])
         count = stats.pop("count")
