@@ -3,8 +3,8 @@
 backend='auto' runs the reference off the GPU. On the GPU, it runs the Triton kernels (atomic-free,
 reproducible); a call that allows non-reproducible kernels (deterministic=False, the default) may
 also run cuDNN frontend's block-sparse kernels where installed and able to run the call: then each
-is timed once per shape (forward + backward on the call's
-own inputs, compiles excluded, calls issued back to back), the fastest is kept and a one-line
+is timed once per shape (forward + backward on the call's own inputs, compiles excluded, calls issued
+back to back, in interleaved rounds), the fastest is kept and a one-line
 notice gives the times. Inside a CUDA-graph capture or a torch.compile trace nothing is timed: a
 shape seen before keeps its choice, a new one runs the first (Triton's atomic-free schedule).
 """
@@ -12,6 +12,7 @@ shape seen before keeps its choice, a new one runs the first (Triton's atomic-fr
 from __future__ import annotations
 
 import os
+import statistics
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -28,23 +29,44 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Rounds of timed calls per candidate, in alternating order (A B, B A, ...), and calls per round. A
+# kernel's time is the median of its rounds: one slow round (a clock dip, another process on the GPU)
+# does not decide the choice.
+ROUNDS, CALLS_PER_ROUND = 4, 3
+
+
 def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.device) -> str:
-    times = {}
+    def failed(name, exc):
+        notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
+               "not chosen")
+
+    # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200 (27.4-32.8
+    # ms at 64k with one warm-up against 27.7-27.9 in a long benchmark): four warm-up calls. Each round's calls
+    # run back to back, as a training loop issues them: synchronised one by one, a call's host time would
+    # add to its device time instead of overlapping it (that form kept Triton at 5% density, where ours
+    # took 1.09x cuDNN's time in a loop). One block of five calls per kernel still picked the slower one
+    # once in seven choices (H200, 64k, 10%: cuDNN timed 31.8 ms in the choice, 26.8 ms in a long
+    # benchmark of the same process): hence interleaved rounds and their median.
+    live = {}
     for name, run in runners.items():
         try:
-            # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200
-            # (27.4-32.8 ms at 64k with one warm-up and three synchronised runs against 27.7-27.9 in a
-            # long benchmark; Triton's 31.8-32.3), which once picked Triton: three warm-ups. The calls
-            # run back to back, as a training loop issues them: synchronised one by one, a call's host
-            # time adds to its device time instead of overlapping it. That form kept Triton at 5%
-            # density, where ours took 1.09x cuDNN's time in a loop; back to back, cuDNN was kept at 5%
-            # and 10%, 64k and 128k (H200, bench/results/auto_h200/kernels_auto_b2b_*).
-            times[name] = throughput_ms(run, device, warmup=3, iters=5)
+            throughput_ms(run, device, warmup=3, iters=1)   # the last one synchronised: errors surface here
+            live[name] = run
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
-            notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
-                   "not chosen")
+            failed(name, exc)
+    rounds: Dict[str, list] = {name: [] for name in live}
+    for r in range(ROUNDS):
+        for name in (list(live) if r % 2 == 0 else list(live)[::-1]):
+            if name not in rounds:   # failed in an earlier round
+                continue
+            try:
+                rounds[name].append(throughput_ms(live[name], device, warmup=0, iters=CALLS_PER_ROUND))
+            except Exception as exc:  # noqa: BLE001
+                failed(name, exc)
+                del rounds[name]
+    times = {name: statistics.median(ts) for name, ts in rounds.items()}
     best = min(times, key=times.get) if times else next(iter(runners))
-    notice(f"block_sparse_attention at {key}, forward + backward: "
+    notice(f"block_sparse_attention at {key}, forward + backward (median of {ROUNDS} rounds): "
            + ", ".join(f"{n} {t:.2f} ms" for n, t in times.items()) + f" -> {best}")
     return best
 

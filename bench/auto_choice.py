@@ -1,0 +1,90 @@
+"""How often backend="auto" keeps the kernel that a long timing finds faster.
+
+For each (S, density) it selects one mask (select_blocks, rank-R projections), times forward + backward
+of our Triton kernels and of cuDNN frontend's block-sparse kernels with bench/kernels.py's long timing
+(triton.testing.do_bench), then makes the auto choice afresh --repeats times in each form:
+  rounds   the default (ops/backend_choice.py): ROUNDS interleaved rounds of CALLS_PER_ROUND calls, median
+  block    one block of five calls per kernel, mean (the form before, kept here only as the baseline)
+and counts the picks that agree with the long timing. Needs cuDNN frontend's block-sparse attention.
+
+    python bench/auto_choice.py --seqs 65536 131072 --densities 0.1 0.05 --repeats 6 --json out.json
+
+Prints a table last; writes JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels as kb  # noqa: E402  (bench/kernels.py: inputs and long timing)
+from megatron_dsv.ops import backend_choice  # noqa: E402
+from megatron_dsv.ops.block_sparse import block_sparse_attention  # noqa: E402
+from megatron_dsv.ops.selection import select_blocks  # noqa: E402
+
+FORMS = {"rounds": (backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND), "block": (1, 5)}
+
+
+def point(s, density, repeats, notices):
+    q, k, v, do, q_lr, k_lr = kb.inputs(s)
+    n_kv = s // 64
+    idx, cnt = select_blocks(q_lr, k_lr, max(1, round(density * n_kv)), block_q=64, block_kv=64, backend="triton")
+
+    def call(backend):
+        return lambda q_, k_, v_: block_sparse_attention(q_, k_, v_, idx, cnt, block_q=64, block_kv=64,
+                                                         backend=backend, deterministic=False)
+    long = {name: kb.time_fwd_bwd(call(name), q, k, v, do)[1] for name in ("triton", "cudnn")}
+    faster = min(long, key=long.get)
+    rec = dict(S=s, density=density, long_ms=long, faster=faster)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    auto = call("auto")
+    for form, (rounds, per_round) in FORMS.items():
+        backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = rounds, per_round
+        picks, timed = [], []
+        for _ in range(repeats):
+            backend_choice._CHOSEN.clear()
+            del notices[:]
+            torch.autograd.grad(auto(qg, kg, vg), (qg, kg, vg), do)
+            picks.append(next(iter(backend_choice._CHOSEN.values())))
+            timed.append(next((n for n in notices if " -> " in n), ""))
+        rec[form] = dict(picks=picks, agree=sum(p == faster for p in picks), notices=timed)
+    backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = FORMS["rounds"]
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    kb.RANK = args.rank
+    notices = []
+    backend_choice.notice = notices.append   # each choice's timings, kept per repeat
+    recs = []
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rank=args.rank, heads=kb.H,
+                head_dim=kb.D, argv=sys.argv[1:])
+    for s in args.seqs:
+        for density in args.densities:
+            recs.append(point(s, density, args.repeats, notices))
+            print(json.dumps(recs[-1]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(meta=meta, points=recs), indent=1))
+    print(f"\n{meta['device']}: picks agreeing with the long timing, of {args.repeats}")
+    print("| S | density | Triton ms | cuDNN ms | faster | rounds (median) | block of five (mean) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in recs:
+        print(f"| {r['S']} | {r['density']} | {r['long_ms']['triton']:.2f} | {r['long_ms']['cudnn']:.2f} | "
+              f"{r['faster']} | {r['rounds']['agree']} | {r['block']['agree']} |")
+
+
+if __name__ == "__main__":
+    main()
