@@ -2,12 +2,15 @@
 
 For each (S, density) it selects one mask (select_blocks, rank-R projections), times forward + backward
 of our Triton kernels and of cuDNN frontend's block-sparse kernels with bench/kernels.py's long timing
-(triton.testing.do_bench), then makes the auto choice afresh --repeats times in each form:
+(triton.testing.do_bench) in --abba-rounds rounds of A B B A order (medians: the same kernel timed minutes
+apart in one process drifted by up to 7% on an H200, so a fixed order favours one side), then makes the
+auto choice afresh --repeats times in each form of --forms:
   rounds   the default (ops/backend_choice.py): ROUNDS interleaved rounds of CALLS_PER_ROUND calls, median
   block    one block of five calls per kernel, mean (the form before, kept here only as the baseline)
 and counts the picks that agree with the long timing. Needs cuDNN frontend's block-sparse attention.
 
     python bench/auto_choice.py --seqs 65536 131072 --densities 0.1 0.05 --repeats 6 --json out.json
+    python bench/auto_choice.py --forms rounds --repeats 4 --abba-rounds 4
 
 Prints a table last; writes JSON with the device name.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +35,17 @@ from megatron_dsv.ops.selection import select_blocks  # noqa: E402
 FORMS = {"rounds": (backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND), "block": (1, 5)}
 
 
-def point(s, density, repeats, notices):
+def abba_ms(fns, rounds):
+    """Median forward + backward ms of each of two steps, timed in rounds of A B B A order."""
+    times = {name: [] for name in fns}
+    a, b = fns
+    for _ in range(rounds):
+        for name in (a, b, b, a):
+            times[name].append(kb.ms(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def point(s, density, repeats, forms, abba_rounds, notices):
     q, k, v, do, q_lr, k_lr = kb.inputs(s)
     n_kv = s // 64
     idx, cnt = select_blocks(q_lr, k_lr, max(1, round(density * n_kv)), block_q=64, block_kv=64, backend="triton")
@@ -39,12 +53,17 @@ def point(s, density, repeats, notices):
     def call(backend):
         return lambda q_, k_, v_: block_sparse_attention(q_, k_, v_, idx, cnt, block_q=64, block_kv=64,
                                                          backend=backend, deterministic=False)
-    long = {name: kb.time_fwd_bwd(call(name), q, k, v, do)[1] for name in ("triton", "cudnn")}
-    faster = min(long, key=long.get)
-    rec = dict(S=s, density=density, long_ms=long, faster=faster)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def step(fwd):
+        return lambda: torch.autograd.grad(fwd(qg, kg, vg), (qg, kg, vg), do)
+    long, rounds_ms = abba_ms({name: step(call(name)) for name in ("triton", "cudnn")}, abba_rounds)
+    faster = min(long, key=long.get)
+    rec = dict(S=s, density=density, long_ms=long, long_rounds_ms=rounds_ms, faster=faster,
+               triton_over_cudnn=long["triton"] / long["cudnn"])
     auto = call("auto")
-    for form, (rounds, per_round) in FORMS.items():
+    for form in forms:
+        rounds, per_round = FORMS[form]
         backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = rounds, per_round
         picks, timed = [], []
         for _ in range(repeats):
@@ -64,6 +83,8 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
+    ap.add_argument("--abba-rounds", type=int, default=2)
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     kb.RANK = args.rank
@@ -74,16 +95,18 @@ def main():
                 head_dim=kb.D, argv=sys.argv[1:])
     for s in args.seqs:
         for density in args.densities:
-            recs.append(point(s, density, args.repeats, notices))
+            recs.append(point(s, density, args.repeats, args.forms, args.abba_rounds, notices))
             print(json.dumps(recs[-1]), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(dict(meta=meta, points=recs), indent=1))
-    print(f"\n{meta['device']}: picks agreeing with the long timing, of {args.repeats}")
-    print("| S | density | Triton ms | cuDNN ms | faster | rounds (median) | block of five (mean) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{meta['device']}: forward + backward, medians of {args.abba_rounds} A B B A rounds; picks agreeing "
+          f"with them, of {args.repeats}")
+    print("| S | density | Triton ms | cuDNN ms | cuDNN / Triton time | faster | " + " | ".join(args.forms) + " |")
+    print("|---" * (6 + len(args.forms)) + "|")
     for r in recs:
         print(f"| {r['S']} | {r['density']} | {r['long_ms']['triton']:.2f} | {r['long_ms']['cudnn']:.2f} | "
-              f"{r['faster']} | {r['rounds']['agree']} | {r['block']['agree']} |")
+              f"{1 / r['triton_over_cudnn']:.3f} | {r['faster']} | "
+              + " | ".join(str(r[f]['agree']) for f in args.forms) + " |")
 
 
 if __name__ == "__main__":
