@@ -29,6 +29,18 @@ def test_passes_keep_each_span_within_the_l2_share(monkeypatch):
     assert ta._passes(4096, 64, 128, 2, torch.device("cpu")) == 1
 
 
+def test_transposition_sorts_32_bit_keys_where_they_fit():
+    """Keys in [0, span): int32 up to a span of 2**31 (largest key 2**31 - 1), int64 beyond; the lists built
+    with either width are compared in the attention cases."""
+    import torch
+
+    from megatron_dsv.ops import triton_attention as ta
+
+    assert ta._sort_key_dtype(16 * 1025 * 1024) == torch.int32          # 64k x 16 heads, blocks of 64
+    assert ta._sort_key_dtype(2 ** 31) == torch.int32
+    assert ta._sort_key_dtype(2 ** 31 + 1) == torch.int64
+
+
 def test_forward_kernel_needs_a_positive_scale():
     """The forward kernel takes each row's max before scaling (max(c s) = c max(s) holds for c > 0 only): its
     wrapper refuses other scales, also where a caller skips block_sparse_attention's checks."""
