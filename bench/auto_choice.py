@@ -6,7 +6,8 @@ of our Triton kernels and of cuDNN frontend's block-sparse kernels with bench/ke
 apart in one process drifted by up to 7% on an H200, so a fixed order favours one side), then makes the
 auto choice afresh --repeats times in each form of --forms:
   rounds   the default (ops/backend_choice.py): ROUNDS interleaved rounds of CALLS_PER_ROUND calls, median
-  block    one block of five calls per kernel, mean (the form before, kept here only as the baseline)
+  block    one round of five calls per kernel, after every kernel's warm-ups (the count and statistic of the
+           form before; that form ran each kernel's three warm-ups right before its own five calls)
 and counts the picks that agree with the long timing. Needs cuDNN frontend's block-sparse attention.
 
     python bench/auto_choice.py --seqs 65536 131072 --densities 0.1 0.05 --repeats 6 --json out.json
@@ -62,18 +63,21 @@ def point(s, density, repeats, forms, abba_rounds, notices):
     rec = dict(S=s, density=density, long_ms=long, long_rounds_ms=rounds_ms, faster=faster,
                triton_over_cudnn=long["triton"] / long["cudnn"])
     auto = call("auto")
-    for form in forms:
-        rounds, per_round = FORMS[form]
-        backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = rounds, per_round
-        picks, timed = [], []
-        for _ in range(repeats):
-            backend_choice._CHOSEN.clear()
-            del notices[:]
-            torch.autograd.grad(auto(qg, kg, vg), (qg, kg, vg), do)
-            picks.append(next(iter(backend_choice._CHOSEN.values())))
-            timed.append(next((n for n in notices if " -> " in n), ""))
-        rec[form] = dict(picks=picks, agree=sum(p == faster for p in picks), notices=timed)
-    backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = FORMS["rounds"]
+    try:
+        for form in forms:
+            backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = FORMS[form]
+            picks, timed = [], []
+            for _ in range(repeats):
+                backend_choice._CHOSEN.clear()
+                del notices[:]
+                torch.autograd.grad(auto(qg, kg, vg), (qg, kg, vg), do)
+                if not backend_choice._CHOSEN:
+                    raise SystemExit(f"auto made no choice at S={s}, density {density}: {notices}")
+                picks.append(next(iter(backend_choice._CHOSEN.values())))
+                timed.append(next((n for n in notices if " -> " in n), ""))
+            rec[form] = dict(picks=picks, agree=sum(p == faster for p in picks), notices=timed)
+    finally:
+        backend_choice.ROUNDS, backend_choice.CALLS_PER_ROUND = FORMS["rounds"]
     return rec
 
 

@@ -95,7 +95,7 @@ def test_auto_warms_up_times_and_keeps_the_fastest_once(monkeypatch):
     monkeypatch.setattr(backend_choice, "_CHOSEN", {})
     runners = lambda: {"slow": run("slow", 0.004), "fast": run("fast", 0.001)}  # noqa: E731
     assert backend_choice.choose_kernel(("shape",), ["slow", "fast"], runners, torch.device("cpu")) == "fast"
-    per_kernel = 4 + backend_choice.ROUNDS * backend_choice.CALLS_PER_ROUND   # four warm-up calls, then the rounds
+    per_kernel = backend_choice.WARMUP + backend_choice.ROUNDS * backend_choice.CALLS_PER_ROUND
     assert calls == {"slow": per_kernel, "fast": per_kernel}
     assert backend_choice.choose_kernel(("shape",), ["slow", "fast"], runners, torch.device("cpu")) == "fast"
     assert calls == {"slow": per_kernel, "fast": per_kernel}
@@ -107,25 +107,26 @@ def test_auto_is_not_decided_by_one_slow_round(monkeypatch):
     import time
 
     calls = {"spiky": 0}
+    stall = backend_choice.WARMUP + 2   # its first timed round's second call
 
     def spiky():
         calls["spiky"] += 1
-        time.sleep(0.15 if calls["spiky"] == 6 else 0.002)   # its first timed round's second call
+        time.sleep(0.15 if calls["spiky"] == stall else 0.002)
 
     monkeypatch.setattr(backend_choice, "_CHOSEN", {})
     runners = lambda: {"steady": lambda: time.sleep(0.008), "spiky": spiky}  # noqa: E731
     notices = []
     monkeypatch.setattr(backend_choice, "notice", notices.append)
     assert backend_choice.choose_kernel(("shape",), ["steady", "spiky"], runners, torch.device("cpu")) == "spiky"
-    assert "median of 4 rounds" in notices[-1] and "-> spiky" in notices[-1]
+    assert f"median of {backend_choice.ROUNDS} rounds" in notices[-1] and "-> spiky" in notices[-1]
 
 
 def test_auto_drops_a_kernel_that_fails_in_a_timed_round(monkeypatch):
     calls = {"n": 0}
 
-    def breaks_later():
+    def breaks_later():   # passes its warm-ups and its first round, fails in the second
         calls["n"] += 1
-        if calls["n"] > 5:
+        if calls["n"] > backend_choice.WARMUP + backend_choice.CALLS_PER_ROUND:
             raise RuntimeError("launch failed")
 
     monkeypatch.setattr(backend_choice, "_CHOSEN", {})

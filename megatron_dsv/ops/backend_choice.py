@@ -29,10 +29,10 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Rounds of timed calls per candidate, in alternating order (A B, B A, ...), and calls per round. A
-# kernel's time is the median of its rounds: one slow round (a clock dip, another process on the GPU)
-# does not decide the choice.
-ROUNDS, CALLS_PER_ROUND = 4, 3
+# Warm-up calls per candidate (they compile and autotune), then rounds of timed calls in alternating order
+# (A B, B A, ...), CALLS_PER_ROUND back to back each. A kernel's time is the median of its rounds, so one
+# slow round (a clock dip, another process on the GPU) does not decide the choice.
+WARMUP, ROUNDS, CALLS_PER_ROUND = 4, 4, 3
 
 
 def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.device) -> str:
@@ -40,17 +40,23 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
         notice(f"block_sparse_attention kernel {name!r} failed at {key} ({type(exc).__name__}: {exc}); "
                "not chosen")
 
-    # The warm-up compiles and autotunes. cuDNN's first calls after it still ran slow on an H200 (27.4-32.8
-    # ms at 64k with one warm-up against 27.7-27.9 in a long benchmark): four warm-up calls. Each round's calls
-    # run back to back, as a training loop issues them: synchronised one by one, a call's host time would
-    # add to its device time instead of overlapping it (that form kept Triton at 5% density, where ours
-    # took 1.09x cuDNN's time in a loop). One block of five calls per kernel still picked the slower one
-    # once in seven choices (H200, 64k, 10%: cuDNN timed 31.8 ms in the choice, 26.8 ms in a long
-    # benchmark of the same process): hence interleaved rounds and their median.
+    # Measured on an H200 (bench/NOTES_kernels.md):
+    # - cuDNN's first calls after one warm-up still ran slow (27.4-32.8 ms at 64k against 27.7-27.9 in a long
+    #   benchmark): four warm-ups.
+    # - Synchronised one by one, a call's host time adds to its device time instead of overlapping it; that
+    #   form kept Triton at 5% density, where ours took 1.09x cuDNN's time in a loop. So each round's calls
+    #   run back to back, as a training loop issues them (each round starts synchronised: its first call's
+    #   host time still counts, a third of a call per round).
+    # - One block of five calls per kernel once picked the slower one (64k, 10%: cuDNN timed 31.8 ms in the
+    #   choice, 26.8 ms in a long benchmark of the same process). Rounds and their median keep one such
+    #   stretch from deciding; 48 later choices, 24 in each form, did not show which form picks better.
     live = {}
     for name, run in runners.items():
         try:
-            throughput_ms(run, device, warmup=3, iters=1)   # the last one synchronised: errors surface here
+            for _ in range(WARMUP):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)   # a kernel's asynchronous errors surface here
             live[name] = run
         except Exception as exc:  # noqa: BLE001 - a kernel failing here is reported and not chosen
             failed(name, exc)

@@ -528,16 +528,16 @@ def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int,
     """
     b, h, n_q, k_max = kv_idx.shape
     dev = kv_idx.device
-    slot_ok = torch.arange(k_max, device=dev) < kv_cnt.unsqueeze(-1)
-    bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
-    qi = torch.arange(n_q, device=dev).view(1, 1, n_q, 1)
     groups = b * h * n_kv
+    key_dtype = _sort_key_dtype((groups + 1) * n_q)   # keys group * n_q + query block, the sentinel group's too
+    slot_ok = torch.arange(k_max, device=dev) < kv_cnt.unsqueeze(-1)
+    bh = torch.arange(b * h, device=dev, dtype=key_dtype).view(b, h, 1, 1)
+    qi = torch.arange(n_q, device=dev, dtype=key_dtype).view(1, 1, n_q, 1)
     # Ids are not checked on the host: one out of range is taken as a block of its own head (clamped), never
     # as another head's.
-    ids = kv_idx.long().clamp(0, n_kv - 1)
+    ids = kv_idx.clamp(0, n_kv - 1).to(key_dtype)
     group = torch.where(slot_ok, bh * n_kv + ids, groups)   # past the count: the sentinel group
-    key_dtype = _sort_key_dtype((groups + 1) * n_q)
-    keys = torch.sort((group * n_q + qi).reshape(-1).to(key_dtype)).values
+    keys = torch.sort((group * n_q + qi).reshape(-1)).values
     q_idx = (keys % n_q).to(torch.int32)
     starts = torch.arange(groups, device=dev, dtype=key_dtype) * n_q
     q_bounds = torch.searchsorted(keys, starts + _pass_edges(n_q, passes, dev).to(key_dtype).view(-1, 1))
@@ -546,8 +546,9 @@ def transpose_block_lists(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, n_kv: int,
 
 def _sort_key_dtype(span: int) -> torch.dtype:
     """The narrowest integer type for sort keys in [0, span). A radix sort makes one pass per key byte: at 64k
-    x 16 heads and 10% on an H200 the transposition took 0.28 ms alone with 32-bit keys against 0.53 with
-    64-bit ones, its sort 0.10 against 0.20 ms of device time per forward + backward (bench/NOTES_kernels.md)."""
+    x 16 heads and 10% on an H200 the whole of transpose_block_lists, timed alone, took 0.28 ms with 32-bit
+    keys against 0.53 with 64-bit ones; in a profiled forward + backward its sort's kernels took 0.10 against
+    0.20 ms of device time (bench/NOTES_kernels.md)."""
     return torch.int32 if span <= torch.iinfo(torch.int32).max + 1 else torch.int64
 
 

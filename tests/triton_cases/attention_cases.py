@@ -317,8 +317,12 @@ def test_transposed_lists_match_kv_lists(passes, key_bits, monkeypatch):
     from megatron_dsv.ops import triton_attention
     from megatron_dsv.ops.triton_attention import transpose_block_lists
 
-    if key_bits == 64:   # the width spans past int32 get (too large to build here)
-        monkeypatch.setattr(triton_attention, "_sort_key_dtype", lambda span: torch.int64)
+    spans, pick = [], triton_attention._sort_key_dtype
+
+    def key_dtype(span):   # 64 bits: the width spans past int32 get (too large to build here)
+        spans.append(span)
+        return torch.int64 if key_bits == 64 else pick(span)
+    monkeypatch.setattr(triton_attention, "_sort_key_dtype", key_dtype)
 
     gen = torch.Generator().manual_seed(6)
     b, h, n_q, n_kv = 2, 3, 7, 5
@@ -326,6 +330,8 @@ def test_transposed_lists_match_kv_lists(passes, key_bits, monkeypatch):
     kv_idx, kv_cnt = random_block_mask(b, h, n_q, n_kv, counts=cnt, gen=gen)
     q_idx, q_bounds = transpose_block_lists(kv_idx.to(DEVICE), kv_cnt.to(DEVICE), n_kv, passes)
     q_idx, q_bounds = q_idx.cpu(), q_bounds.cpu()
+    assert spans == [(b * h * n_kv + 1) * n_q]   # the sentinel group's keys counted
+    assert pick(spans[0]) == torch.int32
     assert q_bounds.shape == (passes + 1, b * h * n_kv)
     for bi in range(b):
         for hi in range(h):
