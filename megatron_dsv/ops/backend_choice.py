@@ -49,7 +49,7 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
     #   host time still counts, a third of a call per round).
     # - One block of five calls per kernel once picked the slower one (64k, 10%: cuDNN timed 31.8 ms in the
     #   choice, 26.8 ms in a long benchmark of the same process). Rounds and their median keep one such
-    #   stretch from deciding; 48 later choices, 24 in each form, did not show which form picks better.
+    #   stretch from deciding; in one later run 24 choices of each form did not show which picks better.
     live = {}
     for name, run in runners.items():
         try:
