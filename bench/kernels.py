@@ -15,6 +15,9 @@ Also checks the sparse output against Flex (same mask) and, at density 1, agains
         --head-dim 64 --rank 32 --graphed   # + selection and forward replayed from CUDA graphs
 
 Writes JSON (device name included) and prints a table last. Does not import megatron.
+The kernels are timed one after another in a fixed order (ours first, the peers after): on an H200 one kernel
+timed minutes apart in one process moved by up to 7%, so for the ratio of ours to cuDNN's block-sparse kernel
+use bench/auto_choice.py, which times the two in A B B A rounds.
 """
 
 from __future__ import annotations
