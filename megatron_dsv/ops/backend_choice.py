@@ -62,9 +62,8 @@ def _choose(key: tuple, runners: Dict[str, Callable[[], None]], device: torch.de
             failed(name, exc)
     rounds: Dict[str, list] = {name: [] for name in live}
     for r in range(ROUNDS):
-        for name in (list(live) if r % 2 == 0 else list(live)[::-1]):
-            if name not in rounds:   # failed in an earlier round
-                continue
+        names = list(rounds)   # (a kernel that failed in an earlier round is no longer there)
+        for name in (names if r % 2 == 0 else names[::-1]):
             try:
                 rounds[name].append(throughput_ms(live[name], device, warmup=0, iters=CALLS_PER_ROUND))
             except Exception as exc:  # noqa: BLE001
