@@ -327,3 +327,20 @@ def test_cu_seqlens_made_in_inference_mode():
         assert packed_segments(params, "test")[0].lengths == (40, 60)
         cu.copy_(torch.tensor([0, 70, 100], dtype=torch.int32))
         assert packed_segments(params, "test")[0].lengths == (70, 30)
+
+
+def test_read_once_keeps_entries_with_an_absent_tensor():
+    """An entry read with an absent tensor (cu_seqlens_padded None, the common case) stays cached while its
+    tensors live: reading other tensors does not drop it (before, its None placeholder counted as a dead
+    tensor, and the next miss dropped the entry)."""
+    from megatron_dsv.layers.read_once import ReadOnce
+
+    reads = []
+    read = ReadOnce(lambda a, b: reads.append(a) or len(reads))
+    x, y = torch.zeros(2), torch.ones(2)
+    assert read(x, None) == 1
+    assert read(y, None) == 2
+    assert read(x, None) == 1 and len(reads) == 2
+    del y   # its entry goes at the next miss; x's stays
+    z = torch.full((2,), 2.0)
+    assert read(z, None) == 3 and read(x, None) == 1 and len(reads) == 3

@@ -32,9 +32,15 @@ class ReadOnce(Generic[T]):
         key = tuple(id(t) for t in tensors)
         versions = tuple(None if t is None else t._version for t in tensors)
         hit = self._cache.get(key)
-        if hit is None or hit[2] != versions or any(ref() is not t for ref, t in zip(hit[0], tensors)):
-            for stale in [k for k, (refs, *_) in self._cache.items() if any(r() is None for r in refs)]:
+        if hit is None or hit[2] != versions or any(_deref(ref) is not t for ref, t in zip(hit[0], tensors)):
+            # Entries whose tensors are gone (an absent tensor, None, never is).
+            for stale in [k for k, (refs, *_) in self._cache.items()
+                          if any(r is not None and r() is None for r in refs)]:
                 del self._cache[stale]
-            refs = tuple(weakref.ref(t) if t is not None else (lambda: None) for t in tensors)
+            refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
             hit = self._cache[key] = (refs, self._read(*tensors), versions)
         return hit[1]
+
+
+def _deref(ref: Optional[weakref.ref]) -> Optional[torch.Tensor]:
+    return None if ref is None else ref()
