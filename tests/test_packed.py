@@ -301,27 +301,18 @@ def test_cp_layer_plans_once_per_length_in_a_replan_interval(megatron_parallel, 
     assert planned == [4096, 8192, 4096]
 
 
-def test_cu_seqlens_updated_in_place_are_read_again():
-    """A caller that reuses its cu_seqlens buffer, writing new offsets in place, gets the new clips."""
+@pytest.mark.parametrize("inference", [False, True])
+def test_cu_seqlens_updated_in_place_are_read_again(inference):
+    """A caller that reuses its cu_seqlens buffer, writing new offsets in place, gets the new clips. Offsets
+    made under torch.inference_mode have no version counter: they are read at every call (before, the
+    cache's version check raised "Inference tensors do not track version counter")."""
+    from contextlib import nullcontext
+
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_dsv.layers.packing import packed_segments
 
-    cu = torch.tensor([0, 40, 100], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
-    assert packed_segments(params, "test")[0].lengths == (40, 60)
-    cu.copy_(torch.tensor([0, 70, 100], dtype=torch.int32))
-    assert packed_segments(params, "test")[0].lengths == (70, 30)
-
-
-def test_cu_seqlens_made_in_inference_mode():
-    """Offsets made under torch.inference_mode have no version counter: they are read at every call (before,
-    the cache's version check raised "Inference tensors do not track version counter")."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from megatron_dsv.layers.packing import packed_segments
-
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else nullcontext():
         cu = torch.tensor([0, 40, 100], dtype=torch.int32)
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
         assert packed_segments(params, "test")[0].lengths == (40, 60)
